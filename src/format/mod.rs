@@ -1,0 +1,77 @@
+//! The RAFS on-disk format: bootstrap records, loading with validation, and writing.
+//!
+//! `docs/format.md` is the specification; this module is its only implementation.
+
+mod bootstrap;
+mod layout;
+mod tables;
+mod writer;
+
+pub use bootstrap::{Bootstrap, MAX_BOOTSTRAP_SIZE};
+pub use layout::*;
+pub use tables::Tables;
+pub use writer::BootstrapWriter;
+
+/// Why a bootstrap was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The file could not be read.
+    #[error("reading bootstrap {path}")]
+    Io {
+        /// The bootstrap's path.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is larger than any bootstrap this code loads.
+    #[error("bootstrap of {0} bytes is larger than the {MAX_BOOTSTRAP_SIZE}-byte limit")]
+    TooLarge(u64),
+    /// The file is shorter than a superblock.
+    #[error("bootstrap truncated: {len} bytes is shorter than the superblock")]
+    Truncated {
+        /// Length of the file.
+        len: u64,
+    },
+    /// The file does not start with the magic.
+    #[error("not a Skiff bootstrap (bad magic)")]
+    BadMagic,
+    /// The version is not one this code reads.
+    #[error("unsupported bootstrap version {0}")]
+    UnsupportedVersion(u32),
+    /// The digest over the whole file does not match: the file is damaged.
+    #[error("bootstrap damaged: file digest mismatch (truncated or modified)")]
+    FileDigestMismatch,
+    /// The chunk size is not a power of two in range.
+    #[error("invalid chunk size {0}")]
+    BadChunkSize(u32),
+    /// A table lies outside the file.
+    #[error("table {table} (offset {offset}, {count} records) lies outside the {file_len}-byte file")]
+    TableOutOfBounds {
+        /// Table name.
+        table: &'static str,
+        /// Declared offset.
+        offset: u64,
+        /// Declared record count.
+        count: u64,
+        /// File length.
+        file_len: u64,
+    },
+    /// An inode record is invalid.
+    #[error("inode {index}: {what}")]
+    BadInode {
+        /// Inode index.
+        index: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// An inode's stored Merkle digest does not match its content.
+    #[error("inode {index}: Merkle digest mismatch")]
+    DigestMismatch {
+        /// Inode index.
+        index: u64,
+    },
+    /// Any other structural problem.
+    #[error("invalid bootstrap: {0}")]
+    Invalid(String),
+}

@@ -1,0 +1,20 @@
+//! Skiff: lazily loaded, verified and shared RAFS container images for VM-based containers.
+//!
+//! The crate is layered so that data flows one way, each layer talking only to the one below:
+//!
+//! ```text
+//! storage  (blob bytes by range, verified chunks, cache)
+//!   -> format  (the loaded bootstrap: inodes, entries, chunk lists)
+//!     -> fs      (FUSE semantics over a bootstrap and a chunk source)
+//!       -> fuse | vhost  (transports: /dev/fuse or vhost-user virtqueues)
+//! ```
+//!
+//! `build` writes what `format` reads; the CLI in `cli` is a thin front end over all of it.
+
+pub mod build;
+pub mod cli;
+pub mod format;
+pub mod fs;
+pub mod fuse;
+pub mod storage;
+pub mod vhost;
