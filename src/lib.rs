@@ -12,6 +12,7 @@
 //! `build` writes what `format` reads; the CLI in `cli` is a thin front end over all of it.
 
 pub mod build;
+pub mod check;
 pub mod cli;
 pub mod format;
 pub mod fs;

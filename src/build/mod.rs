@@ -1,1 +1,276 @@
-//! Building RAFS images.
+//! Building RAFS images from a directory or from OCI layer tarballs.
+//!
+//! Sources fill in a [`tree::Tree`] while a [`chunker::Chunker`] stores file content; then
+//! [`emit::emit`] lays the tree out and `format::BootstrapWriter` seals it.
+
+pub mod chunker;
+pub mod dir;
+pub mod emit;
+pub mod layers;
+pub mod tree;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub use chunker::{ChunkStats, Compressor};
+
+use crate::format::{digest_hex, Bootstrap, FormatError, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// An I/O error on a named file.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source is not something an image can be built from.
+    #[error("{0}")]
+    Invalid(String),
+    /// A tar layer is malformed or hostile.
+    #[error("layer {layer}: {what}")]
+    Layer {
+        /// The layer file.
+        layer: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// The chunk size is not allowed.
+    #[error("chunk size {0} is not a power of two from 4 KiB to 16 MiB")]
+    ChunkSize(u32),
+    /// A chunk dictionary with another chunk size cannot be reused.
+    #[error("chunk dictionary has chunk size {dict}, this build uses {build}")]
+    DictChunkSize {
+        /// The dictionary's.
+        dict: u32,
+        /// The build's.
+        build: u32,
+    },
+    /// A chunk dictionary failed to load.
+    #[error("chunk dictionary {path}")]
+    Dict {
+        /// The dictionary.
+        path: String,
+        /// The cause.
+        #[source]
+        source: FormatError,
+    },
+    /// The bootstrap produced does not load back (a bug, reported rather than written).
+    #[error("the built bootstrap does not validate")]
+    Format(#[from] FormatError),
+    /// An internal invariant failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl BuildError {
+    /// An I/O error while doing `op` on `path`.
+    pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io { op, path: path.display().to_string(), source }
+    }
+}
+
+/// What to build from.
+#[derive(Clone, Debug)]
+pub enum BuildSource {
+    /// A directory on the host.
+    Dir(PathBuf),
+    /// OCI layer tarballs (plain, gzip or zstd), applied in order with whiteouts.
+    Layers(Vec<PathBuf>),
+}
+
+impl BuildSource {
+    /// One directory, or one or more files taken as layers.
+    pub fn from_paths(paths: &[PathBuf]) -> Result<Self, BuildError> {
+        match paths {
+            [] => Err(BuildError::Invalid("no source given".into())),
+            [p] if p.is_dir() => Ok(Self::Dir(p.clone())),
+            ps => {
+                if let Some(d) = ps.iter().find(|p| p.is_dir()) {
+                    return Err(BuildError::Invalid(format!(
+                        "{} is a directory: give one directory, or layer tarballs only",
+                        d.display()
+                    )));
+                }
+                Ok(Self::Layers(ps.to_vec()))
+            }
+        }
+    }
+}
+
+/// Options of a build.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// Where the bootstrap goes.
+    pub bootstrap: PathBuf,
+    /// Where the blob goes.
+    pub blob_dir: PathBuf,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Compression.
+    pub compressor: Compressor,
+    /// Bootstraps whose chunks may be reused.
+    pub chunk_dicts: Vec<PathBuf>,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What a build did, shown at the end and written with `--json`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BuildSummary {
+    /// Inodes in the image.
+    pub inodes: u64,
+    /// Entries scanned in the source (names, hard links included).
+    pub entries: u64,
+    /// Chunk counters.
+    #[serde(flatten)]
+    pub chunks: ChunkStats,
+    /// The new blob's id, if any content was stored.
+    pub blob_id: Option<String>,
+    /// Number of blobs the image refers to.
+    pub blobs: usize,
+    /// Bootstrap size in bytes.
+    pub bootstrap_bytes: u64,
+    /// Root Merkle digest.
+    pub root_digest: String,
+    /// Chunk size.
+    pub chunk_size: u32,
+    /// Compressor.
+    pub compressor: Compressor,
+    /// Wall time in seconds.
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for BuildSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.chunks;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        writeln!(f, "image       root {}", self.root_digest)?;
+        writeln!(f, "entries     {} names, {} inodes", self.entries, self.inodes)?;
+        writeln!(f, "content     {:.1} MiB in {} chunks of {} KiB", mib(c.bytes_in), c.chunks, self.chunk_size / 1024)?;
+        writeln!(
+            f,
+            "dedup       {} zero, {} repeated, {} from dictionaries: {:.1} MiB not stored",
+            c.zero_chunks, c.dedup_chunks, c.dict_chunks, mib(c.saved_bytes)
+        )?;
+        writeln!(
+            f,
+            "blob        {} chunks, {:.1} MiB ({:?}) {}",
+            c.stored_chunks,
+            mib(c.blob_bytes),
+            self.compressor,
+            self.blob_id.as_deref().unwrap_or("(nothing new stored)")
+        )?;
+        writeln!(f, "bootstrap   {:.1} KiB, {} blob(s) referenced", self.bootstrap_bytes as f64 / 1024.0, self.blobs)?;
+        write!(f, "time        {:.2} s", self.seconds)
+    }
+}
+
+/// Counts entries and bytes, and drives a progress bar on a terminal.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    entries: AtomicU64,
+}
+
+impl Progress {
+    /// A progress reporter; the bar is shown only when `show` and stderr is a terminal.
+    pub fn new(show: bool) -> Self {
+        let bar = (show && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+            let b = ProgressBar::new_spinner();
+            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {bytes} read, {bytes_per_sec} [{elapsed}]") {
+                b.set_style(style);
+            }
+            b
+        });
+        Self { bar, entries: AtomicU64::new(0) }
+    }
+
+    /// One more entry scanned.
+    pub fn entry(&self) {
+        let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(b) = &self.bar {
+            if n % 256 == 0 {
+                b.set_message(format!("{n} entries"));
+            }
+        }
+    }
+
+    /// `n` more bytes of content read.
+    pub fn bytes(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+    }
+
+    /// Entries counted so far.
+    pub fn entries(&self) -> u64 {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Builds an image from `source`, writing the bootstrap and the new blob.
+pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
+    let start = Instant::now();
+    let cs = opts.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
+        return Err(BuildError::ChunkSize(cs));
+    }
+    let mut chunker = chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir)?;
+    for d in &opts.chunk_dicts {
+        let dict = Bootstrap::load(d).map_err(|source| BuildError::Dict { path: d.display().to_string(), source })?;
+        chunker.add_dict(&dict)?;
+    }
+    let progress = Progress::new(opts.progress);
+    let mut tree = match source {
+        BuildSource::Dir(d) => dir::scan(d, &mut chunker, &progress)?,
+        BuildSource::Layers(ls) => layers::apply(ls, &mut chunker, &progress)?,
+    };
+    let stats_entries = progress.entries();
+    let (blobs, blob_id, stats) = chunker.finish(&mut tree)?;
+    let nblobs = blobs.len();
+    let writer = emit::emit(&tree, blobs, &[])?;
+    let bytes = writer.finish(cs)?;
+    // Load what was written before anyone else can: a bootstrap that does not validate is a bug
+    // here, and must not reach a user.
+    let loaded = Bootstrap::from_bytes(bytes.clone())?;
+    write_atomically(&opts.bootstrap, &bytes)?;
+    progress.finish();
+    Ok(BuildSummary {
+        inodes: loaded.inode_count() as u64,
+        entries: stats_entries,
+        chunks: stats,
+        blob_id: blob_id.map(|id| digest_hex(&id)),
+        blobs: nblobs,
+        bootstrap_bytes: bytes.len() as u64,
+        root_digest: digest_hex(loaded.root_digest()),
+        chunk_size: cs,
+        compressor: opts.compressor,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that a reader never sees
+/// a half-written file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| BuildError::io("creating", dir, e))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| BuildError::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| BuildError::io("renaming", path, e))
+}

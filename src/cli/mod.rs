@@ -1,1 +1,77 @@
-//! TODO
+//! The `skiff` command line: thin front ends over the library.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+pub use commands::*;
+
+/// Skiff: lazily loaded, verified, shared container images for VM-based containers.
+#[derive(Parser, Debug)]
+#[command(name = "skiff", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build a RAFS image from a directory or OCI layer tarballs.
+    Build(BuildArgs),
+    /// Verify an image (bootstrap, Merkle tree, every chunk), optionally against its source.
+    Check(CheckArgs),
+    /// Show image statistics, or one entry with its chunks.
+    Inspect(InspectArgs),
+    /// Serve an image read-only over /dev/fuse until SIGINT/SIGTERM.
+    Mount(MountArgs),
+    /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
+    Serve(ServeArgs),
+}
+
+/// Formats an error and its chain of causes on one line, for operators.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let result = match cli.command {
+        Command::Build(a) => cmd_build(a),
+        Command::Check(a) => cmd_check(a),
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::Mount(a) => cmd_mount(a),
+        Command::Serve(a) => cmd_serve(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("skiff: {}", error_chain(e.as_ref()));
+            1
+        }
+    }
+}

@@ -1,1 +1,477 @@
-//! TODO
+//! The read-only RAFS filesystem: FUSE semantics over a loaded bootstrap and a chunk source.
+//!
+//! [`RafsFs`] implements fuse-backend-rs's `FileSystem`, so the same code answers requests from
+//! `/dev/fuse` (`crate::fuse`) and from virtio queues (`crate::vhost`). It holds no per-open
+//! state: the image is immutable, so an inode number (table index + 1) is all a request needs.
+
+mod attr;
+
+use std::ffi::CStr;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+
+use crate::format::{Bootstrap, InodeKind, InodeRecord};
+use crate::storage::ChunkSource;
+
+/// How long the kernel may cache entries and attributes. The image never changes under a
+/// mount, so this is as long as the kernel allows to matter.
+pub const DEFAULT_CACHE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Zeroes for holes and zero chunks, written in slices of this buffer.
+static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+
+/// Options of a [`RafsFs`].
+#[derive(Clone, Debug)]
+pub struct RafsFsOptions {
+    /// Entry and attribute cache timeout handed to the kernel.
+    pub cache_timeout: Duration,
+}
+
+impl Default for RafsFsOptions {
+    fn default() -> Self {
+        Self { cache_timeout: DEFAULT_CACHE_TIMEOUT }
+    }
+}
+
+/// A read-only filesystem serving one RAFS image.
+pub struct RafsFs {
+    bootstrap: Arc<Bootstrap>,
+    source: Arc<dyn ChunkSource>,
+    opts: RafsFsOptions,
+}
+
+fn err(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn erofs<T>() -> io::Result<T> {
+    Err(err(libc::EROFS))
+}
+
+impl RafsFs {
+    /// A filesystem over `bootstrap`, reading chunks from `source`.
+    pub fn new(bootstrap: Arc<Bootstrap>, source: Arc<dyn ChunkSource>, opts: RafsFsOptions) -> Self {
+        Self { bootstrap, source, opts }
+    }
+
+    /// The image being served.
+    pub fn bootstrap(&self) -> &Arc<Bootstrap> {
+        &self.bootstrap
+    }
+
+    /// Maps a FUSE inode number to a table index and its record, refusing numbers the image
+    /// does not have (the guest may send anything).
+    fn inode(&self, ino: u64) -> io::Result<(u32, &InodeRecord)> {
+        let index = ino
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| err(libc::EINVAL))?;
+        let rec = self.bootstrap.inode(index).ok_or_else(|| err(libc::EINVAL))?;
+        Ok((index, rec))
+    }
+
+    fn entry(&self, index: u32, rec: &InodeRecord) -> Entry {
+        Entry {
+            inode: u64::from(index) + 1,
+            generation: 0,
+            attr: attr::stat_of(u64::from(index) + 1, rec),
+            attr_flags: 0,
+            attr_timeout: self.opts.cache_timeout,
+            entry_timeout: self.opts.cache_timeout,
+        }
+    }
+
+    fn dir(&self, ino: u64) -> io::Result<u32> {
+        let (index, rec) = self.inode(ino)?;
+        if rec.kind() != Some(InodeKind::Directory) {
+            return Err(err(libc::ENOTDIR));
+        }
+        Ok(index)
+    }
+
+    /// The path of inode `index`, for log messages only (a linear scan, taken on errors).
+    fn path_of(&self, index: u32) -> String {
+        self.bootstrap
+            .paths()
+            .get(index as usize)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Writes `size` bytes of file `index` from `offset` to `w`, every byte verified.
+    fn read_file(
+        &self,
+        index: u32,
+        rec: &InodeRecord,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let file_size = rec.size.get();
+        if offset >= file_size || size == 0 {
+            return Ok(0);
+        }
+        let end = file_size.min(offset.saturating_add(u64::from(size)));
+        let chunk_size = u64::from(self.bootstrap.chunk_size());
+        let chunks = self.bootstrap.file_chunks(index);
+        let blobs = self.bootstrap.blobs();
+        let mut pos = offset;
+        let mut written = 0usize;
+        while pos < end {
+            let ci = pos / chunk_size;
+            let chunk = chunks.get(ci as usize).ok_or_else(|| err(libc::EIO))?;
+            let within = (pos - ci * chunk_size) as usize;
+            let take = ((ci + 1) * chunk_size).min(end) - pos;
+            let take = take as usize;
+            if chunk.is_zero() {
+                let mut left = take;
+                while left > 0 {
+                    let n = left.min(ZEROES.len());
+                    w.write_all(&ZEROES[..n])?;
+                    left -= n;
+                }
+            } else {
+                let blob = blobs
+                    .get(chunk.blob_index.get() as usize)
+                    .ok_or_else(|| err(libc::EIO))?;
+                let data = self.source.read_chunk(blob, chunk).map_err(|e| {
+                    tracing::error!(
+                        file = %self.path_of(index),
+                        chunk = ci,
+                        error = %crate::cli::error_chain(&e),
+                        "read failed; returning EIO"
+                    );
+                    err(libc::EIO)
+                })?;
+                let bytes = data.get(within..within + take).ok_or_else(|| err(libc::EIO))?;
+                w.write_all(bytes)?;
+            }
+            pos += take as u64;
+            written += take;
+        }
+        Ok(written)
+    }
+
+    fn list_dir(
+        &self,
+        ino: u64,
+        size: u32,
+        offset: u64,
+        add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+        plus: bool,
+    ) -> io::Result<()> {
+        let index = self.dir(ino)?;
+        if size == 0 {
+            return Ok(());
+        }
+        let rec = self.bootstrap.inode(index).ok_or_else(|| err(libc::EINVAL))?;
+        let parent = rec.parent.get();
+        let entries = self.bootstrap.dir_entries(index);
+        // Offsets: 1 and 2 follow "." and "..", 3 + i follows entry i.
+        let total = entries.len() as u64 + 2;
+        let mut next = offset;
+        while next < total {
+            let (name, child): (&[u8], u32) = match next {
+                0 => (b".", index),
+                1 => (b"..", parent),
+                n => {
+                    let d = entries.get((n - 2) as usize).ok_or_else(|| err(libc::EIO))?;
+                    (self.bootstrap.entry_name(d), d.inode.get())
+                }
+            };
+            let crec = self.bootstrap.inode(child).ok_or_else(|| err(libc::EIO))?;
+            let kind = crec.kind().ok_or_else(|| err(libc::EIO))?;
+            let de = DirEntry {
+                ino: u64::from(child) + 1,
+                offset: next + 1,
+                type_: kind.dirent_type(),
+                name,
+            };
+            let e = plus.then(|| self.entry(child, crec));
+            if add(de, e)? == 0 {
+                break;
+            }
+            next += 1;
+        }
+        Ok(())
+    }
+}
+
+impl FileSystem for RafsFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let wanted = FsOptions::ASYNC_READ
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::MAX_PAGES
+            | FsOptions::BIG_WRITES;
+        Ok(capable & wanted)
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let dir = self.dir(parent)?;
+        let bytes = name.to_bytes();
+        let child = match bytes {
+            b"." => dir,
+            b".." => self.bootstrap.inode(dir).map(|r| r.parent.get()).unwrap_or(0),
+            _ => self.bootstrap.lookup(dir, bytes).ok_or_else(|| err(libc::ENOENT))?,
+        };
+        let rec = self.bootstrap.inode(child).ok_or_else(|| err(libc::EIO))?;
+        Ok(self.entry(child, rec))
+    }
+
+    fn getattr(&self, _ctx: &Context, ino: u64, _h: Option<u64>) -> io::Result<(stat64, Duration)> {
+        let (_, rec) = self.inode(ino)?;
+        Ok((attr::stat_of(ino, rec), self.opts.cache_timeout))
+    }
+
+    fn readlink(&self, _ctx: &Context, ino: u64) -> io::Result<Vec<u8>> {
+        let (index, _) = self.inode(ino)?;
+        self.bootstrap
+            .symlink_target(index)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| err(libc::EINVAL))
+    }
+
+    fn open(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let (_, rec) = self.inode(ino)?;
+        let flags = flags as i32;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return erofs();
+        }
+        match rec.kind() {
+            Some(InodeKind::Directory) => Err(err(libc::EISDIR)),
+            _ => Ok((None, OpenOptions::KEEP_CACHE, None)),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
+        let (index, rec) = self.inode(ino)?;
+        match rec.kind() {
+            Some(InodeKind::Regular) => self.read_file(index, rec, w, size, offset),
+            Some(InodeKind::Directory) => Err(err(libc::EISDIR)),
+            _ => Err(err(libc::EINVAL)),
+        }
+    }
+
+    fn release(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _flags: u32,
+        _handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn statfs(&self, _ctx: &Context, _ino: u64) -> io::Result<statvfs64> {
+        Ok(attr::statfs_of(&self.bootstrap))
+    }
+
+    fn getxattr(&self, _ctx: &Context, ino: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        let (index, _) = self.inode(ino)?;
+        let value = self
+            .bootstrap
+            .xattr(index, name.to_bytes())
+            .ok_or_else(|| err(libc::ENODATA))?;
+        if size == 0 {
+            Ok(GetxattrReply::Count(value.len() as u32))
+        } else if (size as usize) < value.len() {
+            Err(err(libc::ERANGE))
+        } else {
+            Ok(GetxattrReply::Value(value.to_vec()))
+        }
+    }
+
+    fn listxattr(&self, _ctx: &Context, ino: u64, size: u32) -> io::Result<ListxattrReply> {
+        let (index, _) = self.inode(ino)?;
+        let mut names = Vec::new();
+        for (name, _) in self.bootstrap.xattrs(index) {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        if size == 0 {
+            Ok(ListxattrReply::Count(names.len() as u32))
+        } else if (size as usize) < names.len() {
+            Err(err(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(names))
+        }
+    }
+
+    fn opendir(&self, _ctx: &Context, ino: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.dir(ino)?;
+        if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY {
+            return erofs();
+        }
+        Ok((None, OpenOptions::KEEP_CACHE | OpenOptions::CACHE_DIR))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.list_dir(ino, size, offset, &mut |d, _| add_entry(d), false)
+    }
+
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.list_dir(
+            ino,
+            size,
+            offset,
+            &mut |d, e| match e {
+                Some(e) => add_entry(d, e),
+                None => Err(err(libc::EIO)),
+            },
+            true,
+        )
+    }
+
+    fn releasedir(&self, _ctx: &Context, _ino: u64, _flags: u32, _handle: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn access(&self, _ctx: &Context, ino: u64, mask: u32) -> io::Result<()> {
+        self.inode(ino)?;
+        if mask as i32 & libc::W_OK != 0 {
+            return erofs();
+        }
+        Ok(())
+    }
+
+    // Everything that would change the image is refused: it is read-only by construction.
+
+    fn setattr(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _attr: stat64,
+        _handle: Option<u64>,
+        _valid: fuse_backend_rs::abi::fuse_abi::SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        erofs()
+    }
+
+    fn symlink(&self, _ctx: &Context, _l: &CStr, _p: u64, _n: &CStr) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn mknod(&self, _ctx: &Context, _p: u64, _n: &CStr, _m: u32, _r: u32, _u: u32) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn mkdir(&self, _ctx: &Context, _p: u64, _n: &CStr, _m: u32, _u: u32) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn unlink(&self, _ctx: &Context, _p: u64, _n: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn rmdir(&self, _ctx: &Context, _p: u64, _n: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn rename(&self, _ctx: &Context, _o: u64, _on: &CStr, _n: u64, _nn: &CStr, _f: u32) -> io::Result<()> {
+        erofs()
+    }
+
+    fn link(&self, _ctx: &Context, _i: u64, _p: u64, _n: &CStr) -> io::Result<Entry> {
+        erofs()
+    }
+
+    fn create(
+        &self,
+        _ctx: &Context,
+        _p: u64,
+        _n: &CStr,
+        _args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        erofs()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        _h: u64,
+        _r: &mut dyn ZeroCopyReader,
+        _size: u32,
+        _off: u64,
+        _lock_owner: Option<u64>,
+        _delayed: bool,
+        _flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<usize> {
+        erofs()
+    }
+
+    fn fallocate(&self, _ctx: &Context, _i: u64, _h: u64, _m: u32, _o: u64, _l: u64) -> io::Result<()> {
+        erofs()
+    }
+
+    fn setxattr(&self, _ctx: &Context, _i: u64, _n: &CStr, _v: &[u8], _f: u32) -> io::Result<()> {
+        erofs()
+    }
+
+    fn removexattr(&self, _ctx: &Context, _i: u64, _n: &CStr) -> io::Result<()> {
+        erofs()
+    }
+
+    fn flush(&self, _ctx: &Context, _i: u64, _h: u64, _lock_owner: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fsync(&self, _ctx: &Context, _i: u64, _datasync: bool, _h: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn fsyncdir(&self, _ctx: &Context, _i: u64, _datasync: bool, _h: u64) -> io::Result<()> {
+        Ok(())
+    }
+}

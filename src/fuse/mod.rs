@@ -1,1 +1,133 @@
-//! TODO
+//! Serving a filesystem over `/dev/fuse` on the host (`skiff mount`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseChannel, FuseSession};
+
+/// Why a FUSE mount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FuseError {
+    /// Mounting or creating channels failed.
+    #[error("FUSE session on {mountpoint}: {what}")]
+    Session {
+        /// The mountpoint.
+        mountpoint: String,
+        /// What failed.
+        what: String,
+    },
+    /// A worker thread could not be started.
+    #[error("starting FUSE worker")]
+    Thread(#[source] std::io::Error),
+    /// Installing the signal handlers failed.
+    #[error("installing signal handlers")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Options of a FUSE mount.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Worker threads reading `/dev/fuse`.
+    pub threads: usize,
+}
+
+/// Mounts `fs` read-only at the mountpoint and serves it until SIGINT or SIGTERM (or until it is
+/// unmounted from outside), then unmounts.
+pub fn mount_and_serve<F>(fs: F, opts: &MountOptions) -> Result<(), FuseError>
+where
+    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).map_err(FuseError::Signal)?;
+    }
+    serve_until(fs, opts, stop)
+}
+
+/// Like [`mount_and_serve`], stopping when `stop` becomes true.
+pub fn serve_until<F>(fs: F, opts: &MountOptions, stop: Arc<AtomicBool>) -> Result<(), FuseError>
+where
+    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+{
+    let session_err = |what: String| FuseError::Session {
+        mountpoint: opts.mountpoint.display().to_string(),
+        what,
+    };
+    let mut session = FuseSession::new(&opts.mountpoint, "skiff", "", true)
+        .map_err(|e| session_err(e.to_string()))?;
+    session.set_allow_other(true);
+    session.mount().map_err(|e| session_err(format!("mount: {e}")))?;
+    tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
+    let server = Arc::new(Server::new(fs));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for i in 0..opts.threads.max(1) {
+        let channel = session.new_channel().map_err(|e| session_err(format!("channel: {e}")))?;
+        let server = server.clone();
+        let done = done.clone();
+        let h = thread::Builder::new()
+            .name(format!("fuse-{i}"))
+            .spawn(move || {
+                worker(channel, &server);
+                done.store(true, Ordering::SeqCst);
+            })
+            .map_err(FuseError::Thread)?;
+        workers.push(h);
+    }
+    // Wait for a signal, or for a worker to see the mount go away (umount from outside).
+    while !stop.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    tracing::info!(mountpoint = %opts.mountpoint.display(), "unmounting");
+    let umount = session.umount();
+    let _ = session.wake();
+    for w in workers {
+        let _ = w.join();
+    }
+    umount.map_err(|e| session_err(format!("umount: {e}")))
+}
+
+fn worker<F>(mut channel: FuseChannel, server: &Server<F>)
+where
+    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync,
+{
+    loop {
+        match channel.get_request() {
+            Ok(Some((reader, writer))) => {
+                if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+                    match e {
+                        fuse_backend_rs::Error::EncodeMessage(ref io)
+                            if io.raw_os_error() == Some(libc::EBADF)
+                                || io.raw_os_error() == Some(libc::ENODEV) =>
+                        {
+                            break
+                        }
+                        _ => tracing::debug!(error = %e, "FUSE request failed"),
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "FUSE channel closed");
+                break;
+            }
+        }
+    }
+}
+
+/// Whether `path` is a mountpoint now (its device differs from its parent's).
+pub fn is_mounted(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    match (std::fs::metadata(path), std::fs::metadata(parent)) {
+        (Ok(a), Ok(b)) => a.dev() != b.dev(),
+        _ => false,
+    }
+}

@@ -1,0 +1,287 @@
+//! Cutting file content into chunks: hashing and compressing in parallel, then deduplicating
+//! and appending to the new blob in a fixed order, so the same input gives the same bytes.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use zerocopy::little_endian::U64;
+use zerocopy::FromZeros;
+
+use super::tree::{ChunkLoc, NodeId, NodeKind, Tree};
+use super::BuildError;
+use crate::format::{digest_hex, Bootstrap, BlobRecord, CHUNK_FLAG_LZ4, CHUNK_FLAG_ZERO, DIGEST_LEN};
+
+/// How chunks are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compressor {
+    /// lz4 block compression (lz4_flex), kept only where it saves space.
+    Lz4,
+    /// Stored as is.
+    None,
+}
+
+/// Counters a build reports.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ChunkStats {
+    /// Bytes of file content read.
+    pub bytes_in: u64,
+    /// Chunks in all files.
+    pub chunks: u64,
+    /// Chunks that are all zeroes (stored nowhere).
+    pub zero_chunks: u64,
+    /// Chunks already stored earlier in this build.
+    pub dedup_chunks: u64,
+    /// Chunks found in a chunk dictionary (stored in an earlier image's blob).
+    pub dict_chunks: u64,
+    /// Chunks written to the new blob.
+    pub stored_chunks: u64,
+    /// Uncompressed bytes not written thanks to zero detection, dedup and dictionaries.
+    pub saved_bytes: u64,
+    /// Bytes written to the new blob.
+    pub blob_bytes: u64,
+}
+
+/// A blob the image refers to: the one this build writes, or one from a dictionary.
+#[derive(Clone, Copy, Debug)]
+enum BlobEntry {
+    New,
+    Existing(BlobRecord),
+}
+
+struct Pending {
+    node: NodeId,
+    data: Vec<u8>,
+}
+
+struct Encoded {
+    digest: [u8; DIGEST_LEN],
+    zero: bool,
+    /// The compressed bytes when compression paid; otherwise the raw bytes are stored.
+    compressed: Option<Vec<u8>>,
+}
+
+/// Batch size: enough to keep both cores busy, small enough to bound memory.
+const BATCH_BYTES: usize = 64 << 20;
+
+/// Chunks, deduplicates and stores file content for one build.
+pub struct Chunker {
+    chunk_size: u32,
+    compressor: Compressor,
+    blob_dir: PathBuf,
+    tmp_path: PathBuf,
+    out: Option<BufWriter<File>>,
+    hasher: blake3::Hasher,
+    offset: u64,
+    blobs: Vec<BlobEntry>,
+    blob_index_of: HashMap<[u8; DIGEST_LEN], u32>,
+    new_index: Option<u32>,
+    seen: HashMap<[u8; DIGEST_LEN], ChunkLoc>,
+    dict: HashMap<[u8; DIGEST_LEN], (BlobRecord, ChunkLoc)>,
+    pending: Vec<Pending>,
+    pending_bytes: usize,
+    /// What the build did.
+    pub stats: ChunkStats,
+}
+
+impl Chunker {
+    /// A chunker writing its new blob into `blob_dir`.
+    pub fn new(chunk_size: u32, compressor: Compressor, blob_dir: &Path) -> Result<Self, BuildError> {
+        std::fs::create_dir_all(blob_dir).map_err(|e| BuildError::io("creating", blob_dir, e))?;
+        let tmp_path = blob_dir.join(format!(".skiff-blob-{}.tmp", std::process::id()));
+        Ok(Self {
+            chunk_size,
+            compressor,
+            blob_dir: blob_dir.to_path_buf(),
+            tmp_path,
+            out: None,
+            hasher: blake3::Hasher::new(),
+            offset: 0,
+            blobs: Vec::new(),
+            blob_index_of: HashMap::new(),
+            new_index: None,
+            seen: HashMap::new(),
+            dict: HashMap::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            stats: ChunkStats::default(),
+        })
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Makes the chunks of `dict` available for reuse. Its chunk size must match.
+    pub fn add_dict(&mut self, dict: &Bootstrap) -> Result<(), BuildError> {
+        if dict.chunk_size() != self.chunk_size {
+            return Err(BuildError::DictChunkSize { dict: dict.chunk_size(), build: self.chunk_size });
+        }
+        let t = dict.tables();
+        for c in t.chunks.iter().filter(|c| !c.is_zero()) {
+            let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else { continue };
+            self.dict.entry(c.digest).or_insert((
+                *blob,
+                ChunkLoc {
+                    digest: c.digest,
+                    size: c.uncompressed_size.get(),
+                    flags: c.flags.get(),
+                    blob: 0,
+                    offset: c.compressed_offset.get(),
+                    stored_size: c.compressed_size.get(),
+                },
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues one chunk of `node`'s content; chunks of a node must be pushed in file order.
+    pub fn push(&mut self, tree: &mut Tree, node: NodeId, data: Vec<u8>) -> Result<(), BuildError> {
+        self.pending_bytes += data.len();
+        self.pending.push(Pending { node, data });
+        if self.pending_bytes >= BATCH_BYTES {
+            self.flush(tree)?;
+        }
+        Ok(())
+    }
+
+    /// Encodes the queued chunks in parallel, then stores them in queue order.
+    pub fn flush(&mut self, tree: &mut Tree) -> Result<(), BuildError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let compressor = self.compressor;
+        let encoded: Vec<Encoded> = pending
+            .par_iter()
+            .map(|p| {
+                let zero = p.data.iter().all(|&b| b == 0);
+                let compressed = match compressor {
+                    Compressor::Lz4 if !zero => {
+                        let c = lz4_flex::block::compress(&p.data);
+                        (c.len() < p.data.len()).then_some(c)
+                    }
+                    _ => None,
+                };
+                Encoded { digest: *blake3::hash(&p.data).as_bytes(), zero, compressed }
+            })
+            .collect();
+        for (p, e) in pending.into_iter().zip(encoded) {
+            let loc = self.store(&p.data, e)?;
+            if let Some(NodeKind::File { chunks, .. }) = tree.nodes.get_mut(p.node).map(|n| &mut n.kind) {
+                chunks.push(loc);
+            }
+        }
+        Ok(())
+    }
+
+    fn store(&mut self, raw: &[u8], e: Encoded) -> Result<ChunkLoc, BuildError> {
+        let size = raw.len() as u32;
+        self.stats.bytes_in += u64::from(size);
+        self.stats.chunks += 1;
+        if e.zero {
+            self.stats.zero_chunks += 1;
+            self.stats.saved_bytes += u64::from(size);
+            return Ok(ChunkLoc { digest: e.digest, size, flags: CHUNK_FLAG_ZERO, blob: 0, offset: 0, stored_size: 0 });
+        }
+        if let Some(loc) = self.seen.get(&e.digest) {
+            self.stats.dedup_chunks += 1;
+            self.stats.saved_bytes += u64::from(size);
+            return Ok(*loc);
+        }
+        if let Some((blob, dloc)) = self.dict.get(&e.digest).copied() {
+            let index = match self.blob_index_of.get(&blob.id) {
+                Some(&i) => i,
+                None => {
+                    let i = self.blobs.len() as u32;
+                    self.blobs.push(BlobEntry::Existing(blob));
+                    self.blob_index_of.insert(blob.id, i);
+                    i
+                }
+            };
+            let loc = ChunkLoc { blob: index, ..dloc };
+            self.stats.dict_chunks += 1;
+            self.stats.saved_bytes += u64::from(size);
+            self.seen.insert(e.digest, loc);
+            return Ok(loc);
+        }
+        let (bytes, flags) = match &e.compressed {
+            Some(c) => (c.as_slice(), CHUNK_FLAG_LZ4),
+            None => (raw, 0),
+        };
+        let index = match self.new_index {
+            Some(i) => i,
+            None => {
+                let f = File::create(&self.tmp_path).map_err(|err| BuildError::io("creating", &self.tmp_path, err))?;
+                self.out = Some(BufWriter::with_capacity(1 << 20, f));
+                let i = self.blobs.len() as u32;
+                self.blobs.push(BlobEntry::New);
+                self.new_index = Some(i);
+                i
+            }
+        };
+        let out = self.out.as_mut().ok_or_else(|| BuildError::Internal("blob writer missing".into()))?;
+        out.write_all(bytes).map_err(|err| BuildError::io("writing", &self.tmp_path, err))?;
+        self.hasher.update(bytes);
+        let loc = ChunkLoc {
+            digest: e.digest,
+            size,
+            flags,
+            blob: index,
+            offset: self.offset,
+            stored_size: bytes.len() as u32,
+        };
+        self.offset += bytes.len() as u64;
+        self.stats.stored_chunks += 1;
+        self.stats.blob_bytes += bytes.len() as u64;
+        self.seen.insert(e.digest, loc);
+        Ok(loc)
+    }
+
+    /// Stores what is queued, names the new blob by its digest, and returns the blob table, the
+    /// new blob's id (if anything was stored) and the counters.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        mut self,
+        tree: &mut Tree,
+    ) -> Result<(Vec<BlobRecord>, Option<[u8; DIGEST_LEN]>, ChunkStats), BuildError> {
+        self.flush(tree)?;
+        let mut new_id = None;
+        if let Some(out) = self.out.take() {
+            let f = out
+                .into_inner()
+                .map_err(|e| BuildError::io("writing", &self.tmp_path, e.into_error()))?;
+            f.sync_all().map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
+            let id = *self.hasher.finalize().as_bytes();
+            let dest = self.blob_dir.join(digest_hex(&id));
+            std::fs::rename(&self.tmp_path, &dest).map_err(|e| BuildError::io("renaming", &dest, e))?;
+            new_id = Some(id);
+        }
+        let size = self.offset;
+        let records = self
+            .blobs
+            .iter()
+            .map(|b| match (b, new_id) {
+                (BlobEntry::Existing(r), _) => *r,
+                (BlobEntry::New, id) => {
+                    let mut r = BlobRecord::new_zeroed();
+                    r.id = id.unwrap_or_default();
+                    r.size = U64::new(size);
+                    r
+                }
+            })
+            .collect();
+        Ok((records, new_id, std::mem::take(&mut self.stats)))
+    }
+}
+
+impl Drop for Chunker {
+    fn drop(&mut self) {
+        // A build that failed half-way leaves no temporary blob behind.
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.tmp_path);
+        }
+    }
+}

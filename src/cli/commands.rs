@@ -1,0 +1,285 @@
+//! One function per subcommand: parse nothing, decide nothing, call the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::build::{self, BuildOptions, BuildSource, Compressor};
+use crate::check;
+use crate::format::{digest_hex, Bootstrap, InodeKind, DEFAULT_CHUNK_SIZE};
+use crate::fs::{RafsFs, RafsFsOptions};
+use crate::storage::{LocalFsBackend, VerifiedChunkSource};
+
+/// A command's outcome: an exit code, or an error printed as one line.
+pub type CmdResult = Result<i32, Box<dyn std::error::Error>>;
+
+/// In-memory cache of decompressed chunks per daemon (bytes).
+const MEMCACHE_BYTES: usize = 16 << 20;
+
+/// Parses a size such as `4096`, `64K`, `1M` or `16MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} too large"))
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("chunk size {s:?} too large"))
+}
+
+/// Arguments of `skiff build`.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// One directory, or one or more OCI layer tarballs (.tar, .tar.gz, .tar.zst) applied in order.
+    #[arg(required = true)]
+    pub sources: Vec<PathBuf>,
+    /// Where to write the bootstrap.
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+    /// Directory for blobs (created if missing).
+    #[arg(long)]
+    pub blob_dir: PathBuf,
+    /// Chunk size: a power of two from 4K to 16M.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+    /// Chunk compression.
+    #[arg(long, value_enum, default_value_t = Compressor::Lz4)]
+    pub compressor: Compressor,
+    /// Reuse chunks stored by an earlier image (its bootstrap; its blobs in --blob-dir).
+    #[arg(long = "chunk-dict")]
+    pub chunk_dicts: Vec<PathBuf>,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `skiff build`.
+pub fn cmd_build(a: BuildArgs) -> CmdResult {
+    let source = BuildSource::from_paths(&a.sources)?;
+    let opts = BuildOptions {
+        bootstrap: a.bootstrap,
+        blob_dir: a.blob_dir,
+        chunk_size: a.chunk_size,
+        compressor: a.compressor,
+        chunk_dicts: a.chunk_dicts,
+        progress: true,
+    };
+    let summary = build::build(&source, &opts)?;
+    println!("{summary}");
+    if let Some(j) = a.json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        build::write_atomically(&j, text.as_bytes())?;
+    }
+    Ok(0)
+}
+
+/// Arguments of `skiff check`.
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The bootstrap to check.
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+    /// Directory holding the image's blobs.
+    #[arg(long)]
+    pub blob_dir: PathBuf,
+    /// Compare the image with this directory, field by field and byte by byte.
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+}
+
+/// `skiff check`.
+pub fn cmd_check(a: CheckArgs) -> CmdResult {
+    let b = Bootstrap::load(&a.bootstrap)?;
+    println!(
+        "bootstrap {}: valid, Merkle root {}",
+        a.bootstrap.display(),
+        digest_hex(b.root_digest())
+    );
+    let mut problems = check::verify_chunks(&b, &a.blob_dir);
+    let chunks = b.tables().chunks.iter().filter(|c| !c.is_zero()).count();
+    if problems.is_empty() {
+        println!("chunks: {chunks} verified in {} blob(s)", b.blobs().len());
+    }
+    if let Some(src) = &a.source {
+        let diff = check::compare_with_source(&b, src);
+        if diff.is_empty() {
+            println!("source {}: identical", src.display());
+        }
+        problems.extend(diff);
+    }
+    for p in &problems {
+        println!("PROBLEM {}: {}", p.path, p.what);
+    }
+    if problems.is_empty() {
+        println!("ok");
+        Ok(0)
+    } else {
+        eprintln!("skiff: check found {} problem(s)", problems.len());
+        Ok(1)
+    }
+}
+
+/// Arguments of `skiff inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The bootstrap to inspect.
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Show this entry (a path in the image) and its chunks instead of image statistics.
+    pub path: Option<String>,
+}
+
+/// `skiff inspect`.
+pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
+    let b = Bootstrap::load(&a.bootstrap)?;
+    let Some(path) = a.path else {
+        let stats = check::image_stats(&b);
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+        } else {
+            println!("root digest   {}", stats.root_digest);
+            println!("chunk size    {}", stats.chunk_size);
+            println!("bootstrap     {} bytes", stats.bootstrap_bytes);
+            for (k, n) in &stats.inodes {
+                println!("inodes        {n} {k}");
+            }
+            println!("entries       {}", stats.entries);
+            println!("content       {} bytes", stats.content_bytes);
+            println!("chunks        {} ({} unique, {} zero)", stats.chunks, stats.unique_chunks, stats.zero_chunks);
+            for (id, size) in &stats.blobs {
+                println!("blob          {id} {size} bytes");
+            }
+            println!("prefetch      {} files", stats.prefetch);
+        }
+        return Ok(0);
+    };
+    let mut ino = 0u32;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        ino = b
+            .lookup(ino, part.as_bytes())
+            .ok_or_else(|| format!("{path}: no such entry in the image"))?;
+    }
+    let rec = b.inode(ino).ok_or("inode out of range")?;
+    let chunks: Vec<serde_json::Value> = b
+        .file_chunks(ino)
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "digest": digest_hex(&c.digest),
+                "size": c.uncompressed_size.get(),
+                "zero": c.is_zero(),
+                "lz4": c.is_lz4(),
+                "blob": b.blobs().get(c.blob_index.get() as usize).filter(|_| !c.is_zero()).map(|r| digest_hex(&r.id)),
+                "offset": c.compressed_offset.get(),
+                "stored_size": c.compressed_size.get(),
+            })
+        })
+        .collect();
+    let entry = serde_json::json!({
+        "path": path,
+        "inode": ino + 1,
+        "kind": format!("{:?}", rec.kind().unwrap_or(InodeKind::Regular)),
+        "mode": format!("{:o}", rec.mode.get()),
+        "uid": rec.uid.get(),
+        "gid": rec.gid.get(),
+        "nlink": rec.nlink.get(),
+        "size": rec.size.get(),
+        "rdev": rec.rdev.get(),
+        "mtime": format!("{}.{:09}", rec.mtime.get(), rec.mtime_nsec.get()),
+        "digest": digest_hex(&rec.digest),
+        "symlink_target": b.symlink_target(ino).map(|t| String::from_utf8_lossy(t).into_owned()),
+        "xattrs": b.xattrs(ino).map(|(n, v)| (String::from_utf8_lossy(n).into_owned(), hex::encode(v))).collect::<std::collections::BTreeMap<_, _>>(),
+        "entries": b.dir_entries(ino).len(),
+        "chunks": chunks,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&entry)?);
+    } else if let Some(obj) = entry.as_object() {
+        for (k, v) in obj {
+            if k != "chunks" {
+                println!("{k:<15} {v}");
+            }
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            println!("chunk {i:<9} {c}");
+        }
+    }
+    Ok(0)
+}
+
+/// The image options shared by `mount` and `serve`.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// The image's bootstrap.
+    #[arg(long)]
+    pub bootstrap: PathBuf,
+    /// Directory holding the image's blobs.
+    #[arg(long)]
+    pub blob_dir: PathBuf,
+}
+
+impl ImageArgs {
+    /// Loads the image into a filesystem ready to serve.
+    pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
+        let b = Bootstrap::load(&self.bootstrap)?;
+        tracing::info!(bootstrap = %self.bootstrap.display(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image loaded");
+        let source = VerifiedChunkSource::new(LocalFsBackend::new(&self.blob_dir), MEMCACHE_BYTES);
+        Ok(RafsFs::new(Arc::new(b), Arc::new(source), RafsFsOptions::default()))
+    }
+}
+
+/// Arguments of `skiff mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Where to mount.
+    pub mountpoint: PathBuf,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+/// `skiff mount`.
+pub fn cmd_mount(a: MountArgs) -> CmdResult {
+    let fs = a.image.open()?;
+    crate::fuse::mount_and_serve(fs, &crate::fuse::MountOptions { mountpoint: a.mountpoint, threads: a.threads })?;
+    Ok(0)
+}
+
+/// Arguments of `skiff serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// The vhost-user socket to create and listen on.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The virtio-fs tag the guest mounts.
+    #[arg(long, default_value = "skiff")]
+    pub tag: String,
+    /// Request queues / worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// `skiff serve`.
+pub fn cmd_serve(_a: ServeArgs) -> CmdResult {
+    Err("serve: the vhost-user device is not wired in yet".into())
+}

@@ -1,0 +1,60 @@
+//! A small in-memory cache of decompressed chunks, so that the many small reads the kernel
+//! makes inside one chunk decompress and verify it once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use super::ChunkData;
+use crate::format::DIGEST_LEN;
+
+/// Least-recently-used cache of verified chunks keyed by digest, bounded in bytes.
+pub struct ChunkMemCache {
+    limit: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    tick: u64,
+    bytes: usize,
+    map: HashMap<[u8; DIGEST_LEN], (u64, ChunkData)>,
+}
+
+impl ChunkMemCache {
+    /// A cache that holds at most `limit` bytes of chunk data.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, inner: Mutex::new(Inner::default()) }
+    }
+
+    /// The chunk with `digest`, if cached.
+    pub fn get(&self, digest: &[u8; DIGEST_LEN]) -> Option<ChunkData> {
+        let mut g = self.inner.lock().ok()?;
+        g.tick += 1;
+        let tick = g.tick;
+        let e = g.map.get_mut(digest)?;
+        e.0 = tick;
+        Some(e.1.clone())
+    }
+
+    /// Caches `data` under `digest`, evicting the least recently used chunks beyond the limit.
+    pub fn insert(&self, digest: [u8; DIGEST_LEN], data: ChunkData) {
+        if data.len() > self.limit {
+            return;
+        }
+        let Ok(mut g) = self.inner.lock() else { return };
+        g.tick += 1;
+        let tick = g.tick;
+        let len = data.len();
+        if let Some(old) = g.map.insert(digest, (tick, data)) {
+            g.bytes -= old.1.len();
+        }
+        g.bytes += len;
+        // The map holds a handful of entries (limit / chunk size), so a scan is cheap.
+        while g.bytes > self.limit {
+            let Some((&victim, _)) = g.map.iter().min_by_key(|(_, (t, _))| *t) else { break };
+            if let Some((_, d)) = g.map.remove(&victim) {
+                g.bytes -= d.len();
+            }
+        }
+    }
+}
