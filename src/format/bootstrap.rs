@@ -112,7 +112,9 @@ impl Bootstrap {
             return Err(FormatError::FileDigestMismatch);
         }
         if sb.flags.get() != 0 || sb.reserved0.get() != 0 || sb.reserved != [0; 56] {
-            return Err(FormatError::Invalid("reserved superblock fields are not zero".into()));
+            return Err(FormatError::Invalid(
+                "reserved superblock fields are not zero".into(),
+            ));
         }
         let chunk_size = sb.chunk_size.get();
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
@@ -132,6 +134,7 @@ impl Bootstrap {
             prefetch: table_range("prefetch", &sb.prefetch, 4, len)?,
             data,
         };
+        b.validate_layout(&sb)?;
         b.validate()?;
         Ok(b)
     }
@@ -276,6 +279,42 @@ impl Bootstrap {
         paths.into_iter().map(Option::unwrap_or_default).collect()
     }
 
+    /// The layout is canonical: tables in a fixed order, each at the first 8-byte boundary after
+    /// the previous one, zero padding, nothing after the last. So no byte of a valid bootstrap
+    /// is free to carry anything.
+    fn validate_layout(&self, sb: &Superblock) -> Result<(), FormatError> {
+        let order: [(&str, &TableDesc, &Range<usize>); 7] = [
+            ("inodes", &sb.inodes, &self.inodes),
+            ("dirents", &sb.dirents, &self.dirents),
+            ("chunks", &sb.chunks, &self.chunks),
+            ("xattrs", &sb.xattrs, &self.xattrs),
+            ("blobs", &sb.blobs, &self.blobs),
+            ("prefetch", &sb.prefetch, &self.prefetch),
+            ("strings", &sb.strings, &self.strings),
+        ];
+        let mut end = SUPERBLOCK_SIZE;
+        for (name, desc, range) in order {
+            let start = end.next_multiple_of(8);
+            if desc.offset.get() != start as u64 {
+                return Err(FormatError::Invalid(format!(
+                    "table {name} at offset {}, expected {start}",
+                    desc.offset.get()
+                )));
+            }
+            if self.data.get(end..start).is_none_or(|pad| pad.iter().any(|&b| b != 0)) {
+                return Err(FormatError::Invalid(format!("padding before table {name} is not zero")));
+            }
+            end = range.end;
+        }
+        if end != self.data.len() {
+            return Err(FormatError::Invalid(format!(
+                "{} bytes after the last table",
+                self.data.len().saturating_sub(end)
+            )));
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), FormatError> {
         let t = self.tables();
         let n = t.inodes.len();
@@ -287,7 +326,9 @@ impl Bootstrap {
         }
         for blob in t.blobs {
             if blob.reserved != [0; 8] {
-                return Err(FormatError::Invalid("reserved blob fields are not zero".into()));
+                return Err(FormatError::Invalid(
+                    "reserved blob fields are not zero".into(),
+                ));
             }
         }
         // References to each inode, counted from directory entries.
@@ -295,7 +336,10 @@ impl Bootstrap {
         let mut subdirs = vec![0u32; n];
         let mut zero_digests: HashMap<u32, [u8; DIGEST_LEN]> = HashMap::new();
         for (i, ino) in t.inodes.iter().enumerate() {
-            let err = |what: String| FormatError::BadInode { index: i as u64, what };
+            let err = |what: String| FormatError::BadInode {
+                index: i as u64,
+                what,
+            };
             let kind = ino
                 .kind()
                 .ok_or_else(|| err(format!("unknown file type in mode {:o}", ino.mode.get())))?;
@@ -410,7 +454,10 @@ impl Bootstrap {
             }
         }
         for (i, ino) in t.inodes.iter().enumerate() {
-            let err = |what: String| FormatError::BadInode { index: i as u64, what };
+            let err = |what: String| FormatError::BadInode {
+                index: i as u64,
+                what,
+            };
             let r = refs.get(i).copied().unwrap_or(0);
             if ino.kind() == Some(InodeKind::Directory) {
                 if i != 0 && r != 1 {
@@ -418,7 +465,10 @@ impl Bootstrap {
                 }
                 let want = 2 + subdirs.get(i).copied().unwrap_or(0);
                 if ino.nlink.get() != want {
-                    return Err(err(format!("nlink {} but {want} expected", ino.nlink.get())));
+                    return Err(err(format!(
+                        "nlink {} but {want} expected",
+                        ino.nlink.get()
+                    )));
                 }
             } else if r == 0 || ino.nlink.get() != r {
                 return Err(err(format!("nlink {} but {r} references", ino.nlink.get())));
@@ -431,7 +481,9 @@ impl Bootstrap {
             }
         }
         if t.inodes.first().map(|r| r.digest) != Some(self.root_digest) {
-            return Err(FormatError::Invalid("root digest differs from the superblock".into()));
+            return Err(FormatError::Invalid(
+                "root digest differs from the superblock".into(),
+            ));
         }
         for p in t.prefetch {
             if p.get() as usize >= n {
@@ -515,9 +567,12 @@ impl Bootstrap {
             ));
         }
         if c.is_lz4() {
-            if csize == 0 || csize as usize > lz4_flex::block::get_maximum_output_size(usize_ as usize)
+            if csize == 0
+                || csize as usize > lz4_flex::block::get_maximum_output_size(usize_ as usize)
             {
-                return Err(format!("compressed size {csize} impossible for {usize_} bytes"));
+                return Err(format!(
+                    "compressed size {csize} impossible for {usize_} bytes"
+                ));
             }
         } else if csize != usize_ {
             return Err(format!("stored size {csize} differs from size {usize_}"));

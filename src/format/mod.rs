@@ -7,6 +7,9 @@ mod layout;
 mod tables;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 pub use bootstrap::{Bootstrap, MAX_BOOTSTRAP_SIZE};
 pub use layout::*;
 pub use tables::Tables;
@@ -46,7 +49,9 @@ pub enum FormatError {
     #[error("invalid chunk size {0}")]
     BadChunkSize(u32),
     /// A table lies outside the file.
-    #[error("table {table} (offset {offset}, {count} records) lies outside the {file_len}-byte file")]
+    #[error(
+        "table {table} (offset {offset}, {count} records) lies outside the {file_len}-byte file"
+    )]
     TableOutOfBounds {
         /// Table name.
         table: &'static str,

@@ -6,7 +6,7 @@
 use zerocopy::little_endian::U32;
 
 use super::layout::{
-    ChunkRecord, DirentRecord, InodeKind, InodeRecord, XattrRecord, BlobRecord, DIGEST_LEN,
+    BlobRecord, ChunkRecord, DirentRecord, InodeKind, InodeRecord, XattrRecord, DIGEST_LEN,
 };
 
 /// Domain-separation context of inode digests.
@@ -48,12 +48,20 @@ impl<'a> Tables<'a> {
 
     /// The directory entries of inode `ino` (empty for non-directories or bad ranges).
     pub fn dirents_of(&self, ino: &InodeRecord) -> Option<&'a [DirentRecord]> {
-        Self::range(self.dirents, ino.data_index.get(), u64::from(ino.data_count.get()))
+        Self::range(
+            self.dirents,
+            ino.data_index.get(),
+            u64::from(ino.data_count.get()),
+        )
     }
 
     /// The chunks of regular file `ino`.
     pub fn chunks_of(&self, ino: &InodeRecord) -> Option<&'a [ChunkRecord]> {
-        Self::range(self.chunks, ino.data_index.get(), u64::from(ino.data_count.get()))
+        Self::range(
+            self.chunks,
+            ino.data_index.get(),
+            u64::from(ino.data_count.get()),
+        )
     }
 
     /// The xattrs of `ino`.
@@ -73,13 +81,19 @@ impl<'a> Tables<'a> {
     /// The name and value of an xattr.
     pub fn xattr_pair(&self, x: &XattrRecord) -> Option<(&'a [u8], &'a [u8])> {
         let name = self.string(x.name_offset.get(), usize::from(x.name_len.get()))?;
-        let value = self.string(x.value_offset.get(), usize::try_from(x.value_len.get()).ok()?)?;
+        let value = self.string(
+            x.value_offset.get(),
+            usize::try_from(x.value_len.get()).ok()?,
+        )?;
         Some((name, value))
     }
 
     /// The target of symlink `ino`.
     pub fn symlink_target(&self, ino: &InodeRecord) -> Option<&'a [u8]> {
-        self.string(ino.data_index.get(), usize::try_from(ino.data_count.get()).ok()?)
+        self.string(
+            ino.data_index.get(),
+            usize::try_from(ino.data_count.get()).ok()?,
+        )
     }
 
     /// Computes the Merkle digest of inode `index` from its metadata, its xattrs and its content

@@ -69,10 +69,10 @@ impl BootstrapWriter {
             )
             .collect();
         for i in order {
-            let digest = self
-                .tables()
-                .inode_digest(i)
-                .ok_or(FormatError::BadInode { index: i as u64, what: "unhashable".into() })?;
+            let digest = self.tables().inode_digest(i).ok_or(FormatError::BadInode {
+                index: i as u64,
+                what: "unhashable".into(),
+            })?;
             self.inodes[i].digest = digest;
         }
         let root_digest = self
@@ -88,7 +88,7 @@ impl BootstrapWriter {
         sb.root_digest = root_digest;
         let mut out = vec![0u8; SUPERBLOCK_SIZE];
         let put = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
-            // Keep tables 8-byte aligned; it costs nothing and helps readers that mmap.
+            // Tables start 8-byte aligned (see docs/format.md: the layout is canonical).
             out.resize(out.len().next_multiple_of(8), 0);
             let desc = TableDesc {
                 offset: U64::new(out.len() as u64),
@@ -104,7 +104,6 @@ impl BootstrapWriter {
         sb.blobs = put(&mut out, self.blobs.as_bytes(), self.blobs.len());
         sb.prefetch = put(&mut out, self.prefetch.as_bytes(), self.prefetch.len());
         sb.strings = put(&mut out, &self.strings, self.strings.len());
-        out.resize(out.len().next_multiple_of(8), 0);
 
         let mut h = blake3::Hasher::new();
         h.update(sb.as_bytes());

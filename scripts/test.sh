@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs every Skiff test on this machine: unit, integration (FUSE, Debian rootfs) and microVM.
+# Installs what the tests need first (Debian packages, the Rust build), idempotently.
+#
+# With CI=true a missing prerequisite fails the run; it is never skipped.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+"$repo/scripts/install-deps.sh"
+# The microVM's kernel and initramfs, built once and cached outside the repo.
+"$repo/guest/build-initramfs.sh" >/dev/null
+
+cargo build --locked --all-targets
+# Tests that mount or boot VMs are independent of each other; two at a time suits 2 cores.
+cargo test --locked --all-targets -- --test-threads="${SKIFF_TEST_THREADS:-2}" "$@"
