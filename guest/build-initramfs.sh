@@ -104,6 +104,30 @@ fi
 init_src="$GUEST_DIR/init"
 [[ -r "$init_src" ]] || die "$init_src not found"
 
+# ---------------------------------------------------------------- cache --
+
+hash_inputs() {
+    {
+        echo "kver=$kver"
+        # The modules themselves change only together with modules.dep.
+        stat -L -c '%n %s %Y' "$vmlinuz" "$busybox" "$moddir/modules.dep"
+        echo "modules=${WANT_MODULES[*]}"
+        sha256sum "$init_src" "${BASH_SOURCE[0]}"
+    } | sha256sum | cut -d' ' -f1
+}
+
+mkdir -p "$out_dir"
+out_dir="$(cd "$out_dir" && pwd)"
+exec 9>"$out_dir/.lock"
+flock 9
+
+stamp="$(hash_inputs)"
+if [[ $force -eq 0 && -f "$out_dir/.stamp" && "$(cat "$out_dir/.stamp")" == "$stamp" \
+      && -s "$out_dir/initramfs.cpio.gz" && -s "$out_dir/bzImage" ]]; then
+    log "up to date ($out_dir)"
+    exit 0
+fi
+
 # ------------------------------------------------------ module resolution --
 
 # modules.dep lines: "kernel/a/b.ko[.xz]: dep1.ko dep2.ko ..." where the
@@ -131,13 +155,13 @@ if [[ -r "$moddir/modules.builtin" ]]; then
 fi
 
 declare -A VISITING=()
-declare -A DONE=()
+declare -A RESOLVED=()
 ORDER=()
 visit() {
     local name="${1//-/_}" dep dname
-    [[ -z "${DONE[$name]:-}" ]] || return 0
+    [[ -z "${RESOLVED[$name]:-}" ]] || return 0
     if [[ -n "${BUILTIN[$name]:-}" ]]; then
-        DONE[$name]=1
+        RESOLVED[$name]=1
         return 0
     fi
     [[ -n "${MOD_PATH[$name]:-}" ]] || die "module $name not found in $moddir/modules.dep"
@@ -149,37 +173,12 @@ visit() {
         visit "$dname"
     done
     unset "VISITING[$name]"
-    DONE[$name]=1
+    RESOLVED[$name]=1
     ORDER+=("$name")
 }
 for m in "${WANT_MODULES[@]}"; do
     visit "$m"
 done
-
-# ---------------------------------------------------------------- cache --
-
-hash_inputs() {
-    {
-        echo "kver=$kver"
-        stat -L -c '%n %s %Y' "$vmlinuz" "$busybox" "$moddir/modules.dep"
-        for m in "${ORDER[@]}"; do
-            stat -L -c '%n %s %Y' "$moddir/${MOD_PATH[$m]}"
-        done
-        sha256sum "$init_src" "${BASH_SOURCE[0]}"
-    } | sha256sum | cut -d' ' -f1
-}
-
-mkdir -p "$out_dir"
-out_dir="$(cd "$out_dir" && pwd)"
-exec 9>"$out_dir/.lock"
-flock 9
-
-stamp="$(hash_inputs)"
-if [[ $force -eq 0 && -f "$out_dir/.stamp" && "$(cat "$out_dir/.stamp")" == "$stamp" \
-      && -s "$out_dir/initramfs.cpio.gz" && -s "$out_dir/bzImage" ]]; then
-    log "up to date ($out_dir)"
-    exit 0
-fi
 
 log "building guest for kernel $kver into $out_dir"
 work="$(mktemp -d "$out_dir/.build.XXXXXX")"
@@ -308,4 +307,4 @@ else
     rm -f "$out_dir/vmlinux"
 fi
 echo "$stamp" > "$out_dir/.stamp"
-log "done: $(ls "$out_dir" | tr '\n' ' ')"
+log "done: $out_dir"

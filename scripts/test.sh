@@ -4,6 +4,11 @@
 #
 # With CI=true a missing prerequisite fails the run; it is never skipped.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help)
+        echo "usage: scripts/test.sh [cargo test harness args...]   (CI=true: missing prerequisites fail)"
+        exit 0 ;;
+esac
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
