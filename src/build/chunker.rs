@@ -12,7 +12,9 @@ use zerocopy::FromZeros;
 
 use super::tree::{ChunkLoc, NodeId, NodeKind, Tree};
 use super::BuildError;
-use crate::format::{digest_hex, Bootstrap, BlobRecord, CHUNK_FLAG_LZ4, CHUNK_FLAG_ZERO, DIGEST_LEN};
+use crate::format::{
+    digest_hex, BlobRecord, Bootstrap, CHUNK_FLAG_LZ4, CHUNK_FLAG_ZERO, DIGEST_LEN,
+};
 
 /// How chunks are compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -89,7 +91,11 @@ pub struct Chunker {
 
 impl Chunker {
     /// A chunker writing its new blob into `blob_dir`.
-    pub fn new(chunk_size: u32, compressor: Compressor, blob_dir: &Path) -> Result<Self, BuildError> {
+    pub fn new(
+        chunk_size: u32,
+        compressor: Compressor,
+        blob_dir: &Path,
+    ) -> Result<Self, BuildError> {
         std::fs::create_dir_all(blob_dir).map_err(|e| BuildError::io("creating", blob_dir, e))?;
         let tmp_path = blob_dir.join(format!(".skiff-blob-{}.tmp", std::process::id()));
         Ok(Self {
@@ -119,11 +125,16 @@ impl Chunker {
     /// Makes the chunks of `dict` available for reuse. Its chunk size must match.
     pub fn add_dict(&mut self, dict: &Bootstrap) -> Result<(), BuildError> {
         if dict.chunk_size() != self.chunk_size {
-            return Err(BuildError::DictChunkSize { dict: dict.chunk_size(), build: self.chunk_size });
+            return Err(BuildError::DictChunkSize {
+                dict: dict.chunk_size(),
+                build: self.chunk_size,
+            });
         }
         let t = dict.tables();
         for c in t.chunks.iter().filter(|c| !c.is_zero()) {
-            let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else { continue };
+            let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else {
+                continue;
+            };
             self.dict.entry(c.digest).or_insert((
                 *blob,
                 ChunkLoc {
@@ -165,12 +176,18 @@ impl Chunker {
                     }
                     _ => None,
                 };
-                Encoded { digest: *blake3::hash(&p.data).as_bytes(), zero, compressed }
+                Encoded {
+                    digest: *blake3::hash(&p.data).as_bytes(),
+                    zero,
+                    compressed,
+                }
             })
             .collect();
         for (p, e) in pending.into_iter().zip(encoded) {
             let loc = self.store(&p.data, e)?;
-            if let Some(NodeKind::File { chunks, .. }) = tree.nodes.get_mut(p.node).map(|n| &mut n.kind) {
+            if let Some(NodeKind::File { chunks, .. }) =
+                tree.nodes.get_mut(p.node).map(|n| &mut n.kind)
+            {
                 chunks.push(loc);
             }
         }
@@ -184,7 +201,14 @@ impl Chunker {
         if e.zero {
             self.stats.zero_chunks += 1;
             self.stats.saved_bytes += u64::from(size);
-            return Ok(ChunkLoc { digest: e.digest, size, flags: CHUNK_FLAG_ZERO, blob: 0, offset: 0, stored_size: 0 });
+            return Ok(ChunkLoc {
+                digest: e.digest,
+                size,
+                flags: CHUNK_FLAG_ZERO,
+                blob: 0,
+                offset: 0,
+                stored_size: 0,
+            });
         }
         if let Some(loc) = self.seen.get(&e.digest) {
             self.stats.dedup_chunks += 1;
@@ -201,7 +225,10 @@ impl Chunker {
                     i
                 }
             };
-            let loc = ChunkLoc { blob: index, ..dloc };
+            let loc = ChunkLoc {
+                blob: index,
+                ..dloc
+            };
             self.stats.dict_chunks += 1;
             self.stats.saved_bytes += u64::from(size);
             self.seen.insert(e.digest, loc);
@@ -214,7 +241,8 @@ impl Chunker {
         let index = match self.new_index {
             Some(i) => i,
             None => {
-                let f = File::create(&self.tmp_path).map_err(|err| BuildError::io("creating", &self.tmp_path, err))?;
+                let f = File::create(&self.tmp_path)
+                    .map_err(|err| BuildError::io("creating", &self.tmp_path, err))?;
                 self.out = Some(BufWriter::with_capacity(1 << 20, f));
                 let i = self.blobs.len() as u32;
                 self.blobs.push(BlobEntry::New);
@@ -222,8 +250,12 @@ impl Chunker {
                 i
             }
         };
-        let out = self.out.as_mut().ok_or_else(|| BuildError::Internal("blob writer missing".into()))?;
-        out.write_all(bytes).map_err(|err| BuildError::io("writing", &self.tmp_path, err))?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| BuildError::Internal("blob writer missing".into()))?;
+        out.write_all(bytes)
+            .map_err(|err| BuildError::io("writing", &self.tmp_path, err))?;
         self.hasher.update(bytes);
         let loc = ChunkLoc {
             digest: e.digest,
@@ -253,10 +285,12 @@ impl Chunker {
             let f = out
                 .into_inner()
                 .map_err(|e| BuildError::io("writing", &self.tmp_path, e.into_error()))?;
-            f.sync_all().map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
+            f.sync_all()
+                .map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
             let id = *self.hasher.finalize().as_bytes();
             let dest = self.blob_dir.join(digest_hex(&id));
-            std::fs::rename(&self.tmp_path, &dest).map_err(|e| BuildError::io("renaming", &dest, e))?;
+            std::fs::rename(&self.tmp_path, &dest)
+                .map_err(|e| BuildError::io("renaming", &dest, e))?;
             new_id = Some(id);
         }
         let size = self.offset;

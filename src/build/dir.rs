@@ -42,7 +42,10 @@ fn xattrs_of(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, BuildError> {
             .map_err(|e| BuildError::io("reading xattrs of", path, e))?
             .unwrap_or_default();
         if value.len() > MAX_XATTR_VALUE_LEN {
-            return Err(BuildError::Invalid(format!("{}: xattr value too large", path.display())));
+            return Err(BuildError::Invalid(format!(
+                "{}: xattr value too large",
+                path.display()
+            )));
         }
         out.insert(name.as_bytes().to_vec(), value);
     }
@@ -53,7 +56,10 @@ fn xattrs_of(path: &Path) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, BuildError> {
 pub fn scan(root: &Path, chunker: &mut Chunker, progress: &Progress) -> Result<Tree, BuildError> {
     let m = std::fs::symlink_metadata(root).map_err(|e| BuildError::io("reading", root, e))?;
     if !m.is_dir() {
-        return Err(BuildError::Invalid(format!("{} is not a directory", root.display())));
+        return Err(BuildError::Invalid(format!(
+            "{} is not a directory",
+            root.display()
+        )));
     }
     let mut tree = Tree::new(meta_of(&m));
     tree.nodes[0].xattrs = xattrs_of(root)?;
@@ -71,7 +77,8 @@ pub fn scan(root: &Path, chunker: &mut Chunker, progress: &Progress) -> Result<T
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
             let path = dir.join(&name);
-            let m = std::fs::symlink_metadata(&path).map_err(|e| BuildError::io("reading", &path, e))?;
+            let m = std::fs::symlink_metadata(&path)
+                .map_err(|e| BuildError::io("reading", &path, e))?;
             progress.entry();
             let key = (m.dev(), m.ino());
             if !m.is_dir() && m.nlink() > 1 {
@@ -85,18 +92,29 @@ pub fn scan(root: &Path, chunker: &mut Chunker, progress: &Progress) -> Result<T
             let kind = if ft.is_dir() {
                 NodeKind::Dir(BTreeMap::new())
             } else if ft.is_file() {
-                NodeKind::File { size: m.len(), chunks: Vec::new() }
+                NodeKind::File {
+                    size: m.len(),
+                    chunks: Vec::new(),
+                }
             } else if ft.is_symlink() {
-                let target = std::fs::read_link(&path).map_err(|e| BuildError::io("reading link", &path, e))?;
+                let target = std::fs::read_link(&path)
+                    .map_err(|e| BuildError::io("reading link", &path, e))?;
                 let target = target.as_os_str().as_bytes().to_vec();
                 if target.is_empty() || target.len() > MAX_SYMLINK_LEN {
-                    return Err(BuildError::Invalid(format!("{}: bad symlink target length", path.display())));
+                    return Err(BuildError::Invalid(format!(
+                        "{}: bad symlink target length",
+                        path.display()
+                    )));
                 }
                 NodeKind::Symlink(target)
             } else {
                 NodeKind::Special
             };
-            let id = tree.add(Node { meta: meta_of(&m), xattrs, kind });
+            let id = tree.add(Node {
+                meta: meta_of(&m),
+                xattrs,
+                kind,
+            });
             link(&mut tree, dir_id, &name, id)?;
             if ft.is_dir() {
                 stack.push((path, id));
@@ -111,10 +129,18 @@ pub fn scan(root: &Path, chunker: &mut Chunker, progress: &Progress) -> Result<T
     Ok(tree)
 }
 
-fn link(tree: &mut Tree, dir: NodeId, name: &std::ffi::OsStr, id: NodeId) -> Result<(), BuildError> {
+fn link(
+    tree: &mut Tree,
+    dir: NodeId,
+    name: &std::ffi::OsStr,
+    id: NodeId,
+) -> Result<(), BuildError> {
     let name = name.as_bytes().to_vec();
     if name.len() > crate::format::MAX_NAME_LEN {
-        return Err(BuildError::Invalid(format!("name longer than 255 bytes: {:?}", String::from_utf8_lossy(&name))));
+        return Err(BuildError::Invalid(format!(
+            "name longer than 255 bytes: {:?}",
+            String::from_utf8_lossy(&name)
+        )));
     }
     tree.children_mut(dir)
         .ok_or_else(|| BuildError::Internal("parent is not a directory".into()))?
@@ -136,15 +162,22 @@ fn read_file(
     while left > 0 {
         let n = left.min(chunk_size as u64) as usize;
         let mut buf = vec![0u8; n];
-        f.read_exact(&mut buf).map_err(|e| BuildError::io("reading", path, e))?;
+        f.read_exact(&mut buf)
+            .map_err(|e| BuildError::io("reading", path, e))?;
         left -= n as u64;
         progress.bytes(n as u64);
         chunker.push(tree, id, buf)?;
     }
     // A file that grew while being read would make the image differ from its metadata.
     let mut probe = [0u8; 1];
-    if f.read(&mut probe).map_err(|e| BuildError::io("reading", path, e))? != 0 {
-        return Err(BuildError::Invalid(format!("{} changed while being read", path.display())));
+    if f.read(&mut probe)
+        .map_err(|e| BuildError::io("reading", path, e))?
+        != 0
+    {
+        return Err(BuildError::Invalid(format!(
+            "{} changed while being read",
+            path.display()
+        )));
     }
     Ok(())
 }

@@ -34,7 +34,8 @@ pub fn emit(
                     refs[i as usize] += 1;
                 }
                 None => {
-                    let i = u32::try_from(order.len()).map_err(|_| BuildError::Invalid("too many inodes".into()))?;
+                    let i = u32::try_from(order.len())
+                        .map_err(|_| BuildError::Invalid("too many inodes".into()))?;
                     index_of.insert(child, i);
                     order.push(child);
                     parent_of.push(if tree.is_dir(child) { dir_index } else { 0 });
@@ -47,7 +48,10 @@ pub fn emit(
         }
     }
 
-    let mut w = BootstrapWriter { blobs, ..Default::default() };
+    let mut w = BootstrapWriter {
+        blobs,
+        ..Default::default()
+    };
     for (i, &id) in order.iter().enumerate() {
         let node = &tree.nodes[id];
         let mut r = InodeRecord::zeroed();
@@ -68,12 +72,16 @@ pub fn emit(
         match &node.kind {
             NodeKind::Dir(children) => {
                 r.parent = U32::new(parent_of[i]);
-                r.nlink = U32::new(2 + children.values().filter(|&&c| tree.is_dir(c)).count() as u32);
+                r.nlink =
+                    U32::new(2 + children.values().filter(|&&c| tree.is_dir(c)).count() as u32);
                 r.data_index = U64::new(w.dirents.len() as u64);
                 r.data_count = U32::new(children.len() as u32);
                 r.size = U64::new(m.dir_size);
                 for (name, child) in children {
-                    let ci = index_of.get(child).copied().ok_or_else(|| BuildError::Internal("unnumbered child".into()))?;
+                    let ci = index_of
+                        .get(child)
+                        .copied()
+                        .ok_or_else(|| BuildError::Internal("unnumbered child".into()))?;
                     w.add_dirent(name, ci);
                 }
             }

@@ -75,7 +75,11 @@ pub enum BuildError {
 impl BuildError {
     /// An I/O error while doing `op` on `path`.
     pub fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io { op, path: path.display().to_string(), source }
+        Self::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -155,12 +159,25 @@ impl std::fmt::Display for BuildSummary {
         let c = &self.chunks;
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         writeln!(f, "image       root {}", self.root_digest)?;
-        writeln!(f, "entries     {} names, {} inodes", self.entries, self.inodes)?;
-        writeln!(f, "content     {:.1} MiB in {} chunks of {} KiB", mib(c.bytes_in), c.chunks, self.chunk_size / 1024)?;
+        writeln!(
+            f,
+            "entries     {} names, {} inodes",
+            self.entries, self.inodes
+        )?;
+        writeln!(
+            f,
+            "content     {:.1} MiB in {} chunks of {} KiB",
+            mib(c.bytes_in),
+            c.chunks,
+            self.chunk_size / 1024
+        )?;
         writeln!(
             f,
             "dedup       {} zero, {} repeated, {} from dictionaries: {:.1} MiB not stored",
-            c.zero_chunks, c.dedup_chunks, c.dict_chunks, mib(c.saved_bytes)
+            c.zero_chunks,
+            c.dedup_chunks,
+            c.dict_chunks,
+            mib(c.saved_bytes)
         )?;
         writeln!(
             f,
@@ -170,7 +187,12 @@ impl std::fmt::Display for BuildSummary {
             self.compressor,
             self.blob_id.as_deref().unwrap_or("(nothing new stored)")
         )?;
-        writeln!(f, "bootstrap   {:.1} KiB, {} blob(s) referenced", self.bootstrap_bytes as f64 / 1024.0, self.blobs)?;
+        writeln!(
+            f,
+            "bootstrap   {:.1} KiB, {} blob(s) referenced",
+            self.bootstrap_bytes as f64 / 1024.0,
+            self.blobs
+        )?;
         write!(f, "time        {:.2} s", self.seconds)
     }
 }
@@ -186,12 +208,17 @@ impl Progress {
     pub fn new(show: bool) -> Self {
         let bar = (show && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
             let b = ProgressBar::new_spinner();
-            if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {bytes} read, {bytes_per_sec} [{elapsed}]") {
+            if let Ok(style) = ProgressStyle::with_template(
+                "{spinner} {msg} {bytes} read, {bytes_per_sec} [{elapsed}]",
+            ) {
                 b.set_style(style);
             }
             b
         });
-        Self { bar, entries: AtomicU64::new(0) }
+        Self {
+            bar,
+            entries: AtomicU64::new(0),
+        }
     }
 
     /// One more entry scanned.
@@ -232,7 +259,10 @@ pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, 
     }
     let mut chunker = chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir)?;
     for d in &opts.chunk_dicts {
-        let dict = Bootstrap::load(d).map_err(|source| BuildError::Dict { path: d.display().to_string(), source })?;
+        let dict = Bootstrap::load(d).map_err(|source| BuildError::Dict {
+            path: d.display().to_string(),
+            source,
+        })?;
         chunker.add_dict(&dict)?;
     }
     let progress = Progress::new(opts.progress);
@@ -267,9 +297,15 @@ pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, 
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a reader never sees
 /// a half-written file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| BuildError::io("creating", dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| BuildError::io("writing", &tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| BuildError::io("renaming", path, e))

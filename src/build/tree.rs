@@ -89,7 +89,11 @@ impl Tree {
     /// A tree holding only a root directory with `meta`.
     pub fn new(meta: Meta) -> Self {
         Self {
-            nodes: vec![Node { meta, xattrs: BTreeMap::new(), kind: NodeKind::Dir(BTreeMap::new()) }],
+            nodes: vec![Node {
+                meta,
+                xattrs: BTreeMap::new(),
+                kind: NodeKind::Dir(BTreeMap::new()),
+            }],
         }
     }
 

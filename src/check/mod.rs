@@ -22,7 +22,10 @@ pub struct Problem {
 }
 
 fn problem(path: &[u8], what: impl Into<String>) -> Problem {
-    Problem { path: String::from_utf8_lossy(path).into_owned(), what: what.into() }
+    Problem {
+        path: String::from_utf8_lossy(path).into_owned(),
+        what: what.into(),
+    }
 }
 
 /// Checks every blob (present, right size, right digest) and every chunk (decompresses and
@@ -35,9 +38,19 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
         match blob_digest(&path) {
             Ok((size, digest)) => {
                 if size != blob.size.get() {
-                    problems.push(problem(b"/", format!("blob {} is {size} bytes, expected {}", path.display(), blob.size.get())));
+                    problems.push(problem(
+                        b"/",
+                        format!(
+                            "blob {} is {size} bytes, expected {}",
+                            path.display(),
+                            blob.size.get()
+                        ),
+                    ));
                 } else if digest != blob.id {
-                    problems.push(problem(b"/", format!("blob {} does not match its digest", path.display())));
+                    problems.push(problem(
+                        b"/",
+                        format!("blob {} does not match its digest", path.display()),
+                    ));
                 }
             }
             Err(e) => problems.push(problem(b"/", format!("blob {}: {e}", path.display()))),
@@ -56,7 +69,9 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
             let chunks = b.file_chunks(i as u32);
             let mut out = Vec::new();
             for (ci, c) in chunks.iter().enumerate().filter(|(_, c)| !c.is_zero()) {
-                let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else { continue };
+                let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else {
+                    continue;
+                };
                 if let Err(e) = source.read_chunk(blob, c) {
                     out.push(problem(
                         paths.get(i).map(Vec::as_slice).unwrap_or(b"?"),
@@ -142,8 +157,14 @@ pub fn compare_with_source(b: &Bootstrap, source: &Path) -> Vec<Problem> {
             gid: m.gid(),
             size: m.size(),
             mtime: (m.mtime(), m.mtime_nsec() as u32),
-            rdev: if m.file_type().is_char_device() || m.file_type().is_block_device() { m.rdev() } else { 0 },
-            target: std::fs::read_link(&host).ok().map(|t| t.as_os_str().as_bytes().to_vec()),
+            rdev: if m.file_type().is_char_device() || m.file_type().is_block_device() {
+                m.rdev()
+            } else {
+                0
+            },
+            target: std::fs::read_link(&host)
+                .ok()
+                .map(|t| t.as_os_str().as_bytes().to_vec()),
             xattrs: host_xattrs(&host),
         };
         let img = Facts {
@@ -155,7 +176,10 @@ pub fn compare_with_source(b: &Bootstrap, source: &Path) -> Vec<Problem> {
             mtime: (rec.mtime.get(), rec.mtime_nsec.get()),
             rdev: rec.rdev.get(),
             target: b.symlink_target(ino).map(<[u8]>::to_vec),
-            xattrs: b.xattrs(ino).map(|(n, v)| (n.to_vec(), v.to_vec())).collect(),
+            xattrs: b
+                .xattrs(ino)
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect(),
         };
         diff_facts(&rel, &src, &img, &mut problems);
         if src.kind != img.kind {
@@ -178,17 +202,27 @@ pub fn compare_with_source(b: &Bootstrap, source: &Path) -> Vec<Problem> {
                 }
                 Err(e) => problems.push(problem(&rel, format!("source directory unreadable: {e}"))),
             }
-            let img_names: BTreeSet<Vec<u8>> =
-                b.dir_entries(ino).iter().map(|d| b.entry_name(d).to_vec()).collect();
+            let img_names: BTreeSet<Vec<u8>> = b
+                .dir_entries(ino)
+                .iter()
+                .map(|d| b.entry_name(d).to_vec())
+                .collect();
             for n in src_names.difference(&img_names) {
                 problems.push(problem(&join(&rel, n), "missing from the image"));
             }
             for n in img_names.difference(&src_names) {
-                problems.push(problem(&join(&rel, n), "in the image but not in the source"));
+                problems.push(problem(
+                    &join(&rel, n),
+                    "in the image but not in the source",
+                ));
             }
             for n in src_names.intersection(&img_names) {
                 if let Some(child) = b.lookup(ino, n) {
-                    stack.push((join(&rel, n), host.join(std::ffi::OsStr::from_bytes(n)), child));
+                    stack.push((
+                        join(&rel, n),
+                        host.join(std::ffi::OsStr::from_bytes(n)),
+                        child,
+                    ));
                 }
             }
         }
@@ -197,7 +231,11 @@ pub fn compare_with_source(b: &Bootstrap, source: &Path) -> Vec<Problem> {
     let chunk_size = b.chunk_size() as usize;
     let mut content: Vec<Problem> = files
         .par_iter()
-        .filter_map(|(rel, host, ino)| compare_content(b, *ino, host, chunk_size).err().map(|w| problem(rel, w)))
+        .filter_map(|(rel, host, ino)| {
+            compare_content(b, *ino, host, chunk_size)
+                .err()
+                .map(|w| problem(rel, w))
+        })
         .collect();
     problems.append(&mut content);
     problems.sort();
@@ -227,7 +265,10 @@ fn host_xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
 
 fn diff_facts(rel: &[u8], src: &Facts, img: &Facts, out: &mut Vec<Problem>) {
     if src.kind != img.kind {
-        out.push(problem(rel, format!("type: source {}, image {}", src.kind, img.kind)));
+        out.push(problem(
+            rel,
+            format!("type: source {}, image {}", src.kind, img.kind),
+        ));
         return;
     }
     let mut field = |name: &str, a: String, b: String| {
@@ -239,9 +280,17 @@ fn diff_facts(rel: &[u8], src: &Facts, img: &Facts, out: &mut Vec<Problem>) {
     field("uid", src.uid.to_string(), img.uid.to_string());
     field("gid", src.gid.to_string(), img.gid.to_string());
     field("size", src.size.to_string(), img.size.to_string());
-    field("mtime", format!("{}.{:09}", src.mtime.0, src.mtime.1), format!("{}.{:09}", img.mtime.0, img.mtime.1));
+    field(
+        "mtime",
+        format!("{}.{:09}", src.mtime.0, src.mtime.1),
+        format!("{}.{:09}", img.mtime.0, img.mtime.1),
+    );
     field("rdev", src.rdev.to_string(), img.rdev.to_string());
-    let lossy = |t: &Option<Vec<u8>>| t.as_ref().map(|t| String::from_utf8_lossy(t).into_owned()).unwrap_or_default();
+    let lossy = |t: &Option<Vec<u8>>| {
+        t.as_ref()
+            .map(|t| String::from_utf8_lossy(t).into_owned())
+            .unwrap_or_default()
+    };
     field("symlink target", lossy(&src.target), lossy(&img.target));
     if src.xattrs != img.xattrs {
         let names = |x: &BTreeMap<Vec<u8>, Vec<u8>>| {
@@ -268,13 +317,21 @@ fn diff_link_groups(
     }
     let mut out = Vec::new();
     for (p, k) in src {
-        let (Some(a), Some(ik)) = (src_by.get(k), img.get(p)) else { continue };
+        let (Some(a), Some(ik)) = (src_by.get(k), img.get(p)) else {
+            continue;
+        };
         let Some(bset) = img_by.get(ik) else { continue };
         if a != bset {
             let fmt = |s: &BTreeSet<&Vec<u8>>| {
-                s.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join(" ")
+                s.iter()
+                    .map(|p| String::from_utf8_lossy(p).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
-            out.push(problem(p, format!("hard links: source [{}], image [{}]", fmt(a), fmt(bset))));
+            out.push(problem(
+                p,
+                format!("hard links: source [{}], image [{}]", fmt(a), fmt(bset)),
+            ));
         }
     }
     out
@@ -287,9 +344,14 @@ fn compare_content(b: &Bootstrap, ino: u32, host: &Path, chunk_size: usize) -> R
     for (i, c) in chunks.iter().enumerate() {
         let n = c.uncompressed_size.get() as usize;
         let part = buf.get_mut(..n).ok_or("chunk larger than the chunk size")?;
-        f.read_exact(part).map_err(|e| format!("source shorter than the image: {e}"))?;
+        f.read_exact(part)
+            .map_err(|e| format!("source shorter than the image: {e}"))?;
         if blake3::hash(part).as_bytes() != &c.digest {
-            return Err(format!("content differs in chunk {i} (bytes {}..{})", i * chunk_size, i * chunk_size + n));
+            return Err(format!(
+                "content differs in chunk {i} (bytes {}..{})",
+                i * chunk_size,
+                i * chunk_size + n
+            ));
         }
     }
     let mut probe = [0u8; 1];
@@ -337,7 +399,12 @@ pub fn image_stats(b: &Bootstrap) -> ImageStats {
             content_bytes += r.size.get();
         }
     }
-    let unique: BTreeSet<&[u8; 32]> = t.chunks.iter().filter(|c| !c.is_zero()).map(|c| &c.digest).collect();
+    let unique: BTreeSet<&[u8; 32]> = t
+        .chunks
+        .iter()
+        .filter(|c| !c.is_zero())
+        .map(|c| &c.digest)
+        .collect();
     ImageStats {
         root_digest: digest_hex(b.root_digest()),
         chunk_size: b.chunk_size(),
@@ -348,7 +415,11 @@ pub fn image_stats(b: &Bootstrap) -> ImageStats {
         chunks: t.chunks.len() as u64,
         unique_chunks: unique.len() as u64,
         zero_chunks: t.chunks.iter().filter(|c| c.is_zero()).count() as u64,
-        blobs: t.blobs.iter().map(|r| (digest_hex(&r.id), r.size.get())).collect(),
+        blobs: t
+            .blobs
+            .iter()
+            .map(|r| (digest_hex(&r.id), r.size.get()))
+            .collect(),
         prefetch: t.prefetch.len() as u64,
     }
 }

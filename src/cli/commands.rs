@@ -30,7 +30,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("invalid size unit in {s:?}")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))
 }
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
@@ -159,7 +160,10 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
             }
             println!("entries       {}", stats.entries);
             println!("content       {} bytes", stats.content_bytes);
-            println!("chunks        {} ({} unique, {} zero)", stats.chunks, stats.unique_chunks, stats.zero_chunks);
+            println!(
+                "chunks        {} ({} unique, {} zero)",
+                stats.chunks, stats.unique_chunks, stats.zero_chunks
+            );
             for (id, size) in &stats.blobs {
                 println!("blob          {id} {size} bytes");
             }
@@ -238,7 +242,11 @@ impl ImageArgs {
         let b = Bootstrap::load(&self.bootstrap)?;
         tracing::info!(bootstrap = %self.bootstrap.display(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image loaded");
         let source = VerifiedChunkSource::new(LocalFsBackend::new(&self.blob_dir), MEMCACHE_BYTES);
-        Ok(RafsFs::new(Arc::new(b), Arc::new(source), RafsFsOptions::default()))
+        Ok(RafsFs::new(
+            Arc::new(b),
+            Arc::new(source),
+            RafsFsOptions::default(),
+        ))
     }
 }
 
@@ -258,7 +266,13 @@ pub struct MountArgs {
 /// `skiff mount`.
 pub fn cmd_mount(a: MountArgs) -> CmdResult {
     let fs = a.image.open()?;
-    crate::fuse::mount_and_serve(fs, &crate::fuse::MountOptions { mountpoint: a.mountpoint, threads: a.threads })?;
+    crate::fuse::mount_and_serve(
+        fs,
+        &crate::fuse::MountOptions {
+            mountpoint: a.mountpoint,
+            threads: a.threads,
+        },
+    )?;
     Ok(0)
 }
 

@@ -36,7 +36,9 @@ pub struct RafsFsOptions {
 
 impl Default for RafsFsOptions {
     fn default() -> Self {
-        Self { cache_timeout: DEFAULT_CACHE_TIMEOUT }
+        Self {
+            cache_timeout: DEFAULT_CACHE_TIMEOUT,
+        }
     }
 }
 
@@ -57,8 +59,16 @@ fn erofs<T>() -> io::Result<T> {
 
 impl RafsFs {
     /// A filesystem over `bootstrap`, reading chunks from `source`.
-    pub fn new(bootstrap: Arc<Bootstrap>, source: Arc<dyn ChunkSource>, opts: RafsFsOptions) -> Self {
-        Self { bootstrap, source, opts }
+    pub fn new(
+        bootstrap: Arc<Bootstrap>,
+        source: Arc<dyn ChunkSource>,
+        opts: RafsFsOptions,
+    ) -> Self {
+        Self {
+            bootstrap,
+            source,
+            opts,
+        }
     }
 
     /// The image being served.
@@ -73,7 +83,10 @@ impl RafsFs {
             .checked_sub(1)
             .and_then(|i| u32::try_from(i).ok())
             .ok_or_else(|| err(libc::EINVAL))?;
-        let rec = self.bootstrap.inode(index).ok_or_else(|| err(libc::EINVAL))?;
+        let rec = self
+            .bootstrap
+            .inode(index)
+            .ok_or_else(|| err(libc::EINVAL))?;
         Ok((index, rec))
     }
 
@@ -150,7 +163,9 @@ impl RafsFs {
                     );
                     err(libc::EIO)
                 })?;
-                let bytes = data.get(within..within + take).ok_or_else(|| err(libc::EIO))?;
+                let bytes = data
+                    .get(within..within + take)
+                    .ok_or_else(|| err(libc::EIO))?;
                 w.write_all(bytes)?;
             }
             pos += take as u64;
@@ -171,7 +186,10 @@ impl RafsFs {
         if size == 0 {
             return Ok(());
         }
-        let rec = self.bootstrap.inode(index).ok_or_else(|| err(libc::EINVAL))?;
+        let rec = self
+            .bootstrap
+            .inode(index)
+            .ok_or_else(|| err(libc::EINVAL))?;
         let parent = rec.parent.get();
         let entries = self.bootstrap.dir_entries(index);
         // Offsets: 1 and 2 follow "." and "..", 3 + i follows entry i.
@@ -182,7 +200,9 @@ impl RafsFs {
                 0 => (b".", index),
                 1 => (b"..", parent),
                 n => {
-                    let d = entries.get((n - 2) as usize).ok_or_else(|| err(libc::EIO))?;
+                    let d = entries
+                        .get((n - 2) as usize)
+                        .ok_or_else(|| err(libc::EIO))?;
                     (self.bootstrap.entry_name(d), d.inode.get())
                 }
             };
@@ -224,8 +244,15 @@ impl FileSystem for RafsFs {
         let bytes = name.to_bytes();
         let child = match bytes {
             b"." => dir,
-            b".." => self.bootstrap.inode(dir).map(|r| r.parent.get()).unwrap_or(0),
-            _ => self.bootstrap.lookup(dir, bytes).ok_or_else(|| err(libc::ENOENT))?,
+            b".." => self
+                .bootstrap
+                .inode(dir)
+                .map(|r| r.parent.get())
+                .unwrap_or(0),
+            _ => self
+                .bootstrap
+                .lookup(dir, bytes)
+                .ok_or_else(|| err(libc::ENOENT))?,
         };
         let rec = self.bootstrap.inode(child).ok_or_else(|| err(libc::EIO))?;
         Ok(self.entry(child, rec))
@@ -299,7 +326,13 @@ impl FileSystem for RafsFs {
         Ok(attr::statfs_of(&self.bootstrap))
     }
 
-    fn getxattr(&self, _ctx: &Context, ino: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
         let (index, _) = self.inode(ino)?;
         let value = self
             .bootstrap
@@ -330,7 +363,12 @@ impl FileSystem for RafsFs {
         }
     }
 
-    fn opendir(&self, _ctx: &Context, ino: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.dir(ino)?;
         if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY {
             return erofs();
@@ -400,7 +438,15 @@ impl FileSystem for RafsFs {
         erofs()
     }
 
-    fn mknod(&self, _ctx: &Context, _p: u64, _n: &CStr, _m: u32, _r: u32, _u: u32) -> io::Result<Entry> {
+    fn mknod(
+        &self,
+        _ctx: &Context,
+        _p: u64,
+        _n: &CStr,
+        _m: u32,
+        _r: u32,
+        _u: u32,
+    ) -> io::Result<Entry> {
         erofs()
     }
 
@@ -416,7 +462,15 @@ impl FileSystem for RafsFs {
         erofs()
     }
 
-    fn rename(&self, _ctx: &Context, _o: u64, _on: &CStr, _n: u64, _nn: &CStr, _f: u32) -> io::Result<()> {
+    fn rename(
+        &self,
+        _ctx: &Context,
+        _o: u64,
+        _on: &CStr,
+        _n: u64,
+        _nn: &CStr,
+        _f: u32,
+    ) -> io::Result<()> {
         erofs()
     }
 
@@ -451,7 +505,15 @@ impl FileSystem for RafsFs {
         erofs()
     }
 
-    fn fallocate(&self, _ctx: &Context, _i: u64, _h: u64, _m: u32, _o: u64, _l: u64) -> io::Result<()> {
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        _i: u64,
+        _h: u64,
+        _m: u32,
+        _o: u64,
+        _l: u64,
+    ) -> io::Result<()> {
         erofs()
     }
 

@@ -63,13 +63,17 @@ where
     let mut session = FuseSession::new(&opts.mountpoint, "skiff", "", true)
         .map_err(|e| session_err(e.to_string()))?;
     session.set_allow_other(true);
-    session.mount().map_err(|e| session_err(format!("mount: {e}")))?;
+    session
+        .mount()
+        .map_err(|e| session_err(format!("mount: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
     let server = Arc::new(Server::new(fs));
     let done = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for i in 0..opts.threads.max(1) {
-        let channel = session.new_channel().map_err(|e| session_err(format!("channel: {e}")))?;
+        let channel = session
+            .new_channel()
+            .map_err(|e| session_err(format!("channel: {e}")))?;
         let server = server.clone();
         let done = done.clone();
         let h = thread::Builder::new()

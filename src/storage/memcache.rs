@@ -23,7 +23,10 @@ struct Inner {
 impl ChunkMemCache {
     /// A cache that holds at most `limit` bytes of chunk data.
     pub fn new(limit: usize) -> Self {
-        Self { limit, inner: Mutex::new(Inner::default()) }
+        Self {
+            limit,
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     /// The chunk with `digest`, if cached.
@@ -51,7 +54,9 @@ impl ChunkMemCache {
         g.bytes += len;
         // The map holds a handful of entries (limit / chunk size), so a scan is cheap.
         while g.bytes > self.limit {
-            let Some((&victim, _)) = g.map.iter().min_by_key(|(_, (t, _))| *t) else { break };
+            let Some((&victim, _)) = g.map.iter().min_by_key(|(_, (t, _))| *t) else {
+                break;
+            };
             if let Some((_, d)) = g.map.remove(&victim) {
                 g.bytes -= d.len();
             }

@@ -26,11 +26,16 @@ pub type ChunkData = Arc<Vec<u8>>;
 /// been checked against the chunk record.
 pub trait ChunkSource: Send + Sync {
     /// Returns the verified bytes of `chunk`, stored in `blob`.
-    fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord) -> Result<ChunkData, StorageError>;
+    fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord)
+        -> Result<ChunkData, StorageError>;
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
-    fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord) -> Result<ChunkData, StorageError> {
+    fn read_chunk(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
         (**self).read_chunk(blob, chunk)
     }
 }

@@ -18,7 +18,10 @@ pub struct VerifiedChunkSource<B> {
 impl<B: BlobBackend> VerifiedChunkSource<B> {
     /// A source over `backend` with an in-memory cache of `memcache_bytes`.
     pub fn new(backend: B, memcache_bytes: usize) -> Self {
-        Self { backend, memcache: ChunkMemCache::new(memcache_bytes) }
+        Self {
+            backend,
+            memcache: ChunkMemCache::new(memcache_bytes),
+        }
     }
 
     /// The backend.
@@ -28,7 +31,11 @@ impl<B: BlobBackend> VerifiedChunkSource<B> {
 }
 
 impl<B: BlobBackend> ChunkSource for VerifiedChunkSource<B> {
-    fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord) -> Result<ChunkData, StorageError> {
+    fn read_chunk(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
         if let Some(d) = self.memcache.get(&chunk.digest) {
             return Ok(d);
         }
@@ -36,14 +43,15 @@ impl<B: BlobBackend> ChunkSource for VerifiedChunkSource<B> {
         let len = chunk.compressed_size.get() as usize;
         let mut attempt = 0;
         loop {
-            let stored = self.backend.read_range(&blob.id, offset, len).map_err(|source| {
-                StorageError::Backend {
+            let stored = self
+                .backend
+                .read_range(&blob.id, offset, len)
+                .map_err(|source| StorageError::Backend {
                     blob: digest_hex(&blob.id),
                     chunk: digest_hex(&chunk.digest),
                     offset,
                     source,
-                }
-            })?;
+                })?;
             match decode_chunk(&stored, chunk) {
                 Ok(data) => {
                     let data = Arc::new(data);

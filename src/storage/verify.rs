@@ -36,7 +36,10 @@ pub enum VerifyError {
 pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>, VerifyError> {
     let want_stored = chunk.compressed_size.get() as usize;
     if stored.len() != want_stored {
-        return Err(VerifyError::Length { got: stored.len(), want: want_stored });
+        return Err(VerifyError::Length {
+            got: stored.len(),
+            want: want_stored,
+        });
     }
     let size = chunk.uncompressed_size.get() as usize;
     let data = if chunk.is_lz4() {
@@ -52,7 +55,9 @@ pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>, Verif
     };
     let digest = blake3::hash(&data);
     if digest.as_bytes() != &chunk.digest {
-        return Err(VerifyError::Digest { got: digest.to_hex().to_string() });
+        return Err(VerifyError::Digest {
+            got: digest.to_hex().to_string(),
+        });
     }
     Ok(data)
 }

@@ -18,7 +18,10 @@ pub struct LocalFsBackend {
 impl LocalFsBackend {
     /// A backend over the blob directory `dir`.
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf(), files: RwLock::new(HashMap::new()) }
+        Self {
+            dir: dir.to_path_buf(),
+            files: RwLock::new(HashMap::new()),
+        }
     }
 
     /// The path of blob `id`.
@@ -44,15 +47,27 @@ impl LocalFsBackend {
 }
 
 impl BlobBackend for LocalFsBackend {
-    fn read_range(&self, id: &[u8; DIGEST_LEN], offset: u64, len: usize) -> Result<Vec<u8>, BackendError> {
+    fn read_range(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
         let f = self.open(id)?;
         let mut buf = vec![0u8; len];
         f.read_exact_at(&mut buf, offset).map_err(|source| {
             let path = self.blob_path(id).display().to_string();
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                BackendError::ShortBlob { path, end: offset.saturating_add(len as u64) }
+                BackendError::ShortBlob {
+                    path,
+                    end: offset.saturating_add(len as u64),
+                }
             } else {
-                BackendError::Io { op: "reading blob", path, source }
+                BackendError::Io {
+                    op: "reading blob",
+                    path,
+                    source,
+                }
             }
         })?;
         Ok(buf)

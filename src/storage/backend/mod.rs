@@ -8,7 +8,12 @@ use crate::format::DIGEST_LEN;
 /// verification is the caller's job.
 pub trait BlobBackend: Send + Sync {
     /// Reads `len` bytes of blob `id` from `offset`.
-    fn read_range(&self, id: &[u8; DIGEST_LEN], offset: u64, len: usize) -> Result<Vec<u8>, BackendError>;
+    fn read_range(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError>;
 
     /// A short name for logs and metrics ("localfs", "registry", ...).
     fn name(&self) -> &'static str;
