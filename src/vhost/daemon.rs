@@ -58,7 +58,7 @@ impl ServeOptions {
 ///
 /// VMMs are served one at a time; after one disconnects (a VM shut down or rebooted) the
 /// next connection is accepted, without restarting. A second SIGTERM/SIGINT while shutting
-/// down exits the process at once with status 1.
+/// down terminates the process at once, and so do these signals after `serve` returned.
 pub fn serve<F>(fs: Arc<F>, opts: &ServeOptions) -> Result<(), VhostError>
 where
     F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
@@ -282,23 +282,32 @@ fn remove_stale_socket(path: &Path) -> Result<(), VhostError> {
     }
 }
 
-/// SIGTERM/SIGINT handlers that set a stop flag, removed again when dropped.
+/// SIGTERM/SIGINT handlers that set a stop flag.
+///
+/// Each signal also gets a handler that performs the default action (terminate) once the
+/// flag is set: a second signal during shutdown ends the process at once. When the guard is
+/// dropped the flag is set and the flag setters removed, so that the signals terminate the
+/// process again as usual after [`serve`] returned. (Removing every handler would leave the
+/// signals ignored: signal-hook does not restore the default disposition.)
 struct SignalGuard {
-    ids: Vec<SigId>,
+    stop: Arc<AtomicBool>,
+    setters: Vec<SigId>,
 }
 
 impl SignalGuard {
     fn install(stop: &Arc<AtomicBool>) -> Result<Self, VhostError> {
-        let mut guard = SignalGuard { ids: Vec::new() };
+        let mut guard = SignalGuard {
+            stop: stop.clone(),
+            setters: Vec::new(),
+        };
         for signal in [SIGTERM, SIGINT] {
             // Registered first, so it sees the flag as it was before this signal: only a
-            // second signal exits at once.
-            let id = signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+            // later signal terminates at once.
+            signal_hook::flag::register_conditional_default(signal, stop.clone())
                 .map_err(VhostError::Signal)?;
-            guard.ids.push(id);
             let id =
                 signal_hook::flag::register(signal, stop.clone()).map_err(VhostError::Signal)?;
-            guard.ids.push(id);
+            guard.setters.push(id);
         }
         Ok(guard)
     }
@@ -306,7 +315,8 @@ impl SignalGuard {
 
 impl Drop for SignalGuard {
     fn drop(&mut self) {
-        for id in self.ids.drain(..) {
+        self.stop.store(true, Ordering::Release);
+        for id in self.setters.drain(..) {
             signal_hook::low_level::unregister(id);
         }
     }
