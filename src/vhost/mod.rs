@@ -23,6 +23,8 @@
 //!
 //! [`FileSystem`]: fuse_backend_rs::api::filesystem::FileSystem
 
+#![warn(missing_docs)]
+
 mod daemon;
 mod device;
 mod queue;
