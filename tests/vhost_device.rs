@@ -179,6 +179,8 @@ const QUEUE_AREA: u64 = 0x1_0000;
 /// Start of the area request and reply buffers are allocated from.
 const DATA_BASE: u64 = MEM_BASE + 0x10_0000;
 const DATA_END: u64 = MEM_BASE + MEM_SIZE as u64;
+/// Most queues a test guest sets up: each gets its own slice of the data area.
+const MAX_QUEUES: u64 = 16;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -220,6 +222,13 @@ impl Chain {
     fn request(req: Vec<u8>, reply: u32) -> Self {
         Chain::new(vec![Desc::In(req), Desc::Out(reply)])
     }
+}
+
+/// A batch of chains made available but not yet waited for: their heads and the writable
+/// buffers of each.
+struct Pending {
+    heads: Vec<u16>,
+    outs: Vec<Vec<(u64, u32)>>,
 }
 
 /// A used descriptor chain, with the bytes the device wrote.
@@ -367,15 +376,24 @@ impl Guest {
         }
     }
 
-    /// Submits `chains` on queue `qi` with one kick, waits until all are used, and returns
-    /// their completions in submission order, and whether the device signalled the queue.
+    /// Submits `chains` on queue `qi` and returns their completions in submission order,
+    /// and whether the device signalled the queue.
     fn submit_many(&mut self, qi: usize, chains: &[Chain]) -> (Vec<Completion>, bool) {
+        let pending = self.start(qi, chains);
+        self.finish(qi, pending)
+    }
+
+    /// Lays `chains` out in queue `qi`'s descriptor table and data area, makes them available
+    /// and kicks the device, without waiting. At most one batch per queue may be in flight.
+    fn start(&mut self, qi: usize, chains: &[Chain]) -> Pending {
         let mut next_desc: u16 = 0;
-        let mut data = DATA_BASE;
+        let area = (DATA_END - DATA_BASE) / MAX_QUEUES;
+        let mut data = DATA_BASE + qi as u64 * area;
+        let data_end = data + area;
         let mut alloc = |len: u64| {
             let at = data;
             data = (data + len + 7) & !7;
-            assert!(data <= DATA_END, "test data area exhausted");
+            assert!(data <= data_end, "test data area exhausted");
             at
         };
         let mem = &self.mem;
@@ -454,8 +472,15 @@ impl Guest {
         }
 
         publish(mem, &mut self.queues[qi], &heads);
+        Pending { heads, outs }
+    }
+
+    /// Waits until the batch started by [`Guest::start`] on queue `qi` is used.
+    fn finish(&mut self, qi: usize, pending: Pending) -> (Vec<Completion>, bool) {
+        let Pending { heads, outs } = pending;
+        let mem = &self.mem;
         let q = &mut self.queues[qi];
-        let target = q.last_used.wrapping_add(chains.len() as u16);
+        let target = q.last_used.wrapping_add(heads.len() as u16);
         let deadline = Instant::now() + TIMEOUT;
         loop {
             let used_idx: u16 = mem
@@ -472,7 +497,7 @@ impl Guest {
         }
 
         let mut by_head = HashMap::new();
-        for i in 0..chains.len() as u16 {
+        for i in 0..heads.len() as u16 {
             let slot = u64::from(q.last_used.wrapping_add(i) % QUEUE_SIZE);
             let elem = q.used + 4 + 8 * slot;
             let id: u32 = mem.read_obj(GuestAddress(elem)).expect("used id");
@@ -1094,6 +1119,38 @@ fn every_request_queue_is_served() {
         let done = guest.submit(queue, Chain::request(req, 1024));
         let entry: EntryOut = Reply::parse(done, unique).ok_obj();
         assert_eq!(entry.attr.size, HELLO.len() as u64, "queue {queue}");
+    }
+}
+
+#[test]
+fn request_queues_work_in_parallel() {
+    let (_daemon, mut guest) = session(3);
+    let big = guest.lookup(ROOT, "big.bin").expect("lookup big");
+    let fh = guest.open(big.nodeid, Opcode::Open).expect("open big").fh;
+    let content = big_content();
+
+    // A batch of reads on every request queue at once, each queue on its own worker.
+    let mut in_flight = Vec::new();
+    for queue in 1..=3 {
+        let mut wants = Vec::new();
+        let mut chains = Vec::new();
+        for i in 0..8u64 {
+            let unique = guest.unique();
+            let offset = (queue as u64 * 8 + i) * 1024;
+            let body = Guest::read_in(fh, offset, 4096);
+            let req = fuse_request(Opcode::Read as u32, big.nodeid, unique, body.as_slice());
+            chains.push(Chain::request(req, 16 + 4096));
+            wants.push((unique, offset as usize));
+        }
+        in_flight.push((queue, guest.start(queue, &chains), wants));
+    }
+    for (queue, pending, wants) in in_flight {
+        let (done, signalled) = guest.finish(queue, pending);
+        assert!(signalled, "queue {queue} signalled");
+        for (done, (unique, offset)) in done.into_iter().zip(wants) {
+            let data = Reply::parse(done, unique).bytes().expect("read");
+            assert_eq!(data, &content[offset..offset + 4096], "queue {queue}");
+        }
     }
 }
 
