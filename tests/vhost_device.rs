@@ -921,6 +921,10 @@ fn init_negotiates_the_fuse_protocol() {
         "READDIRPLUS negotiated"
     );
     assert!(init.max_write > 0);
+
+    // DESTROY (sent by the guest on unmount) is answered, with no body.
+    let reply = guest.fuse(Opcode::Destroy, 0, &[], 4096);
+    assert_eq!(reply.bytes().expect("DESTROY succeeds"), b"");
 }
 
 #[test]
