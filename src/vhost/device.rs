@@ -1,0 +1,310 @@
+//! The virtio-fs device model as a vhost-user backend.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::queue::process_queue;
+use super::VhostError;
+
+/// Length of the `tag` field of the virtio-fs config space (not NUL-terminated when full).
+pub const VIRTIO_FS_TAG_LEN: usize = 36;
+/// Size of the virtio-fs config space: `tag[36]` followed by `le32 num_request_queues`.
+pub const VIRTIO_FS_CONFIG_SIZE: usize = VIRTIO_FS_TAG_LEN + 4;
+/// Number of high-priority queues (queue 0, used by the guest for FORGET and INTERRUPT).
+pub const NUM_HIPRIO_QUEUES: usize = 1;
+/// Largest queue size offered to the VMM.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Queue size offered to the VMM unless told otherwise.
+pub const DEFAULT_QUEUE_SIZE: u16 = MAX_QUEUE_SIZE;
+/// Largest number of request queues: the vhost-user-backend maps queues to worker threads
+/// with a 64-bit mask, and the high-priority queue takes one bit.
+pub const MAX_REQUEST_QUEUES: usize = 64 - NUM_HIPRIO_QUEUES;
+
+/// A virtio-fs device serving the FUSE filesystem `F` over vhost-user.
+///
+/// Queue 0 is the high-priority queue; queues `1..=num_request_queues` are request queues.
+/// Each request queue is processed by its own worker thread, the high-priority queue shares
+/// the first one's thread.
+pub struct VirtioFsDevice<F: FileSystem + Send + Sync + 'static> {
+    server: Server<Arc<F>>,
+    config: [u8; VIRTIO_FS_CONFIG_SIZE],
+    num_request_queues: usize,
+    queue_size: u16,
+    event_idx: AtomicBool,
+    mem: RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+}
+
+impl<F> VirtioFsDevice<F>
+where
+    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+{
+    /// Creates a device serving `fs` under `tag` with `num_request_queues` request queues of
+    /// at most `queue_size` descriptors each.
+    pub fn new(
+        fs: Arc<F>,
+        tag: &str,
+        num_request_queues: usize,
+        queue_size: u16,
+    ) -> Result<Self, VhostError> {
+        if tag.is_empty() || tag.len() > VIRTIO_FS_TAG_LEN {
+            return Err(VhostError::InvalidTag {
+                tag: tag.to_owned(),
+            });
+        }
+        if num_request_queues == 0 || num_request_queues > MAX_REQUEST_QUEUES {
+            return Err(VhostError::InvalidThreads(num_request_queues));
+        }
+        if !queue_size.is_power_of_two() || !(2..=MAX_QUEUE_SIZE).contains(&queue_size) {
+            return Err(VhostError::InvalidQueueSize(queue_size));
+        }
+
+        let mut config = [0u8; VIRTIO_FS_CONFIG_SIZE];
+        config[..tag.len()].copy_from_slice(tag.as_bytes());
+        // The bound above keeps this far below u32::MAX.
+        let nrq = num_request_queues as u32;
+        config[VIRTIO_FS_TAG_LEN..].copy_from_slice(&nrq.to_le_bytes());
+
+        Ok(VirtioFsDevice {
+            server: Server::new(fs),
+            config,
+            num_request_queues,
+            queue_size,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+        })
+    }
+
+    /// The virtio-fs config space: the tag, then the number of request queues (le32).
+    pub fn config_space(&self) -> &[u8; VIRTIO_FS_CONFIG_SIZE] {
+        &self.config
+    }
+
+    /// Number of request queues (not counting the high-priority queue).
+    pub fn num_request_queues(&self) -> usize {
+        self.num_request_queues
+    }
+
+    /// Global queue index of the `event`-th queue handled by worker `thread_id`, following
+    /// the layout of [`VhostUserBackend::queues_per_thread`].
+    fn queue_index(thread_id: usize, event: u16) -> usize {
+        if thread_id == 0 {
+            usize::from(event)
+        } else {
+            thread_id + NUM_HIPRIO_QUEUES + usize::from(event)
+        }
+    }
+}
+
+impl<F> VhostUserBackend for VirtioFsDevice<F>
+where
+    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+{
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_HIPRIO_QUEUES + self.num_request_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        tracing::debug!(
+            features = format_args!("{features:#x}"),
+            "VMM acked features"
+        );
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An empty reply tells the VMM the request was invalid.
+        let Ok(start) = usize::try_from(offset) else {
+            return Vec::new();
+        };
+        let Some(end) = usize::try_from(size)
+            .ok()
+            .and_then(|size| start.checked_add(size))
+        else {
+            return Vec::new();
+        };
+        match self.config.get(start..end) {
+            Some(bytes) => bytes.to_vec(),
+            None => {
+                tracing::debug!(offset, size, "config space read out of range");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        tracing::debug!(
+            offset,
+            len = buf.len(),
+            "ignoring write to read-only config space"
+        );
+        Err(io::Error::from_raw_os_error(libc::EPERM))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // Worker 0: the high-priority queue and the first request queue; worker i: request
+        // queue i (global queue index i + 1).
+        let mut masks = vec![0b11u64];
+        masks.extend((1..self.num_request_queues).map(|i| 1u64 << (i + NUM_HIPRIO_QUEUES)));
+        masks
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::warn!(thread_index, error = %e, "cannot create worker exit event");
+                None
+            }
+        }
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Returning an error here would kill the worker thread: everything the guest can
+        // cause is logged and swallowed instead.
+        let queue = Self::queue_index(thread_id, device_event);
+        if evset != EventSet::IN {
+            tracing::warn!(queue, ?evset, "unexpected event set on queue kick");
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            tracing::warn!(
+                queue,
+                thread_id,
+                "event for a queue this worker does not own"
+            );
+            return Ok(());
+        };
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .memory();
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        if let Err(e) = process_queue(&self.server, &mem, vring, event_idx) {
+            tracing::warn!(queue, error = %e, "processing virtqueue failed");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_backend_rs::api::filesystem::FileSystem;
+
+    /// A filesystem that implements nothing: every request gets ENOSYS.
+    struct NullFs;
+    impl FileSystem for NullFs {
+        type Inode = u64;
+        type Handle = u64;
+    }
+
+    fn device(queues: usize) -> VirtioFsDevice<NullFs> {
+        match VirtioFsDevice::new(Arc::new(NullFs), "myfs", queues, 256) {
+            Ok(d) => d,
+            Err(e) => panic!("device: {e}"),
+        }
+    }
+
+    #[test]
+    fn config_space_holds_tag_and_queue_count() {
+        let d = device(3);
+        let cfg = d.get_config(0, VIRTIO_FS_CONFIG_SIZE as u32);
+        assert_eq!(&cfg[..4], b"myfs");
+        assert!(cfg[4..VIRTIO_FS_TAG_LEN].iter().all(|&b| b == 0));
+        assert_eq!(&cfg[VIRTIO_FS_TAG_LEN..], &3u32.to_le_bytes());
+        assert_eq!(
+            d.get_config(VIRTIO_FS_TAG_LEN as u32, 4),
+            3u32.to_le_bytes()
+        );
+        assert!(d.get_config(38, 4).is_empty());
+        assert!(d.get_config(u32::MAX, 4).is_empty());
+        assert!(d.set_config(0, b"x").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_options() {
+        let fs = Arc::new(NullFs);
+        let long = "x".repeat(VIRTIO_FS_TAG_LEN + 1);
+        assert!(VirtioFsDevice::new(fs.clone(), "", 1, 256).is_err());
+        assert!(VirtioFsDevice::new(fs.clone(), &long, 1, 256).is_err());
+        assert!(VirtioFsDevice::new(fs.clone(), &long[1..], 1, 256).is_ok());
+        assert!(VirtioFsDevice::new(fs.clone(), "t", 0, 256).is_err());
+        assert!(VirtioFsDevice::new(fs.clone(), "t", MAX_REQUEST_QUEUES + 1, 256).is_err());
+        assert!(VirtioFsDevice::new(fs.clone(), "t", 1, 100).is_err());
+        assert!(VirtioFsDevice::new(fs.clone(), "t", 1, 2048).is_err());
+        assert!(VirtioFsDevice::new(fs, "t", MAX_REQUEST_QUEUES, 1024).is_ok());
+    }
+
+    #[test]
+    fn features_and_queue_layout() {
+        let d = device(3);
+        let f = d.features();
+        assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
+        assert_ne!(f & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+        assert_ne!(f & (1 << VIRTIO_RING_F_INDIRECT_DESC), 0);
+        assert_ne!(f & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(), 0);
+        let p = d.protocol_features();
+        assert!(p.contains(VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG));
+        assert_eq!(d.num_queues(), 4);
+        assert_eq!(d.queues_per_thread(), vec![0b11, 0b100, 0b1000]);
+        // Every queue is owned by exactly one worker.
+        let all = d.queues_per_thread().iter().fold(0u64, |acc, m| {
+            assert_eq!(acc & m, 0);
+            acc | m
+        });
+        assert_eq!(all, 0b1111);
+        assert_eq!(VirtioFsDevice::<NullFs>::queue_index(0, 0), 0);
+        assert_eq!(VirtioFsDevice::<NullFs>::queue_index(0, 1), 1);
+        assert_eq!(VirtioFsDevice::<NullFs>::queue_index(2, 0), 3);
+        let max = device(MAX_REQUEST_QUEUES);
+        assert_eq!(max.queues_per_thread().last(), Some(&(1u64 << 63)));
+    }
+}
