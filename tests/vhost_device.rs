@@ -27,7 +27,10 @@ use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, Dirent, EntryOut, FsOptions, GetattrIn, GetxattrIn, GetxattrOut, InHeader, InitIn,
     InitOut, Kstatfs, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, StatfsOut,
 };
-use fuse_backend_rs::passthrough::{Config as PassthroughConfig, PassthroughFs};
+use skiff::build::{build, BuildOptions, BuildSource, Compressor};
+use skiff::format::Bootstrap;
+use skiff::fs::{RafsFs, RafsFsOptions};
+use skiff::storage::{LocalFsBackend, VerifiedChunkSource};
 use skiff::vhost::{serve, serve_until, ServeOptions, VhostError};
 use tempfile::TempDir;
 use vhost::vhost_user::message::{
@@ -41,18 +44,29 @@ use vmm_sys_util::eventfd::EventFd;
 // ---------------------------------------------------------------------------------------------
 // The filesystem under test.
 
-/// The filesystem the device serves in these tests.
-type FsUnderTest = PassthroughFs;
+/// The filesystem the device serves in these tests: Skiff's own, over an image of the tree.
+type FsUnderTest = RafsFs;
 
-/// Builds the filesystem under test over the tree made by [`make_tree`] at `root`.
+/// Builds an image of the tree made by [`make_tree`] at `root` (next to it) and returns the
+/// filesystem serving it.
 fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
-    let cfg = PassthroughConfig {
-        root_dir: root.to_str().expect("utf-8 temp path").to_owned(),
-        do_import: true,
-        xattr: true,
-        ..Default::default()
+    let out = root.with_file_name("image");
+    let opts = BuildOptions {
+        bootstrap: out.join("bootstrap"),
+        blob_dir: out.join("blobs"),
+        chunk_size: 16 * 1024,
+        compressor: Compressor::Lz4,
+        chunk_dicts: Vec::new(),
+        progress: false,
     };
-    Arc::new(PassthroughFs::new(cfg).expect("passthrough fs"))
+    build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
+    let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");
+    let source = VerifiedChunkSource::new(LocalFsBackend::new(&opts.blob_dir), 1 << 20);
+    Arc::new(RafsFs::new(
+        Arc::new(bootstrap),
+        Arc::new(source),
+        RafsFsOptions::default(),
+    ))
 }
 
 const HELLO: &[u8] = b"Hello from skiff, over vhost-user and virtio-fs!\n";
@@ -119,6 +133,7 @@ impl Daemon {
         let mut opts = ServeOptions::new(&socket, TAG);
         opts.threads = threads;
         opts.queue_size = 256;
+        opts.advertise_config = true;
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let thread = thread::spawn(move || serve_until(fs, &opts, stop2));

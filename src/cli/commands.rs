@@ -291,9 +291,18 @@ pub struct ServeArgs {
     /// Request queues / worker threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Offer the virtio config space (the tag) to the VMM. Off by default: QEMU 7.1 to 8.0
+    /// abort when a vhost-user-fs device offers it.
+    #[arg(long)]
+    pub advertise_config: bool,
 }
 
 /// `skiff serve`.
-pub fn cmd_serve(_a: ServeArgs) -> CmdResult {
-    Err("serve: the vhost-user device is not wired in yet".into())
+pub fn cmd_serve(a: ServeArgs) -> CmdResult {
+    let fs = a.image.open()?;
+    let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
+    opts.threads = a.threads;
+    opts.advertise_config = a.advertise_config;
+    crate::vhost::serve(Arc::new(fs), &opts)?;
+    Ok(0)
 }

@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub threads: usize,
     /// Largest queue size offered to the VMM: a power of two, at most 1024.
     pub queue_size: u16,
+    /// Offer the config space (the tag) to the VMM; see [`VirtioFsDevice::with_config_space`].
+    pub advertise_config: bool,
 }
 
 impl ServeOptions {
@@ -50,6 +52,7 @@ impl ServeOptions {
             tag: tag.into(),
             threads: 1,
             queue_size: DEFAULT_QUEUE_SIZE,
+            advertise_config: false,
         }
     }
 }
@@ -137,12 +140,10 @@ where
     F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
 {
     // A fresh device per connection: a new VM starts from a clean negotiation state.
-    let device = Arc::new(VirtioFsDevice::new(
-        fs.clone(),
-        &opts.tag,
-        opts.threads,
-        opts.queue_size,
-    )?);
+    let device = Arc::new(
+        VirtioFsDevice::new(fs.clone(), &opts.tag, opts.threads, opts.queue_size)?
+            .with_config_space(opts.advertise_config),
+    );
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(DAEMON_THREAD_NAME.to_owned(), device, mem)
         .map_err(|e| VhostError::CreateDaemon(backend_error(e)))?;

@@ -47,6 +47,7 @@ pub struct VirtioFsDevice<F: FileSystem + Send + Sync + 'static> {
     queue_size: u16,
     event_idx: AtomicBool,
     mem: RwLock<GuestMemoryAtomic<GuestMemoryMmap>>,
+    advertise_config: bool,
 }
 
 impl<F> VirtioFsDevice<F>
@@ -86,7 +87,17 @@ where
             queue_size,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
+            advertise_config: false,
         })
+    }
+
+    /// Offers `VHOST_USER_PROTOCOL_F_CONFIG`, so that the VMM can read the tag from the device.
+    ///
+    /// Off by default: QEMU 7.1 to 8.0 (Debian 12 ships 7.2) abort when a vhost-user-fs backend
+    /// offers it, and every VMM takes the tag from its own command line anyway.
+    pub fn with_config_space(mut self, advertise: bool) -> Self {
+        self.advertise_config = advertise;
+        self
     }
 
     /// The virtio-fs config space: the tag, then the number of request queues (le32).
@@ -140,7 +151,11 @@ where
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+        if self.advertise_config {
+            VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG
+        } else {
+            VhostUserProtocolFeatures::MQ
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -286,6 +301,10 @@ mod tests {
     #[test]
     fn features_and_queue_layout() {
         let d = device(3);
+        assert!(!d
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
+        let d = d.with_config_space(true);
         let f = d.features();
         assert_ne!(f & (1 << VIRTIO_F_VERSION_1), 0);
         assert_ne!(f & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
