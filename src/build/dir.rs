@@ -116,12 +116,13 @@ pub fn scan(root: &Path, chunker: &mut Chunker, progress: &Progress) -> Result<T
                 kind,
             });
             link(&mut tree, dir_id, &name, id)?;
+            // Any non-directory can be hard linked: fifos, devices and symlinks too.
+            if !ft.is_dir() && m.nlink() > 1 {
+                links.insert(key, id);
+            }
             if ft.is_dir() {
                 stack.push((path, id));
             } else if ft.is_file() {
-                if m.nlink() > 1 {
-                    links.insert(key, id);
-                }
                 read_file(&path, m.len(), id, chunk_size, &mut tree, chunker, progress)?;
             }
         }

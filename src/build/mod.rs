@@ -225,7 +225,7 @@ impl Progress {
     pub fn entry(&self) {
         let n = self.entries.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(b) = &self.bar {
-            if n % 256 == 0 {
+            if n.is_multiple_of(256) {
                 b.set_message(format!("{n} entries"));
             }
         }

@@ -301,8 +301,14 @@ impl Bootstrap {
                     desc.offset.get()
                 )));
             }
-            if self.data.get(end..start).is_none_or(|pad| pad.iter().any(|&b| b != 0)) {
-                return Err(FormatError::Invalid(format!("padding before table {name} is not zero")));
+            if self
+                .data
+                .get(end..start)
+                .is_none_or(|pad| pad.iter().any(|&b| b != 0))
+            {
+                return Err(FormatError::Invalid(format!(
+                    "padding before table {name} is not zero"
+                )));
             }
             end = range.end;
         }
@@ -352,8 +358,8 @@ impl Bootstrap {
             if ino.mtime_nsec.get() >= 1_000_000_000 || ino.ctime_nsec.get() >= 1_000_000_000 {
                 return Err(err("nanoseconds out of range".into()));
             }
-            if i == 0 && kind != InodeKind::Directory {
-                return Err(err("the root is not a directory".into()));
+            if i == 0 && (kind != InodeKind::Directory || ino.parent.get() != 0) {
+                return Err(err("the root is not a directory with parent 0".into()));
             }
             if kind != InodeKind::Directory && ino.parent.get() != 0 {
                 return Err(err("parent set on a non-directory".into()));

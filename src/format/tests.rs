@@ -77,7 +77,9 @@ fn rejects(mutate: impl FnOnce(&mut BootstrapWriter), what: &str) {
     mutate(&mut w);
     // The writer computes honest digests over the broken tables, so only structure is wrong;
     // where the tables cannot even be hashed, the writer refuses them itself.
-    let Ok(bytes) = w.finish(DEFAULT_CHUNK_SIZE) else { return };
+    let Ok(bytes) = w.finish(DEFAULT_CHUNK_SIZE) else {
+        return;
+    };
     let err = Bootstrap::from_bytes(bytes).expect_err(what);
     assert!(!err.to_string().is_empty());
 }
@@ -87,14 +89,26 @@ fn structural_rules() {
     rejects(|w| w.inodes[2].nlink = U32::new(1), "wrong nlink");
     rejects(|w| w.inodes[0].nlink = U32::new(2), "wrong directory nlink");
     rejects(|w| w.dirents.swap(1, 2), "unsorted entries");
-    rejects(|w| w.dirents[3].inode = U32::new(0), "entry naming the root");
-    rejects(|w| w.dirents[3].inode = U32::new(9), "entry beyond the table");
+    rejects(
+        |w| w.dirents[3].inode = U32::new(0),
+        "entry naming the root",
+    );
+    rejects(
+        |w| w.dirents[3].inode = U32::new(9),
+        "entry beyond the table",
+    );
     rejects(|w| w.inodes[1].parent = U32::new(1), "wrong parent");
-    rejects(|w| w.inodes[3].data_count = U32::new(4000), "target out of bounds");
+    rejects(
+        |w| w.inodes[3].data_count = U32::new(4000),
+        "target out of bounds",
+    );
     rejects(|w| w.inodes[3].size = U64::new(3), "symlink size");
     rejects(|w| w.inodes[2].size = U64::new(1), "file without chunks");
     rejects(|w| w.inodes[2].mode = U32::new(0o644), "no file type");
-    rejects(|w| w.inodes[2].mtime_nsec = U32::new(1_000_000_000), "nanoseconds");
+    rejects(
+        |w| w.inodes[2].mtime_nsec = U32::new(1_000_000_000),
+        "nanoseconds",
+    );
     rejects(|w| w.inodes[2].rdev = U64::new(5), "rdev on a file");
     rejects(|w| w.inodes[0].mode = U32::new(REG), "root not a directory");
     rejects(|w| w.xattrs[0].name_len = 0.into(), "empty xattr name");
@@ -114,17 +128,29 @@ fn merkle_mismatch_is_found() {
     let off = sb.inodes.offset.get() as usize + 2 * 128 + 36; // uid of inode 2
     let mut bad = bytes.clone();
     bad[off] ^= 1;
-    assert!(matches!(Bootstrap::from_bytes(bad.clone()), Err(FormatError::FileDigestMismatch)));
-    assert!(matches!(Bootstrap::from_bytes(reseal(bad)), Err(FormatError::DigestMismatch { index: 2 })));
+    assert!(matches!(
+        Bootstrap::from_bytes(bad.clone()),
+        Err(FormatError::FileDigestMismatch)
+    ));
+    assert!(matches!(
+        Bootstrap::from_bytes(reseal(bad)),
+        Err(FormatError::DigestMismatch { index: 2 })
+    ));
 }
 
 #[test]
 fn truncation_is_refused() {
     let bytes = sample().finish(DEFAULT_CHUNK_SIZE).expect("writes");
     for len in [0, 8, 255, 256, bytes.len() / 2, bytes.len() - 1] {
-        assert!(Bootstrap::from_bytes(bytes[..len].to_vec()).is_err(), "length {len}");
+        assert!(
+            Bootstrap::from_bytes(bytes[..len].to_vec()).is_err(),
+            "length {len}"
+        );
         if len >= SUPERBLOCK_SIZE {
-            assert!(Bootstrap::from_bytes(reseal(bytes[..len].to_vec())).is_err(), "resealed {len}");
+            assert!(
+                Bootstrap::from_bytes(reseal(bytes[..len].to_vec())).is_err(),
+                "resealed {len}"
+            );
         }
     }
 }

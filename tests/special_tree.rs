@@ -1,0 +1,462 @@
+//! The special tree (every kind of entry and the odd cases, see `common::make_special_tree`)
+//! built with 64 KiB chunks: `skiff check --source` passes and catches a changed mtime, the
+//! FUSE mount equals the source field by field and byte by byte, reads at odd offsets and past
+//! EOF match the source, and every kind of write fails with EROFS.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use common::*;
+
+/// Reads up to `len` bytes at `offset`, looping over short reads, stopping at EOF.
+fn read_full_at(f: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Reads of `files` at offsets around chunk boundaries, the hole and EOF, with odd lengths,
+/// through the mount and from the source: the same bytes, and nothing past EOF.
+fn check_odd_reads(src: &Path, mnt: &Path, files: &[&str]) -> usize {
+    let c = SPECIAL_CHUNK as u64;
+    let mut reads = 0;
+    for name in files {
+        let s = File::open(src.join(name)).unwrap_or_else(|e| panic!("open source {name}: {e}"));
+        let m = File::open(mnt.join(name)).unwrap_or_else(|e| panic!("open mounted {name}: {e}"));
+        // Less readahead, so that the kernel asks the daemon for the pages we touch.
+        // SAFETY: fadvise only takes the descriptor and numbers; `m` is open.
+        unsafe { libc::posix_fadvise(m.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let size = s.metadata().expect("source size").len();
+        assert_eq!(
+            m.metadata().expect("mounted size").len(),
+            size,
+            "{name}: size"
+        );
+        let mut offsets = vec![
+            0,
+            1,
+            4095,
+            4097,
+            c - 1,
+            c,
+            c + 1,
+            2 * c - 3,
+            3 * c + 5,
+            size / 2 + 1,
+            size.saturating_sub(1),
+            size.saturating_sub(7),
+            size,
+            size + 1,
+            size + c,
+        ];
+        if *name == "sparse" {
+            // Around the end of the first data and the start of the second, inside the hole.
+            offsets.extend([
+                999,
+                1000,
+                1001,
+                1000 + SPARSE_HOLE / 2 + 3,
+                1000 + SPARSE_HOLE - 1,
+                1000 + SPARSE_HOLE + 1,
+            ]);
+        }
+        for &off in &offsets {
+            for len in [
+                1usize,
+                3,
+                4096,
+                5000,
+                SPECIAL_CHUNK,
+                SPECIAL_CHUNK + 3,
+                3 * SPECIAL_CHUNK + 1,
+            ] {
+                let want = read_full_at(&s, off, len)
+                    .unwrap_or_else(|e| panic!("source {name} @{off}+{len}: {e}"));
+                let got = read_full_at(&m, off, len)
+                    .unwrap_or_else(|e| panic!("mounted {name} @{off}+{len}: {e}"));
+                let expect_len = size.saturating_sub(off).min(len as u64) as usize;
+                assert_eq!(want.len(), expect_len, "source {name} @{off}+{len}: length");
+                assert_eq!(
+                    got.len(),
+                    expect_len,
+                    "mounted {name} @{off}+{len}: {} bytes, want {expect_len}",
+                    got.len()
+                );
+                if got != want {
+                    let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                    panic!("mounted {name} @{off}+{len}: bytes differ from the source, first at +{first}");
+                }
+                reads += 1;
+            }
+        }
+        // A single read past EOF returns 0 bytes, not an error.
+        let mut b = [0u8; 16];
+        assert_eq!(
+            m.read_at(&mut b, size).expect("read at EOF"),
+            0,
+            "{name}: read at EOF"
+        );
+        assert_eq!(
+            m.read_at(&mut b, size + 12345).expect("read past EOF"),
+            0,
+            "{name}: read past EOF"
+        );
+    }
+    reads
+}
+
+fn expect_erofs<T: std::fmt::Debug>(what: &str, r: std::io::Result<T>) {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        other => panic!("{what}: expected EROFS, got {other:?}"),
+    }
+}
+
+fn libc_rc(rc: libc::c_int) -> std::io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Every way of changing the mount fails with EROFS.
+fn check_read_only(mnt: &Path) {
+    let p = |n: &str| mnt.join(n);
+    expect_erofs("create a file", File::create(p("new_file")));
+    expect_erofs(
+        "create_new a file",
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(p("new_file2")),
+    );
+    expect_erofs(
+        "open an existing file for writing",
+        OpenOptions::new().write(true).open(p("one_byte")),
+    );
+    expect_erofs(
+        "open an existing file for appending",
+        OpenOptions::new().append(true).open(p("random_1m")),
+    );
+    expect_erofs(
+        "open an existing file read-write",
+        OpenOptions::new().read(true).write(true).open(p("text")),
+    );
+    expect_erofs(
+        "truncate on open",
+        OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(p("empty")),
+    );
+    expect_erofs("mkdir", fs::create_dir(p("new_dir")));
+    expect_erofs("unlink", fs::remove_file(p("one_byte")));
+    expect_erofs("unlink a symlink", fs::remove_file(p("link_rel")));
+    expect_erofs(
+        "rmdir an empty directory",
+        fs::remove_dir(p("high_ids_dir")),
+    );
+    expect_erofs("rename", fs::rename(p("one_byte"), p("renamed")));
+    expect_erofs("symlink", std::os::unix::fs::symlink("x", p("new_link")));
+    expect_erofs(
+        "hard link",
+        fs::hard_link(p("one_byte"), p("new_hard_link")),
+    );
+    expect_erofs(
+        "chmod",
+        fs::set_permissions(
+            p("one_byte"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        ),
+    );
+    expect_erofs("setxattr new", xattr::set(p("xattrs"), "user.new", b"v"));
+    expect_erofs(
+        "setxattr existing",
+        xattr::set(p("xattrs"), "user.binary", b"v"),
+    );
+    expect_erofs("removexattr", xattr::remove(p("xattrs"), "user.empty"));
+    let c = |n: &str| std::ffi::CString::new(p(n).as_os_str().as_bytes()).expect("no NUL");
+    // SAFETY: valid NUL-terminated paths that outlive each call.
+    expect_erofs(
+        "truncate(2)",
+        libc_rc(unsafe { libc::truncate(c("random_1m").as_ptr(), 10) }),
+    );
+    // SAFETY: as above.
+    expect_erofs(
+        "chown(2)",
+        libc_rc(unsafe { libc::lchown(c("one_byte").as_ptr(), 1, 1) }),
+    );
+    // SAFETY: as above; a null `times` means "now".
+    expect_erofs(
+        "utimensat(2)",
+        libc_rc(unsafe {
+            libc::utimensat(libc::AT_FDCWD, c("one_byte").as_ptr(), std::ptr::null(), 0)
+        }),
+    );
+    // SAFETY: as above.
+    expect_erofs(
+        "mknod(2)",
+        libc_rc(unsafe { libc::mkfifo(c("new_fifo").as_ptr(), 0o600) }),
+    );
+    for n in [
+        "new_file",
+        "new_file2",
+        "new_dir",
+        "renamed",
+        "new_link",
+        "new_hard_link",
+        "new_fifo",
+    ] {
+        assert!(
+            fs::symlink_metadata(p(n)).is_err(),
+            "{n} exists after a refused write"
+        );
+    }
+}
+
+fn count_kinds(snap: &BTreeMap<Vec<u8>, Facts>) -> BTreeMap<&'static str, usize> {
+    let mut k = BTreeMap::new();
+    for f in snap.values() {
+        *k.entry(f.kind).or_insert(0) += 1;
+    }
+    k
+}
+
+#[test]
+fn special_tree_image_matches_source() {
+    if !require_fuse() {
+        return;
+    }
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    make_special_tree(&src);
+    let src_snap = snapshot(&src);
+
+    // The tree is what it claims to be: without this, an empty diff would prove little.
+    let kinds = count_kinds(&src_snap);
+    for (kind, min) in [
+        ("dir", 50),
+        ("file", 5029),
+        ("symlink", 5),
+        ("chr", 2),
+        ("blk", 1),
+        ("fifo", 1),
+        ("socket", 1),
+    ] {
+        assert!(
+            kinds.get(kind).copied().unwrap_or(0) >= min,
+            "special tree has {kinds:?}, want >= {min} {kind}"
+        );
+    }
+    let h1 = &src_snap[&b"/dir_a/h1".to_vec()];
+    assert_eq!(
+        h1.links.len(),
+        3,
+        "hard-link group of dir_a/h1: {:?}",
+        h1.links
+    );
+    let cap = &src_snap[&b"/capable".to_vec()];
+    assert_eq!(
+        cap.xattrs.get(b"security.capability".as_slice()),
+        Some(&capability_v2())
+    );
+    assert_eq!(src_snap[&b"/xattrs".to_vec()].xattrs.len(), 4);
+    assert!(
+        src_snap.contains_key(b"/\xff\xfe".as_slice())
+            && src_snap.contains_key(b"/new\nline".as_slice())
+    );
+
+    let img = tmp.path().join("img");
+    let bootstrap = img.join("bootstrap");
+    let blobs = img.join("blobs");
+    let summary = build_image(
+        &src,
+        &bootstrap,
+        &blobs,
+        &[OsStr::new("--chunk-size"), OsStr::new("64K")],
+    );
+    eprintln!("special tree build summary: {summary}");
+    assert_eq!(summary_u64(&summary, "chunk_size"), SPECIAL_CHUNK as u64);
+    assert!(
+        summary_u64(&summary, "zero_chunks") >= 9 * 16 + 3,
+        "sparse hole and zeros file give zero chunks"
+    );
+    assert!(
+        summary_u64(&summary, "dedup_chunks") >= 2,
+        "dup_a and dup_b share their chunks"
+    );
+    assert_eq!(
+        summary_u64(&summary, "inodes") as usize,
+        src_snap.len() - 2,
+        "inodes: one per path, less 2 hard links"
+    );
+
+    // skiff check against the source passes.
+    let (code, out) = check_image(&bootstrap, &blobs, Some(&src));
+    assert_eq!(
+        code, 0,
+        "skiff check --source failed on an unmodified source\n{out}"
+    );
+    assert!(
+        out.contains("identical") && out.lines().any(|l| l.trim() == "ok"),
+        "{out}"
+    );
+
+    let mnt_dir = tmp.path().join("mnt");
+    let mnt = Mount::new(&bootstrap, &blobs, &mnt_dir);
+    // Cold reads first, before the snapshot fills the page cache.
+    let reads = check_odd_reads(&src, &mnt_dir, SPECIAL_READ_FILES);
+    eprintln!("{reads} reads at odd offsets matched the source");
+    check_read_only(&mnt_dir);
+    let mnt_snap = snapshot(&mnt_dir);
+    assert_no_diff("source vs mounted image", &src_snap, &mnt_snap);
+    // And the source itself is unchanged by building and checking.
+    assert_no_diff("source before vs after", &src_snap, &snapshot(&src));
+    mnt.unmount();
+    assert!(!is_mounted(&mnt_dir));
+
+    // Negative control: one changed mtime in the source is found by check and by our diff.
+    set_mtime(&src.join("one_byte"), 1_234_567_890, 42);
+    let (code, out) = check_image(&bootstrap, &blobs, Some(&src));
+    assert_ne!(
+        code, 0,
+        "skiff check passed although /one_byte's mtime changed\n{out}"
+    );
+    assert_eq!(
+        problem_paths(&out).into_iter().collect::<Vec<_>>(),
+        vec!["/one_byte".to_string()],
+        "check must name exactly the changed path\n{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("PROBLEM /one_byte: mtime")),
+        "{out}"
+    );
+    let d = diff(&snapshot(&src), &mnt_snap);
+    assert_eq!(d.len(), 1, "diff after changing one mtime: {d:#?}");
+    assert!(
+        d[0].starts_with("\"/one_byte\": mtime: 1234567890.000000042 != "),
+        "{d:?}"
+    );
+}
+
+/// The harness's diff reports every kind of difference (so an empty diff means something).
+#[test]
+fn diff_reports_every_difference() {
+    let tmp = scratch();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    for root in [&a, &b] {
+        fs::create_dir(root).expect("mkdir");
+        fs::write(root.join("content"), b"same").expect("write");
+        fs::write(root.join("mode"), b"m").expect("write");
+        fs::write(root.join("xattr"), b"x").expect("write");
+        fs::write(root.join("l1"), b"link").expect("write");
+        fs::hard_link(root.join("l1"), root.join("l2")).expect("link");
+        std::os::unix::fs::symlink("t1", root.join("sym")).expect("symlink");
+        xattr::set(root.join("xattr"), "user.v", b"1").expect("setxattr");
+    }
+    fs::write(b.join("content"), b"diff").expect("write");
+    fs::set_permissions(
+        b.join("mode"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    xattr::set(b.join("xattr"), "user.v", b"2").expect("setxattr");
+    xattr::set(b.join("xattr"), "user.extra", b"").expect("setxattr");
+    fs::remove_file(b.join("l2")).expect("unlink");
+    fs::write(b.join("l2"), b"link").expect("write");
+    fs::remove_file(b.join("sym")).expect("unlink");
+    std::os::unix::fs::symlink("t2", b.join("sym")).expect("symlink");
+    fs::write(b.join("extra"), b"").expect("write");
+    fs::write(a.join("missing"), b"").expect("write");
+    for root in [&a, &b] {
+        for n in ["content", "mode", "xattr", "l1", "l2", "extra", "missing"] {
+            if root.join(n).exists() {
+                set_mtime(&root.join(n), 1_000_000_000, 5);
+            }
+        }
+        set_mtime(&root.join("sym"), 1_000_000_000, 5);
+        set_mtime(root, 1_000_000_000, 5);
+    }
+    set_mtime(&b.join("mode"), 1_000_000_000, 6);
+    let d = diff(&snapshot(&a), &snapshot(&b));
+    let text = d.join("\n");
+    for want in [
+        "\"/content\": content:",
+        "\"/mode\": mode: 100644 != 100600",
+        "\"/mode\": mtime: 1000000000.000000005 != 1000000000.000000006",
+        "\"/xattr\": xattr \"user.v\": 31 != 32",
+        "\"/xattr\": xattr \"user.extra\" only in the second tree",
+        "\"/l1\": nlink: 2 != 1",
+        "\"/l1\": hard-link group:",
+        "\"/l2\": hard-link group:",
+        "\"/sym\": symlink target:",
+        "\"/extra\": only in the second tree",
+        "\"/missing\": only in the first tree",
+    ] {
+        assert!(text.contains(want), "diff lacks {want:?}:\n{text}");
+    }
+    assert!(diff(&snapshot(&a), &snapshot(&a)).is_empty());
+}
+
+/// Hard links to files other than regular files (fifo, symlink, device, socket) keep their
+/// link group and link count in the image, as `link(2)` made them.
+#[test]
+fn hard_linked_special_files_keep_their_link_group() {
+    if !require_fuse() {
+        return;
+    }
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("a")).expect("mkdir");
+    fs::create_dir_all(src.join("b")).expect("mkdir");
+    mkfifo(&src.join("a/fifo"), 0o644);
+    fs::hard_link(src.join("a/fifo"), src.join("b/fifo2")).expect("link fifo");
+    std::os::unix::fs::symlink("target", src.join("a/sym")).expect("symlink");
+    fs::hard_link(src.join("a/sym"), src.join("b/sym2")).expect("link symlink");
+    mknod(&src.join("a/null"), libc::S_IFCHR | 0o666, 1, 3);
+    fs::hard_link(src.join("a/null"), src.join("b/null2")).expect("link chr");
+    fs::write(src.join("a/file"), b"regular, for comparison").expect("write");
+    fs::hard_link(src.join("a/file"), src.join("b/file2")).expect("link file");
+    for p in ["a/fifo", "a/sym", "a/null", "a/file", "a", "b", ""] {
+        set_mtime(&src.join(p), 1_500_000_000, 7);
+    }
+    let src_snap = snapshot(&src);
+    assert_eq!(
+        src_snap[&b"/a/sym".to_vec()].nlink,
+        2,
+        "link(2) on a symlink links the symlink"
+    );
+
+    let bootstrap = tmp.path().join("bootstrap");
+    let blobs = tmp.path().join("blobs");
+    build_image(&src, &bootstrap, &blobs, &[]);
+    let mnt_dir = tmp.path().join("mnt");
+    let mnt = Mount::new(&bootstrap, &blobs, &mnt_dir);
+    let d = diff(&src_snap, &snapshot(&mnt_dir));
+    mnt.unmount();
+    let (code, out) = check_image(&bootstrap, &blobs, Some(&src));
+    assert!(
+        d.is_empty(),
+        "mounted image differs from the source:\n  {}\n(skiff check exit {code})",
+        d.join("\n  ")
+    );
+    assert_eq!(code, 0, "{out}");
+}
