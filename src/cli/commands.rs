@@ -239,8 +239,15 @@ pub struct ImageArgs {
 impl ImageArgs {
     /// Loads the image into a filesystem ready to serve.
     pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
+        let start = std::time::Instant::now();
         let b = Bootstrap::load(&self.bootstrap)?;
-        tracing::info!(bootstrap = %self.bootstrap.display(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image loaded");
+        tracing::info!(
+            bootstrap = %self.bootstrap.display(),
+            root = %digest_hex(b.root_digest()),
+            inodes = b.inode_count(),
+            load_ms = format_args!("{:.1}", start.elapsed().as_secs_f64() * 1000.0),
+            "image loaded and verified"
+        );
         let source = VerifiedChunkSource::new(LocalFsBackend::new(&self.blob_dir), MEMCACHE_BYTES);
         Ok(RafsFs::new(
             Arc::new(b),
