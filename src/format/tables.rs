@@ -12,6 +12,11 @@ use super::layout::{
 /// Domain-separation context of inode digests.
 const INODE_DIGEST_CONTEXT: &str = "skiff 2026-11 RAFS inode digest v1";
 
+/// A hasher already keyed with the context: deriving the key costs a hash of its own, which
+/// would otherwise be paid once per inode on every load.
+static INODE_HASHER: std::sync::LazyLock<blake3::Hasher> =
+    std::sync::LazyLock::new(|| blake3::Hasher::new_derive_key(INODE_DIGEST_CONTEXT));
+
 /// The tables of a bootstrap, borrowed from a loaded file or from a writer's vectors.
 #[derive(Clone, Copy)]
 pub struct Tables<'a> {
@@ -101,55 +106,59 @@ impl<'a> Tables<'a> {
     /// inode it names). `None` when a range is out of bounds.
     pub fn inode_digest(&self, index: usize) -> Option<[u8; DIGEST_LEN]> {
         let ino = self.inodes.get(index)?;
-        let mut h = blake3::Hasher::new_derive_key(INODE_DIGEST_CONTEXT);
-        h.update(&ino.mode.get().to_le_bytes());
-        h.update(&ino.uid.get().to_le_bytes());
-        h.update(&ino.gid.get().to_le_bytes());
-        h.update(&ino.nlink.get().to_le_bytes());
-        h.update(&ino.size.get().to_le_bytes());
-        h.update(&ino.rdev.get().to_le_bytes());
-        h.update(&ino.mtime.get().to_le_bytes());
-        h.update(&ino.mtime_nsec.get().to_le_bytes());
-        h.update(&ino.ctime.get().to_le_bytes());
-        h.update(&ino.ctime_nsec.get().to_le_bytes());
-        h.update(&ino.flags.get().to_le_bytes());
+        // The message is gathered first and hashed in one call: many tiny updates cost more
+        // than the hashing itself.
+        let mut h = Vec::with_capacity(256);
+        h.extend_from_slice(&ino.mode.get().to_le_bytes());
+        h.extend_from_slice(&ino.uid.get().to_le_bytes());
+        h.extend_from_slice(&ino.gid.get().to_le_bytes());
+        h.extend_from_slice(&ino.nlink.get().to_le_bytes());
+        h.extend_from_slice(&ino.size.get().to_le_bytes());
+        h.extend_from_slice(&ino.rdev.get().to_le_bytes());
+        h.extend_from_slice(&ino.mtime.get().to_le_bytes());
+        h.extend_from_slice(&ino.mtime_nsec.get().to_le_bytes());
+        h.extend_from_slice(&ino.ctime.get().to_le_bytes());
+        h.extend_from_slice(&ino.ctime_nsec.get().to_le_bytes());
+        h.extend_from_slice(&ino.flags.get().to_le_bytes());
         let xattrs = self.xattrs_of(ino)?;
-        h.update(&(xattrs.len() as u64).to_le_bytes());
+        h.extend_from_slice(&(xattrs.len() as u64).to_le_bytes());
         for x in xattrs {
             let (name, value) = self.xattr_pair(x)?;
-            h.update(&(name.len() as u64).to_le_bytes());
-            h.update(name);
-            h.update(&(value.len() as u64).to_le_bytes());
-            h.update(value);
+            h.extend_from_slice(&(name.len() as u64).to_le_bytes());
+            h.extend_from_slice(name);
+            h.extend_from_slice(&(value.len() as u64).to_le_bytes());
+            h.extend_from_slice(value);
         }
         match ino.kind() {
             Some(InodeKind::Directory) => {
                 let entries = self.dirents_of(ino)?;
-                h.update(&(entries.len() as u64).to_le_bytes());
+                h.extend_from_slice(&(entries.len() as u64).to_le_bytes());
                 for d in entries {
                     let name = self.dirent_name(d)?;
                     let child = self.inodes.get(usize::try_from(d.inode.get()).ok()?)?;
-                    h.update(&(name.len() as u64).to_le_bytes());
-                    h.update(name);
-                    h.update(&child.digest);
+                    h.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                    h.extend_from_slice(name);
+                    h.extend_from_slice(&child.digest);
                 }
             }
             Some(InodeKind::Regular) => {
                 let chunks = self.chunks_of(ino)?;
-                h.update(&(chunks.len() as u64).to_le_bytes());
+                h.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
                 for c in chunks {
-                    h.update(&c.digest);
-                    h.update(&c.uncompressed_size.get().to_le_bytes());
+                    h.extend_from_slice(&c.digest);
+                    h.extend_from_slice(&c.uncompressed_size.get().to_le_bytes());
                 }
             }
             Some(InodeKind::Symlink) => {
                 let target = self.symlink_target(ino)?;
-                h.update(&(target.len() as u64).to_le_bytes());
-                h.update(target);
+                h.extend_from_slice(&(target.len() as u64).to_le_bytes());
+                h.extend_from_slice(target);
             }
             Some(_) => {}
             None => return None,
         }
-        Some(*h.finalize().as_bytes())
+        let mut hasher = INODE_HASHER.clone();
+        hasher.update(&h);
+        Some(*hasher.finalize().as_bytes())
     }
 }
