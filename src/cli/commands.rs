@@ -252,7 +252,11 @@ impl ImageArgs {
         Ok(RafsFs::new(
             Arc::new(b),
             Arc::new(source),
-            RafsFsOptions::default(),
+            RafsFsOptions {
+                // `mount` and `serve` give the image a connection of its own.
+                zero_message_open: true,
+                ..RafsFsOptions::default()
+            },
         ))
     }
 }

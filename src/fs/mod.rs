@@ -8,6 +8,7 @@ mod attr;
 
 use std::ffi::CStr;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +33,18 @@ static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
 pub struct RafsFsOptions {
     /// Entry and attribute cache timeout handed to the kernel.
     pub cache_timeout: Duration,
+    /// Ask the kernel to skip OPEN/RELEASE (and OPENDIR/RELEASEDIR) round trips. The kernel
+    /// then caches as if every open said `FOPEN_KEEP_CACHE`, which is what this filesystem
+    /// answers anyway. Only for a connection this filesystem has to itself: the setting is
+    /// per connection, so a filesystem mounted beside others (a Vfs) must leave it off.
+    pub zero_message_open: bool,
 }
 
 impl Default for RafsFsOptions {
     fn default() -> Self {
         Self {
             cache_timeout: DEFAULT_CACHE_TIMEOUT,
+            zero_message_open: false,
         }
     }
 }
@@ -47,6 +54,8 @@ pub struct RafsFs {
     bootstrap: Arc<Bootstrap>,
     source: Arc<dyn ChunkSource>,
     opts: RafsFsOptions,
+    /// Whether the kernel agreed to [`RafsFsOptions::zero_message_open`].
+    no_open: AtomicBool,
 }
 
 fn err(code: i32) -> io::Error {
@@ -68,6 +77,7 @@ impl RafsFs {
             bootstrap,
             source,
             opts,
+            no_open: AtomicBool::new(false),
         }
     }
 
@@ -229,14 +239,22 @@ impl FileSystem for RafsFs {
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let wanted = FsOptions::ASYNC_READ
+        let mut wanted = FsOptions::ASYNC_READ
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::CACHE_SYMLINKS
             | FsOptions::MAX_PAGES
             | FsOptions::BIG_WRITES;
-        Ok(capable & wanted)
+        if self.opts.zero_message_open {
+            wanted |= FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR;
+        }
+        let agreed = capable & wanted;
+        self.no_open.store(
+            agreed.contains(FsOptions::ZERO_MESSAGE_OPEN | FsOptions::ZERO_MESSAGE_OPENDIR),
+            Ordering::Relaxed,
+        );
+        Ok(agreed)
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -279,6 +297,11 @@ impl FileSystem for RafsFs {
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let (_, rec) = self.inode(ino)?;
+        if self.no_open.load(Ordering::Relaxed) {
+            // The kernel takes ENOSYS as "opens need no message" from now on; writes through
+            // such opens still reach `write`/`setattr`, which refuse them.
+            return Err(err(libc::ENOSYS));
+        }
         let flags = flags as i32;
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return erofs();
@@ -370,6 +393,9 @@ impl FileSystem for RafsFs {
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.dir(ino)?;
+        if self.no_open.load(Ordering::Relaxed) {
+            return Err(err(libc::ENOSYS));
+        }
         if (flags as i32) & libc::O_ACCMODE != libc::O_RDONLY {
             return erofs();
         }
