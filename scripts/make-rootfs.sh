@@ -6,6 +6,8 @@
 #   minbase   debootstrap --variant=minbase
 #   bigger    minbase plus a modest set of packages (python3, curl), so that it shares most of
 #             its files with minbase: the chunk-dictionary test builds one against the other.
+#   devel     minbase plus python3, python3-pip, gcc, g++, make, git and curl: image B of the
+#             benchmarks (scripts/bench.sh).
 #
 # Prints the rootfs path as the only line on stdout; everything else goes to stderr.
 # Cache: ${SKIFF_CACHE:-/var/cache/skiff}/rootfs/VARIANT, with the marker
@@ -17,7 +19,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $(basename "$0") minbase|bigger" >&2
+    echo "usage: $(basename "$0") minbase|bigger|devel" >&2
 }
 
 [[ $# -eq 1 ]] || { usage; exit 2; }
@@ -26,6 +28,7 @@ include=()
 case "$variant" in
     minbase) ;;
     bigger) include=(--include=python3,curl) ;;
+    devel) include=(--include=python3,python3-pip,gcc,g++,make,git,curl) ;;
     -h|--help) usage; exit 0 ;;
     *) usage; exit 2 ;;
 esac
