@@ -316,6 +316,19 @@ fn bad_requests_get_clear_errors_and_the_daemon_keeps_serving() {
             "{method} {url}"
         );
     }
+    // Go's client keeps connections alive: two requests on one connection, both answered.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&d.api).expect("connect");
+        s.write_all(
+            b"GET /api/v1/daemon HTTP/1.1\r\nHost: unix\r\n\r\n\
+              GET /api/v1/metrics HTTP/1.1\r\nHost: unix\r\nConnection: close\r\n\r\n",
+        )
+        .expect("write");
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).expect("read");
+        assert_eq!(resp.matches("HTTP/1.1 200 OK").count(), 2, "{resp}");
+    }
     // A garbage request line and a huge body do not bring it down either.
     let _ = http(&d.api, "\u{1}\u{2}", "??", None);
     let (s, _) = http(
