@@ -267,6 +267,13 @@ fn bad_requests_get_clear_errors_and_the_daemon_keeps_serving() {
             "UNSUPPORTED_CONFIG",
         ),
         (
+            "passthrough with a config",
+            "/containers".into(),
+            mount_body("passthrough_fs", &shared, r#"{"cache":"always"}"#),
+            501,
+            "UNSUPPORTED_CONFIG",
+        ),
+        (
             "unknown fs type",
             rafs_mountpoint("x"),
             mount_body("ext4", boot, ""),

@@ -14,7 +14,7 @@
 use serde::Deserialize;
 
 use super::{nydus_config, ApiError};
-use crate::daemon::{BlobLocation, SampleKind, SandboxFs};
+use crate::daemon::{SampleKind, SandboxFs};
 
 /// An HTTP request, reduced to what the routes look at.
 #[derive(Clone, Debug)]
@@ -136,7 +136,14 @@ fn daemon_info(fs: &SandboxFs) -> ApiResponse {
 fn mount(fs: &SandboxFs, mountpoint: &str, body: &[u8]) -> Result<ApiResponse, ApiError> {
     let req: MountRequest = serde_json::from_slice(body).map_err(ApiError::BadJson)?;
     match req.fs_type.as_str() {
-        "passthrough_fs" => fs.mount_passthrough(mountpoint, std::path::Path::new(&req.source))?,
+        "passthrough_fs" => {
+            if !req.config.trim().is_empty() {
+                return Err(ApiError::Config(nydus_config::ConfigError::Unsupported(
+                    "passthrough_fs takes no config: Skiff's passthrough has no options".into(),
+                )));
+            }
+            fs.mount_passthrough(mountpoint, std::path::Path::new(&req.source))?
+        }
         "rafs" => {
             // Check the mountpoint before the config, so a bad path is named as such.
             crate::daemon::check_rafs_mountpoint(mountpoint)?;
@@ -148,8 +155,7 @@ fn mount(fs: &SandboxFs, mountpoint: &str, body: &[u8]) -> Result<ApiResponse, A
                     req.source
                 )));
             }
-            let blobs: &BlobLocation = &cfg.blobs;
-            fs.mount_rafs(mountpoint, source, blobs)?;
+            fs.mount_rafs(mountpoint, source, &cfg.blobs)?;
         }
         other => return Err(ApiError::UnsupportedFsType(other.to_owned())),
     }

@@ -47,32 +47,35 @@ impl KataDaemon {
     pub fn start(runtime: Runtime, cwd: &Path) -> KataDaemon {
         fs::create_dir_all(cwd).expect("daemon cwd");
         let log = cwd.join("skiff-virtiofs.log");
-        let (api_arg, vhost_arg) = match runtime {
-            Runtime::Go => (cwd.join("nydusd-api.sock"), cwd.join("vhost-fs.sock")),
-            Runtime::Rust => (
-                PathBuf::from("nydusd-api.sock"),
-                PathBuf::from("vhost-fs.sock"),
-            ),
+        // The Go runtime names the sockets nydusd-api.sock and vhost-fs.sock and passes them
+        // absolute; runtime-rs names the device socket virtiofsd.sock, passes --hybrid-mode
+        // first, and (here) gives the paths relative to the daemon's working directory.
+        let (api_name, vhost_name) = match runtime {
+            Runtime::Go => ("nydusd-api.sock", "vhost-fs.sock"),
+            Runtime::Rust => ("nydusd-api.sock", "virtiofsd.sock"),
         };
         let mut cmd = Command::new(skiff());
         cmd.arg("virtiofs");
         match runtime {
             Runtime::Go => {
                 cmd.args(["--log-level", "info", "--apisock"])
-                    .arg(&api_arg)
+                    .arg(cwd.join(api_name))
                     .arg("--sock")
-                    .arg(&vhost_arg)
-                    .args(["--thread-pool-size=1", "--announce-submounts"]);
+                    .arg(cwd.join(vhost_name));
             }
             Runtime::Rust => {
-                cmd.args(["--log-level", "info", "--apisock"])
-                    .arg(&api_arg)
-                    .arg("--sock")
-                    .arg(&vhost_arg)
-                    .arg("--hybrid-mode")
-                    .args(["--thread-pool-size=1", "--announce-submounts"]);
+                cmd.args([
+                    "--hybrid-mode",
+                    "--log-level",
+                    "info",
+                    "--apisock",
+                    api_name,
+                ])
+                .args(["--sock", vhost_name]);
             }
         }
+        // Kata's default virtio_fs_extra_args.
+        cmd.args(["--thread-pool-size=1", "--announce-submounts"]);
         let started = Instant::now();
         let child = cmd
             .current_dir(cwd)
@@ -84,8 +87,8 @@ impl KataDaemon {
         KataDaemon {
             child: Some(child),
             cwd: cwd.to_owned(),
-            api: cwd.join("nydusd-api.sock"),
-            vhost: cwd.join("vhost-fs.sock"),
+            api: cwd.join(api_name),
+            vhost: cwd.join(vhost_name),
             log,
             started,
         }
