@@ -112,6 +112,8 @@ for cid in ca cb; do
     echo BEGIN-LOWER-$cid
     /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
     if echo x 2>/dev/null > $S/rafs/$cid/lowerdir/new; then echo "lower writable"; else echo "lower read-only"; fi
+    if echo x 2>/dev/null >> $S/rafs/$cid/lowerdir/etc/image; then echo "lower file writable"; else echo "lower file read-only"; fi
+    /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
     echo END-LOWER-$cid
 done
 # The agent tears the first container down, then the runtime DELETEs its image.
@@ -252,7 +254,12 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         );
         assert_eq!(
             section(&log, &format!("LOWER-{cid}")),
-            [format!("image {cid}"), "lower read-only".to_string()],
+            [
+                format!("image {cid}"),
+                "lower read-only".to_string(),
+                "lower file read-only".to_string(),
+                format!("image {cid}"),
+            ],
             "the RAFS lower layer of {cid} is unchanged and read-only"
         );
         // What the container wrote is on the host, in the upper layer.

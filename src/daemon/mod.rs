@@ -179,7 +179,16 @@ impl Default for SandboxFs {
 impl SandboxFs {
     /// An empty pseudo root, in state [`DaemonState::Init`].
     pub fn new() -> Self {
-        let mut vfs = Vfs::new(VfsOptions::default());
+        // The Vfs negotiates one set of options for every mount, and ignores what each
+        // filesystem's init returns. Without a writeback cache the guest's writes reach the
+        // daemon synchronously: a write to a RAFS file fails with EROFS at write(2), instead of
+        // landing in the guest's page cache and failing only at writeback. (virtiofsd's default
+        // too; the passthrough share stays correct either way.)
+        let opts = VfsOptions {
+            no_writeback: true,
+            ..VfsOptions::default()
+        };
+        let mut vfs = Vfs::new(opts);
         // After an unmount the mountpoint disappears from the guest's view, instead of
         // staying behind as an empty directory.
         vfs.set_remove_pseudo_root();
