@@ -7,13 +7,17 @@
 //!   -> format  (the loaded bootstrap: inodes, entries, chunk lists)
 //!     -> fs      (FUSE semantics over a bootstrap and a chunk source)
 //!       -> fuse | vhost  (transports: /dev/fuse or vhost-user virtqueues)
+//!         -> daemon | api  (Kata: several images and a shared directory under one
+//!                           pseudo root, driven over nydusd's HTTP API)
 //! ```
 //!
 //! `build` writes what `format` reads; the CLI in `cli` is a thin front end over all of it.
 
+pub mod api;
 pub mod build;
 pub mod check;
 pub mod cli;
+pub mod daemon;
 pub mod format;
 pub mod fs;
 pub mod fuse;

@@ -317,3 +317,62 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     crate::vhost::serve(Arc::new(fs), &opts)?;
     Ok(0)
 }
+
+/// Arguments of `skiff virtiofs`, as Kata passes them to its `virtio_fs_daemon`.
+#[derive(Args, Debug)]
+pub struct VirtiofsArgs {
+    /// The API socket (HTTP/1.1) to create, through which mounts are made.
+    #[arg(long = "apisock")]
+    pub api_socket: PathBuf,
+    /// The vhost-user socket to create, which the VMM connects to.
+    #[arg(long = "sock")]
+    pub socket: PathBuf,
+    /// The virtio-fs tag (the VMM's tag is what the guest sees; this one is offered only with
+    /// --advertise-config).
+    #[arg(long, default_value = "kataShared")]
+    pub tag: String,
+    /// Request queues / worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Offer the virtio config space (the tag) to the VMM (see `skiff serve --help`).
+    #[arg(long)]
+    pub advertise_config: bool,
+    /// Passed by Kata's runtime-rs. Accepted: Skiff always serves passthrough and RAFS
+    /// mounts side by side.
+    #[arg(long)]
+    pub hybrid_mode: bool,
+    /// virtiofsd's worker pool size, from Kata's default `virtio_fs_extra_args`. Accepted
+    /// and not used: Skiff runs one worker per request queue (--threads).
+    #[arg(long, value_name = "N")]
+    pub thread_pool_size: Option<usize>,
+    /// virtiofsd's option, from Kata's default `virtio_fs_extra_args`. Accepted and not
+    /// used: Skiff does not announce submounts to the guest.
+    #[arg(long)]
+    pub announce_submounts: bool,
+}
+
+/// `skiff virtiofs`.
+pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
+    if a.hybrid_mode {
+        tracing::info!("--hybrid-mode: always on in Skiff (passthrough and RAFS mounts together)");
+    }
+    if let Some(n) = a.thread_pool_size {
+        tracing::info!(
+            n,
+            "--thread-pool-size is virtiofsd's; ignored (Skiff: one worker per queue, --threads)"
+        );
+    }
+    if a.announce_submounts {
+        tracing::info!(
+            "--announce-submounts is virtiofsd's; ignored (Skiff does not announce submounts)"
+        );
+    }
+    let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
+    device.threads = a.threads;
+    device.advertise_config = a.advertise_config;
+    crate::api::run(&crate::api::VirtiofsOptions {
+        api_socket: a.api_socket,
+        device,
+    })?;
+    Ok(0)
+}

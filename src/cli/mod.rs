@@ -31,6 +31,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
+    /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
+    /// device whose mounts (the shared directory, container images) are driven over an API.
+    Virtiofs(VirtiofsArgs),
 }
 
 /// Formats an error and its chain of causes on one line, for operators.
@@ -66,6 +69,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
         Command::Serve(a) => cmd_serve(a),
+        Command::Virtiofs(a) => cmd_virtiofs(a),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@
 
 mod attr;
 
+use std::any::Any;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,7 @@ use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
     ZeroCopyWriter,
 };
+use fuse_backend_rs::api::BackendFileSystem;
 
 use crate::format::{Bootstrap, InodeKind, InodeRecord};
 use crate::storage::ChunkSource;
@@ -231,6 +233,22 @@ impl RafsFs {
             next += 1;
         }
         Ok(())
+    }
+}
+
+/// Lets a [`RafsFs`] be mounted in fuse-backend-rs's `Vfs`, next to other filesystems under
+/// one pseudo root (the Kata daemon, `crate::api`). The Vfs maps this filesystem's inode
+/// numbers into its own space (mount index in the top byte), so they must stay below
+/// `VFS_MAX_INO` (2^56): an image has at most 2^32 inodes.
+impl BackendFileSystem for RafsFs {
+    fn mount(&self) -> io::Result<(Entry, u64)> {
+        let root = self.bootstrap.inode(0).ok_or_else(|| err(libc::EIO))?;
+        let max_ino = self.bootstrap.inode_count() as u64;
+        Ok((self.entry(0, root), max_ino))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 

@@ -64,7 +64,7 @@ impl ServeOptions {
 /// down terminates the process at once, and so do these signals after `serve` returned.
 pub fn serve<F>(fs: Arc<F>, opts: &ServeOptions) -> Result<(), VhostError>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     let stop = Arc::new(AtomicBool::new(false));
     let _signals = SignalGuard::install(&stop)?;
@@ -83,7 +83,7 @@ pub fn serve_until<F>(
     stop: Arc<AtomicBool>,
 ) -> Result<(), VhostError>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     // Reject bad options before touching the socket path.
     VirtioFsDevice::new(fs.clone(), &opts.tag, opts.threads, opts.queue_size)?;
@@ -137,7 +137,7 @@ fn serve_connection<F>(
     connection: u64,
 ) -> Result<(), VhostError>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     // A fresh device per connection: a new VM starts from a clean negotiation state.
     let device = Arc::new(

@@ -52,7 +52,7 @@ pub struct VirtioFsDevice<F: FileSystem + Send + Sync + 'static> {
 
 impl<F> VirtioFsDevice<F>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     /// Creates a device serving `fs` under `tag` with `num_request_queues` request queues of
     /// at most `queue_size` descriptors each.
@@ -123,7 +123,7 @@ where
 
 impl<F> VhostUserBackend for VirtioFsDevice<F>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     type Bitmap = ();
     type Vring = VringRwLock;

@@ -33,7 +33,7 @@ pub(crate) fn process_queue<F>(
     event_idx: bool,
 ) -> io::Result<()>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     loop {
         if event_idx {
@@ -63,7 +63,7 @@ fn drain<F>(
     vring: &VringRwLock,
 ) -> io::Result<usize>
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     let mut handled = 0;
     loop {
@@ -89,7 +89,7 @@ where
 /// Answers one chain and returns the number of bytes written into its writable part.
 fn handle_chain<F>(server: &Server<Arc<F>>, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
+    F: FileSystem + Send + Sync + 'static,
 {
     let head = chain.head_index();
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {

@@ -1,0 +1,253 @@
+//! The Kata transport: Skiff as a drop-in for nydusd in Kata Containers'
+//! `shared_fs = "virtio-fs-nydus"` mode.
+//!
+//! Kata starts `skiff virtiofs --apisock A --sock S ...`, waits for `GET /api/v1/daemon` to
+//! say `RUNNING`, mounts the host's shared directory at `/containers` and each container's
+//! image at `/rafs/<cid>/lowerdir` over an HTTP API on socket `A`, and boots the VM against
+//! the vhost-user-fs socket `S`, whose one device serves all of it (a
+//! [`SandboxFs`](crate::daemon::SandboxFs)).
+//!
+//! * `server`: HTTP/1.1 on the Unix socket ([`ApiServer`]);
+//! * `routes`: the endpoints and their answers ([`routes::handle`]);
+//! * `nydus_config`: what nydusd's per-image JSON configuration means for Skiff.
+//!
+//! [`run`] wires the API, the mount table and the vhost-user device together.
+
+#![warn(missing_docs)]
+
+pub mod nydus_config;
+pub mod routes;
+mod server;
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGINT, SIGTERM};
+
+pub use nydus_config::ConfigError;
+pub use server::{ApiServer, MAX_BODY_BYTES};
+
+use crate::daemon::{DaemonState, MountError, SandboxFs};
+use crate::vhost::{ServeOptions, VhostError};
+
+/// How long the vhost-user socket may take to appear after the device thread started.
+const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why an API request was refused, or the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request body is not the JSON expected.
+    #[error("malformed request body")]
+    BadJson(#[source] serde_json::Error),
+    /// A parameter is missing or malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such endpoint.
+    #[error("no such endpoint: {0}")]
+    NoRoute(String),
+    /// The endpoint exists, not with this method.
+    #[error("method {method} not allowed on {path}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// The request body is larger than [`MAX_BODY_BYTES`].
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
+    /// The request body could not be read.
+    #[error("reading the request body")]
+    ReadBody(#[source] io::Error),
+    /// A mount request for a filesystem type other than `passthrough_fs` and `rafs`.
+    #[error("unsupported fs_type {0:?}: Skiff mounts \"passthrough_fs\" and \"rafs\"")]
+    UnsupportedFsType(String),
+    /// The nydusd configuration of a RAFS mount was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A mount or unmount was refused or failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    /// Something that is not a socket exists at the API socket path.
+    #[error("refusing to replace {0}: it exists and is not a socket")]
+    SocketPathInUse(PathBuf),
+    /// The API socket could not be created.
+    #[error("listening on {path}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("spawning a thread")]
+    SpawnThread(#[source] io::Error),
+    /// The SIGTERM/SIGINT handlers could not be installed.
+    #[error("installing signal handlers")]
+    Signal(#[source] io::Error),
+    /// The vhost-user-fs device failed.
+    #[error("vhost-user-fs device")]
+    Vhost(#[from] VhostError),
+    /// The vhost-user socket did not appear in time.
+    #[error("the vhost-user socket {0} did not appear within 10 s")]
+    VhostNotReady(PathBuf),
+    /// The vhost-user thread panicked.
+    #[error("the vhost-user thread panicked")]
+    VhostPanicked,
+}
+
+impl ApiError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::BadJson(_)
+            | ApiError::BadRequest(_)
+            | ApiError::ReadBody(_)
+            | ApiError::UnsupportedFsType(_) => 400,
+            ApiError::NoRoute(_) => 404,
+            ApiError::MethodNotAllowed { .. } => 405,
+            ApiError::BodyTooLarge(_) => 413,
+            ApiError::Config(ConfigError::Unsupported(_)) => 501,
+            ApiError::Config(_) => 400,
+            ApiError::Mount(e) => match e {
+                MountError::InvalidMountpoint { .. }
+                | MountError::SharedDir { .. }
+                | MountError::BootstrapMissing(_)
+                | MountError::Bootstrap { .. }
+                | MountError::BlobMissing { .. }
+                | MountError::BlobFileMismatch { .. } => 400,
+                MountError::NotMounted(_) => 404,
+                MountError::Busy(_) => 409,
+                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => 500,
+            },
+            _ => 500,
+        }
+    }
+
+    /// The machine-readable `code` of the error body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadJson(_) => "INVALID_JSON",
+            ApiError::BadRequest(_) | ApiError::ReadBody(_) => "INVALID_ARGUMENT",
+            ApiError::NoRoute(_) => "NOT_FOUND",
+            ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
+            ApiError::BodyTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::UnsupportedFsType(_) => "UNSUPPORTED_FS_TYPE",
+            ApiError::Config(ConfigError::Unsupported(_)) => "UNSUPPORTED_CONFIG",
+            ApiError::Config(_) => "INVALID_CONFIG",
+            ApiError::Mount(e) => match e {
+                MountError::InvalidMountpoint { .. } => "INVALID_MOUNTPOINT",
+                MountError::SharedDir { .. } | MountError::BootstrapMissing(_) => "INVALID_SOURCE",
+                MountError::Bootstrap { .. } => "INVALID_IMAGE",
+                MountError::BlobMissing { .. } | MountError::BlobFileMismatch { .. } => {
+                    "BLOB_NOT_FOUND"
+                }
+                MountError::NotMounted(_) => "NOT_MOUNTED",
+                MountError::Busy(_) => "MOUNTPOINT_BUSY",
+                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => {
+                    "MOUNT_FAILED"
+                }
+            },
+            _ => "INTERNAL",
+        }
+    }
+}
+
+/// What `skiff virtiofs` serves, and where.
+#[derive(Clone, Debug)]
+pub struct VirtiofsOptions {
+    /// The API socket (`--apisock`).
+    pub api_socket: PathBuf,
+    /// The vhost-user-fs device (`--sock`, the tag, queues).
+    pub device: ServeOptions,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT: the vhost-user-fs device on
+/// `opts.device.socket` serving an (initially empty) [`SandboxFs`], and the API on
+/// `opts.api_socket`. Both sockets are removed on the way out.
+pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        // A second signal while shutting down terminates at once.
+        signal_hook::flag::register_conditional_default(signal, stop.clone())
+            .map_err(ApiError::Signal)?;
+        signal_hook::flag::register(signal, stop.clone()).map_err(ApiError::Signal)?;
+    }
+    let fs = Arc::new(SandboxFs::new());
+
+    // A socket left by an earlier run is replaced, so the new one is known by its existence.
+    if socket_id(&opts.device.socket).is_some() {
+        tracing::info!(socket = %opts.device.socket.display(), "removing stale vhost-user socket");
+        std::fs::remove_file(&opts.device.socket).map_err(|source| ApiError::Listen {
+            path: opts.device.socket.clone(),
+            source,
+        })?;
+    }
+    let device = {
+        let (vfs, device_opts, stop) = (fs.vfs(), opts.device.clone(), stop.clone());
+        thread::Builder::new()
+            .name("skiff-vhost".to_owned())
+            .spawn(move || crate::vhost::serve_until(vfs, &device_opts, stop))
+            .map_err(ApiError::SpawnThread)?
+    };
+    // Kata boots the VM as soon as the daemon says RUNNING: the device socket must exist.
+    while socket_id(&opts.device.socket).is_none() {
+        if device.is_finished() {
+            return Err(join_device(device)
+                .err()
+                .unwrap_or(ApiError::VhostNotReady(opts.device.socket.clone())));
+        }
+        if started.elapsed() > VHOST_READY_TIMEOUT {
+            stop.store(true, Ordering::Release);
+            let _ = join_device(device);
+            return Err(ApiError::VhostNotReady(opts.device.socket.clone()));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    let api = match ApiServer::start(&opts.api_socket, fs.clone()) {
+        Ok(api) => api,
+        Err(e) => {
+            stop.store(true, Ordering::Release);
+            let _ = join_device(device);
+            return Err(e);
+        }
+    };
+    fs.set_state(DaemonState::Running);
+    tracing::info!(
+        api = %opts.api_socket.display(),
+        socket = %opts.device.socket.display(),
+        ms = started.elapsed().as_millis() as u64,
+        "RUNNING"
+    );
+
+    while !stop.load(Ordering::Acquire) && !device.is_finished() {
+        thread::sleep(Duration::from_millis(50));
+    }
+    fs.set_state(DaemonState::Stopping);
+    tracing::info!("shutting down");
+    api.shutdown();
+    stop.store(true, Ordering::Release);
+    join_device(device)
+}
+
+fn join_device(device: thread::JoinHandle<Result<(), VhostError>>) -> Result<(), ApiError> {
+    match device.join() {
+        Ok(r) => r.map_err(ApiError::Vhost),
+        Err(_) => Err(ApiError::VhostPanicked),
+    }
+}
+
+/// Device and inode of the socket at `path`, if a socket is there.
+fn socket_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_socket())
+        .map(|m| (m.dev(), m.ino()))
+}

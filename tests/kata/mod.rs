@@ -1,0 +1,251 @@
+//! What Kata Containers does to its virtio-fs daemon, replayed: the command lines of the Go
+//! runtime and of runtime-rs, the readiness polling, and the API calls over HTTP/1.1 on the
+//! Unix socket, with the bodies Kata sends.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::skiff;
+
+/// Kata's readiness polling: `GET /api/v1/daemon` up to 20 times, 20 ms apart.
+pub const READY_TRIES: u32 = 20;
+/// The pause between two readiness polls.
+pub const READY_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How Kata starts the daemon.
+#[derive(Clone, Copy, Debug)]
+pub enum Runtime {
+    /// The Go runtime: absolute socket paths and virtiofsd's default extra args.
+    Go,
+    /// runtime-rs: `--hybrid-mode` and socket paths relative to the working directory.
+    Rust,
+}
+
+/// A `skiff virtiofs` child started as Kata starts it. SIGTERMed (by PID) on drop.
+pub struct KataDaemon {
+    child: Option<Child>,
+    /// Working directory of the daemon.
+    pub cwd: PathBuf,
+    /// API socket, absolute.
+    pub api: PathBuf,
+    /// vhost-user socket, absolute.
+    pub vhost: PathBuf,
+    /// The daemon's stderr.
+    pub log: PathBuf,
+    /// When it was spawned.
+    pub started: Instant,
+}
+
+impl KataDaemon {
+    /// Starts `skiff virtiofs` in `cwd` as `runtime` does.
+    pub fn start(runtime: Runtime, cwd: &Path) -> KataDaemon {
+        fs::create_dir_all(cwd).expect("daemon cwd");
+        let log = cwd.join("skiff-virtiofs.log");
+        // The Go runtime names the sockets nydusd-api.sock and vhost-fs.sock and passes them
+        // absolute; runtime-rs names the device socket virtiofsd.sock, passes --hybrid-mode
+        // first, and (here) gives the paths relative to the daemon's working directory.
+        let (api_name, vhost_name) = match runtime {
+            Runtime::Go => ("nydusd-api.sock", "vhost-fs.sock"),
+            Runtime::Rust => ("nydusd-api.sock", "virtiofsd.sock"),
+        };
+        let mut cmd = Command::new(skiff());
+        cmd.arg("virtiofs");
+        match runtime {
+            Runtime::Go => {
+                cmd.args(["--log-level", "info", "--apisock"])
+                    .arg(cwd.join(api_name))
+                    .arg("--sock")
+                    .arg(cwd.join(vhost_name));
+            }
+            Runtime::Rust => {
+                cmd.args([
+                    "--hybrid-mode",
+                    "--log-level",
+                    "info",
+                    "--apisock",
+                    api_name,
+                ])
+                .args(["--sock", vhost_name]);
+            }
+        }
+        // Kata's default virtio_fs_extra_args.
+        cmd.args(["--thread-pool-size=1", "--announce-submounts"]);
+        let started = Instant::now();
+        let child = cmd
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("starting skiff virtiofs");
+        KataDaemon {
+            child: Some(child),
+            cwd: cwd.to_owned(),
+            api: cwd.join(api_name),
+            vhost: cwd.join(vhost_name),
+            log,
+            started,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kata's readiness check: up to 20 polls 20 ms apart until `"state": "RUNNING"`.
+    /// Returns the time from spawn to the answer saying RUNNING.
+    pub fn wait_running(&self) -> Duration {
+        for _ in 0..READY_TRIES {
+            if let Ok((200, body)) = http(&self.api, "GET", "/api/v1/daemon", None) {
+                let info: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                if info["state"] == "RUNNING" {
+                    return self.started.elapsed();
+                }
+            }
+            std::thread::sleep(READY_INTERVAL);
+        }
+        panic!(
+            "not RUNNING after {READY_TRIES} polls {READY_INTERVAL:?} apart\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Whether the process is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGTERM, as Kata stops the daemon; asserts a clean exit with both sockets removed.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: kill has no memory-safety preconditions; the PID is our unreaped child's.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let status = child.wait().expect("waiting for skiff virtiofs");
+        let log = self.log_text();
+        assert!(status.success(), "exit status {status}\n{log}");
+        assert!(!self.api.exists(), "API socket left behind\n{log}");
+        assert!(!self.vhost.exists(), "vhost socket left behind\n{log}");
+        log
+    }
+}
+
+impl Drop for KataDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                // SAFETY: as in `stop`.
+                unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request on the Unix socket `sock`; returns the status and the body.
+pub fn http(
+    sock: &Path,
+    method: &str,
+    url: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("{method} {url} HTTP/1.1\r\nHost: unix\r\nUser-Agent: Go-http-client/1.1\r\nConnection: close\r\n");
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&bytes)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no end of headers"))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    Ok((status, resp[split + 4..].to_vec()))
+}
+
+/// Kata's mount request body.
+pub fn mount_body(fs_type: &str, source: &Path, config: &str) -> Vec<u8> {
+    serde_json::json!({
+        "fs_type": fs_type,
+        "source": source.to_str().expect("utf-8 path"),
+        "config": config,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The nydusd configuration nydus-snapshotter hands Kata for an image whose blobs are in
+/// `blob_dir` (localfs backend), as a string.
+pub fn nydusd_config(blob_dir: &Path) -> String {
+    serde_json::json!({
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": blob_dir.to_str().expect("utf-8")}},
+            "cache": {"type": "blobcache", "config": {"work_dir": "/var/lib/nydus/cache"}},
+        },
+        "mode": "direct",
+        "digest_validate": false,
+        "iostats_files": false,
+        "enable_xattr": true,
+        "fs_prefetch": {"enable": false, "threads_count": 4, "merging_size": 0, "bandwidth_rate": 0},
+    })
+    .to_string()
+}
+
+/// Kata's `POST /api/v1/mount?mountpoint=MP`; returns the status and body.
+pub fn mount(api: &Path, mountpoint: &str, body: &[u8]) -> (u16, String) {
+    let (status, body) = http(
+        api,
+        "POST",
+        &format!("/api/v1/mount?mountpoint={mountpoint}"),
+        Some(body),
+    )
+    .unwrap_or_else(|e| panic!("POST mount {mountpoint}: {e}"));
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Kata's `DELETE /api/v1/mount?mountpoint=MP`; returns the status and body.
+pub fn umount(api: &Path, mountpoint: &str) -> (u16, String) {
+    let (status, body) = http(
+        api,
+        "DELETE",
+        &format!("/api/v1/mount?mountpoint={mountpoint}"),
+        None,
+    )
+    .unwrap_or_else(|e| panic!("DELETE mount {mountpoint}: {e}"));
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// `GET /api/v1/daemon`, parsed.
+pub fn daemon_info(api: &Path) -> serde_json::Value {
+    let (status, body) =
+        http(api, "GET", "/api/v1/daemon", None).unwrap_or_else(|e| panic!("GET daemon: {e}"));
+    assert_eq!(status, 200);
+    serde_json::from_slice(&body).expect("daemon info JSON")
+}
+
+/// The rafs mountpoint of container `cid`.
+pub fn rafs_mountpoint(cid: &str) -> String {
+    format!("/rafs/{cid}/lowerdir")
+}

@@ -1,0 +1,296 @@
+//! Kata's whole path in a booted microVM: `skiff virtiofs` started as Kata's Go runtime
+//! starts it, the API calls Kata makes, then in the guest what the Kata agent does: mount tag
+//! `kataShared` at /run/kata-containers/shared and build each container's rootfs as overlayfs
+//! (lower: the RAFS image, upper and work: the passthrough share, `index=off`). Commands run
+//! from both containers; one container is removed (`DELETE`) while the VM runs.
+
+mod common;
+mod kata;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kata::*;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// QEMU and a static busybox (copied into the images) can be had; under CI their absence fails.
+fn vm_ready() -> Result<PathBuf, String> {
+    if !is_root() {
+        return Err("not running as root".into());
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        return Err("qemu-system-x86_64 not installed (scripts/install-deps.sh)".into());
+    }
+    let busybox = PathBuf::from("/bin/busybox");
+    let elf = fs::read(&busybox)
+        .map_err(|e| format!("{}: {e} (install busybox-static)", busybox.display()))?;
+    if !is_static_elf(&elf) {
+        return Err("/bin/busybox is not a static ELF executable (install busybox-static)".into());
+    }
+    Ok(busybox)
+}
+
+/// Whether `elf` is a 64-bit little-endian ELF without a program interpreter (`PT_INTERP`).
+fn is_static_elf(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(|b| u64::from_le_bytes(b) as usize)
+    };
+    if !elf.starts_with(b"\x7fELF\x02\x01") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..phnum).all(|i| {
+        let at = phoff + i * phentsize;
+        elf.get(at..at + 4) != Some(&3u32.to_le_bytes()[..])
+    })
+}
+
+/// A container image tree: a static busybox and a file naming the image.
+fn image(dir: &Path, name: &str, busybox: &Path) -> (PathBuf, PathBuf) {
+    let src = dir.join(format!("src-{name}"));
+    fs::create_dir_all(src.join("bin")).expect("mkdir bin");
+    fs::create_dir_all(src.join("etc")).expect("mkdir etc");
+    fs::copy(busybox, src.join("bin/busybox")).expect("copy busybox");
+    std::os::unix::fs::symlink("busybox", src.join("bin/sh")).expect("symlink sh");
+    fs::write(src.join("etc/image"), format!("image {name}\n")).expect("etc/image");
+    fs::write(src.join(format!("never-read-{name}")), format!("{name}\n")).expect("never-read");
+    let bootstrap = dir.join(format!("{name}.boot"));
+    let blobs = dir.join(format!("blobs-{name}"));
+    build_image(
+        &src,
+        &bootstrap,
+        &blobs,
+        &[OsStr::new("--chunk-size"), OsStr::new("64K")],
+    );
+    (bootstrap, blobs)
+}
+
+/// The guest side: what the Kata agent does for two containers, then waiting for the host to
+/// remove the first one.
+const GUEST: &str = r#"
+S=/run/kata-containers/shared
+mkdir -p $S
+mounted=no
+for i in 1 2 3 4 5 6 7 8 9 10; do
+    if mount -t virtiofs kataShared $S; then mounted=yes; break; fi
+    sleep 0.2
+done
+[ $mounted = yes ] || { echo "virtiofs mount failed"; exit 1; }
+echo BEGIN-TOP
+ls -1 $S
+echo END-TOP
+for cid in ca cb; do
+    R=/run/kata-containers/$cid/rootfs
+    mkdir -p $R
+    mount -t overlay overlay \
+        -o lowerdir=$S/rafs/$cid/lowerdir,upperdir=$S/containers/$cid/snapshotdir/fs,workdir=$S/containers/$cid/snapshotdir/work,index=off \
+        $R || { echo "overlay $cid failed"; dmesg | tail -n 5; exit 1; }
+    echo BEGIN-RUN-$cid
+    chroot $R /bin/busybox sh -c '/bin/busybox cat /etc/image; echo "written by '$cid'" > /out; echo changed > /etc/image; /bin/busybox cat /etc/image'
+    echo END-RUN-$cid
+    echo BEGIN-LOWER-$cid
+    /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
+    if echo x 2>/dev/null > $S/rafs/$cid/lowerdir/new; then echo "lower writable"; else echo "lower read-only"; fi
+    if echo x 2>/dev/null >> $S/rafs/$cid/lowerdir/etc/image; then echo "lower file writable"; else echo "lower file read-only"; fi
+    /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
+    echo END-LOWER-$cid
+done
+# The agent tears the first container down, then the runtime DELETEs its image.
+umount /run/kata-containers/ca/rootfs
+echo done > $S/containers/ca-removed
+n=0
+while [ ! -e $S/containers/delete-done ]; do
+    n=$((n + 1))
+    [ $n -gt 1200 ] && { echo "no delete-done marker"; exit 1; }
+    sleep 0.1
+done
+echo BEGIN-AFTER
+ls -1 $S/rafs/ca
+cat $S/rafs/ca/lowerdir/never-read-ca 2>&1 || echo "ca gone"
+chroot /run/kata-containers/cb/rootfs /bin/busybox sh -c '/bin/busybox cat /never-read-cb /out'
+echo END-AFTER
+umount /run/kata-containers/cb/rootfs
+umount $S
+"#;
+
+fn section(log: &str, name: &str) -> Vec<String> {
+    let begin = format!("BEGIN-{name}");
+    let end = format!("END-{name}");
+    log.lines()
+        .skip_while(|l| l.trim() != begin)
+        .skip(1)
+        .take_while(|l| l.trim() != end)
+        .map(|l| l.trim_end().to_owned())
+        .collect()
+}
+
+#[test]
+fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() {
+    let Some(busybox) = require("QEMU microVM and busybox-static", vm_ready()) else {
+        return;
+    };
+    let dir = scratch();
+    let images = [
+        image(dir.path(), "ca", &busybox),
+        image(dir.path(), "cb", &busybox),
+    ];
+    // The sandbox's shared directory, with the snapshotter's upper and work dirs.
+    let shared = dir.path().join("shared");
+    for cid in ["ca", "cb"] {
+        for sub in ["fs", "work"] {
+            fs::create_dir_all(shared.join(cid).join("snapshotdir").join(sub))
+                .expect("snapshotdir");
+        }
+    }
+
+    let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
+    let ready = d.wait_running();
+    eprintln!("time to RUNNING: {ready:?}");
+    let (s, b) = mount(
+        &d.api,
+        "/containers",
+        &mount_body("passthrough_fs", &shared, ""),
+    );
+    assert_eq!(s, 204, "{b}");
+    for (cid, (bootstrap, blobs)) in ["ca", "cb"].iter().zip(&images) {
+        let (s, b) = mount(
+            &d.api,
+            &rafs_mountpoint(cid),
+            &mount_body("rafs", bootstrap, &nydusd_config(blobs)),
+        );
+        assert_eq!(s, 204, "{cid}: {b}");
+    }
+
+    // Boot the VM in the background; the host plays the runtime meanwhile.
+    let script = dir.path().join("guest.sh");
+    fs::write(&script, GUEST).expect("guest script");
+    let serial = dir.path().join("serial.log");
+    let mut vm = Command::new(repo().join("scripts/vm-run.sh"))
+        .arg("--socket")
+        .arg(&d.vhost)
+        .args([
+            "--tag",
+            "kataShared",
+            "--append",
+            "skiff.mount=0",
+            "--timeout",
+            "400",
+            "-q",
+        ])
+        .arg("--test-script")
+        .arg(&script)
+        .arg("--serial-log")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting vm-run.sh");
+    let serial_text =
+        || String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).replace('\r', "");
+
+    let marker = shared.join("ca-removed");
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let mut deleted = false;
+    while Instant::now() < deadline {
+        if marker.exists() {
+            let (s, b) = umount(&d.api, &rafs_mountpoint("ca"));
+            assert_eq!(s, 204, "DELETE while the VM runs: {b}");
+            fs::write(shared.join("delete-done"), b"").expect("delete-done marker");
+            deleted = true;
+            break;
+        }
+        if matches!(vm.try_wait(), Ok(Some(_))) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = vm.wait_with_output().expect("vm-run.sh");
+    let log = serial_text();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{}", stderr.lines().last().unwrap_or(""));
+    assert!(
+        out.status.success() && deleted,
+        "guest failed ({}, deleted={deleted}):\n{stderr}\n--- serial ---\n{}\n--- daemon ---\n{}",
+        out.status,
+        log.lines()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n"),
+        d.log_text()
+    );
+
+    assert_eq!(section(&log, "TOP"), ["containers", "rafs"]);
+    for cid in ["ca", "cb"] {
+        assert_eq!(
+            section(&log, &format!("RUN-{cid}")),
+            [format!("image {cid}"), "changed".to_string()],
+            "container {cid} runs from its image and writes through the overlay"
+        );
+        assert_eq!(
+            section(&log, &format!("LOWER-{cid}")),
+            [
+                format!("image {cid}"),
+                "lower read-only".to_string(),
+                "lower file read-only".to_string(),
+                format!("image {cid}"),
+            ],
+            "the RAFS lower layer of {cid} is unchanged and read-only"
+        );
+        // What the container wrote is on the host, in the upper layer.
+        let upper = shared.join(cid).join("snapshotdir/fs");
+        assert_eq!(
+            fs::read_to_string(upper.join("out")).ok().as_deref(),
+            Some(format!("written by {cid}\n").as_str())
+        );
+        assert_eq!(
+            fs::read_to_string(upper.join("etc/image")).ok().as_deref(),
+            Some("changed\n")
+        );
+    }
+    let after = section(&log, "AFTER");
+    eprintln!("after DELETE, the guest saw: {after:?}");
+    assert!(
+        !after.iter().any(|l| l == "lowerdir"),
+        "ca's lowerdir still listed after DELETE: {after:?}"
+    );
+    assert!(
+        after.iter().any(|l| l == "ca gone"),
+        "ca still readable after DELETE: {after:?}"
+    );
+    assert!(
+        after.ends_with(&["cb".to_string(), "written by cb".to_string()]),
+        "cb stopped working after ca was removed: {after:?}"
+    );
+    assert_running_and_stop(d);
+}
+
+fn assert_running_and_stop(d: KataDaemon) {
+    assert_eq!(daemon_info(&d.api)["state"], "RUNNING");
+    d.stop();
+}
