@@ -17,5 +17,6 @@ pub mod cli;
 pub mod format;
 pub mod fs;
 pub mod fuse;
+pub mod oci;
 pub mod storage;
 pub mod vhost;

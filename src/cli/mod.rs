@@ -31,6 +31,8 @@ pub enum Command {
     Mount(MountArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
+    /// Convert an OCI image into a Skiff image in a registry (one blob per layer).
+    Convert(ConvertArgs),
 }
 
 /// Formats an error and its chain of causes on one line, for operators.
@@ -66,6 +68,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
         Command::Serve(a) => cmd_serve(a),
+        Command::Convert(a) => cmd_convert(a),
     };
     match result {
         Ok(code) => code,
