@@ -76,7 +76,10 @@ impl Drop for Registry {
         let _ = Command::new("bash")
             .arg(script())
             .args(["stop", "--name", &self.name])
-            .env("SKIFF_REGISTRY_RUN", self.run.parent().unwrap_or(Path::new("/")))
+            .env(
+                "SKIFF_REGISTRY_RUN",
+                self.run.parent().unwrap_or(Path::new("/")),
+            )
             .status();
     }
 }
@@ -90,7 +93,7 @@ fn blob_bytes_served(log: &Path, from: usize) -> (u64, usize) {
     let mut n = 0;
     for line in text.lines() {
         // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 12345 "" "skiff/0.1.0"
-        let Some((req, rest)) = line.split_once("\" ").map(|(a, b)| (a, b)) else {
+        let Some((req, rest)) = line.split_once("\" ") else {
             continue;
         };
         if !req.contains("\"GET /v2/") || !req.contains("/blobs/") {
@@ -331,13 +334,20 @@ fn multilayer_image_through_a_registry() -> Res {
     let s = convert(&src_ref, &dst_ref, &t.join("convert.json"), &[]);
     let blobs = s["blobs"].as_array().expect("blobs");
     let layers: Vec<u64> = blobs.iter().filter_map(|b| b["layer"].as_u64()).collect();
-    assert_eq!(layers, vec![0, 1], "one blob per layer that stores content: {s:#}");
+    assert_eq!(
+        layers,
+        vec![0, 1],
+        "one blob per layer that stores content: {s:#}"
+    );
     assert!(
         s["build"]["dedup_chunks"].as_u64().unwrap_or(0) >= 3,
         "tool-copy's chunks are referenced, not stored again: {s:#}"
     );
     // Layer 2's blob holds only its new content, not the 3 MiB copy.
-    assert!(blobs[1]["size"].as_u64().unwrap_or(u64::MAX) < 100_000, "{s:#}");
+    assert!(
+        blobs[1]["size"].as_u64().unwrap_or(u64::MAX) < 100_000,
+        "{s:#}"
+    );
 
     // The same layers built locally, mounted from a blob directory.
     let mut files = Vec::new();
@@ -465,7 +475,14 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     let ranged: u64 = skiff_log
         .lines()
         .filter(|l| l.contains("registry range read"))
-        .filter_map(|l| l.split("len=").nth(1)?.split(' ').next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("len=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     eprintln!(
         "image {image_bytes} bytes; reading one 10 kB file fetched {served} blob bytes in \
@@ -476,7 +493,10 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
         served <= boot_bytes + 2 * (1 << 20),
         "at most the bootstrap and two chunks: {served} bytes"
     );
-    assert!(ranged > 0 && ranged <= 2 * (1 << 20), "range reads: {ranged}");
+    assert!(
+        ranged > 0 && ranged <= 2 * (1 << 20),
+        "range reads: {ranged}"
+    );
     assert!(served < image_bytes / 50);
     Ok(())
 }

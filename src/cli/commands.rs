@@ -370,7 +370,12 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         compressor: a.compressor,
         progress: true,
     })?;
-    println!("{}", summary.build);
+    // The build summary's "blob" line describes one new blob; here there is one per layer.
+    for line in summary.build.to_string().lines() {
+        if !line.starts_with("blob ") {
+            println!("{line}");
+        }
+    }
     for b in &summary.blobs {
         println!(
             "layer {:<5} blob {} as {} ({} bytes)",

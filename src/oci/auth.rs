@@ -235,7 +235,10 @@ enum Scheme {
     /// HTTP basic with the credentials.
     Basic,
     /// Bearer tokens from this realm and service.
-    Bearer { realm: String, service: Option<String> },
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
 }
 
 #[derive(Default)]
@@ -426,7 +429,10 @@ fn parse_token_response(body: &[u8], now: Instant, wall: SystemTime) -> Result<T
     if value.len() > 64 << 10 || value.bytes().any(|b| b.is_ascii_control() || b == b' ') {
         return Err("malformed token".into());
     }
-    let lifetime = r.expires_in.unwrap_or(DEFAULT_TOKEN_SECONDS).min(86400 * 365);
+    let lifetime = r
+        .expires_in
+        .unwrap_or(DEFAULT_TOKEN_SECONDS)
+        .min(86400 * 365);
     // Time already spent since issue (by the server's clock, if it is in the past by ours).
     let spent = r
         .issued_at
@@ -523,8 +529,8 @@ mod tests {
     fn token_expiry() {
         let now = Instant::now();
         let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let t = parse_token_response(br#"{"token":"abc","expires_in":300}"#, now, wall)
-            .expect("token");
+        let t =
+            parse_token_response(br#"{"token":"abc","expires_in":300}"#, now, wall).expect("token");
         assert_eq!(t.value, "abc");
         assert_eq!(t.refresh_at, now + Duration::from_secs(290));
         // Issued 100 s ago: 200 s left.
@@ -570,7 +576,10 @@ mod tests {
         let c = parse_docker_config(text, "docker.io")
             .expect("parse")
             .expect("hub");
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("hub", "secret"));
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("hub", "secret")
+        );
         let c = parse_docker_config(text, "other.example")
             .expect("parse")
             .expect("plain");

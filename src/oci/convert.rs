@@ -136,8 +136,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
             size,
         });
     }
-    let boot = std::fs::read(&bootstrap_path)
-        .map_err(|e| OciError::io("reading", &bootstrap_path, e))?;
+    let boot =
+        std::fs::read(&bootstrap_path).map_err(|e| OciError::io("reading", &bootstrap_path, e))?;
     let boot_digest = target.push_blob_bytes(&boot, work)?;
     layers.push(Descriptor {
         media_type: SKIFF_BOOTSTRAP.to_string(),
@@ -204,9 +204,9 @@ fn rewrite_config(source: &[u8], layers: &[Descriptor]) -> Result<Vec<u8>, OciEr
 
 fn bar(bars: &MultiProgress, len: u64, msg: String) -> ProgressBar {
     let b = bars.add(ProgressBar::new(len));
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg:>16} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-    ) {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>16} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+    {
         b.set_style(style.progress_chars("=> "));
     }
     b.set_message(msg);
@@ -219,7 +219,9 @@ fn sha256_file(path: &Path) -> Result<String, OciError> {
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| OciError::io("reading", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| OciError::io("reading", path, e))?;
         if n == 0 {
             break;
         }
@@ -245,7 +247,8 @@ fn fetch_source(opts: &ConvertOptions, bars: &MultiProgress) -> Result<SourceIma
     let reference = Reference::parse(&opts.source)?;
     let client = RegistryClient::new(&reference, &opts.source_registry)?;
     let (m, _, _) = client.get_manifest()?;
-    let config = client.get_blob_bytes(&m.config.digest, m.config.size, MAX_MANIFEST_BYTES as u64)?;
+    let config =
+        client.get_blob_bytes(&m.config.digest, m.config.size, MAX_MANIFEST_BYTES as u64)?;
     let dir = opts.work_dir.join("layers");
     std::fs::create_dir_all(&dir).map_err(|e| OciError::io("creating", &dir, e))?;
     let mut layers = Vec::new();
@@ -305,7 +308,10 @@ fn from_oci_layout(dir: &Path, _work: &Path) -> Result<SourceImage, OciError> {
     let index_path = dir.join("index.json");
     let mut bytes = Vec::new();
     File::open(&index_path)
-        .and_then(|f| f.take(MAX_MANIFEST_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .and_then(|f| {
+            f.take(MAX_MANIFEST_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
         .map_err(|e| OciError::io("reading", &index_path, e))?;
     let mut fetched = manifest::parse_manifest(&bytes, Some(manifest::OCI_INDEX))?;
     for _ in 0..3 {
@@ -341,7 +347,9 @@ fn from_oci_layout(dir: &Path, _work: &Path) -> Result<SourceImage, OciError> {
             }
         }
     }
-    Err(OciError::Invalid("OCI layout: indexes nested too deep".into()))
+    Err(OciError::Invalid(
+        "OCI layout: indexes nested too deep".into(),
+    ))
 }
 
 /// A `docker save` tarball: `manifest.json` names the config and the layer files.
@@ -376,7 +384,8 @@ fn from_docker_archive(path: &Path, work: &Path) -> Result<SourceImage, OciError
             break;
         }
     }
-    let mj = manifest_json.ok_or_else(|| bad("no manifest.json: not a docker save archive".into()))?;
+    let mj =
+        manifest_json.ok_or_else(|| bad("no manifest.json: not a docker save archive".into()))?;
     let entries: Vec<Entry> =
         serde_json::from_slice(&mj).map_err(|e| bad(format!("manifest.json: {e}")))?;
     let [entry] = entries.as_slice() else {

@@ -58,8 +58,7 @@ impl Reference {
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t
-                    .bytes()
+                && t.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
                 && !t.starts_with(['.', '-']);
             if !ok {
@@ -154,7 +153,11 @@ pub fn check_digest(d: &str) -> Result<(), String> {
     let hex = d
         .strip_prefix("sha256:")
         .ok_or_else(|| format!("digest {d:?} is not sha256"))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(format!("digest {d:?} is not 64 lower-case hex digits"));
     }
     Ok(())

@@ -90,11 +90,10 @@ impl RegistryClient {
         }
         match &opts.proxy {
             Some(p) => {
-                let proxy = reqwest::Proxy::all(p)
-                    .map_err(|source| OciError::Http {
-                        what: format!("proxy {p}"),
-                        source,
-                    })?;
+                let proxy = reqwest::Proxy::all(p).map_err(|source| OciError::Http {
+                    what: format!("proxy {p}"),
+                    source,
+                })?;
                 b = b.proxy(proxy);
             }
             // Configuration flows in as values: no proxy unless one is given.
@@ -279,13 +278,16 @@ impl RegistryClient {
             let what = format!("GET {url}");
             let resp = self.send(ep, &self.pull_scope(), &what, &|| self.http.get(&url))?;
             let mut resp = expect_status(resp, &what, &[StatusCode::OK])?;
-            let file = std::fs::File::create(dest).map_err(|e| OciError::io("creating", dest, e))?;
+            let file =
+                std::fs::File::create(dest).map_err(|e| OciError::io("creating", dest, e))?;
             let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
             let mut hasher = sha2::Sha256::new();
             let mut buf = vec![0u8; 256 << 10];
             let mut total = 0u64;
             loop {
-                let n = resp.read(&mut buf).map_err(|e| OciError::io("downloading", dest, e))?;
+                let n = resp
+                    .read(&mut buf)
+                    .map_err(|e| OciError::io("downloading", dest, e))?;
                 if n == 0 {
                     break;
                 }
@@ -320,7 +322,12 @@ impl RegistryClient {
 
     /// Reads `len` bytes of blob `digest` from `offset` with a `Range` request. The answer must
     /// be `206` with exactly those bytes (redirects, to a CDN or object store, are followed).
-    pub fn get_blob_range(&self, digest: &str, offset: u64, len: usize) -> Result<Vec<u8>, OciError> {
+    pub fn get_blob_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, OciError> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -392,7 +399,8 @@ impl RegistryClient {
             let mut buf = vec![0u8; UPLOAD_CHUNK];
             let mut sent = 0u64;
             while sent < size {
-                let n = read_full(&mut file, &mut buf).map_err(|e| OciError::io("reading", path, e))?;
+                let n =
+                    read_full(&mut file, &mut buf).map_err(|e| OciError::io("reading", path, e))?;
                 if n == 0 {
                     break;
                 }
@@ -548,6 +556,9 @@ mod tests {
         assert!(!is_loopback_host("128.0.0.1"));
         assert_eq!(endpoint("ghcr.io", false).base, "https://ghcr.io");
         assert_eq!(endpoint("ghcr.io", true).base, "http://ghcr.io");
-        assert_eq!(endpoint("127.0.0.1:5000", false).base, "http://127.0.0.1:5000");
+        assert_eq!(
+            endpoint("127.0.0.1:5000", false).base,
+            "http://127.0.0.1:5000"
+        );
     }
 }

@@ -111,7 +111,11 @@ pub fn open_image(client: RegistryClient) -> Result<RemoteImage, OciError> {
         }
     }
     let mut by_id = HashMap::new();
-    for l in manifest.layers.iter().filter(|l| l.media_type == SKIFF_BLOB) {
+    for l in manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == SKIFF_BLOB)
+    {
         let Some(hexid) = l.annotations.get(ANN_BLOB_ID) else {
             return Err(OciError::Invalid(format!(
                 "blob layer {} has no {ANN_BLOB_ID} annotation",
@@ -170,6 +174,8 @@ pub fn open_image(client: RegistryClient) -> Result<RemoteImage, OciError> {
 fn bootstrap_layer(m: &ImageManifest) -> Option<&super::manifest::Descriptor> {
     m.layers.last().filter(|l| {
         l.media_type == SKIFF_BOOTSTRAP
-            && l.annotations.get(ANN_NYDUS_BOOTSTRAP).is_none_or(|v| v == "true")
+            && l.annotations
+                .get(ANN_NYDUS_BOOTSTRAP)
+                .is_none_or(|v| v == "true")
     })
 }
