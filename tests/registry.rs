@@ -349,6 +349,25 @@ fn multilayer_image_through_a_registry() -> Res {
         "{s:#}"
     );
 
+    // The same image from a `docker save` archive, and from the OCI layout directly: the
+    // same tree (root digest).
+    let archive = t.join("saved.tar");
+    write_docker_archive(&archive, &[&gzip(&l1)?, &l2, &l3])?;
+    let s2 = convert(
+        &archive.display().to_string(),
+        &format!("{}/test/skiff:from-archive", reg.addr),
+        &t.join("convert2.json"),
+        &[],
+    );
+    let s3 = convert(
+        &layout.display().to_string(),
+        &format!("{}/test/skiff:from-layout", reg.addr),
+        &t.join("convert3.json"),
+        &[],
+    );
+    assert_eq!(s2["build"]["root_digest"], s["build"]["root_digest"]);
+    assert_eq!(s3["build"]["root_digest"], s["build"]["root_digest"]);
+
     // The same layers built locally, mounted from a blob directory.
     let mut files = Vec::new();
     for (i, l) in [&l1, &l2, &l3].iter().enumerate() {
@@ -379,12 +398,23 @@ fn multilayer_image_through_a_registry() -> Res {
         format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr),
     )?;
     std::env::set_var("DOCKER_CONFIG", &docker_cfg);
+    // A dead mirror first: pulls fall back to the origin.
     let remote = Mount::with_args(
-        &[OsStr::new("--image"), OsStr::new(&dst_ref)],
+        &[
+            OsStr::new("--image"),
+            OsStr::new(&dst_ref),
+            OsStr::new("--mirror"),
+            OsStr::new("127.0.0.1:9"),
+        ],
         &t.join("remote-mnt"),
     );
     std::env::remove_var("DOCKER_CONFIG");
     let got = snapshot(&remote.dir);
+    assert!(
+        remote.log_text().contains("mirror failed"),
+        "the mirror was tried first\n{}",
+        remote.log_text()
+    );
     assert_no_diff("registry image vs local build", &want, &got);
 
     // The layer semantics, spelt out.
@@ -411,6 +441,33 @@ fn multilayer_image_through_a_registry() -> Res {
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("401"), "{text}");
+    Ok(())
+}
+
+/// Writes a `docker save` style archive of `layers`.
+fn write_docker_archive(path: &Path, layers: &[&[u8]]) -> Res {
+    let mut b = tar::Builder::new(fs::File::create(path)?);
+    let mut add = |name: &str, data: &[u8]| -> Res {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data)?;
+        Ok(())
+    };
+    let mut names = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let name = format!("{i:064x}/layer.tar");
+        add(&name, l)?;
+        names.push(name);
+    }
+    let config = br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    add("cfg.json", config)?;
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": "cfg.json", "RepoTags": ["test:v1"], "Layers": names}
+    ]))?;
+    add("manifest.json", &manifest)?;
+    b.finish()?;
     Ok(())
 }
 

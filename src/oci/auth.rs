@@ -595,4 +595,96 @@ mod tests {
             "Basic YTpi"
         );
     }
+
+    /// A token endpoint on loopback that answers `n` requests with the next token, and
+    /// records the requests' first lines and Authorization headers.
+    fn token_server(n: usize, expires_in: u64) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let h = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for i in 0..n {
+                let Ok((s, _)) = l.accept() else { break };
+                let mut r = BufReader::new(s);
+                let mut line = String::new();
+                let mut req = String::new();
+                while r.read_line(&mut line).is_ok_and(|k| k > 0) {
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if line.starts_with("GET")
+                        || line.to_ascii_lowercase().starts_with("authorization")
+                    {
+                        req.push_str(line.trim());
+                        req.push(' ');
+                    }
+                    line.clear();
+                }
+                seen.push(req);
+                let body = format!(r#"{{"token":"tok{i}","expires_in":{expires_in}}}"#);
+                let mut s = r.into_inner();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+            seen
+        });
+        (format!("http://{addr}/token"), h)
+    }
+
+    #[test]
+    fn bearer_tokens_fetched_and_refreshed() {
+        // expires_in 2: the refresh margin (half the lifetime here) makes it due after 1 s.
+        let (realm, server) = token_server(2, 2);
+        let http = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let auth = Authenticator::new(Some(Credentials {
+            username: "u".into(),
+            password: "p".into(),
+        }));
+        let scope = "repository:a/b:pull";
+        assert_eq!(auth.header("reg", scope), None);
+        let challenge = format!(r#"Bearer realm="{realm}",service="reg.test",scope="{scope}""#);
+        assert!(auth
+            .challenged(&http, "reg", Some(&challenge), scope)
+            .expect("challenge answered"));
+        assert_eq!(auth.header("reg", scope).as_deref(), Some("Bearer tok0"));
+        assert!(!auth.needs_refresh("reg", scope));
+        assert!(auth.needs_refresh("reg", "repository:other:pull"));
+        std::thread::sleep(Duration::from_millis(1100));
+        assert!(auth.needs_refresh("reg", scope));
+        assert_eq!(auth.header("reg", scope), None, "a stale token is not sent");
+        auth.refresh_known(&http, "reg", scope).expect("refresh");
+        assert_eq!(auth.header("reg", scope).as_deref(), Some("Bearer tok1"));
+        let seen = server.join().expect("server");
+        assert_eq!(seen.len(), 2);
+        for req in &seen {
+            assert!(req.contains("service=reg.test"), "{req}");
+            assert!(req.contains("scope=repository%3Aa%2Fb%3Apull"), "{req}");
+            assert!(
+                req.contains("Basic dTpw"),
+                "credentials sent to the realm: {req}"
+            );
+        }
+        // Basic: credentials are retried once, then the 401 stands.
+        assert!(auth
+            .challenged(&http, "basic-host", Some(r#"Basic realm="r""#), scope)
+            .expect("basic"));
+        assert_eq!(
+            auth.header("basic-host", scope).as_deref(),
+            Some("Basic dTpw")
+        );
+        assert!(!auth
+            .challenged(&http, "basic-host", Some(r#"Basic realm="r""#), scope)
+            .expect("basic again"));
+        let anon = Authenticator::new(None);
+        assert!(!anon
+            .challenged(&http, "h", Some(r#"Basic realm="r""#), scope)
+            .expect("anonymous basic"));
+    }
 }
