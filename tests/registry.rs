@@ -429,6 +429,38 @@ fn multilayer_image_through_a_registry() -> Res {
     remote.unmount();
     local.unmount();
 
+    // `serve --image` opens the same image and listens for a VMM.
+    let sock = t.join("vhost.sock");
+    let mut serve = Command::new(skiff())
+        .args([
+            "serve",
+            "--image",
+            &dst_ref,
+            "--registry-auth",
+            &format!("{USER}:{PASS}"),
+        ])
+        .arg("--socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(20) {
+        if serve.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let listening = sock.exists();
+    let _ = serve.kill();
+    let out = serve.wait_with_output()?;
+    assert!(
+        listening,
+        "skiff serve --image did not create its socket\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // Without credentials the registry refuses, and skiff says so.
     let empty_cfg = t.join("no-docker");
     fs::create_dir_all(&empty_cfg)?;
