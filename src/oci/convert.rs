@@ -460,4 +460,74 @@ mod tests {
         assert_eq!(v["config"]["Env"][0], "A=1");
         assert!(rewrite_config(b"[]", &[]).is_err());
     }
+
+    fn tar_layer(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, data.as_slice())
+                .expect("append");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    #[test]
+    fn one_blob_per_layer_and_no_chunk_stored_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let noise = |seed: u8, n: usize| -> Vec<u8> {
+            let mut v = vec![0u8; n];
+            blake3::Hasher::new()
+                .update(&[seed])
+                .finalize_xof()
+                .fill(&mut v);
+            v
+        };
+        let a = noise(1, 20_000);
+        let layers = [
+            tar_layer(&[("a", a.clone()), ("b", noise(2, 9000))]),
+            tar_layer(&[
+                (".wh.b", Vec::new()),
+                ("c", noise(3, 5000)),
+                ("a2", a.clone()),
+            ]),
+            tar_layer(&[(".wh.c", Vec::new())]),
+            tar_layer(&[("d", noise(4, 100))]),
+        ];
+        let mut paths = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let p = dir.path().join(format!("l{i}.tar"));
+            std::fs::write(&p, l).expect("write");
+            paths.push(p);
+        }
+        let opts = BuildOptions {
+            bootstrap: dir.path().join("boot"),
+            blob_dir: dir.path().join("blobs"),
+            chunk_size: 4096,
+            compressor: Compressor::None,
+            chunk_dicts: Vec::new(),
+            progress: false,
+        };
+        let (summary, per_layer) = build::build_blob_per_layer(&paths, &opts).expect("build");
+        let sizes: Vec<Option<u64>> = per_layer.iter().map(|r| r.map(|r| r.size.get())).collect();
+        // Layer 1 stores only c (a2 is a's chunks); layer 2 stores nothing.
+        assert_eq!(sizes, vec![Some(29_000), Some(5000), None, Some(100)]);
+        assert_eq!(summary.chunks.dedup_chunks, 5);
+        let b = crate::format::Bootstrap::load(&opts.bootstrap).expect("bootstrap");
+        assert_eq!(b.blobs().len(), 3);
+        for (rec, want) in b.blobs().iter().zip(per_layer.iter().flatten()) {
+            assert_eq!(rec.id, want.id);
+        }
+        let problems = crate::check::verify_chunks(&b, &opts.blob_dir);
+        assert!(
+            problems.is_empty(),
+            "{:?}",
+            problems.iter().map(|p| &p.what).collect::<Vec<_>>()
+        );
+    }
 }

@@ -25,6 +25,8 @@ const ERROR_BODY_QUOTE: u64 = 512;
 const MONOLITHIC_MAX: u64 = 64 << 20;
 /// Chunk size of chunked uploads.
 const UPLOAD_CHUNK: usize = 16 << 20;
+/// How long a mirror that failed is skipped before it is tried again.
+const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
 
 /// How to reach a registry.
 #[derive(Clone, Debug, Default)]
@@ -57,6 +59,8 @@ pub struct RegistryClient {
     reference: Reference,
     origin: Endpoint,
     mirrors: Vec<Endpoint>,
+    /// When each mirror (by index) last failed.
+    mirror_failed: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
 }
 
 /// Whether `host` may be spoken to over plain HTTP without being told: loopback, as Docker.
@@ -113,6 +117,7 @@ impl RegistryClient {
                 .iter()
                 .map(|m| endpoint(m, opts.insecure))
                 .collect(),
+            mirror_failed: std::sync::Mutex::new(vec![None; opts.mirrors.len()]),
         })
     }
 
@@ -179,14 +184,34 @@ impl RegistryClient {
         what: &str,
         f: &dyn Fn(&Endpoint) -> Result<T, OciError>,
     ) -> Result<T, OciError> {
-        for m in &self.mirrors {
+        for (i, m) in self.mirrors.iter().enumerate() {
+            let cooling = self
+                .mirror_failed
+                .lock()
+                .ok()
+                .and_then(|v| v.get(i).copied().flatten());
+            if cooling.is_some_and(|t| t.elapsed() < MIRROR_COOLDOWN) {
+                continue;
+            }
             match f(m) {
                 Ok(v) => return Ok(v),
-                Err(e) => tracing::warn!(
-                    mirror = %m.host,
-                    error = %crate::cli::error_chain(&e),
-                    "{what}: mirror failed, trying the next one"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        mirror = %m.host,
+                        error = %crate::cli::error_chain(&e),
+                        "{what}: mirror failed, trying the next one (skipped for {}s)",
+                        MIRROR_COOLDOWN.as_secs()
+                    );
+                    if let Some(slot) = self
+                        .mirror_failed
+                        .lock()
+                        .ok()
+                        .as_mut()
+                        .and_then(|v| v.get_mut(i))
+                    {
+                        *slot = Some(std::time::Instant::now());
+                    }
+                }
             }
         }
         f(&self.origin)
