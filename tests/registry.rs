@@ -589,3 +589,77 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     assert!(served < image_bytes / 50);
     Ok(())
 }
+
+/// The registry's stored file of blob `digest`.
+fn stored_blob(reg: &Registry, digest: &str) -> PathBuf {
+    let hex = &digest["sha256:".len()..];
+    reg.run
+        .join("storage/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+fn flip_byte(path: &Path, offset: usize) -> Res {
+    let mut b = fs::read(path)?;
+    b[offset] ^= 0x55;
+    fs::write(path, b)?;
+    Ok(())
+}
+
+#[test]
+fn tampered_registry_blobs_are_refused() -> Res {
+    if !require_fuse() {
+        return Ok(());
+    }
+    let Some(reg) = require("a local registry", Registry::start("tamper")) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // "bad" is stored first: its chunk is at offset 0 of the blob.
+    let l = layer(
+        &[
+            Ent::File("bad", 0o644, noise(5000, 1)),
+            Ent::File("good", 0o644, noise(5000, 2)),
+        ],
+        1_700_000_000,
+    )?;
+    let layout = t.join("layout");
+    write_layout(&layout, &[(l, "application/vnd.oci.image.layer.v1.tar")])?;
+    let dst_ref = format!("{}/test/tamper:v1", reg.addr);
+    let s = convert(
+        &layout.display().to_string(),
+        &dst_ref,
+        &t.join("convert.json"),
+        &["--compressor", "none"],
+    );
+    let blob = s["blobs"][0]["digest"].as_str().expect("blob digest");
+    flip_byte(&stored_blob(&reg, blob), 10)?;
+    let auth = format!("{USER}:{PASS}");
+    let args = [
+        OsStr::new("--image"),
+        OsStr::new(&dst_ref),
+        OsStr::new("--registry-auth"),
+        OsStr::new(&auth),
+    ];
+    let m = Mount::with_args(&args, &t.join("mnt"));
+    assert_eq!(fs::read(m.dir.join("good"))?, noise(5000, 2));
+    let err = fs::read(m.dir.join("bad")).expect_err("a corrupted chunk is not served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = m.log_text();
+    m.unmount();
+    assert!(log.contains("failed verification"), "{log}");
+
+    // A corrupted bootstrap is refused before anything is mounted.
+    let boot = s["bootstrap_digest"].as_str().expect("bootstrap digest");
+    flip_byte(&stored_blob(&reg, boot), 100)?;
+    let out = Command::new(skiff())
+        .args(["mount", "--image", &dst_ref, "--registry-auth", &auth])
+        .arg(t.join("never"))
+        .output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("digest"), "{text}");
+    Ok(())
+}
