@@ -173,17 +173,61 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Writes an OCI image layout at `dir` holding one image of `layers` (bytes, media type).
 fn write_layout(dir: &Path, layers: &[(Vec<u8>, &str)]) -> Res {
+    let (md, size) = put_image(dir, layers)?;
+    write_index_json(
+        dir,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": md, "size": size, "platform": {"architecture": "amd64", "os": "linux"}}),
+    )
+}
+
+/// Writes an OCI image layout at `dir` whose `index.json` names an image index of two
+/// platforms: linux/arm64 (listed first) and linux/amd64.
+fn write_multiarch_layout(dir: &Path, amd64: &[(Vec<u8>, &str)], arm64: &[(Vec<u8>, &str)]) -> Res {
+    let (a, asize) = put_image(dir, amd64)?;
+    let (r, rsize) = put_image(dir, arm64)?;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": r, "size": rsize,
+             "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": a, "size": asize,
+             "platform": {"architecture": "amd64", "os": "linux"}},
+        ],
+    }))?;
+    let d = put_blob(dir, &index)?;
+    write_index_json(
+        dir,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": d, "size": index.len()}),
+    )
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> Res<String> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs)?;
-    let put = |bytes: &[u8]| -> Res<String> {
-        let d = sha256(bytes);
-        fs::write(blobs.join(&d[7..]), bytes)?;
-        Ok(d)
-    };
+    let d = sha256(bytes);
+    fs::write(blobs.join(&d[7..]), bytes)?;
+    Ok(d)
+}
+
+fn write_index_json(dir: &Path, entry: &serde_json::Value) -> Res {
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [entry]}))?,
+    )?;
+    Ok(())
+}
+
+/// Stores the layers, a config and a manifest of one image; returns the manifest's digest and
+/// size.
+fn put_image(dir: &Path, layers: &[(Vec<u8>, &str)]) -> Res<(String, usize)> {
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
     for (bytes, mt) in layers {
-        let d = put(bytes)?;
+        let d = put_blob(dir, bytes)?;
         descs.push(serde_json::json!({"mediaType": mt, "digest": d, "size": bytes.len()}));
         diff_ids.push(d);
     }
@@ -192,24 +236,14 @@ fn write_layout(dir: &Path, layers: &[(Vec<u8>, &str)]) -> Res {
         "config": {"Env": ["PATH=/usr/bin"], "Cmd": ["/usr/bin/tool"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))?;
-    let cd = put(&config)?;
+    let cd = put_blob(dir, &config)?;
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
         "layers": descs,
     }))?;
-    let md = put(&manifest)?;
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    fs::write(
-        dir.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": manifest.len(),
-                "platform": {"architecture": "amd64", "os": "linux"}}],
-        }))?,
-    )?;
-    Ok(())
+    Ok((put_blob(dir, &manifest)?, manifest.len()))
 }
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -366,6 +400,36 @@ fn multilayer_image_through_a_registry() -> Res {
         &[],
     );
     assert_eq!(s2["build"]["root_digest"], s["build"]["root_digest"]);
+    // A multi-platform index in the registry: linux/amd64 is picked.
+    let multi = t.join("multiarch");
+    write_multiarch_layout(
+        &multi,
+        &[
+            (gzip(&l1)?, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (l2.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            (l3.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        ],
+        &[(l3.clone(), "application/vnd.oci.image.layer.v1.tar")],
+    )?;
+    let multi_ref = format!("{}/test/multi:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--all", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{USER}:{PASS}"))
+        .arg(format!("oci:{}", multi.display()))
+        .arg(format!("docker://{multi_ref}"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "skopeo copy --all: {}",
+        output_text(&out)
+    );
+    let s4 = convert(
+        &multi_ref,
+        &format!("{}/test/skiff:from-index", reg.addr),
+        &t.join("convert4.json"),
+        &[],
+    );
+    assert_eq!(s4["build"]["root_digest"], s["build"]["root_digest"]);
     assert_eq!(s3["build"]["root_digest"], s["build"]["root_digest"]);
 
     // The same layers built locally, mounted from a blob directory.
