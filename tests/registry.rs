@@ -537,6 +537,21 @@ fn multilayer_image_through_a_registry() -> Res {
     let text = output_text(&out);
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("401"), "{text}");
+
+    // The proxy setting is honoured: through a proxy that is not there, nothing is reached.
+    let out = Command::new(skiff())
+        .args([
+            "mount",
+            "--image",
+            &dst_ref,
+            "--registry-auth",
+            &format!("{USER}:{PASS}"),
+        ])
+        .args(["--proxy", "http://127.0.0.1:9"])
+        .arg(t.join("never"))
+        .output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
     Ok(())
 }
 
