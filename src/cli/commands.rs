@@ -352,7 +352,9 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         }
         _ => crate::oci::RegistryOptions::default(),
     };
-    let target_registry = a.registry.options(&target.registry, a.target_insecure)?;
+    let mut target_registry = a.registry.options(&target.registry, a.target_insecure)?;
+    // An upload's body is sent within one request's timeout: allow for slow links.
+    target_registry.timeout = Some(std::time::Duration::from_secs(600));
     let (work_dir, _tmp) = match &a.work_dir {
         Some(d) => (d.clone(), None),
         None => {

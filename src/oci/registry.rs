@@ -22,7 +22,7 @@ use super::{OciError, Reference};
 /// Bytes of an error body quoted in an error message.
 const ERROR_BODY_QUOTE: u64 = 512;
 /// Largest blob pushed in one PUT (bigger ones go in chunks).
-const MONOLITHIC_MAX: u64 = 64 << 20;
+const MONOLITHIC_MAX: u64 = 16 << 20;
 /// Chunk size of chunked uploads.
 const UPLOAD_CHUNK: usize = 16 << 20;
 /// How long a mirror that failed is skipped before it is tried again.
