@@ -16,6 +16,11 @@ PACKAGES=(
     xz-utils
     zstd
     kmod
+    # registry tests (tests/registry.rs, scripts/registry.sh)
+    docker-registry
+    apache2-utils
+    skopeo
+    curl
 )
 
 usage() {

@@ -21,5 +21,6 @@ pub mod daemon;
 pub mod format;
 pub mod fs;
 pub mod fuse;
+pub mod oci;
 pub mod storage;
 pub mod vhost;

@@ -272,41 +272,53 @@ impl Chunker {
         Ok(loc)
     }
 
-    /// Stores what is queued, names the new blob by its digest, and returns the blob table, the
-    /// new blob's id (if anything was stored) and the counters.
+    /// Stores what is queued and closes the blob being written, naming it by its digest: later
+    /// chunks go to a new blob, while chunks already stored stay where they are and are still
+    /// found for deduplication. Returns the sealed blob's record, or `None` if nothing was
+    /// stored since the last seal. `skiff convert` seals at each layer boundary, so that each
+    /// layer gets its own blob.
+    pub fn seal_blob(&mut self, tree: &mut Tree) -> Result<Option<BlobRecord>, BuildError> {
+        self.flush(tree)?;
+        let (Some(out), Some(index)) = (self.out.take(), self.new_index.take()) else {
+            return Ok(None);
+        };
+        let f = out
+            .into_inner()
+            .map_err(|e| BuildError::io("writing", &self.tmp_path, e.into_error()))?;
+        f.sync_all()
+            .map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
+        let hasher = std::mem::take(&mut self.hasher);
+        let id = *hasher.finalize().as_bytes();
+        let dest = self.blob_dir.join(digest_hex(&id));
+        std::fs::rename(&self.tmp_path, &dest).map_err(|e| BuildError::io("renaming", &dest, e))?;
+        let mut r = BlobRecord::new_zeroed();
+        r.id = id;
+        r.size = U64::new(self.offset);
+        self.offset = 0;
+        let slot = self
+            .blobs
+            .get_mut(index as usize)
+            .ok_or_else(|| BuildError::Internal("sealed blob missing".into()))?;
+        *slot = BlobEntry::Existing(r);
+        self.blob_index_of.insert(id, index);
+        Ok(Some(r))
+    }
+
+    /// Stores what is queued, names the last new blob by its digest, and returns the blob table,
+    /// that blob's id (if anything was stored since the last seal) and the counters.
     #[allow(clippy::type_complexity)]
     pub fn finish(
         mut self,
         tree: &mut Tree,
     ) -> Result<(Vec<BlobRecord>, Option<[u8; DIGEST_LEN]>, ChunkStats), BuildError> {
-        self.flush(tree)?;
-        let mut new_id = None;
-        if let Some(out) = self.out.take() {
-            let f = out
-                .into_inner()
-                .map_err(|e| BuildError::io("writing", &self.tmp_path, e.into_error()))?;
-            f.sync_all()
-                .map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
-            let id = *self.hasher.finalize().as_bytes();
-            let dest = self.blob_dir.join(digest_hex(&id));
-            std::fs::rename(&self.tmp_path, &dest)
-                .map_err(|e| BuildError::io("renaming", &dest, e))?;
-            new_id = Some(id);
+        let new_id = self.seal_blob(tree)?.map(|r| r.id);
+        let mut records = Vec::with_capacity(self.blobs.len());
+        for b in &self.blobs {
+            match b {
+                BlobEntry::Existing(r) => records.push(*r),
+                BlobEntry::New => return Err(BuildError::Internal("unsealed blob".into())),
+            }
         }
-        let size = self.offset;
-        let records = self
-            .blobs
-            .iter()
-            .map(|b| match (b, new_id) {
-                (BlobEntry::Existing(r), _) => *r,
-                (BlobEntry::New, id) => {
-                    let mut r = BlobRecord::new_zeroed();
-                    r.id = id.unwrap_or_default();
-                    r.size = U64::new(size);
-                    r
-                }
-            })
-            .collect();
         Ok((records, new_id, std::mem::take(&mut self.stats)))
     }
 }

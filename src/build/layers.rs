@@ -53,6 +53,17 @@ pub fn apply(
     chunker: &mut Chunker,
     progress: &Progress,
 ) -> Result<Tree, BuildError> {
+    apply_with(layers, chunker, progress, |_, _, _| Ok(()))
+}
+
+/// [`apply`], calling `after_layer(layer index, chunker, tree)` once each layer is applied
+/// (`skiff convert` seals a blob per layer there).
+pub fn apply_with(
+    layers: &[PathBuf],
+    chunker: &mut Chunker,
+    progress: &Progress,
+    mut after_layer: impl FnMut(usize, &mut Chunker, &mut Tree) -> Result<(), BuildError>,
+) -> Result<Tree, BuildError> {
     if layers.is_empty() {
         return Err(BuildError::Invalid("no layers given".into()));
     }
@@ -62,9 +73,10 @@ pub fn apply(
         progress,
         touched: HashMap::new(),
     };
-    for layer in layers {
+    for (i, layer) in layers.iter().enumerate() {
         a.touched.clear();
         a.apply_layer(layer)?;
+        after_layer(i, a.chunker, &mut a.tree)?;
     }
     Ok(a.tree)
 }

@@ -252,6 +252,30 @@ impl Progress {
 
 /// Builds an image from `source`, writing the bootstrap and the new blob.
 pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
+    build_inner(source, opts, None)
+}
+
+/// Builds an image from OCI layer tarballs with one new blob per layer: chunks a layer shares
+/// with an earlier one are referenced in the earlier layer's blob, not stored again. Returns
+/// the summary and, per layer, the blob it produced (`None` if it stored nothing new).
+pub fn build_blob_per_layer(
+    layers: &[PathBuf],
+    opts: &BuildOptions,
+) -> Result<(BuildSummary, Vec<Option<crate::format::BlobRecord>>), BuildError> {
+    let mut per_layer = vec![None; layers.len()];
+    let summary = build_inner(
+        &BuildSource::Layers(layers.to_vec()),
+        opts,
+        Some(&mut per_layer),
+    )?;
+    Ok((summary, per_layer))
+}
+
+fn build_inner(
+    source: &BuildSource,
+    opts: &BuildOptions,
+    per_layer: Option<&mut Vec<Option<crate::format::BlobRecord>>>,
+) -> Result<BuildSummary, BuildError> {
     let start = Instant::now();
     let cs = opts.chunk_size;
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
@@ -268,7 +292,16 @@ pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, 
     let progress = Progress::new(opts.progress);
     let mut tree = match source {
         BuildSource::Dir(d) => dir::scan(d, &mut chunker, &progress)?,
-        BuildSource::Layers(ls) => layers::apply(ls, &mut chunker, &progress)?,
+        BuildSource::Layers(ls) => match per_layer {
+            None => layers::apply(ls, &mut chunker, &progress)?,
+            Some(out) => layers::apply_with(ls, &mut chunker, &progress, |i, c, tree| {
+                let sealed = c.seal_blob(tree)?;
+                if let Some(slot) = out.get_mut(i) {
+                    *slot = sealed;
+                }
+                Ok(())
+            })?,
+        },
     };
     let stats_entries = progress.entries();
     let (blobs, blob_id, stats) = chunker.finish(&mut tree)?;

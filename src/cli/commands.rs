@@ -225,40 +225,208 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
     Ok(0)
 }
 
-/// The image options shared by `mount` and `serve`.
+/// How to reach a registry (`mount --image`, `serve --image`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// Speak plain HTTP to the registry (always done for localhost and 127.0.0.0/8).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Registry credentials as user:password (else $SKIFF_REGISTRY_AUTH, else the Docker
+    /// config file, else anonymous).
+    #[arg(long, value_name = "USER:PASS")]
+    pub registry_auth: Option<String>,
+    /// A mirror host[:port] tried before the image's registry for pulls; repeatable.
+    #[arg(long = "mirror", value_name = "HOST")]
+    pub mirrors: Vec<String>,
+    /// An HTTP proxy URL for registry requests.
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
+}
+
+impl RegistryArgs {
+    /// Registry options for `registry` (credentials looked up for that host).
+    pub fn options(
+        &self,
+        registry: &str,
+        insecure: bool,
+    ) -> Result<crate::oci::RegistryOptions, crate::oci::OciError> {
+        Ok(crate::oci::RegistryOptions {
+            insecure: insecure || self.insecure,
+            mirrors: self.mirrors.clone(),
+            proxy: self.proxy.clone(),
+            credentials: crate::oci::auth::find_credentials(
+                self.registry_auth.as_deref(),
+                registry,
+            )?,
+            timeout: Some(std::time::Duration::from_secs(60)),
+        })
+    }
+}
+
+/// The image options shared by `mount` and `serve`: a local image, or one in a registry.
 #[derive(Args, Debug)]
 pub struct ImageArgs {
     /// The image's bootstrap.
-    #[arg(long)]
-    pub bootstrap: PathBuf,
+    #[arg(long, required_unless_present = "image", requires = "blob_dir")]
+    pub bootstrap: Option<PathBuf>,
     /// Directory holding the image's blobs.
-    #[arg(long)]
-    pub blob_dir: PathBuf,
+    #[arg(long, requires = "bootstrap")]
+    pub blob_dir: Option<PathBuf>,
+    /// A Skiff image in a registry (made by `skiff convert`): its bootstrap is fetched and
+    /// verified at start, its chunks fetched by range on first read.
+    #[arg(long, conflicts_with_all = ["bootstrap", "blob_dir"], value_name = "REF")]
+    pub image: Option<String>,
+    /// Registry settings for --image.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 impl ImageArgs {
     /// Loads the image into a filesystem ready to serve.
     pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
+        let fs_opts = RafsFsOptions {
+            // `mount` and `serve` give the image a connection of its own.
+            zero_message_open: true,
+            ..RafsFsOptions::default()
+        };
+        if let Some(r) = &self.image {
+            let reference = crate::oci::Reference::parse(r)?;
+            let opts = self.registry.options(&reference.registry, false)?;
+            let client = crate::oci::RegistryClient::new(&reference, &opts)?;
+            let img = crate::oci::open_image(client)?;
+            let source = VerifiedChunkSource::new(img.backend, MEMCACHE_BYTES);
+            return Ok(RafsFs::new(
+                Arc::new(img.bootstrap),
+                Arc::new(source),
+                fs_opts,
+            ));
+        }
+        let (Some(bootstrap), Some(blob_dir)) = (&self.bootstrap, &self.blob_dir) else {
+            return Err("give --bootstrap and --blob-dir, or --image".into());
+        };
         let start = std::time::Instant::now();
-        let b = Bootstrap::load(&self.bootstrap)?;
+        let b = Bootstrap::load(bootstrap)?;
         tracing::info!(
-            bootstrap = %self.bootstrap.display(),
+            bootstrap = %bootstrap.display(),
             root = %digest_hex(b.root_digest()),
             inodes = b.inode_count(),
             load_ms = format_args!("{:.1}", start.elapsed().as_secs_f64() * 1000.0),
             "image loaded and verified"
         );
-        let source = VerifiedChunkSource::new(LocalFsBackend::new(&self.blob_dir), MEMCACHE_BYTES);
-        Ok(RafsFs::new(
-            Arc::new(b),
-            Arc::new(source),
-            RafsFsOptions {
-                // `mount` and `serve` give the image a connection of its own.
-                zero_message_open: true,
-                ..RafsFsOptions::default()
-            },
-        ))
+        let source = VerifiedChunkSource::new(LocalFsBackend::new(blob_dir), MEMCACHE_BYTES);
+        Ok(RafsFs::new(Arc::new(b), Arc::new(source), fs_opts))
     }
+}
+
+/// Arguments of `skiff convert`.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The OCI image to convert: a reference, an OCI image layout directory, or a
+    /// `docker save` tarball.
+    #[arg(long, value_name = "REF|DIR|TAR")]
+    pub source: String,
+    /// Where to push the Skiff image (a reference).
+    #[arg(long, value_name = "REF")]
+    pub target: String,
+    /// Speak plain HTTP to the source registry.
+    #[arg(long)]
+    pub source_insecure: bool,
+    /// Speak plain HTTP to the target registry.
+    #[arg(long)]
+    pub target_insecure: bool,
+    /// Registry settings (credentials apply to both registries).
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Scratch directory for layers and blobs (default: a temporary directory, removed).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Chunk size: a power of two from 4K to 16M.
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+    /// Chunk compression.
+    #[arg(long, value_enum, default_value_t = Compressor::Lz4)]
+    pub compressor: Compressor,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `skiff convert`.
+pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
+    let target = crate::oci::Reference::parse(&a.target)?;
+    let source_registry = match crate::oci::Reference::parse(&a.source) {
+        Ok(r) if !std::path::Path::new(&a.source).exists() => {
+            a.registry.options(&r.registry, a.source_insecure)?
+        }
+        _ => crate::oci::RegistryOptions::default(),
+    };
+    let mut target_registry = a.registry.options(&target.registry, a.target_insecure)?;
+    // An upload's body is sent within one request's timeout: allow for slow links.
+    target_registry.timeout = Some(std::time::Duration::from_secs(600));
+    let (work_dir, _tmp) = match &a.work_dir {
+        Some(d) => (d.clone(), None),
+        None => {
+            let t = tempdir_in_var_tmp()?;
+            (t.clone(), Some(RemoveOnDrop(t)))
+        }
+    };
+    let summary = crate::oci::convert(&crate::oci::ConvertOptions {
+        source: a.source,
+        source_registry,
+        target,
+        target_registry,
+        work_dir,
+        chunk_size: a.chunk_size,
+        compressor: a.compressor,
+        progress: true,
+    })?;
+    // The build summary's "blob" line describes one new blob; here there is one per layer.
+    for line in summary.build.to_string().lines() {
+        if !line.starts_with("blob ") {
+            println!("{line}");
+        }
+    }
+    for b in &summary.blobs {
+        println!(
+            "layer {:<5} blob {} as {} ({} bytes)",
+            b.layer, b.blob_id, b.digest, b.size
+        );
+    }
+    println!(
+        "bootstrap   {} ({} bytes)",
+        summary.bootstrap_digest, summary.bootstrap_bytes
+    );
+    println!("pushed      {}@{}", summary.target, summary.manifest_digest);
+    if let Some(j) = a.json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        build::write_atomically(&j, text.as_bytes())?;
+    }
+    Ok(0)
+}
+
+/// A scratch directory removed when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A new private directory under `$TMPDIR` (or /var/tmp, which is on disk, for large layers).
+fn tempdir_in_var_tmp() -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let base = std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    for i in 0..100u32 {
+        let d = base.join(format!("skiff-convert-{}-{i}", std::process::id()));
+        match std::fs::create_dir(&d) {
+            Ok(()) => return Ok(d),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("creating {}: {e}", d.display()).into()),
+        }
+    }
+    Err("no free scratch directory name".into())
 }
 
 /// Arguments of `skiff mount`.

@@ -34,6 +34,8 @@ pub enum Command {
     /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
     /// device whose mounts (the shared directory, container images) are driven over an API.
     Virtiofs(VirtiofsArgs),
+    /// Convert an OCI image into a Skiff image in a registry (one blob per layer).
+    Convert(ConvertArgs),
 }
 
 /// Formats an error and its chain of causes on one line, for operators.
@@ -70,6 +72,7 @@ pub fn main() -> i32 {
         Command::Mount(a) => cmd_mount(a),
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
+        Command::Convert(a) => cmd_convert(a),
     };
     match result {
         Ok(code) => code,

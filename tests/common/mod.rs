@@ -860,15 +860,25 @@ impl Mount {
     /// Mounts `bootstrap` (blobs in `blob_dir`) at `dir` (created if missing), waiting until the
     /// mount answers. The daemon's output goes to `dir` + ".log".
     pub fn new(bootstrap: &Path, blob_dir: &Path, dir: &Path) -> Mount {
+        Self::with_args(
+            &[
+                OsStr::new("--bootstrap"),
+                bootstrap.as_os_str(),
+                OsStr::new("--blob-dir"),
+                blob_dir.as_os_str(),
+            ],
+            dir,
+        )
+    }
+
+    /// Runs `skiff mount ARGS DIR` (e.g. `--image REF`), waiting until the mount answers.
+    pub fn with_args(args: &[&OsStr], dir: &Path) -> Mount {
         mkdir(dir);
         let log = dir.with_extension("log");
         let logf = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let child = Command::new(skiff())
             .arg("mount")
-            .arg("--bootstrap")
-            .arg(bootstrap)
-            .arg("--blob-dir")
-            .arg(blob_dir)
+            .args(args)
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))

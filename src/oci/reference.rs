@@ -1,0 +1,229 @@
+//! Image references: `[host[:port]/]repo[:tag][@sha256:HEX]`, with Docker's defaults.
+
+use super::OciError;
+
+/// The registry a reference without a host names.
+pub const DOCKER_HUB: &str = "docker.io";
+/// Where Docker Hub's API actually lives.
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
+/// A parsed image reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// Registry host, with its port if any (`docker.io`, `127.0.0.1:5000`).
+    pub registry: String,
+    /// Repository path (`library/debian`).
+    pub repository: String,
+    /// Tag, if given; `latest` is assumed when neither tag nor digest is.
+    pub tag: Option<String>,
+    /// Manifest digest (`sha256:…`), if given.
+    pub digest: Option<String>,
+}
+
+impl Reference {
+    /// Parses `s` the way Docker does: the first component is a host if it contains `.` or `:`
+    /// or is `localhost`; Docker Hub names of one component get `library/`.
+    pub fn parse(s: &str) -> Result<Self, OciError> {
+        let bad = |why: &str| OciError::Reference {
+            reference: s.to_string(),
+            why: why.to_string(),
+        };
+        if s.is_empty() || s.len() > 4096 {
+            return Err(bad("empty or too long"));
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => {
+                check_digest(d).map_err(|w| bad(&w))?;
+                (r, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        let (host, path) = match rest.split_once('/') {
+            Some((first, p))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (first.to_string(), p)
+            }
+            _ => (DOCKER_HUB.to_string(), rest),
+        };
+        // A tag is after the last ':' of the last component.
+        let last_slash = path.rfind('/').map_or(0, |i| i + 1);
+        let (repo, tag) = match path[last_slash..].rfind(':') {
+            Some(i) => {
+                let at = last_slash + i;
+                (&path[..at], Some(path[at + 1..].to_string()))
+            }
+            None => (path, None),
+        };
+        if let Some(t) = &tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                && !t.starts_with(['.', '-']);
+            if !ok {
+                return Err(bad("invalid tag"));
+            }
+        }
+        if repo.is_empty() {
+            return Err(bad("no repository"));
+        }
+        for comp in repo.split('/') {
+            let ok = !comp.is_empty()
+                && comp
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && comp.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && comp.ends_with(|c: char| c.is_ascii_alphanumeric());
+            if !ok {
+                return Err(bad(&format!("invalid repository component {comp:?}")));
+            }
+        }
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        {
+            return Err(bad("invalid registry host"));
+        }
+        let repository = if host == DOCKER_HUB && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo.to_string()
+        };
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
+        Ok(Self {
+            registry: host,
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// What to put after `/manifests/`: the digest if there is one, else the tag.
+    pub fn manifest_ref(&self) -> &str {
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
+    }
+
+    /// The host to talk to (Docker Hub's API host for `docker.io`).
+    pub fn api_host(&self) -> &str {
+        if self.registry == DOCKER_HUB {
+            DOCKER_HUB_API
+        } else {
+            &self.registry
+        }
+    }
+
+    /// The host name without its port.
+    pub fn hostname(&self) -> &str {
+        host_without_port(&self.registry)
+    }
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// `host` without a `:port` suffix (IPv6 literals in brackets keep their colons).
+pub fn host_without_port(host: &str) -> &str {
+    if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
+        return &host[1..=end];
+    }
+    host.split(':').next().unwrap_or(host)
+}
+
+/// Checks that `d` is `sha256:` and 64 lower-case hex digits.
+pub fn check_digest(d: &str) -> Result<(), String> {
+    let hex = d
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("digest {d:?} is not sha256"))?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!("digest {d:?} is not 64 lower-case hex digits"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn p(s: &str) -> Reference {
+        match Reference::parse(s) {
+            Ok(r) => r,
+            Err(e) => panic!("{s}: {e}"),
+        }
+    }
+
+    #[test]
+    fn docker_hub_defaults() {
+        let r = p("debian");
+        assert_eq!(r.registry, "docker.io");
+        assert_eq!(r.repository, "library/debian");
+        assert_eq!(r.tag.as_deref(), Some("latest"));
+        assert_eq!(r.api_host(), "registry-1.docker.io");
+        let r = p("someone/app:1.2");
+        assert_eq!(r.repository, "someone/app");
+        assert_eq!(r.tag.as_deref(), Some("1.2"));
+    }
+
+    #[test]
+    fn hosts_ports_tags_digests() {
+        let r = p("127.0.0.1:5000/a/b:v1");
+        assert_eq!(r.registry, "127.0.0.1:5000");
+        assert_eq!(r.hostname(), "127.0.0.1");
+        assert_eq!(r.repository, "a/b");
+        assert_eq!(r.tag.as_deref(), Some("v1"));
+        let r = p(&format!("localhost/x@{D}"));
+        assert_eq!(r.registry, "localhost");
+        assert_eq!(r.tag, None);
+        assert_eq!(r.manifest_ref(), D);
+        let r = p(&format!("ghcr.io/o/r:t@{D}"));
+        assert_eq!(r.tag.as_deref(), Some("t"));
+        assert_eq!(r.manifest_ref(), D);
+        assert_eq!(r.to_string(), format!("ghcr.io/o/r:t@{D}"));
+        // A first component without '.' or ':' is a path, not a host.
+        assert_eq!(p("foo/bar").registry, "docker.io");
+        assert_eq!(p("foo/bar").repository, "foo/bar");
+        assert_eq!(host_without_port("[::1]:5000"), "::1");
+    }
+
+    #[test]
+    fn refuses_bad_references() {
+        for s in [
+            "",
+            "Upper/case",
+            "a:",
+            "host:5000/",
+            "x@sha256:1234",
+            "x@md5:0123",
+            "a//b",
+            "a/b:-tag",
+            "a/b:t/c",
+            "a b",
+        ] {
+            assert!(Reference::parse(s).is_err(), "{s:?} accepted");
+        }
+    }
+}

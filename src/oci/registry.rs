@@ -1,0 +1,589 @@
+//! A blocking client for the OCI distribution API: manifests, blobs and blob ranges (pulls,
+//! tried on mirrors first), blob and manifest pushes.
+//!
+//! Everything a registry sends is untrusted: sizes are bounded before anything is allocated,
+//! whole downloads are checked against their sha256 digest, and range reads must come back as
+//! `206` with exactly the bytes asked for (their content is checked later, by chunk digests).
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE};
+use reqwest::StatusCode;
+use sha2::Digest;
+
+use super::auth::{Authenticator, Credentials};
+use super::manifest::{self, Fetched, ImageManifest, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
+use super::{OciError, Reference};
+
+/// Bytes of an error body quoted in an error message.
+const ERROR_BODY_QUOTE: u64 = 512;
+/// Largest blob pushed in one PUT (bigger ones go in chunks).
+const MONOLITHIC_MAX: u64 = 16 << 20;
+/// Chunk size of chunked uploads.
+const UPLOAD_CHUNK: usize = 16 << 20;
+/// How long a mirror that failed is skipped before it is tried again.
+const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// How to reach a registry.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryOptions {
+    /// Use plain HTTP even for hosts other than `localhost` and `127.0.0.0/8`.
+    pub insecure: bool,
+    /// Hosts (`host[:port]`) tried, in order, before the origin for pulls.
+    pub mirrors: Vec<String>,
+    /// An HTTP proxy URL for all requests.
+    pub proxy: Option<String>,
+    /// Credentials; anonymous when `None`.
+    pub credentials: Option<Credentials>,
+    /// Timeout of one request (connect and read); none when `None`.
+    pub timeout: Option<Duration>,
+}
+
+/// One registry endpoint (the origin or a mirror).
+#[derive(Clone, Debug)]
+struct Endpoint {
+    /// `host[:port]`, the key of its authentication state.
+    host: String,
+    /// `http://host` or `https://host`.
+    base: String,
+}
+
+/// A client for one repository of one registry.
+pub struct RegistryClient {
+    http: Client,
+    auth: Authenticator,
+    reference: Reference,
+    origin: Endpoint,
+    mirrors: Vec<Endpoint>,
+    /// When each mirror (by index) last failed.
+    mirror_failed: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
+}
+
+/// Whether `host` may be spoken to over plain HTTP without being told: loopback, as Docker.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = super::reference::host_without_port(host);
+    h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn endpoint(host: &str, insecure: bool) -> Endpoint {
+    let scheme = if insecure || is_loopback_host(host) {
+        "http"
+    } else {
+        "https"
+    };
+    Endpoint {
+        host: host.to_string(),
+        base: format!("{scheme}://{host}"),
+    }
+}
+
+impl RegistryClient {
+    /// A client for `reference`'s repository.
+    pub fn new(reference: &Reference, opts: &RegistryOptions) -> Result<Self, OciError> {
+        let mut b = Client::builder()
+            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::limited(5));
+        if let Some(t) = opts.timeout {
+            b = b.timeout(t).connect_timeout(t);
+        } else {
+            b = b.timeout(None);
+        }
+        match &opts.proxy {
+            Some(p) => {
+                let proxy = reqwest::Proxy::all(p).map_err(|source| OciError::Http {
+                    what: format!("proxy {p}"),
+                    source,
+                })?;
+                b = b.proxy(proxy);
+            }
+            // Configuration flows in as values: no proxy unless one is given.
+            None => b = b.no_proxy(),
+        }
+        let http = b.build().map_err(|source| OciError::Http {
+            what: "creating the HTTP client".into(),
+            source,
+        })?;
+        Ok(Self {
+            http,
+            auth: Authenticator::new(opts.credentials.clone()),
+            reference: reference.clone(),
+            origin: endpoint(reference.api_host(), opts.insecure),
+            mirrors: opts
+                .mirrors
+                .iter()
+                .map(|m| endpoint(m, opts.insecure))
+                .collect(),
+            mirror_failed: std::sync::Mutex::new(vec![None; opts.mirrors.len()]),
+        })
+    }
+
+    /// The reference this client was made for.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    fn pull_scope(&self) -> String {
+        format!("repository:{}:pull", self.reference.repository)
+    }
+
+    fn push_scope(&self) -> String {
+        format!("repository:{}:pull,push", self.reference.repository)
+    }
+
+    fn url(&self, ep: &Endpoint, tail: &str) -> String {
+        format!("{}/v2/{}/{tail}", ep.base, self.reference.repository)
+    }
+
+    /// Sends a request built by `make`, authenticating it, and once more after a 401 that a
+    /// new token or credentials can answer.
+    fn send(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        what: &str,
+        make: &dyn Fn() -> RequestBuilder,
+    ) -> Result<Response, OciError> {
+        if self.auth.needs_refresh(&ep.host, scope) {
+            self.auth.refresh_known(&self.http, &ep.host, scope)?;
+        }
+        for attempt in 0..2 {
+            let mut req = make();
+            if let Some(h) = self.auth.header(&ep.host, scope) {
+                req = req.header(AUTHORIZATION, h);
+            }
+            let resp = req.send().map_err(|source| OciError::Http {
+                what: what.to_string(),
+                source,
+            })?;
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                return Ok(resp);
+            }
+            let challenge = resp
+                .headers()
+                .get(reqwest::header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            if !self
+                .auth
+                .challenged(&self.http, &ep.host, challenge.as_deref(), scope)?
+            {
+                return Ok(resp);
+            }
+        }
+        Err(OciError::Auth(format!("{what}: unauthorized")))
+    }
+
+    /// Tries `f` on each mirror, then on the origin; returns the first success, or the origin's
+    /// error.
+    fn pull<T>(
+        &self,
+        what: &str,
+        f: &dyn Fn(&Endpoint) -> Result<T, OciError>,
+    ) -> Result<T, OciError> {
+        for (i, m) in self.mirrors.iter().enumerate() {
+            let cooling = self
+                .mirror_failed
+                .lock()
+                .ok()
+                .and_then(|v| v.get(i).copied().flatten());
+            if cooling.is_some_and(|t| t.elapsed() < MIRROR_COOLDOWN) {
+                continue;
+            }
+            match f(m) {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(
+                        mirror = %m.host,
+                        error = %crate::cli::error_chain(&e),
+                        "{what}: mirror failed, trying the next one (skipped for {}s)",
+                        MIRROR_COOLDOWN.as_secs()
+                    );
+                    if let Some(slot) = self
+                        .mirror_failed
+                        .lock()
+                        .ok()
+                        .as_mut()
+                        .and_then(|v| v.get_mut(i))
+                    {
+                        *slot = Some(std::time::Instant::now());
+                    }
+                }
+            }
+        }
+        f(&self.origin)
+    }
+
+    /// Fetches the image manifest, resolving an index to its linux/amd64 manifest. Returns the
+    /// manifest, its bytes and its digest (checked against the reference's digest, if any).
+    pub fn get_manifest(&self) -> Result<(ImageManifest, Vec<u8>, String), OciError> {
+        let mut wanted = self.reference.manifest_ref().to_string();
+        for _ in 0..2 {
+            let (bytes, ctype) = self.pull(&format!("manifest {wanted}"), &|ep| {
+                self.get_manifest_bytes(ep, &wanted)
+            })?;
+            let digest = manifest::sha256_digest(&bytes);
+            if wanted.starts_with("sha256:") && digest != wanted {
+                return Err(OciError::Digest {
+                    what: format!("manifest of {}", self.reference),
+                    got: digest,
+                    want: wanted,
+                });
+            }
+            match manifest::parse_manifest(&bytes, ctype.as_deref())? {
+                Fetched::Manifest(m) => return Ok((m, bytes, digest)),
+                Fetched::Index(i) => wanted = manifest::pick_platform(&i)?.digest.clone(),
+            }
+        }
+        Err(OciError::Invalid(format!(
+            "{}: an index points to another index",
+            self.reference
+        )))
+    }
+
+    fn get_manifest_bytes(
+        &self,
+        ep: &Endpoint,
+        wanted: &str,
+    ) -> Result<(Vec<u8>, Option<String>), OciError> {
+        let url = self.url(ep, &format!("manifests/{wanted}"));
+        let what = format!("GET {url}");
+        let resp = self.send(ep, &self.pull_scope(), &what, &|| {
+            self.http.get(&url).header(ACCEPT, MANIFEST_ACCEPT)
+        })?;
+        let resp = expect_status(resp, &what, &[StatusCode::OK])?;
+        let ctype = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = read_bounded(resp, MAX_MANIFEST_BYTES as u64, &what)?;
+        Ok((bytes, ctype))
+    }
+
+    /// Fetches a small blob (a config, a bootstrap) whole into memory, checking its size and
+    /// digest. `max` bounds what is read.
+    pub fn get_blob_bytes(&self, digest: &str, size: u64, max: u64) -> Result<Vec<u8>, OciError> {
+        if size > max {
+            return Err(OciError::Invalid(format!(
+                "blob {digest} is {size} bytes, more than the {max} allowed"
+            )));
+        }
+        self.pull(&format!("blob {digest}"), &|ep| {
+            let url = self.url(ep, &format!("blobs/{digest}"));
+            let what = format!("GET {url}");
+            let resp = self.send(ep, &self.pull_scope(), &what, &|| self.http.get(&url))?;
+            let resp = expect_status(resp, &what, &[StatusCode::OK])?;
+            let bytes = read_bounded(resp, size, &what)?;
+            if bytes.len() as u64 != size {
+                return Err(OciError::Invalid(format!(
+                    "{what}: {} bytes, the descriptor says {size}",
+                    bytes.len()
+                )));
+            }
+            manifest::verify_digest(&what, &bytes, digest)?;
+            Ok(bytes)
+        })
+    }
+
+    /// Streams blob `digest` of `size` bytes into the file `dest`, checking size and digest;
+    /// `progress` is told of each piece received.
+    pub fn get_blob_to_file(
+        &self,
+        digest: &str,
+        size: u64,
+        dest: &Path,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), OciError> {
+        self.pull(&format!("blob {digest}"), &|ep| {
+            let url = self.url(ep, &format!("blobs/{digest}"));
+            let what = format!("GET {url}");
+            let resp = self.send(ep, &self.pull_scope(), &what, &|| self.http.get(&url))?;
+            let mut resp = expect_status(resp, &what, &[StatusCode::OK])?;
+            let file =
+                std::fs::File::create(dest).map_err(|e| OciError::io("creating", dest, e))?;
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; 256 << 10];
+            let mut total = 0u64;
+            loop {
+                let n = resp
+                    .read(&mut buf)
+                    .map_err(|e| OciError::io("downloading", dest, e))?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                if total > size {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: more than the {size} bytes the descriptor says"
+                    )));
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| OciError::io("writing", dest, e))?;
+                progress(n as u64);
+            }
+            out.flush().map_err(|e| OciError::io("writing", dest, e))?;
+            if total != size {
+                return Err(OciError::Invalid(format!(
+                    "{what}: {total} bytes, the descriptor says {size}"
+                )));
+            }
+            let got = format!("sha256:{}", hex::encode(hasher.finalize()));
+            if got != digest {
+                return Err(OciError::Digest {
+                    what,
+                    got,
+                    want: digest.to_string(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads `len` bytes of blob `digest` from `offset` with a `Range` request. The answer must
+    /// be `206` with exactly those bytes (redirects, to a CDN or object store, are followed).
+    pub fn get_blob_range(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, OciError> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let last = offset
+            .checked_add(len as u64 - 1)
+            .ok_or_else(|| OciError::Invalid("range overflows".into()))?;
+        self.pull(&format!("blob {digest} range"), &|ep| {
+            let url = self.url(ep, &format!("blobs/{digest}"));
+            let what = format!("GET {url} bytes={offset}-{last}");
+            let range = format!("bytes={offset}-{last}");
+            let resp = self.send(ep, &self.pull_scope(), &what, &|| {
+                self.http.get(&url).header(RANGE, &range)
+            })?;
+            let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
+            if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
+                let want = format!("bytes {offset}-{last}/");
+                if !cr.to_str().is_ok_and(|s| s.starts_with(&want)) {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: answered with Content-Range {cr:?}"
+                    )));
+                }
+            }
+            let bytes = read_bounded(resp, len as u64, &what)?;
+            if bytes.len() != len {
+                return Err(OciError::Invalid(format!(
+                    "{what}: {} bytes instead of {len}",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes)
+        })
+    }
+
+    /// Whether the origin has blob `digest`.
+    pub fn blob_exists(&self, digest: &str) -> Result<bool, OciError> {
+        let ep = &self.origin;
+        let url = self.url(ep, &format!("blobs/{digest}"));
+        let what = format!("HEAD {url}");
+        let resp = self.send(ep, &self.push_scope(), &what, &|| self.http.head(&url))?;
+        match resp.status() {
+            StatusCode::OK => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => expect_status(resp, &what, &[StatusCode::OK]).map(|_| false),
+        }
+    }
+
+    /// Pushes the file `path` as blob `digest` (unless the registry has it): one `PUT` for
+    /// small blobs, `PATCH`ed chunks then a closing `PUT` for large ones.
+    pub fn push_blob_file(
+        &self,
+        path: &Path,
+        digest: &str,
+        size: u64,
+        progress: &dyn Fn(u64),
+    ) -> Result<(), OciError> {
+        if self.blob_exists(digest)? {
+            progress(size);
+            return Ok(());
+        }
+        let ep = &self.origin;
+        let scope = self.push_scope();
+        let start_url = self.url(ep, "blobs/uploads/");
+        let what = format!("POST {start_url}");
+        let resp = self.send(ep, &scope, &what, &|| self.http.post(&start_url))?;
+        let resp = expect_status(resp, &what, &[StatusCode::ACCEPTED])?;
+        let mut location = self.location(ep, &resp, &what)?;
+        let mut file = std::fs::File::open(path).map_err(|e| OciError::io("opening", path, e))?;
+        if size > MONOLITHIC_MAX {
+            let mut buf = vec![0u8; UPLOAD_CHUNK];
+            let mut sent = 0u64;
+            while sent < size {
+                let n =
+                    read_full(&mut file, &mut buf).map_err(|e| OciError::io("reading", path, e))?;
+                if n == 0 {
+                    break;
+                }
+                let body = buf[..n].to_vec();
+                let what = format!("PATCH upload of {digest}");
+                let range = format!("{sent}-{}", sent + n as u64 - 1);
+                let loc = location.clone();
+                let resp = self.send(ep, &scope, &what, &|| {
+                    self.http
+                        .patch(&loc)
+                        .header(CONTENT_TYPE, "application/octet-stream")
+                        .header("Content-Range", &range)
+                        .body(body.clone())
+                })?;
+                let resp = expect_status(resp, &what, &[StatusCode::ACCEPTED])?;
+                location = self.location(ep, &resp, &what)?;
+                sent += n as u64;
+                progress(n as u64);
+            }
+            let url = with_digest(&location, digest)?;
+            let what = format!("PUT upload of {digest}");
+            let resp = self.send(ep, &scope, &what, &|| self.http.put(url.clone()))?;
+            expect_status(resp, &what, &[StatusCode::CREATED])?;
+        } else {
+            let mut body = Vec::with_capacity(size as usize);
+            file.read_to_end(&mut body)
+                .map_err(|e| OciError::io("reading", path, e))?;
+            let url = with_digest(&location, digest)?;
+            let what = format!("PUT upload of {digest}");
+            let resp = self.send(ep, &scope, &what, &|| {
+                self.http
+                    .put(url.clone())
+                    .header(CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })?;
+            expect_status(resp, &what, &[StatusCode::CREATED])?;
+            progress(size);
+        }
+        Ok(())
+    }
+
+    /// Pushes in-memory `bytes` as a blob, returning its digest.
+    pub fn push_blob_bytes(&self, bytes: &[u8], tmp_dir: &Path) -> Result<String, OciError> {
+        let digest = manifest::sha256_digest(bytes);
+        let path = tmp_dir.join(format!(".push-{}", &digest[7..]));
+        std::fs::write(&path, bytes).map_err(|e| OciError::io("writing", &path, e))?;
+        let r = self.push_blob_file(&path, &digest, bytes.len() as u64, &|_| {});
+        let _ = std::fs::remove_file(&path);
+        r.map(|()| digest)
+    }
+
+    /// Pushes a manifest under `tag` (or its digest).
+    pub fn push_manifest(&self, tag: &str, bytes: &[u8], media_type: &str) -> Result<(), OciError> {
+        let ep = &self.origin;
+        let url = self.url(ep, &format!("manifests/{tag}"));
+        let what = format!("PUT {url}");
+        let resp = self.send(ep, &self.push_scope(), &what, &|| {
+            self.http
+                .put(&url)
+                .header(CONTENT_TYPE, media_type)
+                .body(bytes.to_vec())
+        })?;
+        expect_status(resp, &what, &[StatusCode::CREATED])?;
+        Ok(())
+    }
+
+    /// The absolute upload URL of a `Location` header (which may be relative).
+    fn location(&self, ep: &Endpoint, resp: &Response, what: &str) -> Result<String, OciError> {
+        let loc = resp
+            .headers()
+            .get(LOCATION)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .ok_or_else(|| OciError::Invalid(format!("{what}: no Location header")))?;
+        let base = reqwest::Url::parse(&ep.base)
+            .map_err(|e| OciError::Invalid(format!("{what}: base URL: {e}")))?;
+        base.join(loc)
+            .map(|u| u.to_string())
+            .map_err(|e| OciError::Invalid(format!("{what}: Location {loc:?}: {e}")))
+    }
+}
+
+fn with_digest(location: &str, digest: &str) -> Result<reqwest::Url, OciError> {
+    let mut url = reqwest::Url::parse(location)
+        .map_err(|e| OciError::Invalid(format!("upload location {location:?}: {e}")))?;
+    url.query_pairs_mut().append_pair("digest", digest);
+    Ok(url)
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Turns a response with an unexpected status into an error quoting the start of its body.
+fn expect_status(resp: Response, what: &str, ok: &[StatusCode]) -> Result<Response, OciError> {
+    let status = resp.status();
+    if ok.contains(&status) {
+        return Ok(resp);
+    }
+    let mut body = Vec::new();
+    let _ = resp.take(ERROR_BODY_QUOTE).read_to_end(&mut body);
+    let text = String::from_utf8_lossy(&body);
+    let text = text.trim();
+    Err(OciError::Status {
+        what: what.to_string(),
+        status: status.as_u16(),
+        detail: if text.is_empty() {
+            String::new()
+        } else {
+            format!(" ({text})")
+        },
+    })
+}
+
+/// Reads at most `max` bytes of a body; more is an error.
+fn read_bounded(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, OciError> {
+    if let Some(n) = resp.content_length() {
+        if n > max {
+            return Err(OciError::Invalid(format!(
+                "{what}: {n} bytes announced, at most {max} expected"
+            )));
+        }
+    }
+    let mut body = Vec::new();
+    resp.take(max + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| OciError::Invalid(format!("{what}: reading the body: {e}")))?;
+    if body.len() as u64 > max {
+        return Err(OciError::Invalid(format!(
+            "{what}: more than the {max} bytes expected"
+        )));
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_plain_http() {
+        assert!(is_loopback_host("localhost:5000"));
+        assert!(is_loopback_host("127.0.0.1:5000"));
+        assert!(is_loopback_host("127.3.4.5"));
+        assert!(is_loopback_host("[::1]:5000"));
+        assert!(!is_loopback_host("ghcr.io"));
+        assert!(!is_loopback_host("128.0.0.1"));
+        assert_eq!(endpoint("ghcr.io", false).base, "https://ghcr.io");
+        assert_eq!(endpoint("ghcr.io", true).base, "http://ghcr.io");
+        assert_eq!(
+            endpoint("127.0.0.1:5000", false).base,
+            "http://127.0.0.1:5000"
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! [`RegistryBackend`]: Skiff blobs read by range from the layers of an image in a registry.
+//!
+//! A Skiff blob is named by its blake3 id; in the registry it is a layer named by its sha256
+//! digest. The map between the two comes from the layers' `io.skiff.rafs.blob-id` annotations,
+//! checked against the bootstrap's blob table (id and size) when the image is opened.
+
+use std::collections::HashMap;
+
+use super::manifest::{
+    ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, SKIFF_BLOB, SKIFF_BOOTSTRAP,
+};
+use super::{OciError, RegistryClient};
+use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
+use crate::storage::{BackendError, BlobBackend};
+
+/// Largest bootstrap fetched (the format's own limit).
+const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+
+/// Where a Skiff blob is in the registry.
+#[derive(Clone, Debug)]
+struct LayerLoc {
+    digest: String,
+    size: u64,
+}
+
+/// Reads Skiff blobs from a registry, one range request per read. Unverified, like every
+/// backend: [`crate::storage::VerifiedChunkSource`] checks each chunk.
+pub struct RegistryBackend {
+    client: RegistryClient,
+    layers: HashMap<[u8; DIGEST_LEN], LayerLoc>,
+}
+
+impl RegistryBackend {
+    /// The layer digest holding blob `id`, if the image has it.
+    pub fn layer_digest(&self, id: &[u8; DIGEST_LEN]) -> Option<&str> {
+        self.layers.get(id).map(|l| l.digest.as_str())
+    }
+}
+
+impl BlobBackend for RegistryBackend {
+    fn read_range(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        let path = || format!("{}@{}", self.client.reference(), digest_hex(id));
+        let Some(layer) = self.layers.get(id) else {
+            return Err(BackendError::Io {
+                op: "finding the registry layer of blob",
+                path: path(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such layer"),
+            });
+        };
+        let end = offset.saturating_add(len as u64);
+        if end > layer.size {
+            return Err(BackendError::ShortBlob { path: path(), end });
+        }
+        let t = std::time::Instant::now();
+        let bytes = self
+            .client
+            .get_blob_range(&layer.digest, offset, len)
+            .map_err(|e| BackendError::Io {
+                op: "reading from the registry",
+                path: format!("{}@{}", self.client.reference(), layer.digest),
+                source: std::io::Error::other(crate::cli::error_chain(&e)),
+            })?;
+        tracing::debug!(
+            layer = %layer.digest,
+            offset,
+            len,
+            ms = t.elapsed().as_millis() as u64,
+            "registry range read"
+        );
+        Ok(bytes)
+    }
+
+    fn name(&self) -> &'static str {
+        "registry"
+    }
+}
+
+/// A Skiff image opened from a registry: its verified bootstrap and a backend for its blobs.
+pub struct RemoteImage {
+    /// The loaded, validated bootstrap.
+    pub bootstrap: Bootstrap,
+    /// The backend serving its blobs.
+    pub backend: RegistryBackend,
+    /// The manifest's digest.
+    pub manifest_digest: String,
+}
+
+/// Fetches the manifest of `client`'s reference, then the bootstrap layer (checked against its
+/// sha256 digest, then validated), and maps every blob of the bootstrap to its layer.
+pub fn open_image(client: RegistryClient) -> Result<RemoteImage, OciError> {
+    let (manifest, _, manifest_digest) = client.get_manifest()?;
+    let boot = bootstrap_layer(&manifest).ok_or_else(|| {
+        OciError::Invalid(format!(
+            "{} is not a Skiff image: no layer of type {SKIFF_BOOTSTRAP}",
+            client.reference()
+        ))
+    })?;
+    let bytes = client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?;
+    let bootstrap = Bootstrap::from_bytes(bytes)?;
+    if let Some(want) = boot.annotations.get(ANN_ROOT_DIGEST) {
+        let got = digest_hex(bootstrap.root_digest());
+        if &got != want {
+            return Err(OciError::Invalid(format!(
+                "bootstrap root digest {got} differs from the annotation's {want}"
+            )));
+        }
+    }
+    let mut by_id = HashMap::new();
+    for l in manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == SKIFF_BLOB)
+    {
+        let Some(hexid) = l.annotations.get(ANN_BLOB_ID) else {
+            return Err(OciError::Invalid(format!(
+                "blob layer {} has no {ANN_BLOB_ID} annotation",
+                l.digest
+            )));
+        };
+        let mut id = [0u8; DIGEST_LEN];
+        hex::decode_to_slice(hexid, &mut id).map_err(|_| {
+            OciError::Invalid(format!("blob layer {}: bad blob id {hexid:?}", l.digest))
+        })?;
+        by_id.insert(
+            id,
+            LayerLoc {
+                digest: l.digest.clone(),
+                size: l.size,
+            },
+        );
+    }
+    let mut layers = HashMap::new();
+    for b in bootstrap.blobs() {
+        let Some(loc) = by_id.get(&b.id) else {
+            return Err(OciError::Invalid(format!(
+                "the bootstrap refers to blob {} that no layer holds",
+                digest_hex(&b.id)
+            )));
+        };
+        if loc.size != b.size.get() {
+            return Err(OciError::Invalid(format!(
+                "blob {}: layer {} is {} bytes, the bootstrap says {}",
+                digest_hex(&b.id),
+                loc.digest,
+                loc.size,
+                b.size.get()
+            )));
+        }
+        layers.insert(b.id, loc.clone());
+    }
+    tracing::info!(
+        image = %client.reference(),
+        manifest = %manifest_digest,
+        bootstrap = %boot.digest,
+        bootstrap_bytes = boot.size,
+        blobs = layers.len(),
+        root = %digest_hex(bootstrap.root_digest()),
+        "image opened from registry"
+    );
+    Ok(RemoteImage {
+        bootstrap,
+        backend: RegistryBackend { client, layers },
+        manifest_digest,
+    })
+}
+
+/// The bootstrap layer: the last layer, of Skiff's bootstrap type (the Nydus annotation alone
+/// is not enough: a Nydus bootstrap is a different format).
+fn bootstrap_layer(m: &ImageManifest) -> Option<&super::manifest::Descriptor> {
+    m.layers.last().filter(|l| {
+        l.media_type == SKIFF_BOOTSTRAP
+            && l.annotations
+                .get(ANN_NYDUS_BOOTSTRAP)
+                .is_none_or(|v| v == "true")
+    })
+}

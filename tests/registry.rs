@@ -1,0 +1,744 @@
+//! Images in a registry: a multi-layer OCI image pushed to a real registry (Debian's
+//! docker-registry, with htpasswd auth), converted with `skiff convert`, mounted with
+//! `skiff mount --image`, and compared on every field and byte with the same layers built
+//! locally; and a large image of which reading one small file fetches only a few chunks.
+//!
+//! Prerequisites (root, /dev/fuse, docker-registry, skopeo) go through `require`: with
+//! `CI=true` a missing one fails the test.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+
+const USER: &str = "skiff";
+const PASS: &str = "s3cret:pass";
+
+type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+// ---------------------------------------------------------------------------------------------
+// A registry for one test
+
+struct Registry {
+    name: String,
+    run: PathBuf,
+    addr: String,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh")
+}
+
+impl Registry {
+    /// Starts a registry with htpasswd auth, or says why it could not.
+    fn start(name: &str) -> Result<Registry, String> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free port: {e}"))?
+            .port();
+        let run = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registries");
+        let name = format!("{name}-{}", std::process::id());
+        let out = Command::new("bash")
+            .arg(script())
+            .args(["start", "--name", &name, "--port", &port.to_string()])
+            .args(["--htpasswd", &format!("{USER}:{PASS}")])
+            .env("SKIFF_REGISTRY_RUN", &run)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running registry.sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "registry.sh start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(Registry {
+            run: run.join(&name),
+            name,
+            addr,
+        })
+    }
+
+    fn log(&self) -> PathBuf {
+        self.run.join("registry.log")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .args(["stop", "--name", &self.name])
+            .env(
+                "SKIFF_REGISTRY_RUN",
+                self.run.parent().unwrap_or(Path::new("/")),
+            )
+            .status();
+    }
+}
+
+/// Bytes the registry sent for blob GETs in access-log lines from byte `from` of its log:
+/// (total bytes, number of requests).
+fn blob_bytes_served(log: &Path, from: usize) -> (u64, usize) {
+    let text = fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+    let mut total = 0;
+    let mut n = 0;
+    for line in text.lines() {
+        // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 12345 "" "skiff/0.1.0"
+        let Some((req, rest)) = line.split_once("\" ") else {
+            continue;
+        };
+        if !req.contains("\"GET /v2/") || !req.contains("/blobs/") {
+            continue;
+        }
+        let mut f = rest.split(' ');
+        let (Some(_status), Some(bytes)) = (f.next(), f.next()) else {
+            continue;
+        };
+        total += bytes.parse::<u64>().unwrap_or(0);
+        n += 1;
+    }
+    (total, n)
+}
+
+fn have(cmd: &str) -> Result<(), String> {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(drop)
+        .ok_or_else(|| format!("{cmd} is not installed (scripts/install-deps.sh installs it)"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers and OCI layouts
+
+enum Ent<'a> {
+    Dir(&'a str, u32),
+    File(&'a str, u32, Vec<u8>),
+    Symlink(&'a str, &'a str),
+    Link(&'a str, &'a str),
+}
+
+fn layer(entries: &[Ent], mtime: u64) -> Res<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(mtime);
+        h.set_uid(1000);
+        h.set_gid(100);
+        match e {
+            Ent::Dir(p, mode) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_size(0);
+                b.append_data(&mut h, p, &[][..])?;
+            }
+            Ent::File(p, mode, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, data.as_slice())?;
+            }
+            Ent::Symlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, p, target)?;
+            }
+            Ent::Link(p, target) => {
+                h.set_entry_type(tar::EntryType::Link);
+                h.set_mode(0o644);
+                h.set_size(0);
+                b.append_link(&mut h, p, target)?;
+            }
+        }
+    }
+    Ok(b.into_inner()?)
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// Writes an OCI image layout at `dir` holding one image of `layers` (bytes, media type).
+fn write_layout(dir: &Path, layers: &[(Vec<u8>, &str)]) -> Res {
+    let (md, size) = put_image(dir, layers)?;
+    write_index_json(
+        dir,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": md, "size": size, "platform": {"architecture": "amd64", "os": "linux"}}),
+    )
+}
+
+/// Writes an OCI image layout at `dir` whose `index.json` names an image index of two
+/// platforms: linux/arm64 (listed first) and linux/amd64.
+fn write_multiarch_layout(dir: &Path, amd64: &[(Vec<u8>, &str)], arm64: &[(Vec<u8>, &str)]) -> Res {
+    let (a, asize) = put_image(dir, amd64)?;
+    let (r, rsize) = put_image(dir, arm64)?;
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": r, "size": rsize,
+             "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": a, "size": asize,
+             "platform": {"architecture": "amd64", "os": "linux"}},
+        ],
+    }))?;
+    let d = put_blob(dir, &index)?;
+    write_index_json(
+        dir,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": d, "size": index.len()}),
+    )
+}
+
+fn put_blob(dir: &Path, bytes: &[u8]) -> Res<String> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs)?;
+    let d = sha256(bytes);
+    fs::write(blobs.join(&d[7..]), bytes)?;
+    Ok(d)
+}
+
+fn write_index_json(dir: &Path, entry: &serde_json::Value) -> Res {
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [entry]}))?,
+    )?;
+    Ok(())
+}
+
+/// Stores the layers, a config and a manifest of one image; returns the manifest's digest and
+/// size.
+fn put_image(dir: &Path, layers: &[(Vec<u8>, &str)]) -> Res<(String, usize)> {
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (bytes, mt) in layers {
+        let d = put_blob(dir, bytes)?;
+        descs.push(serde_json::json!({"mediaType": mt, "digest": d, "size": bytes.len()}));
+        diff_ids.push(d);
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin"], "Cmd": ["/usr/bin/tool"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))?;
+    let cd = put_blob(dir, &config)?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": config.len()},
+        "layers": descs,
+    }))?;
+    Ok((put_blob(dir, &manifest)?, manifest.len()))
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+fn gzip(data: &[u8]) -> Res<Vec<u8>> {
+    let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    g.write_all(data)?;
+    Ok(g.finish()?)
+}
+
+fn convert(source: &str, target: &str, json: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "convert",
+        "--source",
+        source,
+        "--target",
+        target,
+        "--registry-auth",
+        &format!("{USER}:{PASS}"),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(["--json".to_string(), json.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = skiff_ok(&args);
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let text = fs::read_to_string(json).expect("convert summary");
+    serde_json::from_str(&text).expect("convert summary JSON")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn multilayer_image_through_a_registry() -> Res {
+    if !require_fuse() {
+        return Ok(());
+    }
+    if require("skopeo", have("skopeo")).is_none() {
+        return Ok(());
+    }
+    let Some(reg) = require("a local registry", Registry::start("multilayer")) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    let big = noise(3 << 20, 1);
+    let l1 = layer(
+        &[
+            Ent::Dir("etc", 0o755),
+            Ent::File("etc/conf", 0o644, b"old config\n".to_vec()),
+            Ent::Dir("usr", 0o755),
+            Ent::Dir("usr/bin", 0o755),
+            Ent::File("usr/bin/tool", 0o755, big.clone()),
+            Ent::Link("usr/bin/tool-link", "usr/bin/tool"),
+            Ent::Dir("data", 0o750),
+            Ent::File("data/a", 0o600, b"a".to_vec()),
+            Ent::File("data/b", 0o600, noise(70_000, 2)),
+            Ent::Dir("opq", 0o755),
+            Ent::File("opq/x", 0o644, b"x".to_vec()),
+            Ent::Dir("opq/sub", 0o755),
+            Ent::File("opq/sub/y", 0o644, b"y".to_vec()),
+            Ent::Dir("del", 0o755),
+            Ent::File("del/me", 0o644, b"delete me".to_vec()),
+            Ent::File("del/keep", 0o644, b"keep me".to_vec()),
+            Ent::Symlink("conf-link", "etc/conf"),
+        ],
+        1_700_000_000,
+    )?;
+    let l2 = layer(
+        &[
+            Ent::Dir("del", 0o755),
+            Ent::File("del/.wh.me", 0o644, Vec::new()),
+            Ent::Dir("etc", 0o755),
+            Ent::File("etc/conf", 0o640, b"new config\n".to_vec()),
+            Ent::Dir("opq", 0o700),
+            Ent::File("opq/.wh..wh..opq", 0o644, Vec::new()),
+            Ent::File("opq/new", 0o644, noise(5000, 3)),
+            Ent::Dir("data", 0o755),
+            Ent::File("data/.wh.a", 0o644, Vec::new()),
+            // The same content as a lower layer's file: referenced in that layer's blob.
+            Ent::File("usr/bin/tool-copy", 0o755, big.clone()),
+        ],
+        1_700_000_100,
+    )?;
+    // Only whiteouts and metadata: no new blob.
+    let l3 = layer(
+        &[
+            Ent::Dir("data", 0o711),
+            Ent::File("data/.wh.b", 0o644, Vec::new()),
+        ],
+        1_700_000_200,
+    )?;
+    let layout = t.join("layout");
+    write_layout(
+        &layout,
+        &[
+            (gzip(&l1)?, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (
+                zstd::encode_all(l2.as_slice(), 3)?,
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+            (l3.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        ],
+    )?;
+    // Push the source image with an independent client.
+    let src_ref = format!("{}/test/source:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{USER}:{PASS}"))
+        .arg(format!("oci:{}", layout.display()))
+        .arg(format!("docker://{src_ref}"))
+        .output()?;
+    assert!(out.status.success(), "skopeo copy: {}", output_text(&out));
+
+    let dst_ref = format!("{}/test/skiff:v1", reg.addr);
+    let s = convert(&src_ref, &dst_ref, &t.join("convert.json"), &[]);
+    let blobs = s["blobs"].as_array().expect("blobs");
+    let layers: Vec<u64> = blobs.iter().filter_map(|b| b["layer"].as_u64()).collect();
+    assert_eq!(
+        layers,
+        vec![0, 1],
+        "one blob per layer that stores content: {s:#}"
+    );
+    assert!(
+        s["build"]["dedup_chunks"].as_u64().unwrap_or(0) >= 3,
+        "tool-copy's chunks are referenced, not stored again: {s:#}"
+    );
+    // Layer 2's blob holds only its new content, not the 3 MiB copy.
+    assert!(
+        blobs[1]["size"].as_u64().unwrap_or(u64::MAX) < 100_000,
+        "{s:#}"
+    );
+
+    // The same image from a `docker save` archive, and from the OCI layout directly: the
+    // same tree (root digest).
+    let archive = t.join("saved.tar");
+    write_docker_archive(&archive, &[&gzip(&l1)?, &l2, &l3])?;
+    let s2 = convert(
+        &archive.display().to_string(),
+        &format!("{}/test/skiff:from-archive", reg.addr),
+        &t.join("convert2.json"),
+        &[],
+    );
+    let s3 = convert(
+        &layout.display().to_string(),
+        &format!("{}/test/skiff:from-layout", reg.addr),
+        &t.join("convert3.json"),
+        &[],
+    );
+    assert_eq!(s2["build"]["root_digest"], s["build"]["root_digest"]);
+    // A multi-platform index in the registry: linux/amd64 is picked.
+    let multi = t.join("multiarch");
+    write_multiarch_layout(
+        &multi,
+        &[
+            (gzip(&l1)?, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (l2.clone(), "application/vnd.oci.image.layer.v1.tar"),
+            (l3.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        ],
+        &[(l3.clone(), "application/vnd.oci.image.layer.v1.tar")],
+    )?;
+    let multi_ref = format!("{}/test/multi:v1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--all", "--dest-tls-verify=false", "--dest-creds"])
+        .arg(format!("{USER}:{PASS}"))
+        .arg(format!("oci:{}", multi.display()))
+        .arg(format!("docker://{multi_ref}"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "skopeo copy --all: {}",
+        output_text(&out)
+    );
+    let s4 = convert(
+        &multi_ref,
+        &format!("{}/test/skiff:from-index", reg.addr),
+        &t.join("convert4.json"),
+        &[],
+    );
+    assert_eq!(s4["build"]["root_digest"], s["build"]["root_digest"]);
+    assert_eq!(s3["build"]["root_digest"], s["build"]["root_digest"]);
+
+    // The same layers built locally, mounted from a blob directory.
+    let mut files = Vec::new();
+    for (i, l) in [&l1, &l2, &l3].iter().enumerate() {
+        let p = t.join(format!("layer{i}.tar"));
+        fs::write(&p, l)?;
+        files.push(p);
+    }
+    let boot = t.join("local.boot");
+    let blob_dir = t.join("local-blobs");
+    let mut args: Vec<&OsStr> = vec![OsStr::new("build")];
+    args.extend(files.iter().map(|f| f.as_os_str()));
+    args.extend([
+        OsStr::new("--bootstrap"),
+        boot.as_os_str(),
+        OsStr::new("--blob-dir"),
+        blob_dir.as_os_str(),
+    ]);
+    skiff_ok(&args);
+    let local = Mount::new(&boot, &blob_dir, &t.join("local-mnt"));
+    let want = snapshot(&local.dir);
+
+    // Credentials from a Docker config file this time.
+    let docker_cfg = t.join("docker");
+    fs::create_dir_all(&docker_cfg)?;
+    let auth = base64_encode(format!("{USER}:{PASS}").as_bytes());
+    fs::write(
+        docker_cfg.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr),
+    )?;
+    std::env::set_var("DOCKER_CONFIG", &docker_cfg);
+    // A dead mirror first: pulls fall back to the origin.
+    let remote = Mount::with_args(
+        &[
+            OsStr::new("--image"),
+            OsStr::new(&dst_ref),
+            OsStr::new("--mirror"),
+            OsStr::new("127.0.0.1:9"),
+        ],
+        &t.join("remote-mnt"),
+    );
+    std::env::remove_var("DOCKER_CONFIG");
+    let got = snapshot(&remote.dir);
+    assert!(
+        remote.log_text().contains("mirror failed"),
+        "the mirror was tried first\n{}",
+        remote.log_text()
+    );
+    assert_no_diff("registry image vs local build", &want, &got);
+
+    // The layer semantics, spelt out.
+    let r = &remote.dir;
+    assert!(!r.join("del/me").exists() && r.join("del/keep").exists());
+    assert_eq!(fs::read(r.join("etc/conf"))?, b"new config\n");
+    assert!(!r.join("opq/x").exists() && !r.join("opq/sub").exists());
+    assert!(r.join("opq/new").exists());
+    assert!(!r.join("data/a").exists() && !r.join("data/b").exists());
+    assert_eq!(fs::read(r.join("usr/bin/tool-copy"))?, big);
+    assert_eq!(fs::read(r.join("conf-link"))?, b"new config\n");
+    remote.unmount();
+    local.unmount();
+
+    // `serve --image` opens the same image and listens for a VMM.
+    let sock = t.join("vhost.sock");
+    let mut serve = Command::new(skiff())
+        .args([
+            "serve",
+            "--image",
+            &dst_ref,
+            "--registry-auth",
+            &format!("{USER}:{PASS}"),
+        ])
+        .arg("--socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(20) {
+        if serve.try_wait()?.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let listening = sock.exists();
+    let _ = serve.kill();
+    let out = serve.wait_with_output()?;
+    assert!(
+        listening,
+        "skiff serve --image did not create its socket\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without credentials the registry refuses, and skiff says so.
+    let empty_cfg = t.join("no-docker");
+    fs::create_dir_all(&empty_cfg)?;
+    let out = Command::new(skiff())
+        .args(["mount", "--image", &dst_ref])
+        .arg(t.join("never"))
+        .env("DOCKER_CONFIG", &empty_cfg)
+        .env_remove("SKIFF_REGISTRY_AUTH")
+        .output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("401"), "{text}");
+
+    // The proxy setting is honoured: through a proxy that is not there, nothing is reached.
+    let out = Command::new(skiff())
+        .args([
+            "mount",
+            "--image",
+            &dst_ref,
+            "--registry-auth",
+            &format!("{USER}:{PASS}"),
+        ])
+        .args(["--proxy", "http://127.0.0.1:9"])
+        .arg(t.join("never"))
+        .output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    Ok(())
+}
+
+/// Writes a `docker save` style archive of `layers`.
+fn write_docker_archive(path: &Path, layers: &[&[u8]]) -> Res {
+    let mut b = tar::Builder::new(fs::File::create(path)?);
+    let mut add = |name: &str, data: &[u8]| -> Res {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, data)?;
+        Ok(())
+    };
+    let mut names = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let name = format!("{i:064x}/layer.tar");
+        add(&name, l)?;
+        names.push(name);
+    }
+    let config = br#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}}"#;
+    add("cfg.json", config)?;
+    let manifest = serde_json::to_vec(&serde_json::json!([
+        {"Config": "cfg.json", "RepoTags": ["test:v1"], "Layers": names}
+    ]))?;
+    add("manifest.json", &manifest)?;
+    b.finish()?;
+    Ok(())
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+#[test]
+fn reading_one_file_fetches_a_few_chunks() -> Res {
+    if !require_fuse() {
+        return Ok(());
+    }
+    let Some(reg) = require("a local registry", Registry::start("lazy")) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // 200 MiB of random data in 100 files, and one small file in the middle.
+    let mut ents = vec![Ent::Dir("big", 0o755)];
+    let names: Vec<String> = (0..100).map(|i| format!("big/f{i:03}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        ents.push(Ent::File(n, 0o644, noise(2 << 20, 100 + i as u64)));
+        if i == 50 {
+            ents.push(Ent::File("big/small", 0o644, noise(10_000, 7)));
+        }
+    }
+    let l = layer(&ents, 1_700_000_000)?;
+    drop(ents);
+    let image_bytes = l.len() as u64;
+    let layout = t.join("layout");
+    write_layout(&layout, &[(l, "application/vnd.oci.image.layer.v1.tar")])?;
+    let dst_ref = format!("{}/test/big:v1", reg.addr);
+    let started = std::time::Instant::now();
+    let s = convert(
+        &layout.display().to_string(),
+        &dst_ref,
+        &t.join("convert.json"),
+        &[],
+    );
+    eprintln!("convert of {image_bytes} bytes: {:?}", started.elapsed());
+    let boot_bytes = s["bootstrap_bytes"].as_u64().expect("bootstrap_bytes");
+
+    let log_start = fs::metadata(reg.log())?.len() as usize;
+    let auth = format!("{USER}:{PASS}");
+    let m = Mount::with_args(
+        &[
+            OsStr::new("--image"),
+            OsStr::new(&dst_ref),
+            OsStr::new("--registry-auth"),
+            OsStr::new(&auth),
+            OsStr::new("--log-level"),
+            OsStr::new("skiff=debug"),
+        ],
+        &t.join("mnt"),
+    );
+    let small = fs::read(m.dir.join("big/small"))?;
+    assert_eq!(small, noise(10_000, 7));
+    let skiff_log = fs::read_to_string(&m.log)?;
+    m.unmount();
+    let (served, requests) = blob_bytes_served(&reg.log(), log_start);
+    let ranged: u64 = skiff_log
+        .lines()
+        .filter(|l| l.contains("registry range read"))
+        .filter_map(|l| {
+            l.split("len=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    eprintln!(
+        "image {image_bytes} bytes; reading one 10 kB file fetched {served} blob bytes in \
+         {requests} requests (bootstrap {boot_bytes}, chunk ranges {ranged} per skiff's log)"
+    );
+    assert!(served >= boot_bytes, "the bootstrap is fetched: {served}");
+    assert!(
+        served <= boot_bytes + 2 * (1 << 20),
+        "at most the bootstrap and two chunks: {served} bytes"
+    );
+    assert!(
+        ranged > 0 && ranged <= 2 * (1 << 20),
+        "range reads: {ranged}"
+    );
+    assert!(served < image_bytes / 50);
+    Ok(())
+}
+
+/// The registry's stored file of blob `digest`.
+fn stored_blob(reg: &Registry, digest: &str) -> PathBuf {
+    let hex = &digest["sha256:".len()..];
+    reg.run
+        .join("storage/docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data")
+}
+
+fn flip_byte(path: &Path, offset: usize) -> Res {
+    let mut b = fs::read(path)?;
+    b[offset] ^= 0x55;
+    fs::write(path, b)?;
+    Ok(())
+}
+
+#[test]
+fn tampered_registry_blobs_are_refused() -> Res {
+    if !require_fuse() {
+        return Ok(());
+    }
+    let Some(reg) = require("a local registry", Registry::start("tamper")) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // "bad" is stored first: its chunk is at offset 0 of the blob.
+    let l = layer(
+        &[
+            Ent::File("bad", 0o644, noise(5000, 1)),
+            Ent::File("good", 0o644, noise(5000, 2)),
+        ],
+        1_700_000_000,
+    )?;
+    let layout = t.join("layout");
+    write_layout(&layout, &[(l, "application/vnd.oci.image.layer.v1.tar")])?;
+    let dst_ref = format!("{}/test/tamper:v1", reg.addr);
+    let s = convert(
+        &layout.display().to_string(),
+        &dst_ref,
+        &t.join("convert.json"),
+        &["--compressor", "none"],
+    );
+    let blob = s["blobs"][0]["digest"].as_str().expect("blob digest");
+    flip_byte(&stored_blob(&reg, blob), 10)?;
+    let auth = format!("{USER}:{PASS}");
+    let args = [
+        OsStr::new("--image"),
+        OsStr::new(&dst_ref),
+        OsStr::new("--registry-auth"),
+        OsStr::new(&auth),
+    ];
+    let m = Mount::with_args(&args, &t.join("mnt"));
+    assert_eq!(fs::read(m.dir.join("good"))?, noise(5000, 2));
+    let err = fs::read(m.dir.join("bad")).expect_err("a corrupted chunk is not served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = m.log_text();
+    m.unmount();
+    assert!(log.contains("failed verification"), "{log}");
+
+    // A corrupted bootstrap is refused before anything is mounted.
+    let boot = s["bootstrap_digest"].as_str().expect("bootstrap digest");
+    flip_byte(&stored_blob(&reg, boot), 100)?;
+    let out = Command::new(skiff())
+        .args(["mount", "--image", &dst_ref, "--registry-auth", &auth])
+        .arg(t.join("never"))
+        .output()?;
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("digest"), "{text}");
+    Ok(())
+}
