@@ -1,10 +1,12 @@
 //! The `skiff` command line: thin front ends over the library.
 
 mod commands;
+mod image;
 
 use clap::{Parser, Subcommand};
 
 pub use commands::*;
+pub use image::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -31,6 +33,8 @@ pub enum Command {
     Mount(MountArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
+    /// Look after the shared on-disk chunk cache.
+    Cache(CacheArgs),
 }
 
 /// Formats an error and its chain of causes on one line, for operators.
@@ -66,6 +70,7 @@ pub fn main() -> i32 {
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
         Command::Serve(a) => cmd_serve(a),
+        Command::Cache(a) => cmd_cache(a),
     };
     match result {
         Ok(code) => code,

@@ -860,15 +860,24 @@ impl Mount {
     /// Mounts `bootstrap` (blobs in `blob_dir`) at `dir` (created if missing), waiting until the
     /// mount answers. The daemon's output goes to `dir` + ".log".
     pub fn new(bootstrap: &Path, blob_dir: &Path, dir: &Path) -> Mount {
+        let args: Vec<OsString> = vec![
+            "--bootstrap".into(),
+            bootstrap.into(),
+            "--blob-dir".into(),
+            blob_dir.into(),
+        ];
+        Mount::with_args(&args, dir)
+    }
+
+    /// Mounts with `skiff mount ARGS DIR` (ARGS name the image and its storage), waiting until
+    /// the mount answers. The daemon's output goes to `dir` + ".log".
+    pub fn with_args(args: &[OsString], dir: &Path) -> Mount {
         mkdir(dir);
         let log = dir.with_extension("log");
         let logf = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
         let child = Command::new(skiff())
             .arg("mount")
-            .arg("--bootstrap")
-            .arg(bootstrap)
-            .arg("--blob-dir")
-            .arg(blob_dir)
+            .args(args)
             .arg(dir)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))
@@ -945,6 +954,15 @@ impl Mount {
             );
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of its own) and removes the dead mount.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 
     /// Stops the daemon and asserts a clean end: exit status 0 and the mount gone.
