@@ -373,3 +373,144 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use zerocopy::little_endian::{U32, U64};
+    use zerocopy::FromZeros;
+
+    use super::*;
+    use crate::storage::backend::fault::{Fault, FaultyBackend};
+    use crate::storage::{BackendError, RetryPolicy, RetryingBackend};
+
+    /// One in-memory blob of uncompressed chunks.
+    struct MemBlob(Vec<u8>);
+
+    impl BlobBackend for MemBlob {
+        fn read_range(&self, _: &[u8; 32], o: u64, l: usize) -> Result<Vec<u8>, BackendError> {
+            let o = o as usize;
+            self.0
+                .get(o..o + l)
+                .map(<[u8]>::to_vec)
+                .ok_or(BackendError::ShortBlob {
+                    path: "mem".into(),
+                    end: (o + l) as u64,
+                })
+        }
+        fn name(&self) -> &'static str {
+            "mem"
+        }
+    }
+
+    fn image(n: usize, size: usize) -> (MemBlob, Vec<ChunkRecord>) {
+        let mut blob = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let data: Vec<u8> = (0..size).map(|j| (i * 31 + j * 7) as u8).collect();
+            let mut c = ChunkRecord::new_zeroed();
+            c.digest = *blake3::hash(&data).as_bytes();
+            c.compressed_offset = U64::new(blob.len() as u64);
+            c.compressed_size = U32::new(size as u32);
+            c.uncompressed_size = U32::new(size as u32);
+            blob.extend_from_slice(&data);
+            chunks.push(c);
+        }
+        (MemBlob(blob), chunks)
+    }
+
+    type Src = CachedChunkSource<RetryingBackend<Arc<FaultyBackend<MemBlob>>>>;
+
+    fn source(
+        blob: MemBlob,
+        disk: Option<&std::path::Path>,
+    ) -> (Src, Arc<FaultyBackend<MemBlob>>) {
+        let m = Arc::new(Metrics::default());
+        let faulty = Arc::new(FaultyBackend::new(blob));
+        let policy = RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            max_in_flight: 4,
+        };
+        let disk = disk.map(|d| ChunkDiskCache::open(d, 0, m.clone()).expect("cache"));
+        let backend = RetryingBackend::new(faulty.clone(), policy, m.clone());
+        (CachedChunkSource::new(backend, 1 << 20, disk, m), faulty)
+    }
+
+    fn blob() -> BlobRecord {
+        BlobRecord::new_zeroed()
+    }
+
+    #[test]
+    fn faults_are_retried_and_wrong_bytes_never_served() {
+        let (b, chunks) = image(4, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([Fault::Error, Fault::Short, Fault::BitFlip, Fault::Stall(Duration::from_millis(5))]);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c).expect("read after faults");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        // Always corrupt: an error, not bytes.
+        let (b, chunks) = image(1, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([Fault::BitFlip; 10]);
+        assert!(matches!(src.read_chunk(&blob(), &chunks[0]), Err(StorageError::Corrupt { .. })));
+        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), REFETCH_ATTEMPTS as u64);
+        // Always failing: an error after the retries.
+        let (b, chunks) = image(1, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([Fault::Error; 10]);
+        assert!(matches!(src.read_chunk(&blob(), &chunks[0]), Err(StorageError::Backend { .. })));
+    }
+
+    #[test]
+    fn threads_fetch_a_chunk_once_and_the_disk_cache_serves_it_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(3, 4096);
+        let (src, faulty) = source(b, Some(dir.path()));
+        // Slow replies, so that the threads overlap.
+        faulty.push([Fault::Stall(Duration::from_millis(50)); 3]);
+        let src = Arc::new(src);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, c) = (src.clone(), chunks[i % 3]);
+                std::thread::spawn(move || s.read_chunk(&blob(), &c).map(|d| d.len()))
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().expect("thread").expect("read"), 4096);
+        }
+        assert_eq!(faulty.requests(), 3);
+        // A second source (another process) over the same directory fetches nothing.
+        let (b, _) = image(3, 4096);
+        let (src2, faulty2) = source(b, Some(dir.path()));
+        for c in &chunks {
+            src2.read_chunk(&blob(), c).expect("from disk");
+        }
+        assert_eq!(faulty2.requests(), 0);
+        assert_eq!(src2.metrics().disk_hits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn adjacent_chunks_are_fetched_with_one_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(10, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        let (bytes, errors) = src.fetch_chunks(&blob(), &chunks, false);
+        assert!(errors.is_empty());
+        assert_eq!(bytes, 10_000);
+        assert_eq!(faulty.requests(), 1);
+        // A bit flip in a merged reply costs one more request, for the chunk it hit.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(10, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        faulty.push([Fault::BitFlip]);
+        let results = src.read_chunks(&blob(), &chunks);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(faulty.requests(), 2);
+        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+    }
+}
