@@ -131,6 +131,7 @@ impl S3Backend {
         let r = self
             .client
             .put(url)
+            .header(reqwest::header::CONTENT_LENGTH, "0")
             .send()
             .map_err(|e| Self::network(&what, e))?;
         let status = r.status().as_u16();
