@@ -122,7 +122,10 @@ fn mount_args(
         },
         "retry": {"attempts": 8, "base_delay_ms": 10, "max_delay_ms": 200},
     });
-    let cfg_path = scratch.join(format!("config-{}.json", metrics.display().to_string().len() + extra.len()));
+    let cfg_path = scratch.join(format!(
+        "config-{}.json",
+        metrics.display().to_string().len() + extra.len()
+    ));
     let cfg_path = {
         let mut p = cfg_path;
         let mut n = 0;
@@ -200,7 +203,10 @@ fn data_image(mib: usize) -> Image {
         &src,
         &bootstrap,
         &blobs,
-        &[std::ffi::OsStr::new("--chunk-size"), std::ffi::OsStr::new("64K")],
+        &[
+            std::ffi::OsStr::new("--chunk-size"),
+            std::ffi::OsStr::new("64K"),
+        ],
     );
     Image {
         _scratch: scratch,
@@ -216,14 +222,24 @@ fn s3_mount_serves_the_special_tree_exactly() {
     if !require_fuse() {
         return;
     }
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = S3Server::start() else {
+        return;
+    };
     let scratch = common::scratch();
     let d = scratch.path();
     let src = d.join("src");
     make_special_tree(&src);
     let bootstrap = d.join("image.boot");
     let blobs = d.join("blobs");
-    build_image(&src, &bootstrap, &blobs, &[std::ffi::OsStr::new("--chunk-size"), std::ffi::OsStr::new("64K")]);
+    build_image(
+        &src,
+        &bootstrap,
+        &blobs,
+        &[
+            std::ffi::OsStr::new("--chunk-size"),
+            std::ffi::OsStr::new("64K"),
+        ],
+    );
     upload(&server, &bootstrap, &blobs);
     let cache = d.join("cache");
     let m = d.join("metrics.json");
@@ -241,25 +257,51 @@ fn two_mounts_share_one_cache_and_fetch_each_chunk_once() {
     if !require_fuse() {
         return;
     }
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = S3Server::start() else {
+        return;
+    };
     let img = data_image(12);
     let blob_bytes = upload(&server, &img.bootstrap, &img.blobs);
     let want = snapshot(&img.src);
 
     // One process alone, its own cache: the baseline.
     let m0 = img.dir.join("alone.json");
-    let args = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &img.dir.join("cache0"), &m0, &[]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &img.dir.join("cache0"),
+        &m0,
+        &[],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mnt0"));
     assert_no_diff("alone", &want, &snapshot(&mnt.dir));
     mnt.unmount();
     let alone = metric(&m0, "backend_bytes");
-    assert!(alone <= blob_bytes, "one process fetched {alone} of {blob_bytes} blob bytes");
+    assert!(
+        alone <= blob_bytes,
+        "one process fetched {alone} of {blob_bytes} blob bytes"
+    );
 
     // Two processes, one cache, reading everything at once.
     let cache = img.dir.join("cache");
     let (m1, m2) = (img.dir.join("m1.json"), img.dir.join("m2.json"));
-    let a1 = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &cache, &m1, &[]);
-    let a2 = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &cache, &m2, &[]);
+    let a1 = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &cache,
+        &m1,
+        &[],
+    );
+    let a2 = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &cache,
+        &m2,
+        &[],
+    );
     let mnt1 = Mount::with_args(&a1, &img.dir.join("mnt1"));
     let mnt2 = Mount::with_args(&a2, &img.dir.join("mnt2"));
     let (d1, d2) = (mnt1.dir.clone(), mnt2.dir.clone());
@@ -271,12 +313,24 @@ fn two_mounts_share_one_cache_and_fetch_each_chunk_once() {
     mnt1.unmount();
     mnt2.unmount();
     let shared = metric(&m1, "backend_bytes") + metric(&m2, "backend_bytes");
-    eprintln!("backend bytes: blobs {blob_bytes}, one process {alone}, two sharing {shared} ({} + {})",
-        metric(&m1, "backend_bytes"), metric(&m2, "backend_bytes"));
-    assert_eq!(shared, alone, "two processes sharing a cache fetched {shared} bytes, one alone {alone}");
+    eprintln!(
+        "backend bytes: blobs {blob_bytes}, one process {alone}, two sharing {shared} ({} + {})",
+        metric(&m1, "backend_bytes"),
+        metric(&m2, "backend_bytes")
+    );
+    assert_eq!(
+        shared, alone,
+        "two processes sharing a cache fetched {shared} bytes, one alone {alone}"
+    );
 
     // A corrupted cache file is found, deleted and fetched again.
-    let stat = skiff_ok(["cache", "stat", "--json", "--cache-dir", cache.to_str().expect("utf8")]);
+    let stat = skiff_ok([
+        "cache",
+        "stat",
+        "--json",
+        "--cache-dir",
+        cache.to_str().expect("utf8"),
+    ]);
     let st: serde_json::Value = serde_json::from_slice(&stat.stdout).expect("stat json");
     assert!(st["chunks"].as_u64().unwrap_or(0) > 10, "{st}");
     let victim = fs::read_dir(cache.join("chunks"))
@@ -291,7 +345,14 @@ fn two_mounts_share_one_cache_and_fetch_each_chunk_once() {
     bytes[mid] ^= 0x40;
     fs::write(&victim, &bytes).expect("corrupt");
     let m3 = img.dir.join("m3.json");
-    let a3 = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &cache, &m3, &[]);
+    let a3 = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &cache,
+        &m3,
+        &[],
+    );
     let mnt3 = Mount::with_args(&a3, &img.dir.join("mnt3"));
     assert_no_diff("after corrupting the cache", &want, &snapshot(&mnt3.dir));
     mnt3.unmount();
@@ -305,13 +366,22 @@ fn kill_9_mid_read_then_restart_reads_correctly_and_limit_holds() {
     if !require_fuse() {
         return;
     }
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = S3Server::start() else {
+        return;
+    };
     let img = data_image(12);
     upload(&server, &img.bootstrap, &img.blobs);
     let want = snapshot(&img.src);
     let cache = img.dir.join("cache");
     let m = img.dir.join("m.json");
-    let args = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &cache, &m, &[]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &cache,
+        &m,
+        &[],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mnt"));
     let dir = mnt.dir.clone();
     let reader = std::thread::spawn(move || {
@@ -324,7 +394,13 @@ fn kill_9_mid_read_then_restart_reads_correctly_and_limit_holds() {
     let mnt = Mount::with_args(&args, &img.dir.join("mnt"));
     assert_no_diff("after kill -9 and restart", &want, &snapshot(&mnt.dir));
     mnt.unmount();
-    let out = skiff_ok(["cache", "stat", "--json", "--cache-dir", cache.to_str().expect("utf8")]);
+    let out = skiff_ok([
+        "cache",
+        "stat",
+        "--json",
+        "--cache-dir",
+        cache.to_str().expect("utf8"),
+    ]);
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(st["tmp_files"].as_u64(), Some(0), "{st}");
 
@@ -333,19 +409,43 @@ fn kill_9_mid_read_then_restart_reads_correctly_and_limit_holds() {
     let limit: u64 = 4 << 20;
     let ml = img.dir.join("ml.json");
     let limit_s = limit.to_string();
-    let args = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &limited, &ml, &["--cache-limit", &limit_s]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &limited,
+        &ml,
+        &["--cache-limit", &limit_s],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mntl"));
     assert_no_diff("with a cache limit", &want, &snapshot(&mnt.dir));
-    let out = skiff_ok(["cache", "stat", "--json", "--cache-dir", limited.to_str().expect("utf8")]);
+    let out = skiff_ok([
+        "cache",
+        "stat",
+        "--json",
+        "--cache-dir",
+        limited.to_str().expect("utf8"),
+    ]);
     mnt.unmount();
     let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let bytes = st["bytes"].as_u64().unwrap_or(u64::MAX);
     assert!(bytes <= limit, "cache holds {bytes} bytes, limit {limit}");
     assert!(metric(&ml, "disk_evictions") > 0);
     // gc brings it lower still.
-    let out = skiff_ok(["cache", "gc", "--json", "--limit", "1M", "--cache-dir", limited.to_str().expect("utf8")]);
+    let out = skiff_ok([
+        "cache",
+        "gc",
+        "--json",
+        "--limit",
+        "1M",
+        "--cache-dir",
+        limited.to_str().expect("utf8"),
+    ]);
     let gc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert!(gc["bytes_left"].as_u64().unwrap_or(u64::MAX) <= 1 << 20, "{gc}");
+    assert!(
+        gc["bytes_left"].as_u64().unwrap_or(u64::MAX) <= 1 << 20,
+        "{gc}"
+    );
 }
 
 #[test]
@@ -353,24 +453,40 @@ fn prefetch_all_then_the_server_goes_away() {
     if !require_fuse() {
         return;
     }
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = S3Server::start() else {
+        return;
+    };
     let img = data_image(8);
     upload(&server, &img.bootstrap, &img.blobs);
     let want = snapshot(&img.src);
     let cache = img.dir.join("cache");
     let m = img.dir.join("m.json");
-    let args = mount_args(&img.dir, &img.bootstrap, &server.endpoint(), &cache, &m, &["--prefetch-all", "--prefetch-bandwidth", "64M"]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &server.endpoint(),
+        &cache,
+        &m,
+        &["--prefetch-all", "--prefetch-bandwidth", "64M"],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mnt"));
     let start = Instant::now();
     while !m.exists() || metric(&m, "prefetch_complete") == 0 {
-        assert!(start.elapsed() < Duration::from_secs(60), "prefetch did not finish\n{}", mnt.log_text());
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "prefetch did not finish\n{}",
+            mnt.log_text()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(metric(&m, "prefetch_errors"), 0);
     let requests = metric(&m, "backend_requests");
     let chunks = metric(&m, "prefetch_chunks_total");
     eprintln!("prefetch: {chunks} chunks in {requests} requests");
-    assert!(requests < chunks, "adjacent chunks were not merged: {requests} requests for {chunks} chunks");
+    assert!(
+        requests < chunks,
+        "adjacent chunks were not merged: {requests} requests for {chunks} chunks"
+    );
     server.stop();
     assert_no_diff("offline after prefetch", &want, &snapshot(&mnt.dir));
     mnt.unmount();
@@ -460,7 +576,9 @@ fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
 /// Serves one request (one connection: every reply says `Connection: close`).
 fn proxy_one(mut client: TcpStream, upstream: u16, fault: ProxyFault) {
     client.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let Some(head) = read_head(&mut client) else { return };
+    let Some(head) = read_head(&mut client) else {
+        return;
+    };
     match fault {
         ProxyFault::Reset => {
             let _ = client.shutdown(Shutdown::Both);
@@ -483,13 +601,21 @@ fn proxy_one(mut client: TcpStream, upstream: u16, fault: ProxyFault) {
         }
     }
     fwd.push_str("Connection: close\r\n\r\n");
-    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
+        return;
+    };
     if up.write_all(fwd.as_bytes()).is_err() {
         return;
     }
     let mut reply = Vec::new();
     let _ = up.read_to_end(&mut reply);
-    let Some(split) = reply.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else { return };
+    let Some(split) = reply
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+    else {
+        return;
+    };
     let (rhead, body) = reply.split_at(split);
     let mut rhead = String::from_utf8_lossy(rhead).into_owned();
     rhead = rhead
@@ -519,14 +645,23 @@ fn faults_are_retried_and_never_served() {
     if !require_fuse() {
         return;
     }
-    let Some(server) = S3Server::start() else { return };
+    let Some(server) = S3Server::start() else {
+        return;
+    };
     let img = data_image(6);
     upload(&server, &img.bootstrap, &img.blobs);
     let want = snapshot(&img.src);
 
     let proxy = Proxy::start(server.port, None);
     let m = img.dir.join("m.json");
-    let args = mount_args(&img.dir, &img.bootstrap, &proxy.endpoint(), &img.dir.join("cache"), &m, &[]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &proxy.endpoint(),
+        &img.dir.join("cache"),
+        &m,
+        &[],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mnt"));
     assert_no_diff("through the faulty proxy", &want, &snapshot(&mnt.dir));
     mnt.unmount();
@@ -542,7 +677,14 @@ fn faults_are_retried_and_never_served() {
     // A server that always flips a bit: reads fail with EIO, never wrong bytes.
     let bad = Proxy::start(server.port, Some(ProxyFault::BitFlip));
     let m2 = img.dir.join("m2.json");
-    let args = mount_args(&img.dir, &img.bootstrap, &bad.endpoint(), &img.dir.join("cache2"), &m2, &[]);
+    let args = mount_args(
+        &img.dir,
+        &img.bootstrap,
+        &bad.endpoint(),
+        &img.dir.join("cache2"),
+        &m2,
+        &[],
+    );
     let mnt = Mount::with_args(&args, &img.dir.join("mnt2"));
     let file = fs::read_dir(mnt.dir.join("a"))
         .expect("readdir")

@@ -73,7 +73,10 @@ pub struct StorageArgs {
 
 impl StorageArgs {
     /// The configuration: the `--config` file, overridden by flags.
-    pub fn config(&self, blob_dir: Option<&PathBuf>) -> Result<StorageConfig, Box<dyn std::error::Error>> {
+    pub fn config(
+        &self,
+        blob_dir: Option<&PathBuf>,
+    ) -> Result<StorageConfig, Box<dyn std::error::Error>> {
         let mut c = match &self.config {
             Some(p) => StorageConfig::load(p)?,
             None => StorageConfig::default(),
@@ -170,9 +173,7 @@ impl StorageArgs {
 impl ImageArgs {
     /// Loads the image and sets up its storage: a filesystem ready to serve, and the running
     /// storage stack (metrics, prefetch) to [`StorageStack::finish`] when serving ends.
-    pub fn open_with_storage(
-        &self,
-    ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+    pub fn open_with_storage(&self) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
         let b = Arc::new(Bootstrap::load(&self.bootstrap)?);
         tracing::info!(bootstrap = %self.bootstrap.display(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image loaded");
         let config = self.storage.config(self.blob_dir.as_ref())?;

@@ -83,7 +83,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         &self.metrics
     }
 
-    fn from_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
+    fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
         let hit = self.memcache.get(&chunk.digest);
         inc(if hit.is_some() {
             &self.metrics.mem_hits
@@ -93,7 +93,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         hit
     }
 
-    fn from_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
+    fn lookup_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
         let disk = self.disk.as_ref()?;
         let hit = disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize);
         inc(if hit.is_some() {
@@ -107,14 +107,17 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     /// Takes the right to fetch `chunk`, waiting for whoever is fetching it.
     fn fetch_right(&self, chunk: &ChunkRecord) -> FetchRight<'_> {
         let claim = self.flights.claim(chunk.digest);
-        let lock = self.disk.as_ref().and_then(|d| match d.lock(&chunk.digest) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                // Without the lock the chunk may be fetched twice, which is only wasteful.
-                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
-                None
-            }
-        });
+        let lock = self
+            .disk
+            .as_ref()
+            .and_then(|d| match d.lock(&chunk.digest) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // Without the lock the chunk may be fetched twice, which is only wasteful.
+                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                    None
+                }
+            });
         FetchRight {
             _claim: claim,
             lock,
@@ -325,10 +328,10 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         blob: &BlobRecord,
         chunk: &ChunkRecord,
     ) -> Result<ChunkData, StorageError> {
-        if let Some(d) = self.from_memory(chunk) {
+        if let Some(d) = self.lookup_memory(chunk) {
             return Ok(d);
         }
-        if let Some(d) = self.from_disk(chunk) {
+        if let Some(d) = self.lookup_disk(chunk) {
             let d = Arc::new(d);
             self.memcache.insert(chunk.digest, d.clone());
             return Ok(d);
@@ -338,9 +341,11 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         if let Some(d) = self.memcache.get(&chunk.digest) {
             return Ok(d);
         }
-        if let Some(d) = self.disk.as_ref().and_then(|disk| {
-            disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize)
-        }) {
+        if let Some(d) = self
+            .disk
+            .as_ref()
+            .and_then(|disk| disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize))
+        {
             inc(&self.metrics.disk_hits);
             right.done();
             let d = Arc::new(d);
@@ -372,7 +377,6 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         chunks.iter().map(|c| self.read_chunk(blob, c)).collect()
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -423,10 +427,7 @@ mod tests {
 
     type Src = CachedChunkSource<RetryingBackend<Arc<FaultyBackend<MemBlob>>>>;
 
-    fn source(
-        blob: MemBlob,
-        disk: Option<&std::path::Path>,
-    ) -> (Src, Arc<FaultyBackend<MemBlob>>) {
+    fn source(blob: MemBlob, disk: Option<&std::path::Path>) -> (Src, Arc<FaultyBackend<MemBlob>>) {
         let m = Arc::new(Metrics::default());
         let faulty = Arc::new(FaultyBackend::new(blob));
         let policy = RetryPolicy {
@@ -448,7 +449,12 @@ mod tests {
     fn faults_are_retried_and_wrong_bytes_never_served() {
         let (b, chunks) = image(4, 1000);
         let (src, faulty) = source(b, None);
-        faulty.push([Fault::Error, Fault::Short, Fault::BitFlip, Fault::Stall(Duration::from_millis(5))]);
+        faulty.push([
+            Fault::Error,
+            Fault::Short,
+            Fault::BitFlip,
+            Fault::Stall(Duration::from_millis(5)),
+        ]);
         for c in &chunks {
             let d = src.read_chunk(&blob(), c).expect("read after faults");
             assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
@@ -457,13 +463,22 @@ mod tests {
         let (b, chunks) = image(1, 1000);
         let (src, faulty) = source(b, None);
         faulty.push([Fault::BitFlip; 10]);
-        assert!(matches!(src.read_chunk(&blob(), &chunks[0]), Err(StorageError::Corrupt { .. })));
-        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), REFETCH_ATTEMPTS as u64);
+        assert!(matches!(
+            src.read_chunk(&blob(), &chunks[0]),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert_eq!(
+            src.metrics().verify_failures.load(Ordering::Relaxed),
+            REFETCH_ATTEMPTS as u64
+        );
         // Always failing: an error after the retries.
         let (b, chunks) = image(1, 1000);
         let (src, faulty) = source(b, None);
         faulty.push([Fault::Error; 10]);
-        assert!(matches!(src.read_chunk(&blob(), &chunks[0]), Err(StorageError::Backend { .. })));
+        assert!(matches!(
+            src.read_chunk(&blob(), &chunks[0]),
+            Err(StorageError::Backend { .. })
+        ));
     }
 
     #[test]

@@ -246,7 +246,10 @@ impl StorageConfig {
             },
         };
         let wants_prefetch = !opts.first.is_empty() || opts.all;
-        if wants_prefetch && cache_dir.is_none() && (self.prefetch.all || self.prefetch.files.is_some()) {
+        if wants_prefetch
+            && cache_dir.is_none()
+            && (self.prefetch.all || self.prefetch.files.is_some())
+        {
             return Err(ConfigError::Invalid(
                 "prefetch needs a disk cache to fetch into (give --cache-dir)".into(),
             ));
@@ -275,9 +278,16 @@ pub fn read_prefetch_list(bootstrap: &Bootstrap, path: &Path) -> Result<Vec<u32>
         source,
     })?;
     let mut out = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let ino = prefetch::resolve(bootstrap, line).ok_or_else(|| {
-            ConfigError::Invalid(format!("prefetch list {}: {line}: not in the image", path.display()))
+            ConfigError::Invalid(format!(
+                "prefetch list {}: {line}: not in the image",
+                path.display()
+            ))
         })?;
         prefetch::files_under(bootstrap, ino, &mut out);
     }
@@ -382,7 +392,10 @@ mod tests {
         )
         .expect("parse");
         assert!(matches!(c.backend, Some(BackendConfig::S3(ref s)) if s.prefix == "blobs/"));
-        assert_eq!(c.cache.limit.as_ref().map(|l| l.get().ok()), Some(Some(1 << 30)));
+        assert_eq!(
+            c.cache.limit.as_ref().map(|l| l.get().ok()),
+            Some(Some(1 << 30))
+        );
         for bad in [
             r#"{"backend": {"type": "s3", "endpoint": "x", "bucket": "b", "bukket": 1}}"#,
             r#"{"backend": {"type": "localfs", "dir": "/x", "extra": 1}}"#,

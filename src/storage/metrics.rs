@@ -180,30 +180,128 @@ impl MetricsSnapshot {
             let _ = writeln!(s, "skiff_{name}{{{labels}}} {v}");
         };
         let bl = format!("backend=\"{b}\"");
-        counter("backend_requests_total", "Backend range requests.", self.backend_requests, &bl);
-        counter("backend_bytes_total", "Bytes received from the backend.", self.backend_bytes, &bl);
-        counter("backend_errors_total", "Failed backend requests.", self.backend_errors, &bl);
-        counter("backend_retries_total", "Retried backend requests.", self.backend_retries, &bl);
-        counter("cache_hits_total", "Chunk cache hits.", self.mem_hits, "tier=\"memory\"");
-        counter("cache_misses_total", "Chunk cache misses.", self.mem_misses, "tier=\"memory\"");
-        counter("cache_hits_total", "Chunk cache hits.", self.disk_hits, "tier=\"disk\"");
-        counter("cache_misses_total", "Chunk cache misses.", self.disk_misses, "tier=\"disk\"");
-        counter("cache_corrupt_total", "Cache files that failed verification.", self.disk_corrupt, "");
-        counter("cache_stores_total", "Chunks written to the disk cache.", self.disk_stores, "");
-        counter("cache_evictions_total", "Chunks evicted from the disk cache.", self.disk_evictions, "");
-        counter("chunks_fetched_total", "Chunks fetched and verified.", self.chunks_fetched, &bl);
-        counter("verify_failures_total", "Backend replies that failed verification.", self.verify_failures, &bl);
-        counter("read_errors_total", "Chunk reads that failed.", self.read_errors, "");
-        counter("prefetch_chunks_done_total", "Chunks handled by prefetch.", self.prefetch_chunks_done, "");
-        counter("prefetch_bytes_total", "Bytes fetched by prefetch.", self.prefetch_bytes, "");
-        counter("prefetch_errors_total", "Chunks prefetch could not fetch.", self.prefetch_errors, "");
-        let _ = writeln!(s, "# HELP skiff_prefetch_chunks Chunks prefetch has to handle.");
+        counter(
+            "backend_requests_total",
+            "Backend range requests.",
+            self.backend_requests,
+            &bl,
+        );
+        counter(
+            "backend_bytes_total",
+            "Bytes received from the backend.",
+            self.backend_bytes,
+            &bl,
+        );
+        counter(
+            "backend_errors_total",
+            "Failed backend requests.",
+            self.backend_errors,
+            &bl,
+        );
+        counter(
+            "backend_retries_total",
+            "Retried backend requests.",
+            self.backend_retries,
+            &bl,
+        );
+        counter(
+            "cache_hits_total",
+            "Chunk cache hits.",
+            self.mem_hits,
+            "tier=\"memory\"",
+        );
+        counter(
+            "cache_misses_total",
+            "Chunk cache misses.",
+            self.mem_misses,
+            "tier=\"memory\"",
+        );
+        counter(
+            "cache_hits_total",
+            "Chunk cache hits.",
+            self.disk_hits,
+            "tier=\"disk\"",
+        );
+        counter(
+            "cache_misses_total",
+            "Chunk cache misses.",
+            self.disk_misses,
+            "tier=\"disk\"",
+        );
+        counter(
+            "cache_corrupt_total",
+            "Cache files that failed verification.",
+            self.disk_corrupt,
+            "",
+        );
+        counter(
+            "cache_stores_total",
+            "Chunks written to the disk cache.",
+            self.disk_stores,
+            "",
+        );
+        counter(
+            "cache_evictions_total",
+            "Chunks evicted from the disk cache.",
+            self.disk_evictions,
+            "",
+        );
+        counter(
+            "chunks_fetched_total",
+            "Chunks fetched and verified.",
+            self.chunks_fetched,
+            &bl,
+        );
+        counter(
+            "verify_failures_total",
+            "Backend replies that failed verification.",
+            self.verify_failures,
+            &bl,
+        );
+        counter(
+            "read_errors_total",
+            "Chunk reads that failed.",
+            self.read_errors,
+            "",
+        );
+        counter(
+            "prefetch_chunks_done_total",
+            "Chunks handled by prefetch.",
+            self.prefetch_chunks_done,
+            "",
+        );
+        counter(
+            "prefetch_bytes_total",
+            "Bytes fetched by prefetch.",
+            self.prefetch_bytes,
+            "",
+        );
+        counter(
+            "prefetch_errors_total",
+            "Chunks prefetch could not fetch.",
+            self.prefetch_errors,
+            "",
+        );
+        let _ = writeln!(
+            s,
+            "# HELP skiff_prefetch_chunks Chunks prefetch has to handle."
+        );
         let _ = writeln!(s, "# TYPE skiff_prefetch_chunks gauge");
         let _ = writeln!(s, "skiff_prefetch_chunks {}", self.prefetch_chunks_total);
-        let _ = writeln!(s, "# HELP skiff_prefetch_complete 1 once prefetch has finished.");
+        let _ = writeln!(
+            s,
+            "# HELP skiff_prefetch_complete 1 once prefetch has finished."
+        );
         let _ = writeln!(s, "# TYPE skiff_prefetch_complete gauge");
-        let _ = writeln!(s, "skiff_prefetch_complete {}", u8::from(self.prefetch_complete));
-        let _ = writeln!(s, "# HELP skiff_fetch_latency_seconds Backend request latency.");
+        let _ = writeln!(
+            s,
+            "skiff_prefetch_complete {}",
+            u8::from(self.prefetch_complete)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP skiff_fetch_latency_seconds Backend request latency."
+        );
         let _ = writeln!(s, "# TYPE skiff_fetch_latency_seconds histogram");
         let mut total = 0;
         for bk in &self.fetch_latency {
@@ -211,10 +309,18 @@ impl MetricsSnapshot {
                 Some(ms) => format!("{}", ms as f64 / 1000.0),
                 None => "+Inf".to_string(),
             };
-            let _ = writeln!(s, "skiff_fetch_latency_seconds_bucket{{{bl},le=\"{le}\"}} {}", bk.count);
+            let _ = writeln!(
+                s,
+                "skiff_fetch_latency_seconds_bucket{{{bl},le=\"{le}\"}} {}",
+                bk.count
+            );
             total = bk.count;
         }
-        let _ = writeln!(s, "skiff_fetch_latency_seconds_sum{{{bl}}} {}", self.fetch_latency_sum_seconds);
+        let _ = writeln!(
+            s,
+            "skiff_fetch_latency_seconds_sum{{{bl}}} {}",
+            self.fetch_latency_sum_seconds
+        );
         let _ = writeln!(s, "skiff_fetch_latency_seconds_count{{{bl}}} {total}");
         s
     }

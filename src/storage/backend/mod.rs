@@ -90,9 +90,7 @@ impl BackendError {
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
             ),
             BackendError::ShortBlob { .. } | BackendError::Config(_) => false,
-            BackendError::Http { status, .. } => {
-                *status >= 500 || *status == 429 || *status == 408
-            }
+            BackendError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             BackendError::Network { .. }
             | BackendError::ShortRead { .. }
             | BackendError::Injected(_) => true,

@@ -76,12 +76,18 @@ impl S3Backend {
         let bucket = Bucket::new(endpoint, style, cfg.bucket.clone(), cfg.region.clone())
             .map_err(|e| BackendError::Config(format!("s3 bucket {:?}: {e}", cfg.bucket)))?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let key = cfg.access_key_id.clone().or_else(|| env("AWS_ACCESS_KEY_ID"));
+        let key = cfg
+            .access_key_id
+            .clone()
+            .or_else(|| env("AWS_ACCESS_KEY_ID"));
         let secret = cfg
             .secret_access_key
             .clone()
             .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
-        let token = cfg.session_token.clone().or_else(|| env("AWS_SESSION_TOKEN"));
+        let token = cfg
+            .session_token
+            .clone()
+            .or_else(|| env("AWS_SESSION_TOKEN"));
         let credentials = match (key, secret) {
             (Some(k), Some(s)) => Some(match token {
                 Some(t) => Credentials::new_with_token(k, s, t),
@@ -122,10 +128,9 @@ impl S3Backend {
 
     /// Creates the bucket (for tests and setup tools); an existing bucket is not an error.
     pub fn create_bucket(&self) -> Result<(), BackendError> {
-        let creds = self
-            .credentials
-            .as_ref()
-            .ok_or_else(|| BackendError::Config("s3: creating a bucket needs credentials".into()))?;
+        let creds = self.credentials.as_ref().ok_or_else(|| {
+            BackendError::Config("s3: creating a bucket needs credentials".into())
+        })?;
         let url = self.bucket.create_bucket(creds).sign(PRESIGN_FOR);
         let what = format!("s3 create bucket {}", self.bucket.name());
         let r = self
@@ -201,7 +206,11 @@ impl BlobBackend for S3Backend {
         // The reply is untrusted: read at most one byte more than asked, so that a longer body
         // shows without being buffered whole.
         let mut body = Vec::with_capacity(len);
-        let limit = if status == 200 { len as u64 } else { len as u64 + 1 };
+        let limit = if status == 200 {
+            len as u64
+        } else {
+            len as u64 + 1
+        };
         resp.take(limit)
             .read_to_end(&mut body)
             .map_err(|e| BackendError::Network {

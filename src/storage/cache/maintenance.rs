@@ -86,9 +86,7 @@ pub struct CacheStat {
 /// Counts what the cache at `dir` holds.
 pub fn stat(dir: &Path) -> CacheStat {
     let chunks = scan_chunks(dir);
-    let count = |sub: &str| {
-        fs::read_dir(dir.join(sub)).map_or(0, |r| r.flatten().count() as u64)
-    };
+    let count = |sub: &str| fs::read_dir(dir.join(sub)).map_or(0, |r| r.flatten().count() as u64);
     let now = SystemTime::now();
     CacheStat {
         dir: dir.display().to_string(),

@@ -222,14 +222,17 @@ impl ChunkDiskCache {
         let now = SystemTime::now();
         let touch = if let Ok(mut g) = self.index.lock() {
             let e = g.entries.get(digest).copied();
-            let stale = e.is_none_or(|e| {
-                now.duration_since(e.atime).unwrap_or_default() >= TOUCH_INTERVAL
-            });
+            let stale =
+                e.is_none_or(|e| now.duration_since(e.atime).unwrap_or_default() >= TOUCH_INTERVAL);
             g.insert(
                 *digest,
                 Entry {
                     size: len as u64,
-                    atime: if stale { now } else { e.map_or(now, |e| e.atime) },
+                    atime: if stale {
+                        now
+                    } else {
+                        e.map_or(now, |e| e.atime)
+                    },
                 },
             );
             stale
@@ -323,10 +326,7 @@ impl ChunkDiskCache {
         // Merge what is on disk (other processes' chunks, their access times) into the index.
         let mut fresh = Index::default();
         for (d, _, size, mtime) in scan_chunks(&self.root) {
-            let atime = g
-                .entries
-                .get(&d)
-                .map_or(mtime, |e| e.atime.max(mtime));
+            let atime = g.entries.get(&d).map_or(mtime, |e| e.atime.max(mtime));
             fresh.insert(d, Entry { size, atime });
         }
         *g = fresh;
@@ -356,7 +356,12 @@ impl ChunkDiskCache {
             }
             g.remove(&d);
         }
-        tracing::debug!(evicted, bytes = g.bytes, limit = self.limit, "chunk cache evicted");
+        tracing::debug!(
+            evicted,
+            bytes = g.bytes,
+            limit = self.limit,
+            "chunk cache evicted"
+        );
     }
 }
 
@@ -402,7 +407,10 @@ mod tests {
         assert!(c.contains(&d7));
         assert!(!c.contains(&d2));
         // A reopened cache sees the same chunks; stale temporary files are removed.
-        let stale = dir.path().join("tmp").join(format!("{}.999999999.0", digest_hex(&d7)));
+        let stale = dir
+            .path()
+            .join("tmp")
+            .join(format!("{}.999999999.0", digest_hex(&d7)));
         fs::write(&stale, b"half").expect("write");
         let c2 = ChunkDiskCache::open(dir.path(), 10_000, m).expect("reopen");
         assert!(!stale.exists());
