@@ -247,6 +247,7 @@ fn s3_mount_serves_the_special_tree_exactly() {
     let mnt = Mount::with_args(&args, &d.join("mnt"));
     assert_no_diff("s3 mount vs source", &snapshot(&src), &snapshot(&mnt.dir));
     mnt.unmount();
+    eprintln!("{}", metrics(&m));
     assert!(metric(&m, "backend_requests") > 0);
     assert!(metric(&m, "disk_stores") > 0);
     assert_eq!(metric(&m, "verify_failures"), 0);
@@ -489,6 +490,76 @@ fn prefetch_all_then_the_server_goes_away() {
     );
     server.stop();
     assert_no_diff("offline after prefetch", &want, &snapshot(&mnt.dir));
+    mnt.unmount();
+}
+
+#[test]
+fn build_prefetch_list_is_fetched_first_in_the_background() {
+    if !require_fuse() {
+        return;
+    }
+    let Some(server) = S3Server::start() else {
+        return;
+    };
+    let scratch = common::scratch();
+    let d = scratch.path();
+    let src = d.join("src");
+    make_data_tree(&src, 4);
+    let list = d.join("prefetch.txt");
+    fs::write(&list, "# startup files\n/a/b\ncopy0\n").expect("list");
+    let bootstrap = d.join("image.boot");
+    let blobs = d.join("blobs");
+    build_image(
+        &src,
+        &bootstrap,
+        &blobs,
+        &[
+            std::ffi::OsStr::new("--chunk-size"),
+            std::ffi::OsStr::new("64K"),
+            std::ffi::OsStr::new("--prefetch-list"),
+            list.as_os_str(),
+        ],
+    );
+    let b = Bootstrap::load(&bootstrap).expect("bootstrap");
+    let listed: Vec<u32> = b.prefetch().collect();
+    let under_ab = fs::read_dir(src.join("a/b")).expect("a/b").count();
+    assert_eq!(listed.len(), under_ab + 1, "prefetch table {listed:?}");
+    let want_chunks: std::collections::HashSet<[u8; 32]> = listed
+        .iter()
+        .flat_map(|&i| b.file_chunks(i).iter().map(|c| c.digest))
+        .collect();
+    // A path not in the image is refused.
+    fs::write(&list, "/no/such/file\n").expect("list");
+    let out = run_skiff([
+        std::ffi::OsStr::new("build"),
+        src.as_os_str(),
+        std::ffi::OsStr::new("--bootstrap"),
+        d.join("other.boot").as_os_str(),
+        std::ffi::OsStr::new("--blob-dir"),
+        blobs.as_os_str(),
+        std::ffi::OsStr::new("--prefetch-list"),
+        list.as_os_str(),
+    ]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+
+    upload(&server, &bootstrap, &blobs);
+    let m = d.join("m.json");
+    let args = mount_args(d, &bootstrap, &server.endpoint(), &d.join("cache"), &m, &[]);
+    let mnt = Mount::with_args(&args, &d.join("mnt"));
+    let start = Instant::now();
+    while !m.exists() || metric(&m, "prefetch_complete") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "prefetch did not finish\n{}",
+            mnt.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        metric(&m, "prefetch_chunks_total"),
+        want_chunks.len() as u64
+    );
+    assert_no_diff("after list prefetch", &snapshot(&src), &snapshot(&mnt.dir));
     mnt.unmount();
 }
 
