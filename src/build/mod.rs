@@ -321,8 +321,10 @@ fn resolve_prefetch(tree: &tree::Tree, paths: &[String]) -> Result<Vec<tree::Nod
                 }
             }
             None => {
-                if matches!(tree.nodes.get(id).map(|n| &n.kind), Some(tree::NodeKind::File { .. }))
-                    && seen.insert(id)
+                if matches!(
+                    tree.nodes.get(id).map(|n| &n.kind),
+                    Some(tree::NodeKind::File { .. })
+                ) && seen.insert(id)
                 {
                     out.push(id);
                 }
@@ -338,7 +340,9 @@ fn resolve_prefetch(tree: &tree::Tree, paths: &[String]) -> Result<Vec<tree::Nod
                 .children(id)
                 .and_then(|c| c.get(part.as_bytes()))
                 .copied()
-                .ok_or_else(|| BuildError::Invalid(format!("prefetch list: {p}: not in the image")))?;
+                .ok_or_else(|| {
+                    BuildError::Invalid(format!("prefetch list: {p}: not in the image"))
+                })?;
         }
         files_under(tree, id, &mut seen, &mut out);
     }

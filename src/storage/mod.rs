@@ -6,8 +6,8 @@
 
 pub mod backend;
 pub mod cache;
-pub mod config;
 mod cached;
+pub mod config;
 mod memcache;
 pub mod metrics;
 pub mod prefetch;
@@ -22,8 +22,8 @@ pub use backend::s3::{S3Backend, S3Config};
 pub use backend::{BackendError, BlobBackend};
 pub use cache::{ChunkDiskCache, DEFAULT_CACHE_DIR};
 pub use cached::{CachedChunkSource, MAX_MERGED_BYTES};
-pub use metrics::{Metrics, MetricsSnapshot};
 pub use memcache::ChunkMemCache;
+pub use metrics::{Metrics, MetricsSnapshot};
 pub use source::VerifiedChunkSource;
 pub use verify::{decode_chunk, VerifyError};
 
