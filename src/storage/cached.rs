@@ -339,6 +339,7 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         let right = self.fetch_right(chunk);
         // Whoever held the right before may have cached the chunk.
         if let Some(d) = self.memcache.get(&chunk.digest) {
+            right.done();
             return Ok(d);
         }
         if let Some(d) = self
