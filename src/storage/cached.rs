@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
 use super::metrics::{inc, Metrics};
 use super::{decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, StorageError};
-use crate::format::{digest_hex, BlobRecord, ChunkRecord};
+use crate::format::{digest_hex, BlobRecord, ChunkRecord, DIGEST_LEN};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
 /// the read fails.
@@ -220,13 +220,14 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     /// [`MAX_MERGED_BYTES`]. With `keep_in_memory` the chunks also go to the memory cache
     /// (foreground reads); prefetch leaves it alone. Returns the stored bytes fetched.
     ///
-    /// Chunks someone else is fetching are skipped here and waited for at the end.
+    /// Chunks someone else is fetching are skipped here and waited for at the end. Failures
+    /// come back with the digest of their chunk.
     pub fn fetch_chunks(
         &self,
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
         keep_in_memory: bool,
-    ) -> (u64, Vec<StorageError>) {
+    ) -> (u64, Vec<([u8; DIGEST_LEN], StorageError)>) {
         let mut errors = Vec::new();
         let mut fetched = 0u64;
         let mut mine: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
@@ -308,14 +309,14 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                     }
                     Err(e) => {
                         inc(&self.metrics.read_errors);
-                        errors.push(e);
+                        errors.push((c.digest, e));
                     }
                 }
             }
         }
         for c in theirs {
             if let Err(e) = self.read_chunk(blob, &c) {
-                errors.push(e);
+                errors.push((c.digest, e));
             }
         }
         (fetched, errors)
@@ -371,11 +372,21 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
     ) -> Vec<Result<ChunkData, StorageError>> {
-        if chunks.len() > 1 {
-            // One request for the adjacent missing ones; errors show again below, per chunk.
-            let _ = self.fetch_chunks(blob, chunks, true);
+        if chunks.len() < 2 {
+            return chunks.iter().map(|c| self.read_chunk(blob, c)).collect();
         }
-        chunks.iter().map(|c| self.read_chunk(blob, c)).collect()
+        // One request for the adjacent missing ones; a chunk that failed there (after its own
+        // retries) fails here without being fetched again.
+        let (_, errors) = self.fetch_chunks(blob, chunks, true);
+        let mut failed: std::collections::HashMap<[u8; DIGEST_LEN], StorageError> =
+            errors.into_iter().collect();
+        chunks
+            .iter()
+            .map(|c| match failed.remove(&c.digest) {
+                Some(e) => Err(e),
+                None => self.read_chunk(blob, c),
+            })
+            .collect()
     }
 }
 
@@ -528,5 +539,17 @@ mod tests {
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(faulty.requests(), 2);
         assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_chunk_failing_in_a_spanning_read_is_not_fetched_twice() {
+        let (b, chunks) = image(3, 1000);
+        let (src, faulty) = source(b, None);
+        // Every reply gets a bit flipped in its middle: in the merged reply that is chunk 1.
+        faulty.push([Fault::BitFlip; 10]);
+        let results = src.read_chunks(&blob(), &chunks);
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert!(matches!(results[1], Err(StorageError::Corrupt { .. })));
+        assert_eq!(faulty.requests(), 1 + REFETCH_ATTEMPTS as u64);
     }
 }

@@ -163,7 +163,7 @@ pub fn run<B: BlobBackend>(
             continue;
         };
         let (fetched, errors) = source.fetch_chunks(blob, chunks, false);
-        for e in &errors {
+        for (_, e) in &errors {
             tracing::warn!(error = %crate::cli::error_chain(e), "prefetch could not fetch a chunk");
         }
         add(&m.prefetch_errors, errors.len() as u64);
