@@ -49,7 +49,7 @@ case "${1:-}" in
         pidfile="$state/moto.$port.pid"
         if [[ -f "$pidfile" ]]; then
             kill "$(cat "$pidfile")" 2>/dev/null || true
-            rm -f "$pidfile"
+            rm -f "$pidfile" "$state/moto.$port.log"
         fi ;;
     -h|--help|*)
         sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
