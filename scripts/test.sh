@@ -13,6 +13,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 "$repo/scripts/install-deps.sh"
+# The local S3 server (moto) of the S3 and cache tests, installed once into a venv.
+"$repo/scripts/s3.sh" install
 # The microVM's kernel and initramfs, built once and cached outside the repo.
 "$repo/guest/build-initramfs.sh" >/dev/null
 

@@ -252,7 +252,18 @@ impl Progress {
 
 /// Builds an image from `source`, writing the bootstrap and the new blob.
 pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
-    build_inner(source, opts, None)
+    build_inner(source, opts, None, &[])
+}
+
+/// Like [`build`], also filling the bootstrap's prefetch table from `prefetch`: image paths in
+/// access order (absolute or relative to the root); a directory stands for every regular file
+/// under it. A path that is not in the image is an error.
+pub fn build_with_prefetch(
+    source: &BuildSource,
+    opts: &BuildOptions,
+    prefetch: &[String],
+) -> Result<BuildSummary, BuildError> {
+    build_inner(source, opts, None, prefetch)
 }
 
 /// Builds an image from OCI layer tarballs with one new blob per layer: chunks a layer shares
@@ -267,6 +278,7 @@ pub fn build_blob_per_layer(
         &BuildSource::Layers(layers.to_vec()),
         opts,
         Some(&mut per_layer),
+        &[],
     )?;
     Ok((summary, per_layer))
 }
@@ -275,6 +287,7 @@ fn build_inner(
     source: &BuildSource,
     opts: &BuildOptions,
     per_layer: Option<&mut Vec<Option<crate::format::BlobRecord>>>,
+    prefetch: &[String],
 ) -> Result<BuildSummary, BuildError> {
     let start = Instant::now();
     let cs = opts.chunk_size;
@@ -306,7 +319,8 @@ fn build_inner(
     let stats_entries = progress.entries();
     let (blobs, blob_id, stats) = chunker.finish(&mut tree)?;
     let nblobs = blobs.len();
-    let writer = emit::emit(&tree, blobs, &[])?;
+    let prefetch_nodes = resolve_prefetch(&tree, prefetch)?;
+    let writer = emit::emit(&tree, blobs, &prefetch_nodes)?;
     let bytes = writer.finish(cs)?;
     // Load what was written before anyone else can: a bootstrap that does not validate is a bug
     // here, and must not reach a user.
@@ -325,6 +339,49 @@ fn build_inner(
         compressor: opts.compressor,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The regular files named by `paths` (directories expanded depth first), each once, in order.
+fn resolve_prefetch(tree: &tree::Tree, paths: &[String]) -> Result<Vec<tree::NodeId>, BuildError> {
+    fn files_under(
+        tree: &tree::Tree,
+        id: tree::NodeId,
+        seen: &mut std::collections::HashSet<tree::NodeId>,
+        out: &mut Vec<tree::NodeId>,
+    ) {
+        match tree.children(id) {
+            Some(children) => {
+                for &c in children.values() {
+                    files_under(tree, c, seen, out);
+                }
+            }
+            None => {
+                if matches!(
+                    tree.nodes.get(id).map(|n| &n.kind),
+                    Some(tree::NodeKind::File { .. })
+                ) && seen.insert(id)
+                {
+                    out.push(id);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in paths {
+        let mut id: tree::NodeId = 0;
+        for part in p.split('/').filter(|s| !s.is_empty() && *s != ".") {
+            id = tree
+                .children(id)
+                .and_then(|c| c.get(part.as_bytes()))
+                .copied()
+                .ok_or_else(|| {
+                    BuildError::Invalid(format!("prefetch list: {p}: not in the image"))
+                })?;
+        }
+        files_under(tree, id, &mut seen, &mut out);
+    }
+    Ok(out)
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a reader never sees

@@ -8,14 +8,9 @@ use clap::Args;
 use crate::build::{self, BuildOptions, BuildSource, Compressor};
 use crate::check;
 use crate::format::{digest_hex, Bootstrap, InodeKind, DEFAULT_CHUNK_SIZE};
-use crate::fs::{RafsFs, RafsFsOptions};
-use crate::storage::{LocalFsBackend, VerifiedChunkSource};
 
 /// A command's outcome: an exit code, or an error printed as one line.
 pub type CmdResult = Result<i32, Box<dyn std::error::Error>>;
-
-/// In-memory cache of decompressed chunks per daemon (bytes).
-const MEMCACHE_BYTES: usize = 16 << 20;
 
 /// Parses a size such as `4096`, `64K`, `1M` or `16MiB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -63,6 +58,10 @@ pub struct BuildArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Image paths, one per line in access order, whose chunks a daemon fetches first
+    /// (the bootstrap's prefetch table).
+    #[arg(long)]
+    pub prefetch_list: Option<PathBuf>,
 }
 
 /// `skiff build`.
@@ -76,7 +75,11 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         chunk_dicts: a.chunk_dicts,
         progress: true,
     };
-    let summary = build::build(&source, &opts)?;
+    let prefetch = match &a.prefetch_list {
+        Some(p) => super::image::read_path_list(p)?,
+        None => Vec::new(),
+    };
+    let summary = build::build_with_prefetch(&source, &opts, &prefetch)?;
     println!("{summary}");
     if let Some(j) = a.json {
         let text = serde_json::to_string_pretty(&summary)?;
@@ -267,10 +270,10 @@ impl RegistryArgs {
 #[derive(Args, Debug)]
 pub struct ImageArgs {
     /// The image's bootstrap.
-    #[arg(long, required_unless_present = "image", requires = "blob_dir")]
+    #[arg(long, required_unless_present = "image")]
     pub bootstrap: Option<PathBuf>,
-    /// Directory holding the image's blobs.
-    #[arg(long, requires = "bootstrap")]
+    /// Directory holding the image's blobs (the localfs backend).
+    #[arg(long)]
     pub blob_dir: Option<PathBuf>,
     /// A Skiff image in a registry (made by `skiff convert`): its bootstrap is fetched and
     /// verified at start, its chunks fetched by range on first read.
@@ -279,43 +282,9 @@ pub struct ImageArgs {
     /// Registry settings for --image.
     #[command(flatten)]
     pub registry: RegistryArgs,
-}
-
-impl ImageArgs {
-    /// Loads the image into a filesystem ready to serve.
-    pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
-        let fs_opts = RafsFsOptions {
-            // `mount` and `serve` give the image a connection of its own.
-            zero_message_open: true,
-            ..RafsFsOptions::default()
-        };
-        if let Some(r) = &self.image {
-            let reference = crate::oci::Reference::parse(r)?;
-            let opts = self.registry.options(&reference.registry, false)?;
-            let client = crate::oci::RegistryClient::new(&reference, &opts)?;
-            let img = crate::oci::open_image(client)?;
-            let source = VerifiedChunkSource::new(img.backend, MEMCACHE_BYTES);
-            return Ok(RafsFs::new(
-                Arc::new(img.bootstrap),
-                Arc::new(source),
-                fs_opts,
-            ));
-        }
-        let (Some(bootstrap), Some(blob_dir)) = (&self.bootstrap, &self.blob_dir) else {
-            return Err("give --bootstrap and --blob-dir, or --image".into());
-        };
-        let start = std::time::Instant::now();
-        let b = Bootstrap::load(bootstrap)?;
-        tracing::info!(
-            bootstrap = %bootstrap.display(),
-            root = %digest_hex(b.root_digest()),
-            inodes = b.inode_count(),
-            load_ms = format_args!("{:.1}", start.elapsed().as_secs_f64() * 1000.0),
-            "image loaded and verified"
-        );
-        let source = VerifiedChunkSource::new(LocalFsBackend::new(blob_dir), MEMCACHE_BYTES);
-        Ok(RafsFs::new(Arc::new(b), Arc::new(source), fs_opts))
-    }
+    /// Backend, cache, prefetch and metrics options (src/cli/image.rs).
+    #[command(flatten)]
+    pub storage: super::image::StorageArgs,
 }
 
 /// Arguments of `skiff convert`.
@@ -444,14 +413,16 @@ pub struct MountArgs {
 
 /// `skiff mount`.
 pub fn cmd_mount(a: MountArgs) -> CmdResult {
-    let fs = a.image.open()?;
-    crate::fuse::mount_and_serve(
+    let (fs, storage) = a.image.open_with_storage()?;
+    let served = crate::fuse::mount_and_serve(
         fs,
         &crate::fuse::MountOptions {
             mountpoint: a.mountpoint,
             threads: a.threads,
         },
-    )?;
+    );
+    storage.finish();
+    served?;
     Ok(0)
 }
 
@@ -478,11 +449,13 @@ pub struct ServeArgs {
 
 /// `skiff serve`.
 pub fn cmd_serve(a: ServeArgs) -> CmdResult {
-    let fs = a.image.open()?;
+    let (fs, storage) = a.image.open_with_storage()?;
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
     opts.advertise_config = a.advertise_config;
-    crate::vhost::serve(Arc::new(fs), &opts)?;
+    let served = crate::vhost::serve(Arc::new(fs), &opts);
+    storage.finish();
+    served?;
     Ok(0)
 }
 

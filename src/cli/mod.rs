@@ -1,10 +1,12 @@
 //! The `skiff` command line: thin front ends over the library.
 
 mod commands;
+mod image;
 
 use clap::{Parser, Subcommand};
 
 pub use commands::*;
+pub use image::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -36,6 +38,8 @@ pub enum Command {
     Virtiofs(VirtiofsArgs),
     /// Convert an OCI image into a Skiff image in a registry (one blob per layer).
     Convert(ConvertArgs),
+    /// Look after the shared on-disk chunk cache.
+    Cache(CacheArgs),
 }
 
 /// Formats an error and its chain of causes on one line, for operators.
@@ -73,6 +77,7 @@ pub fn main() -> i32 {
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
         Command::Convert(a) => cmd_convert(a),
+        Command::Cache(a) => cmd_cache(a),
     };
     match result {
         Ok(code) => code,

@@ -130,6 +130,47 @@ impl RafsFs {
             .unwrap_or_default()
     }
 
+    /// For a read spanning chunks `first..=last` stored in one blob, asks the source for them
+    /// together (a remote source fetches adjacent missing chunks with one request). Returns
+    /// the results by chunk index; empty for a read within one chunk.
+    fn read_spanned_chunks(
+        &self,
+        chunks: &[crate::format::ChunkRecord],
+        blobs: &[crate::format::BlobRecord],
+        first: u64,
+        last: u64,
+    ) -> std::collections::HashMap<
+        u64,
+        Result<crate::storage::ChunkData, crate::storage::StorageError>,
+    > {
+        let mut out = std::collections::HashMap::new();
+        if last <= first {
+            return out;
+        }
+        let Some(span) = chunks.get(first as usize..=last as usize) else {
+            return out;
+        };
+        let stored: Vec<(u64, crate::format::ChunkRecord)> = (first..)
+            .zip(span.iter().copied())
+            .filter(|(_, c)| !c.is_zero())
+            .collect();
+        let Some((_, c0)) = stored.first() else {
+            return out;
+        };
+        let blob_index = c0.blob_index.get();
+        if stored.len() < 2 || stored.iter().any(|(_, c)| c.blob_index.get() != blob_index) {
+            return out;
+        }
+        let Some(blob) = blobs.get(blob_index as usize) else {
+            return out;
+        };
+        let records: Vec<crate::format::ChunkRecord> = stored.iter().map(|(_, c)| *c).collect();
+        for ((i, _), r) in stored.iter().zip(self.source.read_chunks(blob, &records)) {
+            out.insert(*i, r);
+        }
+        out
+    }
+
     /// Writes `size` bytes of file `index` from `offset` to `w`, every byte verified.
     fn read_file(
         &self,
@@ -147,6 +188,8 @@ impl RafsFs {
         let chunk_size = u64::from(self.bootstrap.chunk_size());
         let chunks = self.bootstrap.file_chunks(index);
         let blobs = self.bootstrap.blobs();
+        let mut spanned =
+            self.read_spanned_chunks(chunks, blobs, offset / chunk_size, (end - 1) / chunk_size);
         let mut pos = offset;
         let mut written = 0usize;
         while pos < end {
@@ -166,7 +209,11 @@ impl RafsFs {
                 let blob = blobs
                     .get(chunk.blob_index.get() as usize)
                     .ok_or_else(|| err(libc::EIO))?;
-                let data = self.source.read_chunk(blob, chunk).map_err(|e| {
+                let data = match spanned.remove(&ci) {
+                    Some(r) => r,
+                    None => self.source.read_chunk(blob, chunk),
+                };
+                let data = data.map_err(|e| {
                     tracing::error!(
                         file = %self.path_of(index),
                         chunk = ci,

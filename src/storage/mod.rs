@@ -5,15 +5,25 @@
 //! been checked, which is the only form the filesystem layer ever sees, through [`ChunkSource`].
 
 pub mod backend;
+pub mod cache;
+mod cached;
+pub mod config;
 mod memcache;
+pub mod metrics;
+pub mod prefetch;
 mod source;
 mod verify;
 
 use std::sync::Arc;
 
 pub use backend::localfs::LocalFsBackend;
+pub use backend::retry::{RetryPolicy, RetryingBackend};
+pub use backend::s3::{S3Backend, S3Config};
 pub use backend::{BackendError, BlobBackend};
+pub use cache::{ChunkDiskCache, DEFAULT_CACHE_DIR};
+pub use cached::{CachedChunkSource, MAX_MERGED_BYTES};
 pub use memcache::ChunkMemCache;
+pub use metrics::{Metrics, MetricsSnapshot};
 pub use source::VerifiedChunkSource;
 pub use verify::{decode_chunk, VerifyError};
 
@@ -28,6 +38,16 @@ pub trait ChunkSource: Send + Sync {
     /// Returns the verified bytes of `chunk`, stored in `blob`.
     fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord)
         -> Result<ChunkData, StorageError>;
+
+    /// Returns the verified bytes of several chunks of `blob` (a read spanning chunks).
+    /// Sources with a remote backend fetch adjacent missing chunks with one request.
+    fn read_chunks(
+        &self,
+        blob: &BlobRecord,
+        chunks: &[ChunkRecord],
+    ) -> Vec<Result<ChunkData, StorageError>> {
+        chunks.iter().map(|c| self.read_chunk(blob, c)).collect()
+    }
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
@@ -37,6 +57,14 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
         chunk: &ChunkRecord,
     ) -> Result<ChunkData, StorageError> {
         (**self).read_chunk(blob, chunk)
+    }
+
+    fn read_chunks(
+        &self,
+        blob: &BlobRecord,
+        chunks: &[ChunkRecord],
+    ) -> Vec<Result<ChunkData, StorageError>> {
+        (**self).read_chunks(blob, chunks)
     }
 }
 

@@ -872,7 +872,7 @@ impl Mount {
     }
 
     /// Runs `skiff mount ARGS DIR` (e.g. `--image REF`), waiting until the mount answers.
-    pub fn with_args(args: &[&OsStr], dir: &Path) -> Mount {
+    pub fn with_args<S: AsRef<OsStr>>(args: &[S], dir: &Path) -> Mount {
         mkdir(dir);
         let log = dir.with_extension("log");
         let logf = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
@@ -955,6 +955,15 @@ impl Mount {
             );
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
+    }
+
+    /// Kills the daemon with SIGKILL (no clean-up of its own) and removes the dead mount.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 
     /// Stops the daemon and asserts a clean end: exit status 0 and the mount gone.

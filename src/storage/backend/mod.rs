@@ -1,6 +1,9 @@
 //! Blob backends: read a byte range of a blob, wherever it lives.
 
+pub mod fault;
 pub mod localfs;
+pub mod retry;
+pub mod s3;
 
 use crate::format::DIGEST_LEN;
 
@@ -41,4 +44,86 @@ pub enum BackendError {
         /// End of the requested range.
         end: u64,
     },
+    /// A remote server answered with an unexpected HTTP status.
+    #[error("{what}: HTTP status {status}")]
+    Http {
+        /// The request (backend, blob, range).
+        what: String,
+        /// The status code.
+        status: u16,
+    },
+    /// A remote request failed in transport: connection, reset, timeout, body.
+    #[error("{what}")]
+    Network {
+        /// The request (backend, blob, range).
+        what: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A remote reply had a different length than the range asked for.
+    #[error("{what}: got {got} bytes, asked for {want}")]
+    ShortRead {
+        /// The request (backend, blob, range).
+        what: String,
+        /// Bytes received.
+        got: u64,
+        /// Bytes asked for.
+        want: u64,
+    },
+    /// A backend that cannot be used as configured.
+    #[error("{0}")]
+    Config(String),
+    /// A fault injected by a test backend.
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
+}
+
+impl BackendError {
+    /// Whether trying the same request again may succeed: transport failures, short replies,
+    /// server errors (5xx), throttling (429) and request timeouts (408). Missing blobs, denied
+    /// access and bad configuration are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BackendError::Io { source, .. } => !matches!(
+                source.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ),
+            BackendError::ShortBlob { .. } | BackendError::Config(_) => false,
+            BackendError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
+            BackendError::Network { .. }
+            | BackendError::ShortRead { .. }
+            | BackendError::Injected(_) => true,
+        }
+    }
+}
+
+impl<T: BlobBackend + ?Sized> BlobBackend for Box<T> {
+    fn read_range(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        (**self).read_range(id, offset, len)
+    }
+
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+}
+
+impl<T: BlobBackend + ?Sized> BlobBackend for std::sync::Arc<T> {
+    fn read_range(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        (**self).read_range(id, offset, len)
+    }
+
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
 }

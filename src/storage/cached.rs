@@ -1,0 +1,555 @@
+//! The caching chunk source: memory cache, then the shared disk cache, then the backend; every
+//! chunk verified before it is served or stored.
+
+use std::sync::Arc;
+
+use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
+use super::metrics::{inc, Metrics};
+use super::{decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, StorageError};
+use crate::format::{digest_hex, BlobRecord, ChunkRecord, DIGEST_LEN};
+
+/// How many times a chunk whose stored bytes fail verification is fetched on its own before
+/// the read fails.
+const REFETCH_ATTEMPTS: usize = 3;
+
+/// Adjacent chunks are fetched with one range request up to this many bytes.
+pub const MAX_MERGED_BYTES: u64 = 8 << 20;
+
+/// Memory cache → disk cache → backend → verify → store, for any [`BlobBackend`].
+///
+/// A missing chunk is fetched once per host: threads of this process wait on a [`SingleFlight`]
+/// claim, other processes on the chunk's lock file, and both find the chunk cached when they
+/// get their turn.
+pub struct CachedChunkSource<B> {
+    backend: B,
+    memcache: ChunkMemCache,
+    disk: Option<ChunkDiskCache>,
+    flights: SingleFlight,
+    metrics: Arc<Metrics>,
+}
+
+/// The right to fetch one chunk: this process's claim and, with a disk cache, the host's lock.
+struct FetchRight<'a> {
+    _claim: Claim<'a>,
+    lock: Option<ChunkFileLock>,
+}
+
+impl FetchRight<'_> {
+    /// The chunk is stored: lets the waiters in.
+    fn done(self) {
+        if let Some(l) = self.lock {
+            l.done();
+        }
+    }
+}
+
+fn describe(blob: &BlobRecord, chunk: &ChunkRecord) -> (String, String, u64) {
+    (
+        digest_hex(&blob.id),
+        digest_hex(&chunk.digest),
+        chunk.compressed_offset.get(),
+    )
+}
+
+impl<B: BlobBackend> CachedChunkSource<B> {
+    /// A source over `backend` with `memcache_bytes` of memory cache and an optional disk cache.
+    pub fn new(
+        backend: B,
+        memcache_bytes: usize,
+        disk: Option<ChunkDiskCache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            backend,
+            memcache: ChunkMemCache::new(memcache_bytes),
+            disk,
+            flights: SingleFlight::default(),
+            metrics,
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The disk cache, if any.
+    pub fn disk(&self) -> Option<&ChunkDiskCache> {
+        self.disk.as_ref()
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
+        let hit = self.memcache.get(&chunk.digest);
+        inc(if hit.is_some() {
+            &self.metrics.mem_hits
+        } else {
+            &self.metrics.mem_misses
+        });
+        hit
+    }
+
+    fn lookup_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
+        let disk = self.disk.as_ref()?;
+        let hit = disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize);
+        inc(if hit.is_some() {
+            &self.metrics.disk_hits
+        } else {
+            &self.metrics.disk_misses
+        });
+        hit
+    }
+
+    /// Takes the right to fetch `chunk`, waiting for whoever is fetching it.
+    fn fetch_right(&self, chunk: &ChunkRecord) -> FetchRight<'_> {
+        let claim = self.flights.claim(chunk.digest);
+        let lock = self
+            .disk
+            .as_ref()
+            .and_then(|d| match d.lock(&chunk.digest) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // Without the lock the chunk may be fetched twice, which is only wasteful.
+                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                    None
+                }
+            });
+        FetchRight {
+            _claim: claim,
+            lock,
+        }
+    }
+
+    /// Takes the right to fetch `chunk` if nobody else is fetching it.
+    fn try_fetch_right(&self, chunk: &ChunkRecord) -> Option<FetchRight<'_>> {
+        let claim = self.flights.try_claim(chunk.digest)?;
+        let lock = match &self.disk {
+            None => None,
+            Some(d) => match d.try_lock(&chunk.digest) {
+                Ok(Some(l)) => Some(l),
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                    None
+                }
+            },
+        };
+        Some(FetchRight {
+            _claim: claim,
+            lock,
+        })
+    }
+
+    /// Checks stored bytes of `chunk`; counts and logs a failure.
+    fn verify(&self, stored: &[u8], blob: &BlobRecord, chunk: &ChunkRecord) -> Option<Vec<u8>> {
+        match decode_chunk(stored, chunk) {
+            Ok(d) => {
+                inc(&self.metrics.chunks_fetched);
+                Some(d)
+            }
+            Err(e) => {
+                inc(&self.metrics.verify_failures);
+                let (b, c, o) = describe(blob, chunk);
+                tracing::warn!(backend = self.backend.name(), blob = %b, chunk = %c, offset = o, error = %e, "chunk from backend failed verification");
+                None
+            }
+        }
+    }
+
+    /// Fetches `chunk` on its own until it verifies (or gives up).
+    fn fetch_one(&self, blob: &BlobRecord, chunk: &ChunkRecord) -> Result<Vec<u8>, StorageError> {
+        let offset = chunk.compressed_offset.get();
+        let len = chunk.compressed_size.get() as usize;
+        let mut last = None;
+        for _ in 0..REFETCH_ATTEMPTS {
+            let stored = self
+                .backend
+                .read_range(&blob.id, offset, len)
+                .map_err(|source| {
+                    let (blob, chunk, offset) = describe(blob, chunk);
+                    StorageError::Backend {
+                        blob,
+                        chunk,
+                        offset,
+                        source,
+                    }
+                })?;
+            match decode_chunk(&stored, chunk) {
+                Ok(d) => {
+                    inc(&self.metrics.chunks_fetched);
+                    return Ok(d);
+                }
+                Err(e) => {
+                    inc(&self.metrics.verify_failures);
+                    let (b, c, o) = describe(blob, chunk);
+                    tracing::warn!(backend = self.backend.name(), blob = %b, chunk = %c, offset = o, error = %e, "chunk from backend failed verification");
+                    last = Some(e);
+                }
+            }
+        }
+        let (blob, chunk, offset) = describe(blob, chunk);
+        Err(StorageError::Corrupt {
+            blob,
+            chunk,
+            offset,
+            source: last.unwrap_or(super::VerifyError::Length { got: 0, want: len }),
+        })
+    }
+
+    /// Fetches, verifies and stores `chunk` while holding its fetch right.
+    fn fetch_and_store(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        right: FetchRight<'_>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let data = self.fetch_one(blob, chunk)?;
+        if let Some(d) = &self.disk {
+            d.put(&chunk.digest, &data);
+        }
+        right.done();
+        Ok(data)
+    }
+
+    /// Makes sure `chunks` (all in `blob`) are in the caches, fetching the missing ones with as
+    /// few range requests as possible: runs of adjacent chunks go in one request of at most
+    /// [`MAX_MERGED_BYTES`]. With `keep_in_memory` the chunks also go to the memory cache
+    /// (foreground reads); prefetch leaves it alone. Returns the stored bytes fetched.
+    ///
+    /// Chunks someone else is fetching are skipped here and waited for at the end. Failures
+    /// come back with the digest of their chunk.
+    pub fn fetch_chunks(
+        &self,
+        blob: &BlobRecord,
+        chunks: &[ChunkRecord],
+        keep_in_memory: bool,
+    ) -> (u64, Vec<([u8; DIGEST_LEN], StorageError)>) {
+        let mut errors = Vec::new();
+        let mut fetched = 0u64;
+        let mut mine: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
+        let mut theirs: Vec<ChunkRecord> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in chunks.iter().filter(|c| !c.is_zero()) {
+            if !seen.insert(c.digest) || self.memcache.get(&c.digest).is_some() {
+                continue;
+            }
+            if let Some(d) = &self.disk {
+                if d.contains(&c.digest) {
+                    if keep_in_memory {
+                        theirs.push(*c);
+                    }
+                    continue;
+                }
+            }
+            match self.try_fetch_right(c) {
+                Some(r) => {
+                    // Another process may have stored it just before we took the lock.
+                    if self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+                        r.done();
+                        if keep_in_memory {
+                            theirs.push(*c);
+                        }
+                    } else {
+                        mine.push((*c, r));
+                    }
+                }
+                None => theirs.push(*c),
+            }
+        }
+        mine.sort_by_key(|(c, _)| c.compressed_offset.get());
+        let i = 0;
+        while i < mine.len() {
+            // The run [i, j): adjacent in the blob, at most MAX_MERGED_BYTES together.
+            let start = mine[i].0.compressed_offset.get();
+            let mut end = start + u64::from(mine[i].0.compressed_size.get());
+            let mut j = i + 1;
+            while let Some((c, _)) = mine.get(j) {
+                let size = u64::from(c.compressed_size.get());
+                if c.compressed_offset.get() != end || end + size - start > MAX_MERGED_BYTES {
+                    break;
+                }
+                end += size;
+                j += 1;
+            }
+            let run: Vec<(ChunkRecord, FetchRight<'_>)> = mine.drain(i..j).collect();
+            let reply = if run.len() > 1 {
+                self.backend
+                    .read_range(&blob.id, start, (end - start) as usize)
+                    .ok()
+                    .filter(|r| r.len() as u64 == end - start)
+            } else {
+                None
+            };
+            for (c, right) in run {
+                let offset = (c.compressed_offset.get() - start) as usize;
+                let stored = reply
+                    .as_ref()
+                    .and_then(|r| r.get(offset..offset + c.compressed_size.get() as usize));
+                let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
+                    Some(d) => {
+                        if let Some(disk) = &self.disk {
+                            disk.put(&c.digest, &d);
+                        }
+                        right.done();
+                        Ok(d)
+                    }
+                    // Not merged, or the merged reply failed: this chunk on its own.
+                    None => self.fetch_and_store(blob, &c, right),
+                };
+                match data {
+                    Ok(d) => {
+                        fetched += u64::from(c.compressed_size.get());
+                        if keep_in_memory {
+                            self.memcache.insert(c.digest, Arc::new(d));
+                        }
+                    }
+                    Err(e) => {
+                        inc(&self.metrics.read_errors);
+                        errors.push((c.digest, e));
+                    }
+                }
+            }
+        }
+        for c in theirs {
+            if let Err(e) = self.read_chunk(blob, &c) {
+                errors.push((c.digest, e));
+            }
+        }
+        (fetched, errors)
+    }
+}
+
+impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
+    fn read_chunk(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        if let Some(d) = self.lookup_memory(chunk) {
+            return Ok(d);
+        }
+        if let Some(d) = self.lookup_disk(chunk) {
+            let d = Arc::new(d);
+            self.memcache.insert(chunk.digest, d.clone());
+            return Ok(d);
+        }
+        let right = self.fetch_right(chunk);
+        // Whoever held the right before may have cached the chunk.
+        if let Some(d) = self.memcache.get(&chunk.digest) {
+            right.done();
+            return Ok(d);
+        }
+        if let Some(d) = self
+            .disk
+            .as_ref()
+            .and_then(|disk| disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize))
+        {
+            inc(&self.metrics.disk_hits);
+            right.done();
+            let d = Arc::new(d);
+            self.memcache.insert(chunk.digest, d.clone());
+            return Ok(d);
+        }
+        match self.fetch_and_store(blob, chunk, right) {
+            Ok(d) => {
+                let d = Arc::new(d);
+                self.memcache.insert(chunk.digest, d.clone());
+                Ok(d)
+            }
+            Err(e) => {
+                inc(&self.metrics.read_errors);
+                Err(e)
+            }
+        }
+    }
+
+    fn read_chunks(
+        &self,
+        blob: &BlobRecord,
+        chunks: &[ChunkRecord],
+    ) -> Vec<Result<ChunkData, StorageError>> {
+        if chunks.len() < 2 {
+            return chunks.iter().map(|c| self.read_chunk(blob, c)).collect();
+        }
+        // One request for the adjacent missing ones; a chunk that failed there (after its own
+        // retries) fails here without being fetched again.
+        let (_, errors) = self.fetch_chunks(blob, chunks, true);
+        let mut failed: std::collections::HashMap<[u8; DIGEST_LEN], StorageError> =
+            errors.into_iter().collect();
+        chunks
+            .iter()
+            .map(|c| match failed.remove(&c.digest) {
+                Some(e) => Err(e),
+                None => self.read_chunk(blob, c),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use zerocopy::little_endian::{U32, U64};
+    use zerocopy::FromZeros;
+
+    use super::*;
+    use crate::storage::backend::fault::{Fault, FaultyBackend};
+    use crate::storage::{BackendError, RetryPolicy, RetryingBackend};
+
+    /// One in-memory blob of uncompressed chunks.
+    struct MemBlob(Vec<u8>);
+
+    impl BlobBackend for MemBlob {
+        fn read_range(&self, _: &[u8; 32], o: u64, l: usize) -> Result<Vec<u8>, BackendError> {
+            let o = o as usize;
+            self.0
+                .get(o..o + l)
+                .map(<[u8]>::to_vec)
+                .ok_or(BackendError::ShortBlob {
+                    path: "mem".into(),
+                    end: (o + l) as u64,
+                })
+        }
+        fn name(&self) -> &'static str {
+            "mem"
+        }
+    }
+
+    fn image(n: usize, size: usize) -> (MemBlob, Vec<ChunkRecord>) {
+        let mut blob = Vec::new();
+        let mut chunks = Vec::new();
+        for i in 0..n {
+            let data: Vec<u8> = (0..size).map(|j| (i * 31 + j * 7) as u8).collect();
+            let mut c = ChunkRecord::new_zeroed();
+            c.digest = *blake3::hash(&data).as_bytes();
+            c.compressed_offset = U64::new(blob.len() as u64);
+            c.compressed_size = U32::new(size as u32);
+            c.uncompressed_size = U32::new(size as u32);
+            blob.extend_from_slice(&data);
+            chunks.push(c);
+        }
+        (MemBlob(blob), chunks)
+    }
+
+    type Src = CachedChunkSource<RetryingBackend<Arc<FaultyBackend<MemBlob>>>>;
+
+    fn source(blob: MemBlob, disk: Option<&std::path::Path>) -> (Src, Arc<FaultyBackend<MemBlob>>) {
+        let m = Arc::new(Metrics::default());
+        let faulty = Arc::new(FaultyBackend::new(blob));
+        let policy = RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            max_in_flight: 4,
+        };
+        let disk = disk.map(|d| ChunkDiskCache::open(d, 0, m.clone()).expect("cache"));
+        let backend = RetryingBackend::new(faulty.clone(), policy, m.clone());
+        (CachedChunkSource::new(backend, 1 << 20, disk, m), faulty)
+    }
+
+    fn blob() -> BlobRecord {
+        BlobRecord::new_zeroed()
+    }
+
+    #[test]
+    fn faults_are_retried_and_wrong_bytes_never_served() {
+        let (b, chunks) = image(4, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([
+            Fault::Error,
+            Fault::Short,
+            Fault::BitFlip,
+            Fault::Stall(Duration::from_millis(5)),
+        ]);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c).expect("read after faults");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        // Always corrupt: an error, not bytes.
+        let (b, chunks) = image(1, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([Fault::BitFlip; 10]);
+        assert!(matches!(
+            src.read_chunk(&blob(), &chunks[0]),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert_eq!(
+            src.metrics().verify_failures.load(Ordering::Relaxed),
+            REFETCH_ATTEMPTS as u64
+        );
+        // Always failing: an error after the retries.
+        let (b, chunks) = image(1, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.push([Fault::Error; 10]);
+        assert!(matches!(
+            src.read_chunk(&blob(), &chunks[0]),
+            Err(StorageError::Backend { .. })
+        ));
+    }
+
+    #[test]
+    fn threads_fetch_a_chunk_once_and_the_disk_cache_serves_it_after() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(3, 4096);
+        let (src, faulty) = source(b, Some(dir.path()));
+        // Slow replies, so that the threads overlap.
+        faulty.push([Fault::Stall(Duration::from_millis(50)); 3]);
+        let src = Arc::new(src);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (s, c) = (src.clone(), chunks[i % 3]);
+                std::thread::spawn(move || s.read_chunk(&blob(), &c).map(|d| d.len()))
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().expect("thread").expect("read"), 4096);
+        }
+        assert_eq!(faulty.requests(), 3);
+        // A second source (another process) over the same directory fetches nothing.
+        let (b, _) = image(3, 4096);
+        let (src2, faulty2) = source(b, Some(dir.path()));
+        for c in &chunks {
+            src2.read_chunk(&blob(), c).expect("from disk");
+        }
+        assert_eq!(faulty2.requests(), 0);
+        assert_eq!(src2.metrics().disk_hits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn adjacent_chunks_are_fetched_with_one_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(10, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        let (bytes, errors) = src.fetch_chunks(&blob(), &chunks, false);
+        assert!(errors.is_empty());
+        assert_eq!(bytes, 10_000);
+        assert_eq!(faulty.requests(), 1);
+        // A bit flip in a merged reply costs one more request, for the chunk it hit.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(10, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        faulty.push([Fault::BitFlip]);
+        let results = src.read_chunks(&blob(), &chunks);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(faulty.requests(), 2);
+        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_chunk_failing_in_a_spanning_read_is_not_fetched_twice() {
+        let (b, chunks) = image(3, 1000);
+        let (src, faulty) = source(b, None);
+        // Every reply gets a bit flipped in its middle: in the merged reply that is chunk 1.
+        faulty.push([Fault::BitFlip; 10]);
+        let results = src.read_chunks(&blob(), &chunks);
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert!(matches!(results[1], Err(StorageError::Corrupt { .. })));
+        assert_eq!(faulty.requests(), 1 + REFETCH_ATTEMPTS as u64);
+    }
+}
