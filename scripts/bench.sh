@@ -241,7 +241,7 @@ EOF
                        2>"$work/vm-daemon.log" & ;;
             nydusd) rm -rf "$work/nydus-cache"; mkdir -p "$work/nydus-cache"
                     nydus_config "$work/build-nydus-$d-lz4/blobs" "$work/nydus-cache" >"$work/nydusd.json"
-                    "$nydusd" --config "$work/nydusd.json" --sock "$sock" \
+                    "$nydusd" virtiofs --config "$work/nydusd.json" --sock "$sock" \
                         --bootstrap "$work/build-nydus-$d-lz4/boot" --log-level warn \
                         --rlimit-nofile 0 2>"$work/vm-daemon.log" & ;;
             virtiofsd) "$virtiofsd" --socket-path="$sock" --shared-dir="${data[$d]}" \
