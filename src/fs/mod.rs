@@ -9,7 +9,8 @@ mod attr;
 use std::any::Any;
 use std::ffi::CStr;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::api::BackendFileSystem;
 
-use crate::format::{Bootstrap, InodeKind, InodeRecord};
+use crate::format::{BlobRecord, Bootstrap, ChunkRecord, InodeKind, InodeRecord};
 use crate::storage::ChunkSource;
 
 /// How long the kernel may cache entries and attributes. The image never changes under a
@@ -40,6 +41,8 @@ pub struct RafsFsOptions {
     /// answers anyway. Only for a connection this filesystem has to itself: the setting is
     /// per connection, so a filesystem mounted beside others (a Vfs) must leave it off.
     pub zero_message_open: bool,
+    /// Fetch and verify the next chunk of a file in the background while it is read in order.
+    pub readahead: bool,
 }
 
 impl Default for RafsFsOptions {
@@ -47,6 +50,7 @@ impl Default for RafsFsOptions {
         Self {
             cache_timeout: DEFAULT_CACHE_TIMEOUT,
             zero_message_open: false,
+            readahead: true,
         }
     }
 }
@@ -58,6 +62,11 @@ pub struct RafsFs {
     opts: RafsFsOptions,
     /// Whether the kernel agreed to [`RafsFsOptions::zero_message_open`].
     no_open: AtomicBool,
+    /// Hints for the read-ahead worker: the next chunk of a file being read in order.
+    readahead: Option<SyncSender<(BlobRecord, ChunkRecord)>>,
+    /// The last chunk hinted, as `inode index << 32 | chunk index`, so that the many reads
+    /// within one chunk send one hint.
+    last_hint: AtomicU64,
 }
 
 fn err(code: i32) -> io::Error {
@@ -68,6 +77,27 @@ fn erofs<T>() -> io::Result<T> {
     Err(err(libc::EROFS))
 }
 
+/// Starts the read-ahead worker: it reads the hinted chunks through `source`, which verifies
+/// them and keeps them in its memory cache. It ends when the filesystem (the sender) is gone.
+fn spawn_readahead(source: Arc<dyn ChunkSource>) -> Option<SyncSender<(BlobRecord, ChunkRecord)>> {
+    let (tx, rx) = sync_channel::<(BlobRecord, ChunkRecord)>(4);
+    let spawned = std::thread::Builder::new()
+        .name("skiff-readahead".into())
+        .spawn(move || {
+            while let Ok((blob, chunk)) = rx.recv() {
+                // A failure is reported by the read that needs the chunk, not here.
+                let _ = source.read_chunk(&blob, &chunk);
+            }
+        });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            tracing::warn!(error = %e, "no read-ahead worker");
+            None
+        }
+    }
+}
+
 impl RafsFs {
     /// A filesystem over `bootstrap`, reading chunks from `source`.
     pub fn new(
@@ -75,11 +105,17 @@ impl RafsFs {
         source: Arc<dyn ChunkSource>,
         opts: RafsFsOptions,
     ) -> Self {
+        let readahead = opts
+            .readahead
+            .then(|| spawn_readahead(source.clone()))
+            .flatten();
         Self {
             bootstrap,
             source,
             opts,
             no_open: AtomicBool::new(false),
+            readahead,
+            last_hint: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -230,7 +266,37 @@ impl RafsFs {
             pos += take as u64;
             written += take;
         }
+        self.hint_next_chunk(index, chunks, blobs, end, chunk_size);
         Ok(written)
+    }
+
+    /// A read that reached the second half of a chunk is likely followed by one of the next
+    /// chunk: have the worker fetch and verify it now, so that it is ready in memory by then.
+    fn hint_next_chunk(
+        &self,
+        index: u32,
+        chunks: &[ChunkRecord],
+        blobs: &[BlobRecord],
+        end: u64,
+        chunk_size: u64,
+    ) {
+        let Some(tx) = &self.readahead else { return };
+        let last = (end - 1) / chunk_size;
+        if end - last * chunk_size < chunk_size / 2 {
+            return;
+        }
+        let next = last + 1;
+        let Some(chunk) = chunks.get(next as usize).filter(|c| !c.is_zero()) else {
+            return;
+        };
+        let Some(blob) = blobs.get(chunk.blob_index.get() as usize) else {
+            return;
+        };
+        let key = (u64::from(index) << 32) | (next & 0xffff_ffff);
+        if self.last_hint.swap(key, Ordering::Relaxed) != key {
+            // A full queue means the worker is behind: dropping the hint costs nothing.
+            let _ = tx.try_send((*blob, *chunk));
+        }
     }
 
     fn list_dir(

@@ -39,10 +39,16 @@ impl SingleFlight {
     /// Claims `digest` if no other thread holds it.
     pub fn try_claim(&self, digest: [u8; DIGEST_LEN]) -> Option<Claim<'_>> {
         let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        g.insert(digest).then_some(Claim {
-            flights: self,
-            digest,
-        })
+        // Not `then_some`: it would build (and so drop) a Claim even when another thread holds
+        // the chunk, and that drop takes this same lock and removes the other thread's claim.
+        if g.insert(digest) {
+            Some(Claim {
+                flights: self,
+                digest,
+            })
+        } else {
+            None
+        }
     }
 }
 
@@ -117,5 +123,21 @@ impl ChunkFileLock {
     pub fn done(self) {
         let _ = std::fs::remove_file(&self.path);
         drop(self.file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_claim_survives_a_failed_try_claim() {
+        let flights = SingleFlight::default();
+        let first = flights.try_claim([7; DIGEST_LEN]).expect("first claim");
+        // Used to deadlock (and, without the deadlock, drop the first claim's entry).
+        assert!(flights.try_claim([7; DIGEST_LEN]).is_none());
+        assert!(flights.try_claim([7; DIGEST_LEN]).is_none());
+        drop(first);
+        assert!(flights.try_claim([7; DIGEST_LEN]).is_some());
     }
 }
