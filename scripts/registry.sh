@@ -69,7 +69,9 @@ start)
     fi
     proxy=
     if [ -n "$proxy_remote" ]; then
-        # A pull-through cache of another registry, with that registry's credentials if any.
+        # A pull-through cache of another registry, with that registry's credentials if any
+        # (registry 2.8 uses them only with a Bearer-token origin, not an htpasswd one:
+        # distribution/distribution#3153).
         proxy="proxy:
   remoteurl: $proxy_remote"
         if [ -n "$proxy_auth" ]; then

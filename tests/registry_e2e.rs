@@ -482,9 +482,10 @@ fn mirror_serves_ranges_then_falls_back_to_the_origin() {
         return;
     }
     let started = Instant::now();
-    // The origin has no htpasswd: Debian's docker-registry 2.8 as a pull-through cache does
-    // not send its `proxy.username/password` to an htpasswd origin (the origin logs
-    // "invalid authorization credential" and the mirror answers 404).
+    // The origin has no htpasswd: Debian's docker-registry 2.8 as a pull-through cache sends
+    // its `proxy.username/password` only to a Bearer-token origin, never as Basic auth
+    // (distribution/distribution#3153): an htpasswd origin logs "invalid authorization
+    // credential" and the mirror answers 404 MANIFEST_UNKNOWN.
     let Some(origin) = require("a local registry", Registry::start("e2e-origin", &[])) else {
         return;
     };
@@ -610,7 +611,9 @@ fn short_lived_bearer_tokens_are_refreshed() {
                 return Action::Respond(http_response("400 Bad Request", &[], b""));
             }
             let tok = format!("tok{n}");
-            iss.lock().unwrap().insert(tok.clone(), Instant::now());
+            iss.lock()
+                .expect("lock")
+                .insert(tok.clone(), Instant::now());
             let body = format!(r#"{{"token":"{tok}","expires_in":{}}}"#, LIFETIME.as_secs());
             Action::Respond(http_response(
                 "200 OK",
@@ -634,7 +637,7 @@ fn short_lived_bearer_tokens_are_refreshed() {
                 .unwrap_or("")
                 .to_string();
             let tok = header(head, "authorization").and_then(|a| a.strip_prefix("Bearer "));
-            let valid = tok.and_then(|t| iss.lock().unwrap().get(t).copied());
+            let valid = tok.and_then(|t| iss.lock().expect("lock").get(t).copied());
             match valid {
                 Some(at) if at.elapsed() < LIFETIME => return Action::Pass,
                 Some(_) => {
@@ -674,7 +677,7 @@ fn short_lived_bearer_tokens_are_refreshed() {
         wrong.is_empty() && failed.is_empty(),
         "{wrong:?} {failed:?}"
     );
-    let tokens_before = issued.lock().unwrap().len();
+    let tokens_before = issued.lock().expect("lock").len();
     // Past the tokens' lifetime, twice.
     let mut left = rest.chunks(rest.len().div_ceil(2));
     for _ in 0..2 {
@@ -690,7 +693,7 @@ fn short_lived_bearer_tokens_are_refreshed() {
     assert_no_diff("through the token gate", &img.want, &snapshot(&mnt.dir));
     let log = mnt.log_text();
     mnt.unmount();
-    let tokens = issued.lock().unwrap().len();
+    let tokens = issued.lock().expect("lock").len();
     eprintln!(
         "token requests {} ({tokens_before} before the first expiry, {tokens} in all); gate \
          requests {}, refused {} (with an expired token {}); {:?}",
@@ -752,7 +755,7 @@ fn registry_faults_are_retried_and_never_served() {
                     _ => "pass",
                 },
             };
-            *f.lock().unwrap().entry(name.to_string()).or_default() += 1;
+            *f.lock().expect("lock").entry(name.to_string()).or_default() += 1;
             a
         }),
     );
@@ -771,7 +774,7 @@ fn registry_faults_are_retried_and_never_served() {
     eprintln!(
         "faults {:?} over {} range reads; retries {retries}, verification failures {verify}, \
          reads that failed (EIO) {}",
-        faults.lock().unwrap(),
+        faults.lock().expect("lock"),
         ranges.load(Ordering::Relaxed),
         failed.len()
     );
