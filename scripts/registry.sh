@@ -2,7 +2,7 @@
 # A local OCI registry for tests: Debian's docker-registry (the CNCF distribution registry) on
 # 127.0.0.1, with its own config, storage, htpasswd file and access log under a run directory.
 #
-#   scripts/registry.sh start [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL]
+#   scripts/registry.sh start [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]
 #   scripts/registry.sh stop  [--name N]
 #
 # start prints the address (127.0.0.1:PORT) on stdout once the registry answers. The run
@@ -16,12 +16,14 @@ name=default
 port=5000
 htpasswd=
 proxy_remote=
+proxy_auth=
 while [ $# -gt 0 ]; do
     case "$1" in
     --name) name=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --htpasswd) htpasswd=$2; shift 2 ;;
     --proxy-remote) proxy_remote=$2; shift 2 ;;
+    --proxy-auth) proxy_auth=$2; shift 2 ;;
     *) echo "registry.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -67,8 +69,16 @@ start)
     fi
     proxy=
     if [ -n "$proxy_remote" ]; then
+        # A pull-through cache of another registry, with that registry's credentials if any
+        # (registry 2.8 uses them only with a Bearer-token origin, not an htpasswd one:
+        # distribution/distribution#3153).
         proxy="proxy:
   remoteurl: $proxy_remote"
+        if [ -n "$proxy_auth" ]; then
+            proxy="$proxy
+  username: ${proxy_auth%%:*}
+  password: \"${proxy_auth#*:}\""
+        fi
     fi
     cat > "$run/config.yml" <<YAML
 version: 0.1
@@ -108,5 +118,5 @@ YAML
     exit 1
     ;;
 stop) stop ;;
-*) echo "usage: registry.sh start|stop [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL]" >&2; exit 2 ;;
+*) echo "usage: registry.sh start|stop [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]" >&2; exit 2 ;;
 esac

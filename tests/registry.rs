@@ -624,10 +624,15 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
 
     let log_start = fs::metadata(reg.log())?.len() as usize;
     let auth = format!("{USER}:{PASS}");
+    // A private cache: the default one is shared host-wide and may already hold these chunks
+    // (the same seeds make the same chunks on every run), and then nothing is fetched.
+    let cache = t.join("cache");
     let m = Mount::with_args(
         &[
             OsStr::new("--image"),
             OsStr::new(&dst_ref),
+            OsStr::new("--cache-dir"),
+            cache.as_os_str(),
             OsStr::new("--registry-auth"),
             OsStr::new(&auth),
             OsStr::new("--log-level"),
