@@ -463,12 +463,16 @@ fn multilayer_image_through_a_registry() -> Res {
     )?;
     std::env::set_var("DOCKER_CONFIG", &docker_cfg);
     // A dead mirror first: pulls fall back to the origin.
+    // A private cache: the host-wide default must not answer for the registry.
+    let remote_cache = t.join("remote-cache");
     let remote = Mount::with_args(
         &[
             OsStr::new("--image"),
             OsStr::new(&dst_ref),
             OsStr::new("--mirror"),
             OsStr::new("127.0.0.1:9"),
+            OsStr::new("--cache-dir"),
+            remote_cache.as_os_str(),
         ],
         &t.join("remote-mnt"),
     );
@@ -503,6 +507,8 @@ fn multilayer_image_through_a_registry() -> Res {
             "--registry-auth",
             &format!("{USER}:{PASS}"),
         ])
+        .arg("--cache-dir")
+        .arg(t.join("serve-cache"))
         .arg("--socket")
         .arg(&sock)
         .stdin(Stdio::null())
@@ -721,11 +727,14 @@ fn tampered_registry_blobs_are_refused() -> Res {
     let blob = s["blobs"][0]["digest"].as_str().expect("blob digest");
     flip_byte(&stored_blob(&reg, blob), 10)?;
     let auth = format!("{USER}:{PASS}");
+    let cache = t.join("cache");
     let args = [
         OsStr::new("--image"),
         OsStr::new(&dst_ref),
         OsStr::new("--registry-auth"),
         OsStr::new(&auth),
+        OsStr::new("--cache-dir"),
+        cache.as_os_str(),
     ];
     let m = Mount::with_args(&args, &t.join("mnt"));
     assert_eq!(fs::read(m.dir.join("good"))?, noise(5000, 2));
