@@ -9,14 +9,13 @@ mod common;
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::middlebox::*;
 use common::*;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
@@ -564,8 +563,7 @@ fn build_prefetch_list_is_fetched_first_in_the_background() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A fault-injecting HTTP proxy
-// ---------------------------------------------------------------------------------------------
+// Faults between Skiff and S3, injected by the shared middlebox (tests/common/middlebox.rs)
 
 /// What the proxy does to the n-th request.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -589,126 +587,23 @@ fn schedule(n: u64) -> ProxyFault {
     }
 }
 
-struct Proxy {
-    port: u16,
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicU64>,
-}
-
-impl Proxy {
-    /// Starts a proxy to 127.0.0.1:`upstream`; `always` overrides the schedule.
-    fn start(upstream: u16, always: Option<ProxyFault>) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        l.set_nonblocking(true).expect("nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicU64::new(0));
-        let (s, c) = (stop.clone(), served.clone());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match l.accept() {
-                    Ok((conn, _)) => {
-                        let n = c.fetch_add(1, Ordering::Relaxed);
-                        let fault = always.unwrap_or_else(|| schedule(n));
-                        std::thread::spawn(move || proxy_one(conn, upstream, fault));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+/// A fault proxy to 127.0.0.1:`upstream` on [`schedule`]; `always` overrides the schedule.
+fn fault_proxy(upstream: u16, always: Option<ProxyFault>) -> Middlebox {
+    Middlebox::start(
+        upstream,
+        Arc::new(
+            move |n, _head: &str| match always.unwrap_or_else(|| schedule(n)) {
+                ProxyFault::Pass => Action::Pass,
+                ProxyFault::Status500 => {
+                    Action::Respond(http_response("500 Internal Server Error", &[], b""))
                 }
-            }
-        });
-        Proxy { port, stop, served }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Reads an HTTP head (up to the blank line) from `s`.
-fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).ok()? == 0 || head.len() > 64 << 10 {
-            return None;
-        }
-        head.push(b[0]);
-    }
-    Some(head)
-}
-
-/// Serves one request (one connection: every reply says `Connection: close`).
-fn proxy_one(mut client: TcpStream, upstream: u16, fault: ProxyFault) {
-    client.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let Some(head) = read_head(&mut client) else {
-        return;
-    };
-    match fault {
-        ProxyFault::Reset => {
-            let _ = client.shutdown(Shutdown::Both);
-            return;
-        }
-        ProxyFault::Status500 => {
-            let _ = client.write_all(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            return;
-        }
-        ProxyFault::Stall => std::thread::sleep(Duration::from_secs(3)),
-        _ => {}
-    }
-    // Forward with Connection: close, so that the upstream reply ends at EOF.
-    let text = String::from_utf8_lossy(&head).into_owned();
-    let mut fwd = String::new();
-    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
-            fwd.push_str(line);
-            fwd.push_str("\r\n");
-        }
-    }
-    fwd.push_str("Connection: close\r\n\r\n");
-    let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else {
-        return;
-    };
-    if up.write_all(fwd.as_bytes()).is_err() {
-        return;
-    }
-    let mut reply = Vec::new();
-    let _ = up.read_to_end(&mut reply);
-    let Some(split) = reply
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| p + 4)
-    else {
-        return;
-    };
-    let (rhead, body) = reply.split_at(split);
-    let mut rhead = String::from_utf8_lossy(rhead).into_owned();
-    rhead = rhead
-        .split("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:") && !l.is_empty())
-        .map(|l| format!("{l}\r\n"))
-        .collect::<String>()
-        + "Connection: close\r\n\r\n";
-    let mut body = body.to_vec();
-    match fault {
-        ProxyFault::Truncate => body.truncate(body.len() / 2),
-        ProxyFault::BitFlip => {
-            let mid = body.len() / 2;
-            if let Some(b) = body.get_mut(mid) {
-                *b ^= 0x01;
-            }
-        }
-        _ => {}
-    }
-    let _ = client.write_all(rhead.as_bytes());
-    let _ = client.write_all(&body);
-    let _ = client.shutdown(Shutdown::Both);
+                ProxyFault::Reset => Action::Reset,
+                ProxyFault::Truncate => Action::Truncate,
+                ProxyFault::BitFlip => Action::BitFlip,
+                ProxyFault::Stall => Action::Stall(Duration::from_secs(3)),
+            },
+        ),
+    )
 }
 
 #[test]
@@ -723,12 +618,12 @@ fn faults_are_retried_and_never_served() {
     upload(&server, &img.bootstrap, &img.blobs);
     let want = snapshot(&img.src);
 
-    let proxy = Proxy::start(server.port, None);
+    let proxy = fault_proxy(server.port, None);
     let m = img.dir.join("m.json");
     let args = mount_args(
         &img.dir,
         &img.bootstrap,
-        &proxy.endpoint(),
+        &format!("http://{}", proxy.addr()),
         &img.dir.join("cache"),
         &m,
         &[],
@@ -738,7 +633,7 @@ fn faults_are_retried_and_never_served() {
     mnt.unmount();
     eprintln!(
         "proxy served {} requests; retries {}, verification failures {}",
-        proxy.served.load(Ordering::Relaxed),
+        proxy.requests.load(Ordering::Relaxed),
         metric(&m, "backend_retries"),
         metric(&m, "verify_failures")
     );
@@ -746,12 +641,12 @@ fn faults_are_retried_and_never_served() {
     assert!(metric(&m, "verify_failures") > 0);
 
     // A server that always flips a bit: reads fail with EIO, never wrong bytes.
-    let bad = Proxy::start(server.port, Some(ProxyFault::BitFlip));
+    let bad = fault_proxy(server.port, Some(ProxyFault::BitFlip));
     let m2 = img.dir.join("m2.json");
     let args = mount_args(
         &img.dir,
         &img.bootstrap,
-        &bad.endpoint(),
+        &format!("http://{}", bad.addr()),
         &img.dir.join("cache2"),
         &m2,
         &[],

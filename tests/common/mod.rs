@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod middlebox;
+
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
