@@ -14,6 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use common::registry::Registry;
 use common::*;
 use rand::{RngCore, SeedableRng};
 
@@ -21,68 +22,6 @@ const USER: &str = "skiff";
 const PASS: &str = "s3cret:pass";
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-// ---------------------------------------------------------------------------------------------
-// A registry for one test
-
-struct Registry {
-    name: String,
-    run: PathBuf,
-    addr: String,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh")
-}
-
-impl Registry {
-    /// Starts a registry with htpasswd auth, or says why it could not.
-    fn start(name: &str) -> Result<Registry, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
-            .port();
-        let run = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registries");
-        let name = format!("{name}-{}", std::process::id());
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["start", "--name", &name, "--port", &port.to_string()])
-            .args(["--htpasswd", &format!("{USER}:{PASS}")])
-            .env("SKIFF_REGISTRY_RUN", &run)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running registry.sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "registry.sh start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(Registry {
-            run: run.join(&name),
-            name,
-            addr,
-        })
-    }
-
-    fn log(&self) -> PathBuf {
-        self.run.join("registry.log")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["stop", "--name", &self.name])
-            .env(
-                "SKIFF_REGISTRY_RUN",
-                self.run.parent().unwrap_or(Path::new("/")),
-            )
-            .status();
-    }
-}
 
 /// Bytes the registry sent for blob GETs in access-log lines from byte `from` of its log:
 /// (total bytes, number of requests).
@@ -290,7 +229,10 @@ fn multilayer_image_through_a_registry() -> Res {
     if require("skopeo", have("skopeo")).is_none() {
         return Ok(());
     }
-    let Some(reg) = require("a local registry", Registry::start("multilayer")) else {
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("multilayer", &["--htpasswd", &format!("{USER}:{PASS}")]),
+    ) else {
         return Ok(());
     };
     let tmp = scratch();
@@ -598,7 +540,10 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     if !require_fuse() {
         return Ok(());
     }
-    let Some(reg) = require("a local registry", Registry::start("lazy")) else {
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("lazy", &["--htpasswd", &format!("{USER}:{PASS}")]),
+    ) else {
         return Ok(());
     };
     let tmp = scratch();
@@ -683,7 +628,7 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
 /// The registry's stored file of blob `digest`.
 fn stored_blob(reg: &Registry, digest: &str) -> PathBuf {
     let hex = &digest["sha256:".len()..];
-    reg.run
+    reg.run_dir()
         .join("storage/docker/registry/v2/blobs/sha256")
         .join(&hex[..2])
         .join(hex)
@@ -702,7 +647,10 @@ fn tampered_registry_blobs_are_refused() -> Res {
     if !require_fuse() {
         return Ok(());
     }
-    let Some(reg) = require("a local registry", Registry::start("tamper")) else {
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("tamper", &["--htpasswd", &format!("{USER}:{PASS}")]),
+    ) else {
         return Ok(());
     };
     let tmp = scratch();

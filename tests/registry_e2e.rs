@@ -12,95 +12,16 @@ mod common;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::middlebox::*;
+use common::registry::Registry;
 use common::*;
 use rand::{RngCore, SeedableRng};
-
-// ---------------------------------------------------------------------------------------------
-// Registries
-
-struct Registry {
-    name: String,
-    run: PathBuf,
-    addr: String,
-    port: u16,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh")
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
-}
-
-impl Registry {
-    /// Starts a registry (`extra`: registry.sh options), or says why it could not.
-    fn start(name: &str, extra: &[&str]) -> Result<Registry, String> {
-        let port = free_port()?;
-        let run = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("registries");
-        let name = format!("{name}-{}", std::process::id());
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["start", "--name", &name, "--port", &port.to_string()])
-            .args(extra)
-            .env("SKIFF_REGISTRY_RUN", &run)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running registry.sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "registry.sh start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        Ok(Registry {
-            run: run.join(&name),
-            name,
-            addr,
-            port,
-        })
-    }
-
-    fn log(&self) -> PathBuf {
-        self.run.join("registry.log")
-    }
-
-    fn log_len(&self) -> usize {
-        fs::metadata(self.log())
-            .map(|m| m.len() as usize)
-            .unwrap_or(0)
-    }
-
-    /// Stops the registry (registry.sh kills the PID it recorded when it started it).
-    fn stop(&self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["stop", "--name", &self.name])
-            .env(
-                "SKIFF_REGISTRY_RUN",
-                self.run.parent().unwrap_or(Path::new("/")),
-            )
-            .status();
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// Blob GETs in the registry's access log from byte `from`: (bytes of 206 answers, number of
 /// 206 answers, number of all blob GETs).
