@@ -622,6 +622,47 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
         "range reads: {ranged}"
     );
     assert!(served < image_bytes / 50);
+
+    // A second mount over the same cache: the bootstrap comes from the cache, and the first
+    // read of a two-chunk file has its second chunk fetched alongside (fetch-ahead).
+    let log_start = fs::metadata(reg.log())?.len() as usize;
+    let m = Mount::with_args(
+        &[
+            OsStr::new("--image"),
+            OsStr::new(&dst_ref),
+            OsStr::new("--cache-dir"),
+            cache.as_os_str(),
+            OsStr::new("--registry-auth"),
+            OsStr::new(&auth),
+        ],
+        &t.join("mnt"),
+    );
+    assert_eq!(fs::read(m.dir.join("big/small"))?, noise(10_000, 7));
+    let want = noise(2 << 20, 110);
+    let mut f = fs::File::open(m.dir.join("big/f010"))?;
+    let mut head = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut f, &mut head)?;
+    assert_eq!(head, want[..4096]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while blob_bytes_served(&reg.log(), log_start).1 < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second chunk of big/f010 was never fetched ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut rest)?;
+    assert!(rest == want[4096..], "big/f010 differs from its source");
+    drop(f);
+    m.unmount();
+    let (served, requests) = blob_bytes_served(&reg.log(), log_start);
+    eprintln!("second mount: {served} blob bytes in {requests} requests");
+    assert_eq!(
+        requests, 2,
+        "two chunk ranges, and no bootstrap (it is in the cache)"
+    );
+    assert_eq!(served, 2 << 20, "the two chunks of big/f010, stored raw");
     Ok(())
 }
 

@@ -191,7 +191,11 @@ impl ImageArgs {
             let reference = crate::oci::Reference::parse(r)?;
             let opts = self.registry.options(&reference.registry, false)?;
             let client = crate::oci::RegistryClient::new(&reference, &opts)?;
-            let img = crate::oci::open_image(client)?;
+            let boot_cache = match config.cache_dir(true) {
+                Some(d) => Some(cache::BootstrapCache::open(&d)?),
+                None => None,
+            };
+            let img = crate::oci::open_image(client, boot_cache.as_ref())?;
             let b = Arc::new(img.bootstrap);
             tracing::info!(image = %r, root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;

@@ -7,11 +7,12 @@
 mod attr;
 
 use std::any::Any;
+use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions};
@@ -67,7 +68,18 @@ pub struct RafsFs {
     /// The last chunk hinted, as `inode index << 32 | chunk index`, so that the many reads
     /// within one chunk send one hint.
     last_hint: AtomicU64,
+    /// Recently read files and the chunk index up to which their chunks were given to
+    /// [`ChunkSource::fetch_ahead`], so that each chunk is asked for once.
+    ahead_marks: Mutex<VecDeque<(u32, u64)>>,
 }
+
+/// Chunks past the last one a read touched that are given to [`ChunkSource::fetch_ahead`]. A
+/// program reads its binary and libraries by page faults all over them: with 8 chunks (8 MiB
+/// at the default chunk size), a typical executable is on its way after its first read.
+const FETCH_AHEAD_CHUNKS: u64 = 8;
+
+/// Files remembered in [`RafsFs::ahead_marks`].
+const AHEAD_MARKS: usize = 64;
 
 fn err(code: i32) -> io::Error {
     io::Error::from_raw_os_error(code)
@@ -116,6 +128,7 @@ impl RafsFs {
             no_open: AtomicBool::new(false),
             readahead,
             last_hint: AtomicU64::new(u64::MAX),
+            ahead_marks: Mutex::new(VecDeque::with_capacity(AHEAD_MARKS)),
         }
     }
 
@@ -224,6 +237,8 @@ impl RafsFs {
         let chunk_size = u64::from(self.bootstrap.chunk_size());
         let chunks = self.bootstrap.file_chunks(index);
         let blobs = self.bootstrap.blobs();
+        // Before this read's own fetch, so that both are in flight together.
+        self.fetch_ahead(index, chunks, blobs, (end - 1) / chunk_size);
         let mut spanned =
             self.read_spanned_chunks(chunks, blobs, offset / chunk_size, (end - 1) / chunk_size);
         let mut pos = offset;
@@ -268,6 +283,47 @@ impl RafsFs {
         }
         self.hint_next_chunk(index, chunks, blobs, end, chunk_size);
         Ok(written)
+    }
+
+    /// Gives the source the chunks of file `index` after chunk `last` (up to
+    /// [`FETCH_AHEAD_CHUNKS`]) that it was not given yet.
+    fn fetch_ahead(&self, index: u32, chunks: &[ChunkRecord], blobs: &[BlobRecord], last: u64) {
+        let n = chunks.len() as u64;
+        let end = last.saturating_add(1 + FETCH_AHEAD_CHUNKS).min(n);
+        let mut start = last + 1;
+        if start >= end {
+            return;
+        }
+        {
+            let Ok(mut marks) = self.ahead_marks.lock() else {
+                return;
+            };
+            match marks.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, upto)) if *upto >= end => return,
+                Some((_, upto)) => {
+                    start = start.max(*upto);
+                    *upto = end;
+                }
+                None => {
+                    if marks.len() == AHEAD_MARKS {
+                        marks.pop_front();
+                    }
+                    marks.push_back((index, end));
+                }
+            }
+        }
+        let Some(span) = chunks.get(start as usize..end as usize) else {
+            return;
+        };
+        // One call per run of chunks in the same blob (a file may span blobs after dedup).
+        for run in span
+            .chunk_by(|a, b| a.blob_index.get() == b.blob_index.get())
+            .filter(|run| run.iter().any(|c| !c.is_zero()))
+        {
+            if let Some(blob) = blobs.get(run[0].blob_index.get() as usize) {
+                self.source.fetch_ahead(blob, run);
+            }
+        }
     }
 
     /// A read that reached the second half of a chunk is likely followed by one of the next
@@ -692,5 +748,89 @@ impl FileSystem for RafsFs {
 
     fn fsyncdir(&self, _ctx: &Context, _i: u64, _datasync: bool, _h: u64) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::{build, BuildOptions, BuildSource, Compressor};
+    use crate::storage::{ChunkData, StorageError};
+
+    /// A source that serves nothing and records the fetch-ahead hints it gets, as the chunk
+    /// offsets of each call.
+    #[derive(Default)]
+    struct Hints(Mutex<Vec<Vec<u64>>>);
+
+    impl ChunkSource for Hints {
+        fn read_chunk(&self, _: &BlobRecord, _: &ChunkRecord) -> Result<ChunkData, StorageError> {
+            Err(StorageError::Corrupt {
+                blob: String::new(),
+                chunk: String::new(),
+                offset: 0,
+                source: crate::storage::VerifyError::Length { got: 0, want: 1 },
+            })
+        }
+
+        fn fetch_ahead(&self, _: &BlobRecord, chunks: &[ChunkRecord]) {
+            if let Ok(mut g) = self.0.lock() {
+                g.push(chunks.iter().map(|c| c.compressed_offset.get()).collect());
+            }
+        }
+    }
+
+    #[test]
+    fn each_chunk_is_fetched_ahead_once_and_within_the_window() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).expect("mkdir");
+        // 12 chunks of 4 KiB, each different so none is deduplicated.
+        let data: Vec<u8> = (0..12 * 4096u32)
+            .map(|i| (i / 4096 * 37 + i * 13) as u8)
+            .collect();
+        std::fs::write(src.join("big"), &data).expect("write");
+        let opts = BuildOptions {
+            bootstrap: dir.path().join("boot"),
+            blob_dir: dir.path().join("blobs"),
+            chunk_size: 4096,
+            compressor: Compressor::None,
+            chunk_dicts: Vec::new(),
+            progress: false,
+        };
+        build(&BuildSource::Dir(src), &opts).expect("build");
+        let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));
+        let hints = Arc::new(Hints::default());
+        let fs = RafsFs::new(
+            boot.clone(),
+            hints.clone(),
+            RafsFsOptions {
+                readahead: false,
+                ..RafsFsOptions::default()
+            },
+        );
+        let index = boot.lookup(0, b"big").expect("big");
+        let chunks = boot.file_chunks(index);
+        assert_eq!(chunks.len(), 12);
+        let offsets = |r: std::ops::Range<usize>| -> Vec<u64> {
+            chunks[r]
+                .iter()
+                .map(|c| c.compressed_offset.get())
+                .collect()
+        };
+        let take = || std::mem::take(&mut *hints.0.lock().expect("lock"));
+        // A read of chunk 0: chunks 1..=8 are on their way.
+        fs.fetch_ahead(index, chunks, boot.blobs(), 0);
+        assert_eq!(take(), vec![offsets(1..9)]);
+        // Another read of chunk 0 asks for nothing new.
+        fs.fetch_ahead(index, chunks, boot.blobs(), 0);
+        assert!(take().is_empty());
+        // The window slides with the reads: only what was not asked for yet.
+        fs.fetch_ahead(index, chunks, boot.blobs(), 1);
+        assert_eq!(take(), vec![offsets(9..10)]);
+        // Up to the end of the file, and nothing past it.
+        fs.fetch_ahead(index, chunks, boot.blobs(), 6);
+        assert_eq!(take(), vec![offsets(10..12)]);
+        fs.fetch_ahead(index, chunks, boot.blobs(), 11);
+        assert!(take().is_empty());
     }
 }

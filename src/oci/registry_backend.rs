@@ -11,6 +11,7 @@ use super::manifest::{
 };
 use super::{OciError, RegistryClient};
 use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
+use crate::storage::cache::BootstrapCache;
 use crate::storage::{BackendError, BlobBackend};
 
 /// Largest bootstrap fetched (the format's own limit).
@@ -92,7 +93,13 @@ pub struct RemoteImage {
 
 /// Fetches the manifest of `client`'s reference, then the bootstrap layer (checked against its
 /// sha256 digest, then validated), and maps every blob of the bootstrap to its layer.
-pub fn open_image(client: RegistryClient) -> Result<RemoteImage, OciError> {
+///
+/// With `cache`, the bootstrap comes from there when an earlier process kept it, and is kept
+/// there after a fetch; processes starting the same image together fetch it once.
+pub fn open_image(
+    client: RegistryClient,
+    cache: Option<&BootstrapCache>,
+) -> Result<RemoteImage, OciError> {
     let (manifest, _, manifest_digest) = client.get_manifest()?;
     let boot = bootstrap_layer(&manifest).ok_or_else(|| {
         OciError::Invalid(format!(
@@ -100,16 +107,57 @@ pub fn open_image(client: RegistryClient) -> Result<RemoteImage, OciError> {
             client.reference()
         ))
     })?;
-    let bytes = client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?;
-    let bootstrap = Bootstrap::from_bytes(bytes)?;
-    if let Some(want) = boot.annotations.get(ANN_ROOT_DIGEST) {
-        let got = digest_hex(bootstrap.root_digest());
-        if &got != want {
-            return Err(OciError::Invalid(format!(
-                "bootstrap root digest {got} differs from the annotation's {want}"
-            )));
+    let want_root = boot.annotations.get(ANN_ROOT_DIGEST);
+    let load = |bytes: Vec<u8>| -> Result<Bootstrap, OciError> {
+        let bootstrap = Bootstrap::from_bytes(bytes)?;
+        if let Some(want) = want_root {
+            let got = digest_hex(bootstrap.root_digest());
+            if &got != want {
+                return Err(OciError::Invalid(format!(
+                    "bootstrap root digest {got} differs from the annotation's {want}"
+                )));
+            }
         }
-    }
+        Ok(bootstrap)
+    };
+    let bootstrap = match cache {
+        None => load(client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?)?,
+        Some(cache) => {
+            // Whoever holds the lock is fetching this bootstrap; wait, then take theirs.
+            let lock = cache.lock(&boot.digest).unwrap_or_else(|e| {
+                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock the cached bootstrap");
+                None
+            });
+            let cached = cache
+                .get(&boot.digest)
+                .and_then(|bytes| cached_bootstrap(bytes, &boot.digest, boot.size))
+                .and_then(|bytes| match load(bytes) {
+                    Ok(b) => Some(b),
+                    Err(e) => {
+                        tracing::warn!(bootstrap = %boot.digest, error = %crate::cli::error_chain(&e), "cached bootstrap is invalid; fetching it again");
+                        None
+                    }
+                });
+            let bootstrap = match cached {
+                Some(b) => {
+                    tracing::info!(bootstrap = %boot.digest, "bootstrap from the cache");
+                    b
+                }
+                None => {
+                    cache.remove(&boot.digest);
+                    let bytes =
+                        client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?;
+                    let b = load(bytes)?;
+                    cache.put(&boot.digest, b.as_bytes());
+                    b
+                }
+            };
+            if let Some(l) = lock {
+                l.done();
+            }
+            bootstrap
+        }
+    };
     let mut by_id = HashMap::new();
     for l in manifest
         .layers
@@ -178,4 +226,14 @@ fn bootstrap_layer(m: &ImageManifest) -> Option<&super::manifest::Descriptor> {
                 .get(ANN_NYDUS_BOOTSTRAP)
                 .is_none_or(|v| v == "true")
     })
+}
+
+/// Cached bootstrap bytes fit to load: the right size and sha256 (the layer digest the manifest
+/// names), so that a cached copy is exactly what a fetch would give.
+fn cached_bootstrap(bytes: Vec<u8>, digest: &str, size: u64) -> Option<Vec<u8>> {
+    if bytes.len() as u64 != size {
+        return None;
+    }
+    super::manifest::verify_digest("cached bootstrap", &bytes, digest).ok()?;
+    Some(bytes)
 }

@@ -1,7 +1,8 @@
 //! The caching chunk source: memory cache, then the shared disk cache, then the backend; every
 //! chunk verified before it is served or stored.
 
-use std::sync::Arc;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
 use super::metrics::{inc, Metrics};
@@ -15,6 +16,12 @@ const REFETCH_ATTEMPTS: usize = 3;
 /// Adjacent chunks are fetched with one range request up to this many bytes.
 pub const MAX_MERGED_BYTES: u64 = 8 << 20;
 
+/// Fetch-ahead jobs queued beyond the ones being worked on; more are dropped (a hint only).
+const FETCH_AHEAD_QUEUE: usize = 16;
+
+/// A fetch-ahead job: chunks of one blob.
+type AheadJob = (BlobRecord, Vec<ChunkRecord>);
+
 /// Memory cache → disk cache → backend → verify → store, for any [`BlobBackend`].
 ///
 /// A missing chunk is fetched once per host: threads of this process wait on a [`SingleFlight`]
@@ -26,6 +33,8 @@ pub struct CachedChunkSource<B> {
     disk: Option<ChunkDiskCache>,
     flights: SingleFlight,
     metrics: Arc<Metrics>,
+    /// The fetch-ahead workers' queue, once [`Self::start_fetch_ahead`] has run.
+    ahead: OnceLock<SyncSender<AheadJob>>,
 }
 
 /// The right to fetch one chunk: this process's claim and, with a disk cache, the host's lock.
@@ -65,7 +74,54 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             disk,
             flights: SingleFlight::default(),
             metrics,
+            ahead: OnceLock::new(),
         }
+    }
+
+    /// Starts `workers` threads that fetch the chunks given to
+    /// [`ChunkSource::fetch_ahead`], in parallel with the reads that wait for their own chunk:
+    /// with a remote backend, where each request costs a round trip, the rest of a file is then
+    /// on its way while the first chunk is served. The threads end with the source.
+    pub fn start_fetch_ahead(self: &Arc<Self>, workers: usize)
+    where
+        B: 'static,
+    {
+        let (tx, rx) = sync_channel::<AheadJob>(FETCH_AHEAD_QUEUE);
+        if self.ahead.set(tx).is_err() {
+            return;
+        }
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..workers {
+            let rx = rx.clone();
+            // Weak: the workers must not keep the source (and its queue's sender) alive.
+            let source = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("skiff-ahead-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(g) => g.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((blob, chunks)) = job else { return };
+                    let Some(source) = source.upgrade() else {
+                        return;
+                    };
+                    // Failures are reported by the reads that need the chunks, not here.
+                    let _ = source.fetch_chunks(&blob, &chunks, true);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no fetch-ahead worker");
+            }
+        }
+    }
+
+    /// Whether `chunk` is in the memory or disk cache.
+    fn is_cached(&self, chunk: &ChunkRecord) -> bool {
+        self.memcache.get(&chunk.digest).is_some()
+            || self
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.contains(&chunk.digest))
     }
 
     /// The backend.
@@ -388,6 +444,19 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
             })
             .collect()
     }
+
+    fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
+        let Some(tx) = self.ahead.get() else { return };
+        let missing: Vec<ChunkRecord> = chunks
+            .iter()
+            .filter(|c| !c.is_zero() && !self.is_cached(c))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            // A full queue means the workers are behind: the reads will fetch for themselves.
+            let _ = tx.try_send((*blob, missing));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -519,6 +588,44 @@ mod tests {
         }
         assert_eq!(faulty2.requests(), 0);
         assert_eq!(src2.metrics().disk_hits.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn fetch_ahead_fetches_in_the_background_and_reads_find_the_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(6, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        let src = Arc::new(src);
+        // Not started: a hint does nothing.
+        src.fetch_ahead(&blob(), &chunks[1..]);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(faulty.requests(), 0);
+        src.start_fetch_ahead(2);
+        src.read_chunk(&blob(), &chunks[0]).expect("first chunk");
+        src.fetch_ahead(&blob(), &chunks[1..]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !chunks[1..].iter().all(|c| src.is_cached(c)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fetch-ahead never finished"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The five adjacent chunks came in one request, and reads need no more.
+        assert_eq!(faulty.requests(), 2);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c).expect("cached chunk");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        assert_eq!(faulty.requests(), 2);
+        // Cached chunks are not queued again.
+        src.fetch_ahead(&blob(), &chunks);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(faulty.requests(), 2);
+        // The workers hold no strong reference: the source can go away.
+        let weak = Arc::downgrade(&src);
+        drop(src);
+        assert!(weak.upgrade().is_none());
     }
 
     #[test]

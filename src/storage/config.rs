@@ -16,6 +16,10 @@ use super::{
 };
 use crate::format::Bootstrap;
 
+/// Threads fetching ahead of the reads from a remote backend: each holds one request in
+/// flight, beside the requests of the reads themselves.
+const FETCH_AHEAD_WORKERS: usize = 3;
+
 /// A byte count written as a number or as a string such as `"512M"` or `"10G"`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(untagged)]
@@ -205,6 +209,17 @@ impl StorageConfig {
         self.open_with_backend(bootstrap, backend, remote)
     }
 
+    /// The disk cache directory in use, if any: the configured one, else the default for a
+    /// `remote` backend.
+    pub fn cache_dir(&self, remote: bool) -> Option<PathBuf> {
+        match (self.cache.enabled, &self.cache.dir) {
+            (Some(false), _) => None,
+            (_, Some(d)) => Some(d.clone()),
+            (_, None) if remote => Some(PathBuf::from(DEFAULT_CACHE_DIR)),
+            (_, None) => None,
+        }
+    }
+
     /// Like [`Self::open`], over a backend built elsewhere (an image's registry backend);
     /// `remote` says whether the disk cache is on by default, as for any remote backend.
     pub fn open_with_backend(
@@ -216,12 +231,7 @@ impl StorageConfig {
         let metrics = Arc::new(Metrics::default());
         let backend_name = backend.name();
         let backend = RetryingBackend::new(backend, self.retry_policy(), metrics.clone());
-        let cache_dir = match (self.cache.enabled, &self.cache.dir) {
-            (Some(false), _) => None,
-            (_, Some(d)) => Some(d.clone()),
-            (_, None) if remote => Some(PathBuf::from(DEFAULT_CACHE_DIR)),
-            (_, None) => None,
-        };
+        let cache_dir = self.cache_dir(remote);
         let limit = match &self.cache.limit {
             Some(l) => l.get()?,
             None => 0,
@@ -240,6 +250,9 @@ impl StorageConfig {
             None => 16 << 20,
         };
         let source = Arc::new(CachedChunkSource::new(backend, mem, disk, metrics.clone()));
+        if remote {
+            source.start_fetch_ahead(FETCH_AHEAD_WORKERS);
+        }
 
         let mut first: Vec<u32> = Vec::new();
         if self.prefetch.use_image_list.unwrap_or(true) {

@@ -48,6 +48,12 @@ pub trait ChunkSource: Send + Sync {
     ) -> Vec<Result<ChunkData, StorageError>> {
         chunks.iter().map(|c| self.read_chunk(blob, c)).collect()
     }
+
+    /// Chunks of `blob` likely to be read soon (the rest of a file being read). A source with a
+    /// remote backend may fetch the missing ones in the background, so that those reads find
+    /// them cached instead of waiting for a round trip each; returns at once. Sources reading
+    /// local files ignore it.
+    fn fetch_ahead(&self, _blob: &BlobRecord, _chunks: &[ChunkRecord]) {}
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
@@ -65,6 +71,10 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
         chunks: &[ChunkRecord],
     ) -> Vec<Result<ChunkData, StorageError>> {
         (**self).read_chunks(blob, chunks)
+    }
+
+    fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
+        (**self).fetch_ahead(blob, chunks)
     }
 }
 

@@ -6,6 +6,7 @@
 //! chunks/ab/abcdef…   verified uncompressed bytes of the chunk whose blake3 is abcdef…
 //! locks/abcdef…       lock file of a chunk being fetched (flock), removed once it is stored
 //! tmp/abcdef….PID.N   a chunk being written; renamed into chunks/ when complete
+//! bootstraps/sha256-…  bootstraps fetched from registries, by layer digest (see [`BootstrapCache`])
 //! ```
 //!
 //! A chunk file appears whole or not at all (temporary file + rename in one filesystem), is
@@ -13,6 +14,7 @@
 //! Access time is the file's mtime, set on every disk hit; the cache evicts least recently used
 //! chunks beyond its byte limit.
 
+mod bootstraps;
 mod lock;
 mod maintenance;
 
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+pub use bootstraps::BootstrapCache;
 pub use lock::{ChunkFileLock, Claim, SingleFlight};
 pub use maintenance::{gc, stat, CacheStat, GcReport};
 
