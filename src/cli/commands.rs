@@ -362,8 +362,8 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         );
     }
     println!(
-        "bootstrap   {} ({} bytes)",
-        summary.bootstrap_digest, summary.bootstrap_bytes
+        "bootstrap   {} ({} bytes zstd, {} bytes)",
+        summary.bootstrap_digest, summary.bootstrap_bytes, summary.bootstrap_uncompressed_bytes
     );
     println!("pushed      {}@{}", summary.target, summary.manifest_digest);
     if let Some(j) = a.json {

@@ -162,11 +162,6 @@ impl Bootstrap {
         &self.root_digest
     }
 
-    /// The bootstrap file's bytes, as loaded and validated.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.data
-    }
-
     /// Size of the bootstrap file in bytes.
     pub fn byte_len(&self) -> usize {
         self.data.len()

@@ -13,7 +13,7 @@ use sha2::Digest;
 use super::manifest::{
     self, Descriptor, Fetched, ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP,
     ANN_ROOT_DIGEST, ANN_SOURCE, MAX_MANIFEST_BYTES, OCI_CONFIG, OCI_MANIFEST, SKIFF_BLOB,
-    SKIFF_BOOTSTRAP,
+    SKIFF_BOOTSTRAP_ZSTD,
 };
 use super::{OciError, Reference, RegistryClient, RegistryOptions};
 use crate::build::{self, BuildOptions, BuildSummary, Compressor};
@@ -21,6 +21,10 @@ use crate::format::digest_hex;
 
 /// Largest `manifest.json` of a `docker save` archive.
 const MAX_ARCHIVE_MANIFEST: u64 = 1 << 20;
+
+/// zstd level of the bootstrap layer: level 3 compresses a bootstrap about as well as level 19
+/// (digests dominate and do not compress) at a fraction of the time.
+const BOOTSTRAP_ZSTD_LEVEL: i32 = 3;
 
 /// What to convert, and how.
 #[derive(Clone, Debug)]
@@ -69,8 +73,10 @@ pub struct ConvertSummary {
     pub blobs: Vec<PushedBlob>,
     /// The bootstrap layer's digest.
     pub bootstrap_digest: String,
-    /// Its size.
+    /// The bootstrap layer's size (zstd-compressed): what a daemon fetches to start the image.
     pub bootstrap_bytes: u64,
+    /// The bootstrap's own size.
+    pub bootstrap_uncompressed_bytes: u64,
     /// The build.
     pub build: BuildSummary,
 }
@@ -138,11 +144,16 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
     }
     let boot =
         std::fs::read(&bootstrap_path).map_err(|e| OciError::io("reading", &bootstrap_path, e))?;
-    let boot_digest = target.push_blob_bytes(&boot, work)?;
+    let boot_diff_id = manifest::sha256_digest(&boot);
+    let boot_zstd = zstd::bulk::compress(&boot, BOOTSTRAP_ZSTD_LEVEL)
+        .map_err(|e| OciError::io("compressing", &bootstrap_path, e))?;
+    let boot_digest = target.push_blob_bytes(&boot_zstd, work)?;
+    let mut diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+    diff_ids.push(boot_diff_id);
     layers.push(Descriptor {
-        media_type: SKIFF_BOOTSTRAP.to_string(),
+        media_type: SKIFF_BOOTSTRAP_ZSTD.to_string(),
         digest: boot_digest.clone(),
-        size: boot.len() as u64,
+        size: boot_zstd.len() as u64,
         annotations: BTreeMap::from([
             (ANN_NYDUS_BOOTSTRAP.to_string(), "true".to_string()),
             (ANN_ROOT_DIGEST.to_string(), summary.root_digest.clone()),
@@ -150,7 +161,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
         platform: None,
     });
 
-    let config = rewrite_config(&src.config, &layers)?;
+    let config = rewrite_config(&src.config, &diff_ids)?;
     let config_digest = target.push_blob_bytes(&config, work)?;
     let m = ImageManifest {
         schema_version: 2,
@@ -177,7 +188,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
         source_layers: src.layers.len(),
         blobs: pushed,
         bootstrap_digest: boot_digest,
-        bootstrap_bytes: boot.len() as u64,
+        bootstrap_bytes: boot_zstd.len() as u64,
+        bootstrap_uncompressed_bytes: boot.len() as u64,
         build: summary,
     })
 }
@@ -185,7 +197,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
 /// The source's config with `rootfs.diff_ids` naming the new layers (which are stored
 /// uncompressed, so their digest is their diff id) and without `history`, whose entries
 /// describe the source's layers.
-fn rewrite_config(source: &[u8], layers: &[Descriptor]) -> Result<Vec<u8>, OciError> {
+fn rewrite_config(source: &[u8], diff_ids: &[String]) -> Result<Vec<u8>, OciError> {
     let mut v: serde_json::Value = serde_json::from_slice(source)
         .map_err(|e| OciError::Invalid(format!("image config: {e}")))?;
     let obj = v
@@ -196,7 +208,7 @@ fn rewrite_config(source: &[u8], layers: &[Descriptor]) -> Result<Vec<u8>, OciEr
         "rootfs".into(),
         serde_json::json!({
             "type": "layers",
-            "diff_ids": layers.iter().map(|l| l.digest.clone()).collect::<Vec<_>>(),
+            "diff_ids": diff_ids,
         }),
     );
     serde_json::to_vec(&v).map_err(|e| OciError::Invalid(format!("image config: {e}")))
@@ -442,16 +454,9 @@ mod tests {
 
     #[test]
     fn config_rewrite() {
-        let d = Descriptor {
-            media_type: SKIFF_BLOB.into(),
-            digest: "sha256:00".into(),
-            size: 1,
-            annotations: BTreeMap::new(),
-            platform: None,
-        };
         let out = rewrite_config(
             br#"{"architecture":"amd64","os":"linux","config":{"Env":["A=1"]},"rootfs":{"type":"layers","diff_ids":["x"]},"history":[{}]}"#,
-            &[d],
+            &["sha256:00".to_string()],
         )
         .expect("rewrite");
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");

@@ -24,6 +24,10 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, a
 pub const SKIFF_BLOB: &str = "application/vnd.skiff.rafs.blob.v1";
 /// A Skiff bootstrap stored as a registry layer (the raw bootstrap bytes).
 pub const SKIFF_BOOTSTRAP: &str = "application/vnd.skiff.rafs.bootstrap.v1";
+/// A Skiff bootstrap stored as a zstd-compressed registry layer: what `skiff convert` pushes,
+/// because a bootstrap (names, digests, tables) shrinks to about 40 % and is fetched whole
+/// before an image can start.
+pub const SKIFF_BOOTSTRAP_ZSTD: &str = "application/vnd.skiff.rafs.bootstrap.v1+zstd";
 /// Annotation on a blob layer: the Skiff blob id (blake3, hex).
 pub const ANN_BLOB_ID: &str = "io.skiff.rafs.blob-id";
 /// Annotation on the bootstrap layer: the image's root Merkle digest (blake3, hex).

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::manifest::{
     ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, SKIFF_BLOB, SKIFF_BOOTSTRAP,
+    SKIFF_BOOTSTRAP_ZSTD,
 };
 use super::{OciError, RegistryClient};
 use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
@@ -103,12 +104,18 @@ pub fn open_image(
     let (manifest, _, manifest_digest) = client.get_manifest()?;
     let boot = bootstrap_layer(&manifest).ok_or_else(|| {
         OciError::Invalid(format!(
-            "{} is not a Skiff image: no layer of type {SKIFF_BOOTSTRAP}",
+            "{} is not a Skiff image: its last layer is not of type {SKIFF_BOOTSTRAP_ZSTD} or {SKIFF_BOOTSTRAP}",
             client.reference()
         ))
     })?;
     let want_root = boot.annotations.get(ANN_ROOT_DIGEST);
-    let load = |bytes: Vec<u8>| -> Result<Bootstrap, OciError> {
+    let compressed = boot.media_type == SKIFF_BOOTSTRAP_ZSTD;
+    let load = |layer: &[u8]| -> Result<Bootstrap, OciError> {
+        let bytes = if compressed {
+            decompress_bootstrap(layer, MAX_BOOTSTRAP_BYTES)?
+        } else {
+            layer.to_vec()
+        };
         let bootstrap = Bootstrap::from_bytes(bytes)?;
         if let Some(want) = want_root {
             let got = digest_hex(bootstrap.root_digest());
@@ -121,7 +128,7 @@ pub fn open_image(
         Ok(bootstrap)
     };
     let bootstrap = match cache {
-        None => load(client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?)?,
+        None => load(&client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?)?,
         Some(cache) => {
             // Whoever holds the lock is fetching this bootstrap; wait, then take theirs.
             let lock = cache.lock(&boot.digest).unwrap_or_else(|e| {
@@ -131,7 +138,7 @@ pub fn open_image(
             let cached = cache
                 .get(&boot.digest)
                 .and_then(|bytes| cached_bootstrap(bytes, &boot.digest, boot.size))
-                .and_then(|bytes| match load(bytes) {
+                .and_then(|bytes| match load(&bytes) {
                     Ok(b) => Some(b),
                     Err(e) => {
                         tracing::warn!(bootstrap = %boot.digest, error = %crate::cli::error_chain(&e), "cached bootstrap is invalid; fetching it again");
@@ -147,8 +154,8 @@ pub fn open_image(
                     cache.remove(&boot.digest);
                     let bytes =
                         client.get_blob_bytes(&boot.digest, boot.size, MAX_BOOTSTRAP_BYTES)?;
-                    let b = load(bytes)?;
-                    cache.put(&boot.digest, b.as_bytes());
+                    let b = load(&bytes)?;
+                    cache.put(&boot.digest, &bytes);
                     b
                 }
             };
@@ -217,11 +224,27 @@ pub fn open_image(
     })
 }
 
-/// The bootstrap layer: the last layer, of Skiff's bootstrap type (the Nydus annotation alone
-/// is not enough: a Nydus bootstrap is a different format).
+/// The bootstrap of a zstd bootstrap layer, at most `limit` bytes of it: a layer that expands
+/// beyond is refused, not decompressed into memory.
+fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
+    let bad = |e: std::io::Error| OciError::Invalid(format!("bootstrap layer: zstd: {e}"));
+    let decoder = zstd::stream::read::Decoder::new(layer).map_err(bad)?;
+    let mut out = Vec::with_capacity(layer.len().saturating_mul(3));
+    std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit + 1), &mut out)
+        .map_err(bad)?;
+    if out.len() as u64 > limit {
+        return Err(OciError::Invalid(format!(
+            "bootstrap layer expands beyond {limit} bytes"
+        )));
+    }
+    Ok(out)
+}
+
+/// The bootstrap layer: the last layer, of one of Skiff's bootstrap types (the Nydus annotation
+/// alone is not enough: a Nydus bootstrap is a different format).
 fn bootstrap_layer(m: &ImageManifest) -> Option<&super::manifest::Descriptor> {
     m.layers.last().filter(|l| {
-        l.media_type == SKIFF_BOOTSTRAP
+        (l.media_type == SKIFF_BOOTSTRAP || l.media_type == SKIFF_BOOTSTRAP_ZSTD)
             && l.annotations
                 .get(ANN_NYDUS_BOOTSTRAP)
                 .is_none_or(|v| v == "true")
@@ -236,4 +259,21 @@ fn cached_bootstrap(bytes: Vec<u8>, digest: &str, size: u64) -> Option<Vec<u8>> 
     }
     super::manifest::verify_digest("cached bootstrap", &bytes, digest).ok()?;
     Some(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zstd_bootstrap_layers_are_bounded() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let z = zstd::bulk::compress(&data, 3).expect("compress");
+        assert_eq!(decompress_bootstrap(&z, 100_000).expect("fits"), data);
+        // One byte over the limit: refused.
+        assert!(decompress_bootstrap(&z, 99_999).is_err());
+        // Not zstd, or cut short: refused.
+        assert!(decompress_bootstrap(&data, 1 << 20).is_err());
+        assert!(decompress_bootstrap(&z[..z.len() / 2], 1 << 20).is_err());
+    }
 }
