@@ -265,9 +265,15 @@ impl Authenticator {
     /// The `Authorization` header for a request to `host` needing `scope`, if one is known and
     /// still fresh. A bearer token about to expire is not returned: the request then fails
     /// with 401 and [`Self::challenged`] fetches a new one.
+    ///
+    /// A host not heard from yet gets the basic credentials, if there are any: a registry
+    /// with basic auth then answers the first request instead of a 401 and a second round
+    /// trip, and one with token auth answers 401 with its challenge as it would anyway.
     pub fn header(&self, host: &str, scope: &str) -> Option<String> {
         let hosts = self.hosts.lock().ok()?;
-        let st = hosts.get(host)?;
+        let Some(st) = hosts.get(host) else {
+            return self.credentials.as_ref().map(Credentials::basic_header);
+        };
         match &st.scheme {
             Scheme::Unknown => None,
             Scheme::Basic => self.credentials.as_ref().map(Credentials::basic_header),
@@ -495,6 +501,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn basic_credentials_go_with_the_first_request() {
+        let creds = Credentials::parse("u:p").expect("creds");
+        let basic = creds.basic_header();
+        let a = Authenticator::new(Some(creds));
+        assert_eq!(a.header("r.example", "repository:x:pull"), Some(basic));
+        assert_eq!(Authenticator::new(None).header("r.example", "s"), None);
+    }
+
+    #[test]
     fn parses_bearer_challenge() {
         let c = parse_challenge(
             r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/debian:pull""#,
@@ -648,7 +663,8 @@ mod tests {
             password: "p".into(),
         }));
         let scope = "repository:a/b:pull";
-        assert_eq!(auth.header("reg", scope), None);
+        // Before any challenge: the basic credentials, in case basic is all the host wants.
+        assert_eq!(auth.header("reg", scope).as_deref(), Some("Basic dTpw"));
         let challenge = format!(r#"Bearer realm="{realm}",service="reg.test",scope="{scope}""#);
         assert!(auth
             .challenged(&http, "reg", Some(&challenge), scope)
