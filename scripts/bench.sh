@@ -3,24 +3,27 @@
 #   1. build:   skiff build vs nydus-image create (RAFS v6, lz4_block and zstd), A and B, and
 #               B with A as chunk dictionary;
 #   2. FUSE:    skiff mount vs nydusd (fusedev, localfs + blobcache) vs the plain directory;
-#   3. virtio-fs in the microVM: skiff serve vs nydusd virtiofs vs virtiofsd.
+#   3. virtio-fs in the microVM: skiff serve vs nydusd virtiofs vs virtiofsd;
+#   4. cold start over a throttled network: skiff mount --image vs nydusd (registry backend) vs
+#      a full pull + unpack (skopeo + umoci), data B (scripts/bench-net.sh);
+#   5. sharing: 4 skiff processes on one cache vs one (scripts/bench-net.sh).
 # Data: A = Debian bookworm minbase, B = A + python3, pip, gcc, g++, make, git, curl
 # (scripts/make-rootfs.sh, cached outside the repo). Medians of --runs runs (default 3).
 # "Cold" = page cache dropped and empty caches. Peers are installed by the scripts/install-*.sh
 # this script calls, into ${SKIFF_CACHE:-/var/cache/skiff}/tools, never into the repository.
 #
-# Usage: scripts/bench.sh [--quick] [--runs N] [--sections 1,2,3] [--report FILE]
-#   --quick   A only, 1 run (under 10 minutes once the peers are installed)
+# Usage: scripts/bench.sh [--quick] [--runs N] [--sections 1,2,3,4,5] [--report FILE]
+#   --quick   A only for sections 1-3 (4 and 5 need B's python3), 1 run
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-runs=3 quick=0 sections=1,2,3 report=""
+runs=3 quick=0 sections=1,2,3,4,5 report=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) quick=1; runs=1 ;;
         --runs) runs=$2; shift ;;
         --sections) sections=$2; shift ;;
         --report) report=$2; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -279,6 +282,12 @@ EOF
     done
     emit
     emit "Ratios: the peer's figure over Skiff's (above 1× means Skiff is faster or smaller)."
+fi
+
+# --- 4. and 5. Over a network ----------------------------------------------------------------
+if [[ ,$sections, == *,4,* || ,$sections, == *,5,* ]]; then
+    # shellcheck source=scripts/bench-net.sh
+    source "$repo/scripts/bench-net.sh"
 fi
 
 [[ -n $report ]] && cp "$out" "$report"

@@ -2,18 +2,23 @@
 # A local OCI registry for tests: Debian's docker-registry (the CNCF distribution registry) on
 # 127.0.0.1, with its own config, storage, htpasswd file and access log under a run directory.
 #
-#   scripts/registry.sh start [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]
+#   scripts/registry.sh start [--name N] [--port P] [--addr IP] [--netns NS] [--htpasswd user:pass]
+#                             [--proxy-remote URL [--proxy-auth user:pass]]
 #   scripts/registry.sh stop  [--name N]
 #
-# start prints the address (127.0.0.1:PORT) on stdout once the registry answers. The run
-# directory is $SKIFF_REGISTRY_RUN (default /tmp/skiff-registry)/NAME: config.yml, storage/,
-# htpasswd, registry.log (access and application log), pid.
+# start prints the address (IP:PORT, default 127.0.0.1:PORT) on stdout once the registry
+# answers. --netns runs it inside an existing network namespace (`ip netns exec`), listening on
+# --addr there (scripts/bench-net.sh: a registry behind a throttled veth). The run directory is
+# $SKIFF_REGISTRY_RUN (default /tmp/skiff-registry)/NAME: config.yml, storage/, htpasswd,
+# registry.log (access and application log), pid.
 set -euo pipefail
 
 cmd=${1:-}
 shift || true
 name=default
 port=5000
+addr=127.0.0.1
+netns=
 htpasswd=
 proxy_remote=
 proxy_auth=
@@ -21,6 +26,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
     --name) name=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
+    --addr) addr=$2; shift 2 ;;
+    --netns) netns=$2; shift 2 ;;
     --htpasswd) htpasswd=$2; shift 2 ;;
     --proxy-remote) proxy_remote=$2; shift 2 ;;
     --proxy-auth) proxy_auth=$2; shift 2 ;;
@@ -95,18 +102,20 @@ storage:
   cache:
     blobdescriptor: inmemory
 http:
-  addr: 127.0.0.1:$port
+  addr: $addr:$port
   secret: skiff-test-secret
 $auth
 $proxy
 YAML
     : > "$run/registry.log"
-    setsid docker-registry serve "$run/config.yml" >> "$run/registry.log" 2>&1 < /dev/null &
+    inns=()
+    if [ -n "$netns" ]; then inns=(ip netns exec "$netns"); fi
+    setsid "${inns[@]}" docker-registry serve "$run/config.yml" >> "$run/registry.log" 2>&1 < /dev/null &
     echo $! > "$run/pid"
     for _ in $(seq 100); do
-        code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)
+        code=$("${inns[@]}" curl -s -o /dev/null -w '%{http_code}' "http://$addr:$port/v2/" || true)
         if [ "$code" = 200 ] || [ "$code" = 401 ]; then
-            echo "127.0.0.1:$port"
+            echo "$addr:$port"
             exit 0
         fi
         if ! kill -0 "$(cat "$run/pid")" 2>/dev/null; then break; fi
@@ -118,5 +127,5 @@ YAML
     exit 1
     ;;
 stop) stop ;;
-*) echo "usage: registry.sh start|stop [--name N] [--port P] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]" >&2; exit 2 ;;
+*) echo "usage: registry.sh start|stop [--name N] [--port P] [--addr IP] [--netns NS] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]" >&2; exit 2 ;;
 esac

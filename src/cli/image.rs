@@ -199,6 +199,10 @@ impl ImageArgs {
             let b = Arc::new(img.bootstrap);
             tracing::info!(image = %r, root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;
+            let fs_opts = RafsFsOptions {
+                demand: Some(stack.metrics.clone()),
+                ..fs_opts
+            };
             let fs = RafsFs::new(b, stack.source.clone(), fs_opts);
             return Ok((fs, stack));
         }
@@ -216,6 +220,10 @@ impl ImageArgs {
             "image loaded and verified"
         );
         let stack = config.open(&b)?;
+        let fs_opts = RafsFsOptions {
+            demand: Some(stack.metrics.clone()),
+            ..fs_opts
+        };
         let fs = RafsFs::new(b, stack.source.clone(), fs_opts);
         Ok((fs, stack))
     }

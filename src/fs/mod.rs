@@ -44,6 +44,9 @@ pub struct RafsFsOptions {
     pub zero_message_open: bool,
     /// Fetch and verify the next chunk of a file in the background while it is read in order.
     pub readahead: bool,
+    /// Where to count the distinct chunks file reads ask for (the workload's own chunks, as
+    /// opposed to read-ahead and prefetch), if anywhere.
+    pub demand: Option<Arc<crate::storage::Metrics>>,
 }
 
 impl Default for RafsFsOptions {
@@ -52,6 +55,7 @@ impl Default for RafsFsOptions {
             cache_timeout: DEFAULT_CACHE_TIMEOUT,
             zero_message_open: false,
             readahead: true,
+            demand: None,
         }
     }
 }
@@ -260,6 +264,9 @@ impl RafsFs {
                 let blob = blobs
                     .get(chunk.blob_index.get() as usize)
                     .ok_or_else(|| err(libc::EIO))?;
+                if let Some(m) = &self.opts.demand {
+                    m.note_demand(&chunk.digest, chunk.compressed_size.get());
+                }
                 let data = match spanned.remove(&ci) {
                     Some(r) => r,
                     None => self.source.read_chunk(blob, chunk),

@@ -339,7 +339,7 @@ impl StorageStack {
         self.metrics.snapshot(self.backend_name)
     }
 
-    /// Stops prefetch and writes the metrics file one last time.
+    /// Stops prefetch, writes the metrics file one last time and logs the traffic totals.
     pub fn finish(mut self) {
         if let Some(p) = self.prefetch.take() {
             p.stop();
@@ -347,6 +347,21 @@ impl StorageStack {
         if let Some(w) = self.writer.take() {
             w.finish();
         }
+        let s = self.snapshot();
+        // One line a benchmark or an operator can read: what was fetched against what the
+        // reads needed.
+        tracing::info!(
+            backend = s.backend,
+            requests = s.backend_requests,
+            bytes = s.backend_bytes,
+            chunks_fetched = s.chunks_fetched,
+            demand_chunks = s.demand_chunks,
+            demand_stored_bytes = s.demand_stored_bytes,
+            prefetch_bytes = s.prefetch_bytes,
+            disk_hits = s.disk_hits,
+            fetch_seconds = format_args!("{:.3}", s.fetch_latency_sum_seconds),
+            "storage totals"
+        );
     }
 }
 

@@ -5,8 +5,10 @@
 //! source and the prefetch worker. [`Metrics::snapshot`] reads them into a plain
 //! [`MetricsSnapshot`] that renders as JSON (serde) or as Prometheus text.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// Upper bounds (milliseconds) of the fetch latency histogram buckets; a last bucket holds the rest.
@@ -53,6 +55,14 @@ pub struct Metrics {
     pub prefetch_errors: AtomicU64,
     /// 1 once the prefetch worker has finished its whole list.
     pub prefetch_complete: AtomicU64,
+    /// Distinct chunks that file reads asked for (not read-ahead or prefetch): the chunks the
+    /// workload itself needed, whichever cache served them.
+    pub demand_chunks: AtomicU64,
+    /// Stored (compressed) bytes of those chunks: what a fetcher that knew the workload in
+    /// advance would have had to fetch, the yardstick for `backend_bytes`.
+    pub demand_stored_bytes: AtomicU64,
+    /// Digests counted in `demand_chunks`, so that each chunk counts once.
+    demand_seen: Mutex<HashSet<[u8; 32]>>,
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -68,6 +78,20 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
+    /// Records that a file read needed the chunk `digest` of `stored_size` stored bytes;
+    /// counts each chunk once.
+    pub fn note_demand(&self, digest: &[u8; 32], stored_size: u32) {
+        let first = match self.demand_seen.lock() {
+            Ok(mut seen) => seen.insert(*digest),
+            // A panic elsewhere poisoned the set: the counters are only statistics.
+            Err(poisoned) => poisoned.into_inner().insert(*digest),
+        };
+        if first {
+            inc(&self.demand_chunks);
+            add(&self.demand_stored_bytes, u64::from(stored_size));
+        }
+    }
+
     /// Records the latency of one backend request.
     pub fn observe_latency(&self, d: Duration) {
         let ms = d.as_millis();
@@ -121,6 +145,8 @@ impl Metrics {
             prefetch_bytes: g(&self.prefetch_bytes),
             prefetch_errors: g(&self.prefetch_errors),
             prefetch_complete: g(&self.prefetch_complete) != 0,
+            demand_chunks: g(&self.demand_chunks),
+            demand_stored_bytes: g(&self.demand_stored_bytes),
             fetch_latency: buckets,
             fetch_latency_sum_seconds: g(&self.latency_sum_us) as f64 / 1e6,
         }
@@ -160,6 +186,10 @@ pub struct MetricsSnapshot {
     pub prefetch_bytes: u64,
     pub prefetch_errors: u64,
     pub prefetch_complete: bool,
+    #[serde(default)]
+    pub demand_chunks: u64,
+    #[serde(default)]
+    pub demand_stored_bytes: u64,
     pub fetch_latency: Vec<LatencyBucket>,
     pub fetch_latency_sum_seconds: f64,
 }
@@ -282,6 +312,18 @@ impl MetricsSnapshot {
             self.prefetch_errors,
             "",
         );
+        counter(
+            "demand_chunks_total",
+            "Distinct chunks file reads asked for.",
+            self.demand_chunks,
+            "",
+        );
+        counter(
+            "demand_stored_bytes_total",
+            "Stored bytes of the distinct chunks file reads asked for.",
+            self.demand_stored_bytes,
+            "",
+        );
         let _ = writeln!(
             s,
             "# HELP skiff_prefetch_chunks Chunks prefetch has to handle."
@@ -345,5 +387,18 @@ mod tests {
         assert!(p.contains("skiff_fetch_latency_seconds_count{backend=\"s3\"} 3"));
         let back: MetricsSnapshot = serde_json::from_str(&s.to_json()).expect("json");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn demand_counts_each_chunk_once() {
+        let m = Metrics::default();
+        m.note_demand(&[1; 32], 100);
+        m.note_demand(&[2; 32], 50);
+        m.note_demand(&[1; 32], 100);
+        let s = m.snapshot("registry");
+        assert_eq!((s.demand_chunks, s.demand_stored_bytes), (2, 150));
+        assert!(s
+            .to_prometheus()
+            .contains("skiff_demand_stored_bytes_total{} 150"));
     }
 }
