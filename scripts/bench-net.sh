@@ -184,11 +184,11 @@ net_push_images() {
         skopeo copy -q --dest-creds "$net_user:$net_pass" --dest-tls-verify=false \
             "oci:$net/oci-b:b" "docker://$net_reg/bench/b-oci:latest" >&2
     fi
-    if ! have_manifest bench/b-skiff; then
-        log "skiff convert of the OCI image"
-        "$skiff" convert --source "$net/oci-b" --target "$net_reg/bench/b-skiff:latest" --insecure \
-            --registry-auth "$net_user:$net_pass" --log-level warn >&2
-    fi
+    # Always: the image must be what this build of skiff makes (blobs already there are not
+    # pushed again).
+    log "skiff convert of the OCI image"
+    "$skiff" convert --source "$net/oci-b" --target "$net_reg/bench/b-skiff:latest" --insecure \
+        --registry-auth "$net_user:$net_pass" --log-level warn >&2
     local b
     for b in "$net"/nydus-b/blobs/*; do
         [[ $(push_blob bench/b-nydus "$b") == "$(basename "$b")" ]] ||
