@@ -447,7 +447,7 @@ if [[ ,$sections, == *,5,* ]]; then
     emit
     sh=$(times_x "$b_sh" "$b_skiff")
     emit "Target: 4 processes fetch ≤ 1.05× the bytes of one: $sh, $(verdict "$sh" "<=" 1.05)"
-    emit "(every process fetches the manifest and the bootstrap itself)."
+    emit "(each process fetches the manifest; the first fetches the bootstrap and the others take it from the shared cache)."
     emit
 fi
 
