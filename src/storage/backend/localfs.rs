@@ -5,8 +5,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::{BackendError, BlobBackend};
 use crate::format::{digest_hex, DIGEST_LEN};
@@ -24,38 +23,57 @@ use crate::format::{digest_hex, DIGEST_LEN};
 /// and for a local blob the bytes are on this host anyway.
 pub const READAHEAD_WINDOW: u64 = 32 << 20;
 
-/// One open blob and the end of the range already handed to the kernel's readahead.
+/// A blob up to this size is asked into the page cache whole, in the background, when it is
+/// first opened; the windows above then have nothing left to do.
+///
+/// On the same image, a full tar took about 1.0 s, against 1.0 to 1.6 s with 32 MiB windows
+/// (the reads jump between regions of the blob, and each jump waits for its new window's first
+/// pages): reading 64 MiB sequentially costs the disk 0.06 s. The cap keeps a huge blob from
+/// being read in full for a container that touches little of it.
+pub const WHOLE_BLOB_READAHEAD_MAX: u64 = 256 << 20;
+
+/// One open blob and the range last handed to the kernel's readahead.
 struct BlobFile {
     file: File,
-    advised_end: AtomicU64,
+    /// The whole blob was handed to the kernel's readahead at open.
+    whole: bool,
+    /// `(start, end)` of the window last advised.
+    advised: Mutex<(u64, u64)>,
 }
 
 impl BlobFile {
     /// Asks the kernel to start reading the window ahead of a read of `offset..end`, unless
-    /// an earlier window already covers most of it. Only advice: errors are ignored.
+    /// the window advised last covers the read and most of a window after it. A read outside
+    /// that window (a jump back or forward) starts a new one from where it reads. Only advice:
+    /// errors are ignored.
     fn read_ahead(&self, offset: u64, end: u64) {
-        let advised = self.advised_end.load(Ordering::Relaxed);
-        // Renew when the read comes within half a window of the advised end; a read far
-        // behind it (a jump back) does not move the window.
-        if end.saturating_add(READAHEAD_WINDOW / 2) <= advised && offset < advised {
+        if self.whole {
             return;
         }
-        let from = if offset > advised { offset } else { advised };
+        let Ok(mut advised) = self.advised.lock() else {
+            return;
+        };
+        let (start, stop) = *advised;
+        let inside = start <= offset && offset < stop;
+        if inside && end.saturating_add(READAHEAD_WINDOW / 2) <= stop {
+            return;
+        }
+        // Within the window only its end moves (what lies before it is on its way already).
+        let from = if inside { stop } else { offset };
         let to = end.saturating_add(READAHEAD_WINDOW);
-        if self
-            .advised_end
-            .compare_exchange(advised, to, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            // Another thread moved the window meanwhile.
-            return;
-        }
+        *advised = (if inside { start } else { offset }, to);
+        drop(advised);
         let (Ok(off), Ok(len)) = (
             libc::off_t::try_from(from),
-            libc::off_t::try_from(to - from),
+            libc::off_t::try_from(to.saturating_sub(from)),
         ) else {
             return;
         };
+        self.advise(off, len);
+    }
+
+    /// `posix_fadvise(WILLNEED)` over `len` bytes from `off` (0: to the end).
+    fn advise(&self, off: libc::off_t, len: libc::off_t) {
         // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open for
         // as long as `self.file` lives.
         unsafe {
@@ -94,12 +112,34 @@ impl LocalFsBackend {
             path: path.display().to_string(),
             source,
         })?;
+        let whole = file
+            .metadata()
+            .is_ok_and(|m| m.len() <= WHOLE_BLOB_READAHEAD_MAX);
         let f = Arc::new(BlobFile {
             file,
-            advised_end: AtomicU64::new(0),
+            whole,
+            advised: Mutex::new((0, 0)),
         });
+        let mut first = false;
         if let Ok(mut m) = self.files.write() {
-            m.insert(*id, f.clone());
+            // Two threads may open the blob at once: only the one whose file is kept reads
+            // it ahead.
+            if let std::collections::hash_map::Entry::Vacant(e) = m.entry(*id) {
+                e.insert(f.clone());
+                first = true;
+            } else if let Some(kept) = m.get(id) {
+                return Ok(kept.clone());
+            }
+        }
+        if first && whole {
+            // The advice itself queues the whole read before returning: off the read path.
+            let g = f.clone();
+            let spawned = std::thread::Builder::new()
+                .name("skiff-blob-ra".into())
+                .spawn(move || g.advise(0, 0));
+            if spawned.is_err() {
+                f.advise(0, 0);
+            }
         }
         Ok(f)
     }
@@ -143,32 +183,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_readahead_window_moves_with_the_reads_and_reads_stay_exact() {
+    fn the_readahead_window_follows_the_reads_and_reads_stay_exact() {
         let dir = tempfile::tempdir().expect("tempdir");
         let id = [7u8; DIGEST_LEN];
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 13) as u8).collect();
         std::fs::write(dir.path().join(digest_hex(&id)), &data).expect("blob");
         let backend = LocalFsBackend::new(dir.path());
-        let advised = || {
-            let files = backend.files.read().expect("lock");
-            files[&id].advised_end.load(Ordering::Relaxed)
-        };
+        // A small blob is read ahead whole, and its reads leave the windows alone.
         assert_eq!(
             backend.read_range(&id, 10, 90).expect("read"),
             &data[10..100]
         );
-        assert_eq!(advised(), 100 + READAHEAD_WINDOW);
-        // Inside the window, and a jump back: no new advice.
+        {
+            let files = backend.files.read().expect("lock");
+            assert!(files[&id].whole);
+            assert_eq!(*files[&id].advised.lock().expect("lock"), (0, 0));
+        }
+        // Windows, as for a blob too big to read whole.
+        let backend = LocalFsBackend::new(dir.path());
+        let blob = Arc::new(BlobFile {
+            file: File::open(dir.path().join(digest_hex(&id))).expect("open"),
+            whole: false,
+            advised: Mutex::new((0, 0)),
+        });
+        backend.files.write().expect("lock").insert(id, blob);
+        let advised = || {
+            let files = backend.files.read().expect("lock");
+            let w = *files[&id].advised.lock().expect("lock");
+            w
+        };
+        const W: u64 = READAHEAD_WINDOW;
+        assert_eq!(
+            backend.read_range(&id, 10, 90).expect("read"),
+            &data[10..100]
+        );
+        assert_eq!(advised(), (10, 100 + W));
+        // Inside the window, not near its end: no new advice.
         backend.read_range(&id, 50_000, 10).expect("read");
-        backend.read_range(&id, 0, 10).expect("read");
-        assert_eq!(advised(), 100 + READAHEAD_WINDOW);
-        // Past the window (the file is short: advice beyond its end is harmless), or within
-        // half a window of its end: the window moves ahead of the read.
-        let far = 3 * READAHEAD_WINDOW;
-        assert!(backend.read_range(&id, far, 1).is_err());
-        assert_eq!(advised(), far + 1 + READAHEAD_WINDOW);
-        let near = far + READAHEAD_WINDOW - 10;
+        assert_eq!(advised(), (10, 100 + W));
+        // Near its end: the end moves.
+        let near = 100 + W / 2 + 1;
         assert!(backend.read_range(&id, near, 1).is_err());
-        assert_eq!(advised(), near + 1 + READAHEAD_WINDOW);
+        assert_eq!(advised(), (10, near + 1 + W));
+        // A jump back before the window, or forward past it, starts a new one there (the file
+        // is short: advice and reads beyond its end fail harmlessly).
+        backend.read_range(&id, 0, 5).expect("read");
+        assert_eq!(advised(), (0, 5 + W));
+        let far = 3 * W;
+        assert!(backend.read_range(&id, far, 1).is_err());
+        assert_eq!(advised(), (far, far + 1 + W));
     }
 }
