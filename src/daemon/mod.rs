@@ -31,9 +31,6 @@ pub use metrics::{Counters, Sample, SampleKind};
 /// Where Kata mounts the host's shared directory.
 pub const PASSTHROUGH_MOUNTPOINT: &str = "/containers";
 
-/// In-memory cache of decompressed chunks per mounted image (bytes).
-const MEMCACHE_BYTES: usize = 16 << 20;
-
 /// Longest container id accepted in a RAFS mountpoint (a name component).
 const MAX_CONTAINER_ID_LEN: usize = 255;
 
@@ -282,7 +279,8 @@ impl SandboxFs {
         })?;
         let blob_dir = blob_dir_for(&image, bootstrap, blobs)?;
         let root_digest = digest_hex(image.root_digest());
-        let source = VerifiedChunkSource::new(LocalFsBackend::new(&blob_dir), MEMCACHE_BYTES);
+        let memcache = crate::storage::default_memory_cache(image.chunk_size());
+        let source = VerifiedChunkSource::new(LocalFsBackend::new(&blob_dir), memcache);
         let fs = RafsFs::new(Arc::new(image), Arc::new(source), RafsFsOptions::default());
         self.vfs_mount(Box::new(fs), mountpoint)?;
         tracing::info!(

@@ -41,6 +41,8 @@ pub struct RafsFsOptions {
     /// then caches as if every open said `FOPEN_KEEP_CACHE`, which is what this filesystem
     /// answers anyway. Only for a connection this filesystem has to itself: the setting is
     /// per connection, so a filesystem mounted beside others (a Vfs) must leave it off.
+    /// The same goes for FLUSH: with this set, `flush` answers ENOSYS, which makes the kernel
+    /// stop sending it on close.
     pub zero_message_open: bool,
     /// Fetch and verify the next chunk of a file in the background while it is read in order.
     pub readahead: bool,
@@ -267,8 +269,12 @@ impl RafsFs {
                 if let Some(m) = &self.opts.demand {
                     m.note_demand(&chunk.digest, chunk.compressed_size.get());
                 }
+                let whole = within == 0 && take == chunk.uncompressed_size.get() as usize;
                 let data = match spanned.remove(&ci) {
                     Some(r) => r,
+                    // The read takes all of the chunk (a small file, the tail of a file read
+                    // in one go): nothing will ask for it again, the page cache keeps it.
+                    None if whole => self.source.read_chunk_once(blob, chunk),
                     None => self.source.read_chunk(blob, chunk),
                 };
                 let data = data.map_err(|e| {
@@ -746,6 +752,13 @@ impl FileSystem for RafsFs {
     }
 
     fn flush(&self, _ctx: &Context, _i: u64, _h: u64, _lock_owner: u64) -> io::Result<()> {
+        if self.opts.zero_message_open {
+            // Nothing is ever written, so a flush has nothing to do. ENOSYS tells the kernel
+            // to stop sending FLUSH on every close for the rest of the connection (each one is
+            // a round trip; tar closes thousands of files), which is right only on a connection
+            // this filesystem has to itself, like zero-message open.
+            return Err(err(libc::ENOSYS));
+        }
         Ok(())
     }
 

@@ -379,19 +379,26 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     }
 }
 
-impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
-    fn read_chunk(
+impl<B: BlobBackend> CachedChunkSource<B> {
+    /// Memory cache → disk cache → backend; the result goes to the memory cache if `keep`.
+    fn read_chunk_keep(
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        keep: bool,
     ) -> Result<ChunkData, StorageError> {
+        let remember = |d: Vec<u8>| {
+            let d = Arc::new(d);
+            if keep {
+                self.memcache.insert(chunk.digest, d.clone());
+            }
+            d
+        };
         if let Some(d) = self.lookup_memory(chunk) {
             return Ok(d);
         }
         if let Some(d) = self.lookup_disk(chunk) {
-            let d = Arc::new(d);
-            self.memcache.insert(chunk.digest, d.clone());
-            return Ok(d);
+            return Ok(remember(d));
         }
         let right = self.fetch_right(chunk);
         // Whoever held the right before may have cached the chunk.
@@ -406,21 +413,33 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         {
             inc(&self.metrics.disk_hits);
             right.done();
-            let d = Arc::new(d);
-            self.memcache.insert(chunk.digest, d.clone());
-            return Ok(d);
+            return Ok(remember(d));
         }
         match self.fetch_and_store(blob, chunk, right) {
-            Ok(d) => {
-                let d = Arc::new(d);
-                self.memcache.insert(chunk.digest, d.clone());
-                Ok(d)
-            }
+            Ok(d) => Ok(remember(d)),
             Err(e) => {
                 inc(&self.metrics.read_errors);
                 Err(e)
             }
         }
+    }
+}
+
+impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
+    fn read_chunk(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        self.read_chunk_keep(blob, chunk, true)
+    }
+
+    fn read_chunk_once(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        self.read_chunk_keep(blob, chunk, false)
     }
 
     fn read_chunks(
@@ -646,6 +665,27 @@ mod tests {
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(faulty.requests(), 2);
         assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_chunk_read_once_is_verified_but_not_kept_in_memory() {
+        let (b, chunks) = image(2, 1000);
+        let (src, faulty) = source(b, None);
+        let d = src.read_chunk_once(&blob(), &chunks[0]).expect("read");
+        assert_eq!(blake3::hash(&d).as_bytes(), &chunks[0].digest);
+        // Not in the memory cache: asked again, it is fetched again.
+        src.read_chunk_once(&blob(), &chunks[0]).expect("read");
+        assert_eq!(faulty.requests(), 2);
+        // A chunk read piecewise is kept, and a later whole read finds it in memory.
+        src.read_chunk(&blob(), &chunks[1]).expect("read");
+        src.read_chunk_once(&blob(), &chunks[1]).expect("read");
+        assert_eq!(faulty.requests(), 3);
+        // Wrong bytes are never served this way either.
+        faulty.push([Fault::BitFlip; 10]);
+        assert!(matches!(
+            src.read_chunk_once(&blob(), &chunks[0]),
+            Err(StorageError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -125,7 +125,8 @@ pub struct StorageConfig {
     /// Write the metrics as JSON here, every second and at exit.
     #[serde(default)]
     pub metrics_file: Option<PathBuf>,
-    /// In-memory chunk cache in bytes (default 16M).
+    /// In-memory chunk cache in bytes (default: 4 chunks, 4M at the default chunk size; see
+    /// [`super::default_memory_cache`]).
     #[serde(default)]
     pub memory_cache: Option<ByteSize>,
 }
@@ -247,7 +248,7 @@ impl StorageConfig {
         };
         let mem = match &self.memory_cache {
             Some(m) => usize::try_from(m.get()?).unwrap_or(usize::MAX),
-            None => 16 << 20,
+            None => super::default_memory_cache(bootstrap.chunk_size()),
         };
         let source = Arc::new(CachedChunkSource::new(backend, mem, disk, metrics.clone()));
         if remote {

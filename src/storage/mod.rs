@@ -32,12 +32,39 @@ use crate::format::{BlobRecord, ChunkRecord};
 /// Decompressed bytes of one chunk, shared between readers.
 pub type ChunkData = Arc<Vec<u8>>;
 
+/// Chunks the memory cache holds by default.
+pub const DEFAULT_MEMORY_CACHE_CHUNKS: usize = 4;
+
+/// The default size of the memory cache for an image of `chunk_size` chunks: room for
+/// [`DEFAULT_MEMORY_CACHE_CHUNKS`] (4 MiB at the default 1 MiB chunk size).
+///
+/// It only has to hold the chunks being read piecewise: the kernel asks for a big file in
+/// reads of 128 KiB, and each chunk should be decompressed and verified once, not once per
+/// read. Data already served is cached by the kernel's page cache (and remote chunks by the
+/// disk cache), so a larger cache mostly holds copies; reads that take a whole chunk at once
+/// (small files) skip it (see [`ChunkSource::read_chunk_once`]).
+pub fn default_memory_cache(chunk_size: u32) -> usize {
+    DEFAULT_MEMORY_CACHE_CHUNKS.saturating_mul(chunk_size as usize)
+}
+
 /// Gives verified, decompressed chunks. Implementations never return bytes whose digest has not
 /// been checked against the chunk record.
 pub trait ChunkSource: Send + Sync {
     /// Returns the verified bytes of `chunk`, stored in `blob`.
     fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord)
         -> Result<ChunkData, StorageError>;
+
+    /// Like [`Self::read_chunk`], for a caller that uses the whole chunk now and will not ask
+    /// for it again soon (a read covering a small file: the kernel's page cache keeps what it
+    /// served). Caching sources may skip their memory cache, so that a walk over thousands of
+    /// small files does not fill it and push out the big chunks read piecewise.
+    fn read_chunk_once(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        self.read_chunk(blob, chunk)
+    }
 
     /// Returns the verified bytes of several chunks of `blob` (a read spanning chunks).
     /// Sources with a remote backend fetch adjacent missing chunks with one request.
@@ -63,6 +90,14 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
         chunk: &ChunkRecord,
     ) -> Result<ChunkData, StorageError> {
         (**self).read_chunk(blob, chunk)
+    }
+
+    fn read_chunk_once(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        (**self).read_chunk_once(blob, chunk)
     }
 
     fn read_chunks(

@@ -36,6 +36,26 @@ impl<B: BlobBackend> ChunkSource for VerifiedChunkSource<B> {
         blob: &BlobRecord,
         chunk: &ChunkRecord,
     ) -> Result<ChunkData, StorageError> {
+        self.read(blob, chunk, true)
+    }
+
+    fn read_chunk_once(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+    ) -> Result<ChunkData, StorageError> {
+        self.read(blob, chunk, false)
+    }
+}
+
+impl<B: BlobBackend> VerifiedChunkSource<B> {
+    /// Memory cache, else backend and verification; the result is cached if `keep`.
+    fn read(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        keep: bool,
+    ) -> Result<ChunkData, StorageError> {
         if let Some(d) = self.memcache.get(&chunk.digest) {
             return Ok(d);
         }
@@ -55,7 +75,9 @@ impl<B: BlobBackend> ChunkSource for VerifiedChunkSource<B> {
             match decode_chunk(&stored, chunk) {
                 Ok(data) => {
                     let data = Arc::new(data);
-                    self.memcache.insert(chunk.digest, data.clone());
+                    if keep {
+                        self.memcache.insert(chunk.digest, data.clone());
+                    }
                     return Ok(data);
                 }
                 Err(source) => {
