@@ -59,11 +59,59 @@ struct Pending {
     data: Vec<u8>,
 }
 
-struct Encoded {
+/// One chunk hashed and encoded, ready to be stored by [`Chunker::store_encoded`].
+pub struct EncodedChunk {
     digest: [u8; DIGEST_LEN],
+    /// Uncompressed length.
+    size: u32,
     zero: bool,
-    /// The compressed bytes when compression paid; otherwise the raw bytes are stored.
-    compressed: Option<Vec<u8>>,
+    lz4: bool,
+    /// What goes into the blob: the compressed bytes when compression paid, else the raw
+    /// bytes; empty for an all-zero chunk, which is stored nowhere.
+    bytes: Vec<u8>,
+}
+
+impl EncodedChunk {
+    /// Hashes `data` and compresses it with `compressor`. Pure CPU work, done on any thread;
+    /// the result depends on `data` alone, so the image does not depend on who encoded what.
+    pub fn encode(compressor: Compressor, data: Vec<u8>) -> Self {
+        let digest = *blake3::hash(&data).as_bytes();
+        let size = data.len() as u32;
+        if data.iter().all(|&b| b == 0) {
+            return Self {
+                digest,
+                size,
+                zero: true,
+                lz4: false,
+                bytes: Vec::new(),
+            };
+        }
+        if compressor == Compressor::Lz4 {
+            let c = lz4_flex::block::compress(&data);
+            if c.len() < data.len() {
+                // The raw bytes are dropped here, so only the smaller copy waits to be stored.
+                return Self {
+                    digest,
+                    size,
+                    zero: false,
+                    lz4: true,
+                    bytes: c,
+                };
+            }
+        }
+        Self {
+            digest,
+            size,
+            zero: false,
+            lz4: false,
+            bytes: data,
+        }
+    }
+
+    /// Uncompressed length.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
 }
 
 /// Batch size: enough to keep both cores busy, small enough to bound memory.
@@ -122,6 +170,11 @@ impl Chunker {
         self.chunk_size
     }
 
+    /// The compressor.
+    pub fn compressor(&self) -> Compressor {
+        self.compressor
+    }
+
     /// Makes the chunks of `dict` available for reuse. Its chunk size must match.
     pub fn add_dict(&mut self, dict: &Bootstrap) -> Result<(), BuildError> {
         if dict.chunk_size() != self.chunk_size {
@@ -165,28 +218,14 @@ impl Chunker {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         let compressor = self.compressor;
-        let encoded: Vec<Encoded> = pending
-            .par_iter()
-            .map(|p| {
-                let zero = p.data.iter().all(|&b| b == 0);
-                let compressed = match compressor {
-                    Compressor::Lz4 if !zero => {
-                        let c = lz4_flex::block::compress(&p.data);
-                        (c.len() < p.data.len()).then_some(c)
-                    }
-                    _ => None,
-                };
-                Encoded {
-                    digest: *blake3::hash(&p.data).as_bytes(),
-                    zero,
-                    compressed,
-                }
-            })
+        let encoded: Vec<(NodeId, EncodedChunk)> = pending
+            .into_par_iter()
+            .map(|p| (p.node, EncodedChunk::encode(compressor, p.data)))
             .collect();
-        for (p, e) in pending.into_iter().zip(encoded) {
-            let loc = self.store(&p.data, e)?;
+        for (node, e) in encoded {
+            let loc = self.store_encoded(e)?;
             if let Some(NodeKind::File { chunks, .. }) =
-                tree.nodes.get_mut(p.node).map(|n| &mut n.kind)
+                tree.nodes.get_mut(node).map(|n| &mut n.kind)
             {
                 chunks.push(loc);
             }
@@ -194,8 +233,11 @@ impl Chunker {
         Ok(())
     }
 
-    fn store(&mut self, raw: &[u8], e: Encoded) -> Result<ChunkLoc, BuildError> {
-        let size = raw.len() as u32;
+    /// Stores one encoded chunk (or finds it already stored) and says where it is. Chunks are
+    /// laid out in the blob in the order they are stored, so callers store them in a fixed
+    /// order.
+    pub fn store_encoded(&mut self, e: EncodedChunk) -> Result<ChunkLoc, BuildError> {
+        let size = e.size;
         self.stats.bytes_in += u64::from(size);
         self.stats.chunks += 1;
         if e.zero {
@@ -234,10 +276,8 @@ impl Chunker {
             self.seen.insert(e.digest, loc);
             return Ok(loc);
         }
-        let (bytes, flags) = match &e.compressed {
-            Some(c) => (c.as_slice(), CHUNK_FLAG_LZ4),
-            None => (raw, 0),
-        };
+        let bytes = e.bytes.as_slice();
+        let flags = if e.lz4 { CHUNK_FLAG_LZ4 } else { 0 };
         let index = match self.new_index {
             Some(i) => i,
             None => {
