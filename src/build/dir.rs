@@ -73,7 +73,7 @@ fn xattrs_of(path: &Path) -> Result<Xattrs, BuildError> {
 pub const DEFAULT_IO_THREADS: usize = 16;
 
 /// Bytes read but not yet stored, at most (a larger file segment is let through alone).
-const READ_AHEAD_BYTES: u64 = 32 << 20;
+const READ_AHEAD_BYTES: u64 = 16 << 20;
 
 /// Large files are read as several jobs of about this size, so that one big file is read and
 /// compressed by several threads at once.
@@ -87,6 +87,17 @@ pub fn scan(
     chunker: &mut Chunker,
     progress: &Progress,
     io_threads: usize,
+) -> Result<Tree, BuildError> {
+    scan_with(root, chunker, progress, io_threads, READ_AHEAD_BYTES)
+}
+
+/// [`scan`] with `budget` bytes of read-ahead.
+fn scan_with(
+    root: &Path,
+    chunker: &mut Chunker,
+    progress: &Progress,
+    io_threads: usize,
+    budget: u64,
 ) -> Result<Tree, BuildError> {
     let m = std::fs::symlink_metadata(root).map_err(|e| BuildError::io("reading", root, e))?;
     if !m.is_dir() {
@@ -106,7 +117,7 @@ pub fn scan(
     let segment = chunk_size * (SEGMENT_BYTES / chunk_size).max(1);
     let compressor = chunker.compressor();
     let walk = Walk::new(root.to_path_buf());
-    let jobs = Jobs::new(READ_AHEAD_BYTES);
+    let jobs = Jobs::new(budget);
     let (tx, rx) = mpsc::channel::<Done>();
 
     let (assembled, stored) = std::thread::scope(|s| {
@@ -619,4 +630,142 @@ fn link(
         .ok_or_else(|| BuildError::Internal("parent is not a directory".into()))?
         .insert(name, id);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::emit;
+
+    /// Deterministic bytes: a repeated pattern (compressible) with noise mixed in.
+    fn bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 {
+                    x as u8
+                } else {
+                    (i % 251) as u8
+                }
+            })
+            .collect()
+    }
+
+    /// A tree with what the walk order and segmenting must get right: nested and sibling
+    /// directories, files larger than a segment, empty and all-zero files, repeated content,
+    /// hard links and symlinks.
+    fn make_tree(root: &Path) {
+        let w = |p: &str, data: &[u8]| {
+            let path = root.join(p);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, data).expect("write");
+        };
+        let big = (SEGMENT_BYTES * 2 + 12_345) as usize;
+        w("a/big", &bytes(1, big));
+        w("a/b/c/small", &bytes(2, 5000));
+        w("a/b/empty", b"");
+        w("a/b/zeros", &vec![0u8; 300_000]);
+        w("z/copy-of-small", &bytes(2, 5000));
+        w("z/other", &bytes(3, 200_000));
+        w("m/big-too", &bytes(4, (SEGMENT_BYTES + 1) as usize));
+        for i in 0..40 {
+            w(&format!("many/f{i:02}"), &bytes(100 + i, 1000 * i as usize));
+        }
+        std::fs::hard_link(root.join("z/other"), root.join("a/link-to-other")).expect("link");
+        std::os::unix::fs::symlink("../z/other", root.join("a/sym")).expect("symlink");
+    }
+
+    /// Scans `root` and returns the bootstrap bytes and the blob's bytes.
+    fn image(root: &Path, out: &Path, threads: usize, budget: u64) -> (Vec<u8>, Vec<u8>) {
+        let cs = 64 * 1024;
+        let mut chunker = Chunker::new(cs, Compressor::Lz4, out).expect("chunker");
+        let progress = Progress::new(false);
+        let mut tree = scan_with(root, &mut chunker, &progress, threads, budget).expect("scan");
+        let (blobs, id, _) = chunker.finish(&mut tree).expect("finish");
+        let boot = emit::emit(&tree, blobs, &[])
+            .expect("emit")
+            .finish(cs)
+            .expect("bootstrap");
+        let id = id.expect("a blob was written");
+        let blob = std::fs::read(out.join(crate::format::digest_hex(&id))).expect("blob");
+        (boot, blob)
+    }
+
+    #[test]
+    fn the_image_does_not_depend_on_threads_or_budget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("src");
+        make_tree(&root);
+        let reference = image(&root, &dir.path().join("o1"), 1, u64::MAX);
+        // A budget of one byte hands out one job at a time (each alone over budget).
+        for (i, (threads, budget)) in [(1, 1), (8, 1), (8, 100_000), (16, READ_AHEAD_BYTES)]
+            .into_iter()
+            .enumerate()
+        {
+            let got = image(
+                &root,
+                &dir.path().join(format!("o{}", i + 2)),
+                threads,
+                budget,
+            );
+            assert!(
+                got == reference,
+                "{threads} threads, budget {budget}: the image differs"
+            );
+        }
+        // And the image holds every inode.
+        let loaded = crate::format::Bootstrap::from_bytes(reference.0).expect("valid bootstrap");
+        // The root, 6 directories, 47 files (the hard link is one of them) and a symlink.
+        assert_eq!(loaded.inode_count(), 1 + 6 + 47 + 1);
+    }
+
+    #[test]
+    fn file_jobs_cut_at_segment_multiples() {
+        let mut out = Vec::new();
+        file_jobs(7, PathBuf::from("f"), 10, 4, &mut out);
+        let parts: Vec<_> = out.iter().map(|j| (j.offset, j.len, j.last)).collect();
+        assert_eq!(parts, vec![(0, 4, false), (4, 4, false), (8, 2, true)]);
+        out.clear();
+        file_jobs(7, PathBuf::from("f"), 0, 4, &mut out);
+        let parts: Vec<_> = out.iter().map(|j| (j.offset, j.len, j.last)).collect();
+        assert_eq!(parts, vec![(0, 0, true)]);
+        out.clear();
+        file_jobs(7, PathBuf::from("f"), 8, 4, &mut out);
+        let parts: Vec<_> = out.iter().map(|j| (j.offset, j.len, j.last)).collect();
+        assert_eq!(parts, vec![(0, 4, false), (4, 4, true)]);
+    }
+
+    #[test]
+    fn jobs_go_out_in_order_within_the_budget() {
+        let jobs = Jobs::new(10);
+        let job = |len| Job {
+            node: 0,
+            path: Arc::new(PathBuf::from("f")),
+            offset: 0,
+            len,
+            last: true,
+        };
+        jobs.add(vec![job(100), job(4), job(6), job(1)]);
+        jobs.close(false);
+        // Over budget, but alone: let through.
+        let (i, j) = jobs.next().expect("first");
+        assert_eq!((i, j.len), (0, 100));
+        jobs.release(100);
+        let (i, _) = jobs.next().expect("second");
+        let (k, _) = jobs.next().expect("third");
+        assert_eq!((i, k), (1, 2));
+        // 4 + 6 in flight: the next byte must wait for a release.
+        let waiter = std::thread::scope(|s| {
+            let h = s.spawn(|| jobs.next().map(|(i, _)| i));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!h.is_finished(), "handed out over budget");
+            jobs.release(4);
+            h.join().expect("join")
+        });
+        assert_eq!(waiter, Some(3));
+        assert!(jobs.next().is_none(), "closed and empty");
+    }
 }
