@@ -539,7 +539,17 @@ fn reader(
     progress: &Progress,
 ) {
     while let Some((index, job)) = jobs.next() {
-        let result = read_job(&job, chunk_size, compressor, progress);
+        // A panic must not lose the job: the storing thread waits for every job in order,
+        // and the budget it holds would never come back.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            read_job(&job, chunk_size, compressor, progress)
+        }))
+        .unwrap_or_else(|_| {
+            Err(BuildError::Internal(format!(
+                "reading {} panicked",
+                job.path.display()
+            )))
+        });
         let done = Done {
             index,
             node: job.node,
