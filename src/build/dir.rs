@@ -212,9 +212,16 @@ fn list_dir(dir: &Path) -> Listing {
 }
 
 /// Directories to list and their listings, shared by the walkers and the assembler.
+///
+/// Walkers and the assembler wait on separate condition variables, and walkers are woken only
+/// when there is new work (or none will come): with dozens of threads on two cores, waking
+/// every thread on every change costs more CPU than the work itself.
 struct Walk {
     state: Mutex<WalkState>,
-    cv: Condvar,
+    /// Walkers wait here for directories to list.
+    work: Condvar,
+    /// The assembler waits here for a listing.
+    listed: Condvar,
 }
 
 struct WalkState {
@@ -236,7 +243,8 @@ impl Walk {
                 done: HashMap::new(),
                 abort: false,
             }),
-            cv: Condvar::new(),
+            work: Condvar::new(),
+            listed: Condvar::new(),
         }
     }
 
@@ -246,13 +254,10 @@ impl Walk {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, WalkState>) -> MutexGuard<'a, WalkState> {
-        self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
-    }
-
     fn abort(&self) {
         self.lock().abort = true;
-        self.cv.notify_all();
+        self.work.notify_all();
+        self.listed.notify_all();
     }
 
     /// The listing of `dir`, once a walker has made it.
@@ -271,7 +276,7 @@ impl Walk {
                     dir.display()
                 )));
             }
-            g = self.wait(g);
+            g = self.listed.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
 }
@@ -291,7 +296,7 @@ fn walker(walk: &Walk) {
                 if g.busy == 0 {
                     return;
                 }
-                g = walk.wait(g);
+                g = walk.work.wait(g).unwrap_or_else(|p| p.into_inner());
             }
         };
         let listing = list_dir(&dir);
@@ -305,11 +310,18 @@ fn walker(walk: &Walk) {
             Err(_) => Vec::new(),
         };
         let mut g = walk.lock();
+        let more = !subdirs.is_empty();
         g.todo.extend(subdirs);
         g.done.insert(dir, listing);
         g.busy -= 1;
+        let finished = g.todo.is_empty() && g.busy == 0;
         drop(g);
-        walk.cv.notify_all();
+        walk.listed.notify_all();
+        // New directories to list, or the end of the walk: otherwise waiting walkers have
+        // nothing to wake up for.
+        if more || finished {
+            walk.work.notify_all();
+        }
     }
 }
 
@@ -414,7 +426,16 @@ impl Jobs {
     fn release(&self, len: u64) {
         let mut g = self.lock();
         g.in_flight = g.in_flight.saturating_sub(len);
-        let wake = std::mem::take(&mut g.starved);
+        // Wake the readers only once the front job fits: waking them for less sends them all
+        // straight back to sleep. They all wake, so each one that still does not fit says so
+        // again.
+        let wake = g.starved
+            && g.queue
+                .front()
+                .is_some_and(|j| g.in_flight == 0 || g.in_flight + j.len <= self.budget);
+        if wake {
+            g.starved = false;
+        }
         drop(g);
         if wake {
             self.cv.notify_all();
