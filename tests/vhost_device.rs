@@ -58,6 +58,7 @@ fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
         compressor: Compressor::Lz4,
         chunk_dicts: Vec::new(),
         progress: false,
+        io_threads: 0,
     };
     build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
     let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");

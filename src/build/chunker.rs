@@ -59,12 +59,64 @@ struct Pending {
     data: Vec<u8>,
 }
 
-struct Encoded {
+/// One chunk hashed and encoded, ready to be stored by [`Chunker::store_encoded`].
+pub struct EncodedChunk {
     digest: [u8; DIGEST_LEN],
+    /// Uncompressed length.
+    size: u32,
     zero: bool,
-    /// The compressed bytes when compression paid; otherwise the raw bytes are stored.
-    compressed: Option<Vec<u8>>,
+    lz4: bool,
+    /// What goes into the blob: the compressed bytes when compression paid, else the raw
+    /// bytes; empty for an all-zero chunk, which is stored nowhere.
+    bytes: Vec<u8>,
 }
+
+impl EncodedChunk {
+    /// Hashes `data` and compresses it with `compressor`. Pure CPU work, done on any thread;
+    /// the result depends on `data` alone, so the image does not depend on who encoded what.
+    pub fn encode(compressor: Compressor, data: Vec<u8>) -> Self {
+        let digest = *blake3::hash(&data).as_bytes();
+        let size = data.len() as u32;
+        if data.iter().all(|&b| b == 0) {
+            return Self {
+                digest,
+                size,
+                zero: true,
+                lz4: false,
+                bytes: Vec::new(),
+            };
+        }
+        if compressor == Compressor::Lz4 {
+            let c = lz4_flex::block::compress(&data);
+            if c.len() < data.len() {
+                // The raw bytes are dropped here, so only the smaller copy waits to be stored.
+                return Self {
+                    digest,
+                    size,
+                    zero: false,
+                    lz4: true,
+                    bytes: c,
+                };
+            }
+        }
+        Self {
+            digest,
+            size,
+            zero: false,
+            lz4: false,
+            bytes: data,
+        }
+    }
+
+    /// Uncompressed length.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+}
+
+/// Written blob bytes after which writeback to disk is started, so that the final `fsync`
+/// finds little left to write.
+const WRITEBACK_BYTES: u64 = 8 << 20;
 
 /// Batch size: enough to keep both cores busy, small enough to bound memory.
 const BATCH_BYTES: usize = 64 << 20;
@@ -78,6 +130,8 @@ pub struct Chunker {
     out: Option<BufWriter<File>>,
     hasher: blake3::Hasher,
     offset: u64,
+    /// `offset` when writeback was last started.
+    writeback_at: u64,
     blobs: Vec<BlobEntry>,
     blob_index_of: HashMap<[u8; DIGEST_LEN], u32>,
     new_index: Option<u32>,
@@ -106,6 +160,7 @@ impl Chunker {
             out: None,
             hasher: blake3::Hasher::new(),
             offset: 0,
+            writeback_at: 0,
             blobs: Vec::new(),
             blob_index_of: HashMap::new(),
             new_index: None,
@@ -120,6 +175,11 @@ impl Chunker {
     /// The chunk size.
     pub fn chunk_size(&self) -> u32 {
         self.chunk_size
+    }
+
+    /// The compressor.
+    pub fn compressor(&self) -> Compressor {
+        self.compressor
     }
 
     /// Makes the chunks of `dict` available for reuse. Its chunk size must match.
@@ -165,28 +225,14 @@ impl Chunker {
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         let compressor = self.compressor;
-        let encoded: Vec<Encoded> = pending
-            .par_iter()
-            .map(|p| {
-                let zero = p.data.iter().all(|&b| b == 0);
-                let compressed = match compressor {
-                    Compressor::Lz4 if !zero => {
-                        let c = lz4_flex::block::compress(&p.data);
-                        (c.len() < p.data.len()).then_some(c)
-                    }
-                    _ => None,
-                };
-                Encoded {
-                    digest: *blake3::hash(&p.data).as_bytes(),
-                    zero,
-                    compressed,
-                }
-            })
+        let encoded: Vec<(NodeId, EncodedChunk)> = pending
+            .into_par_iter()
+            .map(|p| (p.node, EncodedChunk::encode(compressor, p.data)))
             .collect();
-        for (p, e) in pending.into_iter().zip(encoded) {
-            let loc = self.store(&p.data, e)?;
+        for (node, e) in encoded {
+            let loc = self.store_encoded(e)?;
             if let Some(NodeKind::File { chunks, .. }) =
-                tree.nodes.get_mut(p.node).map(|n| &mut n.kind)
+                tree.nodes.get_mut(node).map(|n| &mut n.kind)
             {
                 chunks.push(loc);
             }
@@ -194,8 +240,11 @@ impl Chunker {
         Ok(())
     }
 
-    fn store(&mut self, raw: &[u8], e: Encoded) -> Result<ChunkLoc, BuildError> {
-        let size = raw.len() as u32;
+    /// Stores one encoded chunk (or finds it already stored) and says where it is. Chunks are
+    /// laid out in the blob in the order they are stored, so callers store them in a fixed
+    /// order.
+    pub fn store_encoded(&mut self, e: EncodedChunk) -> Result<ChunkLoc, BuildError> {
+        let size = e.size;
         self.stats.bytes_in += u64::from(size);
         self.stats.chunks += 1;
         if e.zero {
@@ -234,10 +283,8 @@ impl Chunker {
             self.seen.insert(e.digest, loc);
             return Ok(loc);
         }
-        let (bytes, flags) = match &e.compressed {
-            Some(c) => (c.as_slice(), CHUNK_FLAG_LZ4),
-            None => (raw, 0),
-        };
+        let bytes = e.bytes.as_slice();
+        let flags = if e.lz4 { CHUNK_FLAG_LZ4 } else { 0 };
         let index = match self.new_index {
             Some(i) => i,
             None => {
@@ -266,6 +313,10 @@ impl Chunker {
             stored_size: bytes.len() as u32,
         };
         self.offset += bytes.len() as u64;
+        if self.offset - self.writeback_at >= WRITEBACK_BYTES {
+            self.writeback_at = self.offset;
+            start_writeback(out.get_ref());
+        }
         self.stats.stored_chunks += 1;
         self.stats.blob_bytes += bytes.len() as u64;
         self.seen.insert(e.digest, loc);
@@ -295,6 +346,7 @@ impl Chunker {
         r.id = id;
         r.size = U64::new(self.offset);
         self.offset = 0;
+        self.writeback_at = 0;
         let slot = self
             .blobs
             .get_mut(index as usize)
@@ -320,6 +372,18 @@ impl Chunker {
             }
         }
         Ok((records, new_id, std::mem::take(&mut self.stats)))
+    }
+}
+
+/// Asks the kernel to start writing `f`'s dirty pages to disk now, without waiting for it: the
+/// blob is written while the source is still being read, instead of all at once in the final
+/// `fsync`. Only a hint: a failure here shows up, if it matters, in that `fsync`.
+fn start_writeback(f: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor belongs to `f`, which is open for the whole call; the call takes
+    // plain integers and touches no memory of ours.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 

@@ -126,6 +126,9 @@ pub struct BuildOptions {
     pub chunk_dicts: Vec<PathBuf>,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Threads reading a source directory (0: [`dir::DEFAULT_IO_THREADS`]). More keep more
+    /// reads in flight on a cold disk; the image does not depend on it.
+    pub io_threads: usize,
 }
 
 /// What a build did, shown at the end and written with `--json`.
@@ -304,7 +307,7 @@ fn build_inner(
     }
     let progress = Progress::new(opts.progress);
     let mut tree = match source {
-        BuildSource::Dir(d) => dir::scan(d, &mut chunker, &progress)?,
+        BuildSource::Dir(d) => dir::scan(d, &mut chunker, &progress, opts.io_threads)?,
         BuildSource::Layers(ls) => match per_layer {
             None => layers::apply(ls, &mut chunker, &progress)?,
             Some(out) => layers::apply_with(ls, &mut chunker, &progress, |i, c, tree| {

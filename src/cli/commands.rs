@@ -62,6 +62,10 @@ pub struct BuildArgs {
     /// (the bootstrap's prefetch table).
     #[arg(long)]
     pub prefetch_list: Option<PathBuf>,
+    /// Threads reading a source directory (and walking it). Reads of many files at once keep
+    /// a cold disk busy; the image is the same for any number. 0 picks the default.
+    #[arg(long, default_value_t = build::dir::DEFAULT_IO_THREADS)]
+    pub io_threads: usize,
 }
 
 /// `skiff build`.
@@ -74,6 +78,7 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         compressor: a.compressor,
         chunk_dicts: a.chunk_dicts,
         progress: true,
+        io_threads: a.io_threads,
     };
     let prefetch = match &a.prefetch_list {
         Some(p) => super::image::read_path_list(p)?,

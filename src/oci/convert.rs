@@ -110,6 +110,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
         compressor: opts.compressor,
         chunk_dicts: Vec::new(),
         progress: opts.progress,
+        io_threads: 0,
     };
     let (summary, per_layer) = build::build_blob_per_layer(&src.layers, &build_opts)?;
 
@@ -517,6 +518,7 @@ mod tests {
             compressor: Compressor::None,
             chunk_dicts: Vec::new(),
             progress: false,
+            io_threads: 0,
         };
         let (summary, per_layer) = build::build_blob_per_layer(&paths, &opts).expect("build");
         let sizes: Vec<Option<u64>> = per_layer.iter().map(|r| r.map(|r| r.size.get())).collect();
