@@ -816,6 +816,7 @@ mod tests {
             compressor: Compressor::None,
             chunk_dicts: Vec::new(),
             progress: false,
+            io_threads: 0,
         };
         build(&BuildSource::Dir(src), &opts).expect("build");
         let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));
