@@ -114,6 +114,17 @@ wait_mounted() { # DIR PID
     done
     return 1
 }
+# run_to_print1 PID MNT LOG: waits for PID to mount MNT, runs the workload, stops PID. Sets the
+# caller's tm (mounted), t1 (printed) and r1 (link bytes then).
+run_to_print1() {
+    wait_mounted "$2" "$1" || { cat "$3" >&2; return 1; }
+    tm=$(now)
+    print1 "$2"
+    t1=$(now); r1=$(net_rx)
+    kill -TERM "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true
+    mountpoint -q "$2" && umount -l "$2"
+    net_pids=()
+}
 print1() { [[ $(chroot "$1" /usr/bin/python3 -c 'print(1)' 2>"$net/py.err") == 1 ]] || { cat "$net/py.err" >&2; return 1; }; }
 
 # --- Images -----------------------------------------------------------------------------------
@@ -245,13 +256,7 @@ cold_nydusd() {
     "$nydusd" --config "$net/nydusd.json" --mountpoint "$mnt" --bootstrap "$net/nydus.boot" \
         --log-level warn --rlimit-nofile 0 2>"$net/nydusd.log" &
     pid=$!; net_pids+=("$pid")
-    wait_mounted "$mnt" "$pid" || { cat "$net/nydusd.log" >&2; return 1; }
-    tm=$(now)
-    print1 "$mnt"
-    t1=$(now); r1=$(net_rx)
-    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-    mountpoint -q "$mnt" && umount -l "$mnt"
-    net_pids=()
+    run_to_print1 "$pid" "$mnt" "$net/nydusd.log"
     echo "$(elapsed "$t0" "$t1") $((r1 - r0)) $(elapsed "$t0" "$tm")"
     reg_stats "$mark" bench/b-nydus >>"$net/reg-nydusd"
 }
@@ -273,13 +278,7 @@ cold_skiff() {
     r0=$(net_rx); t0=$(now)
     skiff_mount_bg "$mnt" "$net/skiff-cache" one
     pid=$!; net_pids+=("$pid")
-    wait_mounted "$mnt" "$pid" || { cat "$net/skiff-one.log" >&2; return 1; }
-    tm=$(now)
-    print1 "$mnt"
-    t1=$(now); r1=$(net_rx)
-    kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
-    mountpoint -q "$mnt" && umount -l "$mnt"
-    net_pids=()
+    run_to_print1 "$pid" "$mnt" "$net/skiff-one.log"
     m=$net/metrics-one.json
     echo "$(elapsed "$t0" "$t1") $((r1 - r0)) $(elapsed "$t0" "$tm") $(metric "$m" backend_requests)" \
         "$(metric "$m" backend_bytes) $(metric "$m" demand_chunks) $(metric "$m" demand_stored_bytes)" \

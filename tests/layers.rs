@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use skiff::format::{Bootstrap, InodeKind};
-use skiff::storage::{ChunkSource, LocalFsBackend, VerifiedChunkSource};
+use skiff::storage::{CachedChunkSource, ChunkSource, LocalFsBackend};
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -398,7 +398,7 @@ type Listing = BTreeMap<String, Facts>;
 /// verified chunk source.
 fn listing(img: &Image) -> Res<Listing> {
     let b = Bootstrap::load(&img.bootstrap)?;
-    let source = VerifiedChunkSource::new(LocalFsBackend::new(&img.blobs), 0);
+    let source = CachedChunkSource::in_memory(LocalFsBackend::new(&img.blobs), 0);
     let mut paths: Vec<(String, u32)> = vec![(String::new(), 0)];
     let mut stack = vec![(String::new(), 0u32)];
     while let Some((dir, ino)) = stack.pop() {

@@ -578,19 +578,22 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     // A private cache: the default one is shared host-wide and may already hold these chunks
     // (the same seeds make the same chunks on every run), and then nothing is fetched.
     let cache = t.join("cache");
-    let m = Mount::with_args(
-        &[
-            OsStr::new("--image"),
-            OsStr::new(&dst_ref),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-            OsStr::new("--registry-auth"),
-            OsStr::new(&auth),
-            OsStr::new("--log-level"),
-            OsStr::new("skiff=debug"),
-        ],
-        &t.join("mnt"),
-    );
+    let mount = || {
+        Mount::with_args(
+            &[
+                OsStr::new("--image"),
+                OsStr::new(&dst_ref),
+                OsStr::new("--cache-dir"),
+                cache.as_os_str(),
+                OsStr::new("--registry-auth"),
+                OsStr::new(&auth),
+                OsStr::new("--log-level"),
+                OsStr::new("skiff=debug"),
+            ],
+            &t.join("mnt"),
+        )
+    };
+    let m = mount();
     let small = fs::read(m.dir.join("big/small"))?;
     assert_eq!(small, noise(10_000, 7));
     let skiff_log = fs::read_to_string(&m.log)?;
@@ -626,17 +629,7 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     // A second mount over the same cache: the bootstrap comes from the cache, and the first
     // read of a two-chunk file has its second chunk fetched alongside (fetch-ahead).
     let log_start = fs::metadata(reg.log())?.len() as usize;
-    let m = Mount::with_args(
-        &[
-            OsStr::new("--image"),
-            OsStr::new(&dst_ref),
-            OsStr::new("--cache-dir"),
-            cache.as_os_str(),
-            OsStr::new("--registry-auth"),
-            OsStr::new(&auth),
-        ],
-        &t.join("mnt"),
-    );
+    let m = mount();
     assert_eq!(fs::read(m.dir.join("big/small"))?, noise(10_000, 7));
     let want = noise(2 << 20, 110);
     let mut f = fs::File::open(m.dir.join("big/f010"))?;

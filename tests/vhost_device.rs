@@ -30,7 +30,7 @@ use fuse_backend_rs::abi::fuse_abi::{
 use skiff::build::{build, BuildOptions, BuildSource, Compressor};
 use skiff::format::Bootstrap;
 use skiff::fs::{RafsFs, RafsFsOptions};
-use skiff::storage::{LocalFsBackend, VerifiedChunkSource};
+use skiff::storage::{CachedChunkSource, LocalFsBackend};
 use skiff::vhost::{serve, serve_until, ServeOptions, VhostError};
 use tempfile::TempDir;
 use vhost::vhost_user::message::{
@@ -62,7 +62,7 @@ fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
     };
     build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
     let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");
-    let source = VerifiedChunkSource::new(LocalFsBackend::new(&opts.blob_dir), 1 << 20);
+    let source = CachedChunkSource::in_memory(LocalFsBackend::new(&opts.blob_dir), 1 << 20);
     Arc::new(RafsFs::new(
         Arc::new(bootstrap),
         Arc::new(source),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::format::{digest_hex, Bootstrap, InodeKind};
-use crate::storage::{ChunkSource, LocalFsBackend, VerifiedChunkSource};
+use crate::storage::{CachedChunkSource, ChunkSource, LocalFsBackend};
 
 /// One problem found, named by the path it concerns.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -57,7 +57,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
         }
     }
     // Memory cache off: every chunk is read and verified from the blob.
-    let source = VerifiedChunkSource::new(backend, 0);
+    let source = CachedChunkSource::in_memory(backend, 0);
     let paths = b.paths();
     let t = b.tables();
     let files: Vec<usize> = (0..t.inodes.len())

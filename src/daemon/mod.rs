@@ -24,7 +24,7 @@ use fuse_backend_rs::passthrough::{self, PassthroughFs};
 
 use crate::format::{digest_hex, Bootstrap, FormatError};
 use crate::fs::{RafsFs, RafsFsOptions};
-use crate::storage::{LocalFsBackend, VerifiedChunkSource};
+use crate::storage::{CachedChunkSource, LocalFsBackend};
 
 pub use metrics::{Counters, Sample, SampleKind};
 
@@ -280,7 +280,7 @@ impl SandboxFs {
         let blob_dir = blob_dir_for(&image, bootstrap, blobs)?;
         let root_digest = digest_hex(image.root_digest());
         let memcache = crate::storage::default_memory_cache(image.chunk_size());
-        let source = VerifiedChunkSource::new(LocalFsBackend::new(&blob_dir), memcache);
+        let source = CachedChunkSource::in_memory(LocalFsBackend::new(&blob_dir), memcache);
         let fs = RafsFs::new(Arc::new(image), Arc::new(source), RafsFsOptions::default());
         self.vfs_mount(Box::new(fs), mountpoint)?;
         tracing::info!(

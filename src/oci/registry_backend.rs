@@ -26,7 +26,7 @@ struct LayerLoc {
 }
 
 /// Reads Skiff blobs from a registry, one range request per read. Unverified, like every
-/// backend: [`crate::storage::VerifiedChunkSource`] checks each chunk.
+/// backend: [`crate::storage::CachedChunkSource`] checks each chunk.
 pub struct RegistryBackend {
     client: RegistryClient,
     layers: HashMap<[u8; DIGEST_LEN], LayerLoc>,

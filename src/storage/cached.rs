@@ -78,6 +78,12 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         }
     }
 
+    /// A source with no disk cache and counters of its own: for blobs on a local disk, where
+    /// `skiff check` and the Kata daemon's image mounts read them.
+    pub fn in_memory(backend: B, memcache_bytes: usize) -> Self {
+        Self::new(backend, memcache_bytes, None, Arc::new(Metrics::default()))
+    }
+
     /// Starts `workers` threads that fetch the chunks given to
     /// [`ChunkSource::fetch_ahead`], in parallel with the reads that wait for their own chunk:
     /// with a remote backend, where each request costs a round trip, the rest of a file is then

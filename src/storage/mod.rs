@@ -1,8 +1,9 @@
 //! Where chunk bytes come from: blob backends, verification, and the in-memory chunk cache.
 //!
-//! A [`BlobBackend`] reads byte ranges of blobs (local files today; a registry or S3 later).
-//! [`VerifiedChunkSource`] turns those bytes into decompressed chunks whose blake3 digest has
-//! been checked, which is the only form the filesystem layer ever sees, through [`ChunkSource`].
+//! A [`BlobBackend`] reads byte ranges of blobs (local files, a registry, S3).
+//! [`CachedChunkSource`] turns those bytes into decompressed chunks whose blake3 digest has
+//! been checked, which is the only form the filesystem layer ever sees, through [`ChunkSource`];
+//! it keeps them in memory and, for remote backends, in the shared disk cache.
 
 pub mod backend;
 pub mod cache;
@@ -11,7 +12,6 @@ pub mod config;
 mod memcache;
 pub mod metrics;
 pub mod prefetch;
-mod source;
 mod verify;
 
 use std::sync::Arc;
@@ -24,7 +24,6 @@ pub use cache::{ChunkDiskCache, DEFAULT_CACHE_DIR};
 pub use cached::{CachedChunkSource, MAX_MERGED_BYTES};
 pub use memcache::ChunkMemCache;
 pub use metrics::{Metrics, MetricsSnapshot};
-pub use source::VerifiedChunkSource;
 pub use verify::{decode_chunk, VerifyError};
 
 use crate::format::{BlobRecord, ChunkRecord};
