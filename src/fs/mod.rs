@@ -799,16 +799,15 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_chunk_is_fetched_ahead_once_and_within_the_window() {
+    /// An image of `files` (name, content) with 4 KiB chunks, stored raw; the directory
+    /// holding it lives as long as the returned guard.
+    fn image(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Arc<Bootstrap>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("src");
         std::fs::create_dir(&src).expect("mkdir");
-        // 12 chunks of 4 KiB, each different so none is deduplicated.
-        let data: Vec<u8> = (0..12 * 4096u32)
-            .map(|i| (i / 4096 * 37 + i * 13) as u8)
-            .collect();
-        std::fs::write(src.join("big"), &data).expect("write");
+        for (name, data) in files {
+            std::fs::write(src.join(name), data).expect("write");
+        }
         let opts = BuildOptions {
             bootstrap: dir.path().join("boot"),
             blob_dir: dir.path().join("blobs"),
@@ -820,6 +819,38 @@ mod tests {
         };
         build(&BuildSource::Dir(src), &opts).expect("build");
         let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));
+        (dir, boot)
+    }
+
+    #[test]
+    fn flush_is_switched_off_only_on_a_connection_of_its_own() {
+        let (_dir, boot) = image(&[("f", b"x")]);
+        let fs = |zero_message_open| {
+            RafsFs::new(
+                boot.clone(),
+                Arc::new(Hints::default()),
+                RafsFsOptions {
+                    zero_message_open,
+                    readahead: false,
+                    ..RafsFsOptions::default()
+                },
+            )
+        };
+        let ctx = Context::default();
+        // `mount` and `serve`: ENOSYS, so that the kernel stops sending FLUSH on every close.
+        let e = fs(true).flush(&ctx, 2, 0, 0).expect_err("ENOSYS");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSYS));
+        // Shared with other filesystems (the Kata daemon's Vfs): a plain success.
+        fs(false).flush(&ctx, 2, 0, 0).expect("flush");
+    }
+
+    #[test]
+    fn each_chunk_is_fetched_ahead_once_and_within_the_window() {
+        // 12 chunks of 4 KiB, each different so none is deduplicated.
+        let data: Vec<u8> = (0..12 * 4096u32)
+            .map(|i| (i / 4096 * 37 + i * 13) as u8)
+            .collect();
+        let (_dir, boot) = image(&[("big", &data)]);
         let hints = Arc::new(Hints::default());
         let fs = RafsFs::new(
             boot.clone(),
