@@ -221,7 +221,9 @@ impl ImageArgs {
         );
         let stack = config.open(&b)?;
         let fs_opts = RafsFsOptions {
-            demand: Some(stack.metrics.clone()),
+            // The set of chunks read costs a lock and memory on every read: worth it where
+            // bytes are fetched over a network, and only there.
+            demand: stack.remote.then(|| stack.metrics.clone()),
             ..fs_opts
         };
         let fs = RafsFs::new(b, stack.source.clone(), fs_opts);

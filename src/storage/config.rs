@@ -289,6 +289,7 @@ impl StorageConfig {
             source,
             metrics,
             backend_name,
+            remote,
             prefetch,
             writer,
         })
@@ -330,6 +331,8 @@ pub struct StorageStack {
     pub metrics: Arc<Metrics>,
     /// The backend's name, for metrics.
     pub backend_name: &'static str,
+    /// Whether the backend is remote (each request a round trip, bytes worth counting).
+    pub remote: bool,
     prefetch: Option<PrefetchHandle>,
     writer: Option<MetricsWriter>,
 }

@@ -56,7 +56,7 @@ pub struct Metrics {
     /// 1 once the prefetch worker has finished its whole list.
     pub prefetch_complete: AtomicU64,
     /// Distinct chunks that file reads asked for (not read-ahead or prefetch): the chunks the
-    /// workload itself needed, whichever cache served them.
+    /// workload itself needed, whichever cache served them. Counted for remote backends only.
     pub demand_chunks: AtomicU64,
     /// Stored (compressed) bytes of those chunks: what a fetcher that knew the workload in
     /// advance would have had to fetch, the yardstick for `backend_bytes`.
