@@ -301,6 +301,9 @@ impl RafsFs {
     /// Gives the source the chunks of file `index` after chunk `last` (up to
     /// [`FETCH_AHEAD_CHUNKS`]) that it was not given yet.
     fn fetch_ahead(&self, index: u32, chunks: &[ChunkRecord], blobs: &[BlobRecord], last: u64) {
+        if !self.source.fetches_ahead() {
+            return;
+        }
         let n = chunks.len() as u64;
         let end = last.saturating_add(1 + FETCH_AHEAD_CHUNKS).min(n);
         let mut start = last + 1;
@@ -790,6 +793,10 @@ mod tests {
                 offset: 0,
                 source: crate::storage::VerifyError::Length { got: 0, want: 1 },
             })
+        }
+
+        fn fetches_ahead(&self) -> bool {
+            true
         }
 
         fn fetch_ahead(&self, _: &BlobRecord, chunks: &[ChunkRecord]) {

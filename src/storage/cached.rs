@@ -470,6 +470,10 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
             .collect()
     }
 
+    fn fetches_ahead(&self) -> bool {
+        self.ahead.get().is_some()
+    }
+
     fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
         let Some(tx) = self.ahead.get() else { return };
         let missing: Vec<ChunkRecord> = chunks
@@ -625,7 +629,9 @@ mod tests {
         src.fetch_ahead(&blob(), &chunks[1..]);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(faulty.requests(), 0);
+        assert!(!src.fetches_ahead());
         src.start_fetch_ahead(2);
+        assert!(src.fetches_ahead());
         src.read_chunk(&blob(), &chunks[0]).expect("first chunk");
         src.fetch_ahead(&blob(), &chunks[1..]);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

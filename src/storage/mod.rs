@@ -80,6 +80,12 @@ pub trait ChunkSource: Send + Sync {
     /// them cached instead of waiting for a round trip each; returns at once. Sources reading
     /// local files ignore it.
     fn fetch_ahead(&self, _blob: &BlobRecord, _chunks: &[ChunkRecord]) {}
+
+    /// Whether [`Self::fetch_ahead`] does anything, so that callers can skip choosing chunks
+    /// for it on every read.
+    fn fetches_ahead(&self) -> bool {
+        false
+    }
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
@@ -109,6 +115,10 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
 
     fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
         (**self).fetch_ahead(blob, chunks)
+    }
+
+    fn fetches_ahead(&self) -> bool {
+        (**self).fetches_ahead()
     }
 }
 
