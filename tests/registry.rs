@@ -23,29 +23,11 @@ const PASS: &str = "s3cret:pass";
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
-/// Bytes the registry sent for blob GETs in access-log lines from byte `from` of its log:
-/// (total bytes, number of requests).
-fn blob_bytes_served(log: &Path, from: usize) -> (u64, usize) {
-    let text = fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
-    let mut total = 0;
-    let mut n = 0;
-    for line in text.lines() {
-        // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 12345 "" "skiff/0.1.0"
-        let Some((req, rest)) = line.split_once("\" ") else {
-            continue;
-        };
-        if !req.contains("\"GET /v2/") || !req.contains("/blobs/") {
-            continue;
-        }
-        let mut f = rest.split(' ');
-        let (Some(_status), Some(bytes)) = (f.next(), f.next()) else {
-            continue;
-        };
-        total += bytes.parse::<u64>().unwrap_or(0);
-        n += 1;
-    }
-    (total, n)
+/// Bytes the registry sent for blob GETs from byte `from` of its log: (total bytes, number of
+/// requests).
+fn blob_bytes_served(reg: &Registry, from: usize) -> (u64, usize) {
+    let gets = reg.blob_gets(from);
+    (gets.iter().map(|g| g.bytes).sum(), gets.len())
 }
 
 fn have(cmd: &str) -> Result<(), String> {
@@ -598,7 +580,7 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     assert_eq!(small, noise(10_000, 7));
     let skiff_log = fs::read_to_string(&m.log)?;
     m.unmount();
-    let (served, requests) = blob_bytes_served(&reg.log(), log_start);
+    let (served, requests) = blob_bytes_served(&reg, log_start);
     let ranged: u64 = skiff_log
         .lines()
         .filter(|l| l.contains("registry range read"))
@@ -637,7 +619,7 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     std::io::Read::read_exact(&mut f, &mut head)?;
     assert_eq!(head, want[..4096]);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while blob_bytes_served(&reg.log(), log_start).1 < 2 {
+    while blob_bytes_served(&reg, log_start).1 < 2 {
         assert!(
             std::time::Instant::now() < deadline,
             "the second chunk of big/f010 was never fetched ahead"
@@ -649,7 +631,7 @@ fn reading_one_file_fetches_a_few_chunks() -> Res {
     assert!(rest == want[4096..], "big/f010 differs from its source");
     drop(f);
     m.unmount();
-    let (served, requests) = blob_bytes_served(&reg.log(), log_start);
+    let (served, requests) = blob_bytes_served(&reg, log_start);
     eprintln!("second mount: {served} blob bytes in {requests} requests");
     assert_eq!(
         requests, 2,

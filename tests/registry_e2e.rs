@@ -23,31 +23,16 @@ use common::registry::Registry;
 use common::*;
 use rand::{RngCore, SeedableRng};
 
-/// Blob GETs in the registry's access log from byte `from`: (bytes of 206 answers, number of
+/// Blob GETs in a registry's access log from byte `from`: (bytes of 206 answers, number of
 /// 206 answers, number of all blob GETs).
-fn blob_ranges_served(log: &Path, from: usize) -> (u64, usize, usize) {
-    let text = fs::read(log).unwrap_or_default();
-    let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
-    let (mut bytes, mut ranges, mut all) = (0, 0, 0);
-    for line in text.lines() {
-        // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 12345 "" "skiff/0.1.0"
-        let Some((req, rest)) = line.split_once("\" ") else {
-            continue;
-        };
-        if !req.contains("\"GET /v2/") || !req.contains("/blobs/") {
-            continue;
-        }
-        let mut f = rest.split(' ');
-        let (Some(status), Some(n)) = (f.next(), f.next()) else {
-            continue;
-        };
-        all += 1;
-        if status == "206" {
-            ranges += 1;
-            bytes += n.parse::<u64>().unwrap_or(0);
-        }
-    }
-    (bytes, ranges, all)
+fn blob_ranges_served(reg: &Registry, from: usize) -> (u64, usize, usize) {
+    let gets = reg.blob_gets(from);
+    let ranges = gets.iter().filter(|g| g.status == 206);
+    (
+        ranges.clone().map(|g| g.bytes).sum(),
+        ranges.count(),
+        gets.len(),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -304,8 +289,8 @@ fn mirror_serves_ranges_then_falls_back_to_the_origin() {
         "through the mirror: wrong {wrong:?}, failed {failed:?}\n{}",
         mnt.log_text()
     );
-    let (m_bytes, m_ranges, m_all) = blob_ranges_served(&mirror.log(), mlog);
-    let (o_bytes1, o_ranges1, _) = blob_ranges_served(&origin.log(), olog);
+    let (m_bytes, m_ranges, m_all) = blob_ranges_served(&mirror, mlog);
+    let (o_bytes1, o_ranges1, _) = blob_ranges_served(&origin, olog);
     eprintln!(
         "first half: mirror answered {m_ranges} range reads ({m_bytes} bytes, {m_all} blob GETs); \
          origin {o_ranges1} range reads ({o_bytes1} bytes)"
@@ -326,7 +311,7 @@ fn mirror_serves_ranges_then_falls_back_to_the_origin() {
         mnt.log_text()
     );
     assert_no_diff("mirror, then origin", &img.want, &snapshot(&mnt.dir));
-    let (o_bytes, o_ranges, _) = blob_ranges_served(&origin.log(), olog2);
+    let (o_bytes, o_ranges, _) = blob_ranges_served(&origin, olog2);
     let log = mnt.log_text();
     mnt.unmount();
     eprintln!(

@@ -16,6 +16,14 @@ pub struct Registry {
     pub port: u16,
 }
 
+/// One blob GET in a registry's access log.
+pub struct BlobGet {
+    /// HTTP status.
+    pub status: u16,
+    /// Bytes sent.
+    pub bytes: u64,
+}
+
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/registry.sh")
 }
@@ -72,6 +80,31 @@ impl Registry {
         fs::metadata(self.log())
             .map(|m| m.len() as usize)
             .unwrap_or(0)
+    }
+
+    /// The blob GETs its access log shows from byte `from` on (see [`Self::log_len`]).
+    pub fn blob_gets(&self, from: usize) -> Vec<BlobGet> {
+        let text = fs::read(self.log()).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(from..).unwrap_or_default());
+        let mut gets = Vec::new();
+        for line in text.lines() {
+            // 127.0.0.1 - - [date] "GET /v2/r/blobs/sha256:… HTTP/1.1" 206 12345 "" "skiff/0.1.0"
+            let Some((req, rest)) = line.split_once("\" ") else {
+                continue;
+            };
+            if !req.contains("\"GET /v2/") || !req.contains("/blobs/") {
+                continue;
+            }
+            let mut f = rest.split(' ');
+            let (Some(status), Some(bytes)) = (f.next(), f.next()) else {
+                continue;
+            };
+            gets.push(BlobGet {
+                status: status.parse().unwrap_or(0),
+                bytes: bytes.parse().unwrap_or(0),
+            });
+        }
+        gets
     }
 
     /// Stops the registry (registry.sh kills the PID it recorded when it started it).
