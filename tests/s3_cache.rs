@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -216,6 +217,23 @@ fn data_image(mib: usize) -> Image {
     }
 }
 
+/// A tree's listing, as `snapshot` gives it.
+type Snapshot = BTreeMap<Vec<u8>, Facts>;
+
+/// The start every data test shares: FUSE and an S3 server (or `None`: the test skips, which CI
+/// turns into a failure), a data image of `mib` MiB uploaded to it, the source's snapshot, and
+/// the blob bytes uploaded.
+fn served_data_image(mib: usize) -> Option<(S3Server, Image, Snapshot, u64)> {
+    if !require_fuse() {
+        return None;
+    }
+    let server = S3Server::start()?;
+    let img = data_image(mib);
+    let blob_bytes = upload(&server, &img.bootstrap, &img.blobs);
+    let want = snapshot(&img.src);
+    Some((server, img, want, blob_bytes))
+}
+
 #[test]
 fn s3_mount_serves_the_special_tree_exactly() {
     if !require_fuse() {
@@ -254,15 +272,9 @@ fn s3_mount_serves_the_special_tree_exactly() {
 
 #[test]
 fn two_mounts_share_one_cache_and_fetch_each_chunk_once() {
-    if !require_fuse() {
-        return;
-    }
-    let Some(server) = S3Server::start() else {
+    let Some((server, img, want, blob_bytes)) = served_data_image(12) else {
         return;
     };
-    let img = data_image(12);
-    let blob_bytes = upload(&server, &img.bootstrap, &img.blobs);
-    let want = snapshot(&img.src);
 
     // One process alone, its own cache: the baseline.
     let m0 = img.dir.join("alone.json");
@@ -363,15 +375,9 @@ fn two_mounts_share_one_cache_and_fetch_each_chunk_once() {
 
 #[test]
 fn kill_9_mid_read_then_restart_reads_correctly_and_limit_holds() {
-    if !require_fuse() {
-        return;
-    }
-    let Some(server) = S3Server::start() else {
+    let Some((server, img, want, _)) = served_data_image(12) else {
         return;
     };
-    let img = data_image(12);
-    upload(&server, &img.bootstrap, &img.blobs);
-    let want = snapshot(&img.src);
     let cache = img.dir.join("cache");
     let m = img.dir.join("m.json");
     let args = mount_args(
@@ -450,15 +456,9 @@ fn kill_9_mid_read_then_restart_reads_correctly_and_limit_holds() {
 
 #[test]
 fn prefetch_all_then_the_server_goes_away() {
-    if !require_fuse() {
-        return;
-    }
-    let Some(server) = S3Server::start() else {
+    let Some((server, img, want, _)) = served_data_image(8) else {
         return;
     };
-    let img = data_image(8);
-    upload(&server, &img.bootstrap, &img.blobs);
-    let want = snapshot(&img.src);
     let cache = img.dir.join("cache");
     let m = img.dir.join("m.json");
     let args = mount_args(
@@ -608,15 +608,9 @@ fn fault_proxy(upstream: u16, always: Option<ProxyFault>) -> Middlebox {
 
 #[test]
 fn faults_are_retried_and_never_served() {
-    if !require_fuse() {
-        return;
-    }
-    let Some(server) = S3Server::start() else {
+    let Some((server, img, want, _)) = served_data_image(6) else {
         return;
     };
-    let img = data_image(6);
-    upload(&server, &img.bootstrap, &img.blobs);
-    let want = snapshot(&img.src);
 
     let proxy = fault_proxy(server.port, None);
     let m = img.dir.join("m.json");
