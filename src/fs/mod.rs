@@ -311,9 +311,7 @@ impl RafsFs {
             return;
         }
         {
-            let Ok(mut marks) = self.ahead_marks.lock() else {
-                return;
-            };
+            let mut marks = crate::util::sync::lock(&self.ahead_marks);
             match marks.iter_mut().find(|(i, _)| *i == index) {
                 Some((_, upto)) if *upto >= end => return,
                 Some((_, upto)) => {

@@ -18,6 +18,7 @@ use sha2::Digest;
 use super::auth::{Authenticator, Credentials};
 use super::manifest::{self, Fetched, ImageManifest, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use super::{OciError, Reference};
+use crate::util::sync::lock;
 
 /// Bytes of an error body quoted in an error message.
 const ERROR_BODY_QUOTE: u64 = 512;
@@ -185,11 +186,7 @@ impl RegistryClient {
         f: &dyn Fn(&Endpoint) -> Result<T, OciError>,
     ) -> Result<T, OciError> {
         for (i, m) in self.mirrors.iter().enumerate() {
-            let cooling = self
-                .mirror_failed
-                .lock()
-                .ok()
-                .and_then(|v| v.get(i).copied().flatten());
+            let cooling = lock(&self.mirror_failed).get(i).copied().flatten();
             if cooling.is_some_and(|t| t.elapsed() < MIRROR_COOLDOWN) {
                 continue;
             }
@@ -202,13 +199,7 @@ impl RegistryClient {
                         "{what}: mirror failed, trying the next one (skipped for {}s)",
                         MIRROR_COOLDOWN.as_secs()
                     );
-                    if let Some(slot) = self
-                        .mirror_failed
-                        .lock()
-                        .ok()
-                        .as_mut()
-                        .and_then(|v| v.get_mut(i))
-                    {
+                    if let Some(slot) = lock(&self.mirror_failed).get_mut(i) {
                         *slot = Some(std::time::Instant::now());
                     }
                 }

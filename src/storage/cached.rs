@@ -104,10 +104,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             let spawned = std::thread::Builder::new()
                 .name(format!("skiff-ahead-{i}"))
                 .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(g) => g.recv(),
-                        Err(_) => return,
-                    };
+                    let job = crate::util::sync::lock(&rx).recv();
                     let Ok((blob, chunks)) = job else { return };
                     let Some(source) = source.upgrade() else {
                         return;

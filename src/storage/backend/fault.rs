@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{BackendError, BlobBackend};
 use crate::format::DIGEST_LEN;
+use crate::util::sync::lock;
 
 /// What to do to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,9 +49,7 @@ impl<B: BlobBackend> FaultyBackend<B> {
 
     /// Queues faults for the next requests, in order.
     pub fn push(&self, faults: impl IntoIterator<Item = Fault>) {
-        if let Ok(mut q) = self.queue.lock() {
-            q.extend(faults);
-        }
+        lock(&self.queue).extend(faults);
     }
 
     /// Gives a random fault (error, short, bit flip) to `per_mille` of the requests made once the
@@ -65,7 +64,7 @@ impl<B: BlobBackend> FaultyBackend<B> {
     }
 
     fn next_fault(&self) -> Fault {
-        if let Some(f) = self.queue.lock().ok().and_then(|mut q| q.pop_front()) {
+        if let Some(f) = lock(&self.queue).pop_front() {
             return f;
         }
         let p = self.random_per_mille.load(Ordering::Relaxed);

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::{BackendError, BlobBackend};
 use crate::format::{digest_hex, DIGEST_LEN};
+use crate::util::sync::{lock, read, write};
 
 /// How far ahead of the reads of a blob its bytes are asked into the page cache.
 ///
@@ -54,9 +55,7 @@ impl BlobFile {
         if self.whole {
             return;
         }
-        let Ok(mut advised) = self.advised.lock() else {
-            return;
-        };
+        let mut advised = lock(&self.advised);
         let (start, stop) = *advised;
         let inside = start <= offset && offset < stop;
         if inside && end.saturating_add(READAHEAD_WINDOW / 2) <= stop {
@@ -130,7 +129,7 @@ impl LocalFsBackend {
     }
 
     fn open(&self, id: &[u8; DIGEST_LEN]) -> Result<Arc<BlobFile>, BackendError> {
-        if let Some(f) = self.files.read().ok().and_then(|m| m.get(id).cloned()) {
+        if let Some(f) = read(&self.files).get(id).cloned() {
             return Ok(f);
         }
         let path = self.blob_path(id);
@@ -148,11 +147,8 @@ impl LocalFsBackend {
             whole_pending: AtomicBool::new(true),
             advised: Mutex::new((0, 0)),
         });
-        if let Ok(mut m) = self.files.write() {
-            // Two threads may open the blob at once: both use the file kept first.
-            return Ok(m.entry(*id).or_insert(f).clone());
-        }
-        Ok(f)
+        // Two threads may open the blob at once: both use the file kept first.
+        Ok(write(&self.files).entry(*id).or_insert(f).clone())
     }
 }
 

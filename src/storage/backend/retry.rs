@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use super::{BackendError, BlobBackend};
 use crate::format::DIGEST_LEN;
 use crate::storage::metrics::{add, inc, Metrics};
+use crate::util::sync::{lock, wait};
 
 /// How [`RetryingBackend`] retries and how many requests it lets run at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,9 +57,9 @@ impl Semaphore {
 
     /// Waits for a permit.
     pub fn acquire(&self) -> Permit<'_> {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.free);
         while *g == 0 {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = wait(&self.cv, g);
         }
         *g -= 1;
         Permit(self)
@@ -67,7 +68,7 @@ impl Semaphore {
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut g = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.0.free);
         *g += 1;
         self.0.cv.notify_one();
     }

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 
 use crate::format::DIGEST_LEN;
+use crate::util::sync::{lock, wait};
 
 /// The set of chunks some thread of this process is fetching.
 #[derive(Default)]
@@ -25,9 +26,9 @@ pub struct Claim<'a> {
 impl SingleFlight {
     /// Claims `digest`, waiting while another thread holds it.
     pub fn claim(&self, digest: [u8; DIGEST_LEN]) -> Claim<'_> {
-        let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.in_flight);
         while g.contains(&digest) {
-            g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = wait(&self.done, g);
         }
         g.insert(digest);
         Claim {
@@ -38,7 +39,7 @@ impl SingleFlight {
 
     /// Claims `digest` if no other thread holds it.
     pub fn try_claim(&self, digest: [u8; DIGEST_LEN]) -> Option<Claim<'_>> {
-        let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.in_flight);
         // Not `then_some`: it would build (and so drop) a Claim even when another thread holds
         // the chunk, and that drop takes this same lock and removes the other thread's claim.
         if g.insert(digest) {
@@ -54,11 +55,7 @@ impl SingleFlight {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut g = self
-            .flights
-            .in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.flights.in_flight);
         g.remove(&self.digest);
         self.flights.done.notify_all();
     }

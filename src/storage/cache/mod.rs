@@ -32,6 +32,7 @@ pub use maintenance::{gc, stat, CacheStat, GcReport};
 
 use super::metrics::{inc, Metrics};
 use crate::format::{digest_hex, DIGEST_LEN};
+use crate::util::sync::lock;
 
 /// The cache directory every Skiff process uses unless told otherwise, so that they share.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
@@ -184,7 +185,7 @@ impl ChunkDiskCache {
 
     /// Bytes of chunks this process believes the cache holds.
     pub fn bytes(&self) -> u64 {
-        self.index.lock().map(|g| g.bytes).unwrap_or(0)
+        lock(&self.index).bytes
     }
 
     /// Reads chunk `digest` of `len` bytes if cached and intact. A file of the wrong size or
@@ -198,9 +199,7 @@ impl ChunkDiskCache {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot open cached chunk");
                 }
-                if let Ok(mut g) = self.index.lock() {
-                    g.remove(digest);
-                }
+                lock(&self.index).remove(digest);
                 return None;
             }
         };
@@ -217,13 +216,12 @@ impl ChunkDiskCache {
                 "cached chunk is corrupt; deleting it and fetching again"
             );
             let _ = fs::remove_file(&path);
-            if let Ok(mut g) = self.index.lock() {
-                g.remove(digest);
-            }
+            lock(&self.index).remove(digest);
             return None;
         }
         let now = SystemTime::now();
-        let touch = if let Ok(mut g) = self.index.lock() {
+        let touch = {
+            let mut g = lock(&self.index);
             let e = g.entries.get(digest).copied();
             let stale =
                 e.is_none_or(|e| now.duration_since(e.atime).unwrap_or_default() >= TOUCH_INTERVAL);
@@ -239,8 +237,6 @@ impl ChunkDiskCache {
                 },
             );
             stale
-        } else {
-            false
         };
         if touch {
             let _ = f.set_modified(now);
@@ -262,15 +258,13 @@ impl ChunkDiskCache {
             return;
         }
         inc(&self.metrics.disk_stores);
-        if let Ok(mut g) = self.index.lock() {
-            g.insert(
-                *digest,
-                Entry {
-                    size: data.len() as u64,
-                    atime: SystemTime::now(),
-                },
-            );
-        }
+        lock(&self.index).insert(
+            *digest,
+            Entry {
+                size: data.len() as u64,
+                atime: SystemTime::now(),
+            },
+        );
         self.evict_if_needed();
     }
 
@@ -322,7 +316,7 @@ impl ChunkDiskCache {
         if self.limit == 0 {
             return;
         }
-        let Ok(mut g) = self.index.lock() else { return };
+        let mut g = lock(&self.index);
         if g.bytes <= self.limit {
             return;
         }
