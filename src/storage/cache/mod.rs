@@ -413,4 +413,26 @@ mod tests {
         assert!(!stale.exists());
         assert_eq!(c2.bytes(), c.bytes());
     }
+
+    #[test]
+    fn the_limit_holds_after_a_panic_poisoned_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Arc::new(ChunkDiskCache::open(dir.path(), 10_000, Arc::default()).expect("open"));
+        let c2 = c.clone();
+        let panicked = std::thread::spawn(move || {
+            let _g = lock(&c2.index);
+            panic!("injected while holding the index");
+        })
+        .join();
+        assert!(panicked.is_err() && c.index.is_poisoned());
+        for n in 1..10u8 {
+            let (d, b) = chunk(n, 3000);
+            c.put(&d, &b);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Eviction still ran: the limit is kept on disk, not only in the index.
+        assert!(c.bytes() <= 10_000, "{}", c.bytes());
+        let on_disk: u64 = scan_chunks(dir.path()).iter().map(|(_, _, s, _)| s).sum();
+        assert!(on_disk <= 10_000, "{on_disk} bytes on disk");
+    }
 }
