@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 pub use bootstraps::BootstrapCache;
-pub use lock::{ChunkFileLock, Claim, SingleFlight};
+pub use lock::{ChunkFileLock, Claim, ClaimError, SingleFlight, TAKEOVER_AFTER};
 pub use maintenance::{gc, stat, CacheStat, GcReport};
 
 use super::metrics::{inc, Metrics};
@@ -298,10 +298,15 @@ impl ChunkDiskCache {
         self.root.join("locks").join(digest_hex(digest))
     }
 
-    /// Takes the cross-process lock of chunk `digest`, waiting for another process.
-    pub fn lock(&self, digest: &[u8; DIGEST_LEN]) -> Result<ChunkFileLock, CacheError> {
+    /// Takes the cross-process lock of chunk `digest`, waiting for another process until
+    /// `until` (for ever with `None`); `Ok(None)` if it still holds the lock then.
+    pub fn lock_until(
+        &self,
+        digest: &[u8; DIGEST_LEN],
+        until: Option<std::time::Instant>,
+    ) -> Result<Option<ChunkFileLock>, CacheError> {
         let p = self.lock_path(digest);
-        ChunkFileLock::lock(p.clone()).map_err(io_err("locking", &p))
+        ChunkFileLock::lock_until(p.clone(), until).map_err(io_err("locking", &p))
     }
 
     /// Takes the cross-process lock of chunk `digest` if nobody holds it.
