@@ -280,7 +280,7 @@ pub fn check_image(opts: &ImageCheckOptions) -> Result<ImageCheckReport, CheckEr
         target: opts.target.to_string(),
         target_digest: top_digest,
         images,
-        rules: rules.finish(opts.data),
+        rules: rules.finish(),
         problems,
         source_bytes_fetched: fetched.source,
         target_bytes_fetched: fetched.target,
@@ -307,18 +307,15 @@ impl RuleOutcomes {
         }
     }
 
-    fn finish(mut self, data: bool) -> BTreeMap<String, RuleStatus> {
+    /// Rules that never ran (`--no-data`, or nothing left to run on) are skipped.
+    fn finish(mut self) -> BTreeMap<String, RuleStatus> {
         for r in [
             Rule::Manifest,
             Rule::Bootstrap,
             Rule::Data,
             Rule::Filesystem,
         ] {
-            self.0.entry(r).or_insert(if r == Rule::Data && !data {
-                RuleStatus::Skipped
-            } else {
-                RuleStatus::Skipped
-            });
+            self.0.entry(r).or_insert(RuleStatus::Skipped);
         }
         self.0
             .into_iter()

@@ -102,7 +102,7 @@ impl ConvertSummary {
 #[serde(untagged)]
 pub enum ConvertReport {
     /// One manifest pushed under the target tag.
-    Image(ConvertSummary),
+    Image(Box<ConvertSummary>),
     /// A manifest per platform, then an index of them under the target tag.
     Index {
         /// The pushed index's digest.
@@ -126,7 +126,7 @@ impl ConvertReport {
     /// The images converted.
     pub fn images(&self) -> Vec<&ConvertSummary> {
         match self {
-            Self::Image(s) => vec![s],
+            Self::Image(s) => vec![s.as_ref()],
             Self::Index { images, .. } => images.iter().collect(),
         }
     }
@@ -146,7 +146,8 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, OciError> {
             .into_iter()
             .next()
             .ok_or_else(|| OciError::Invalid("the source has no image".into()))?;
-        return convert_image(opts, image, Some(&tag), work).map(ConvertReport::Image);
+        return convert_image(opts, image, Some(&tag), work)
+            .map(|s| ConvertReport::Image(Box::new(s)));
     }
     let mut images = Vec::new();
     let mut entries = Vec::new();
