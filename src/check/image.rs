@@ -239,7 +239,7 @@ pub fn check_image(opts: &ImageCheckOptions) -> Result<ImageCheckReport, CheckEr
                             Rule::Manifest,
                             "",
                             "index",
-                            format!("the manifest of {name}: {}", crate::cli::error_chain(&e)),
+                            format!("the manifest of {name}: {}", crate::util::error_chain(&e)),
                         ));
                         continue;
                     }
@@ -418,7 +418,7 @@ fn check_pair(
                     Rule::Manifest,
                     prefix,
                     "config",
-                    format!("cannot be fetched: {}", crate::cli::error_chain(&e)),
+                    format!("cannot be fetched: {}", crate::util::error_chain(&e)),
                 ));
                 None
             }
@@ -469,7 +469,7 @@ fn check_pair(
             problems.push(bp(format!(
                 "layer {} cannot be fetched: {}",
                 boot_layer.digest,
-                crate::cli::error_chain(&e)
+                crate::util::error_chain(&e)
             )));
             return Ok(out);
         }
@@ -479,7 +479,7 @@ fn check_pair(
         match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
             Ok(b) => b,
             Err(e) => {
-                problems.push(bp(crate::cli::error_chain(&e)));
+                problems.push(bp(crate::util::error_chain(&e)));
                 return Ok(out);
             }
         }
@@ -502,7 +502,7 @@ fn check_pair(
         Err(e) => {
             problems.push(bp(format!(
                 "does not load: {}",
-                crate::cli::error_chain(&e)
+                crate::util::error_chain(&e)
             )));
             return Ok(out);
         }
@@ -837,7 +837,7 @@ fn verify_blobs(
                     format!(
                         "layer {} cannot be read: {}",
                         l.digest,
-                        crate::cli::error_chain(&e)
+                        crate::util::error_chain(&e)
                     ),
                 ));
                 continue;

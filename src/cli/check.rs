@@ -68,7 +68,7 @@ pub fn cmd_check(a: CheckArgs) -> CmdResult {
         Err(e) => {
             eprintln!(
                 "skiff: check cannot run: {}",
-                super::error_chain(e.as_ref())
+                crate::util::error_chain(e.as_ref())
             );
             Ok(CHECK_CANNOT_RUN)
         }
@@ -86,7 +86,7 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> CmdResul
     if path.as_os_str() == "-" {
         println!("{text}");
     } else {
-        crate::build::write_atomically(path, text.as_bytes())?;
+        crate::util::write_atomically(path, text.as_bytes())?;
     }
     Ok(0)
 }

@@ -95,7 +95,7 @@ impl LayerInput for SourceLayer {
                     .get_blob_reader(&self.digest, self.size)
                     .map_err(|e| BuildError::Layer {
                         layer: self.digest.clone(),
-                        what: crate::cli::error_chain(&e),
+                        what: crate::util::error_chain(&e),
                     })?;
                 Ok(Box::new(r))
             }
