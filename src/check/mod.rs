@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::format::{digest_hex, Bootstrap, InodeKind};
+use crate::format::{digest_hex, Bootstrap, DigestAlgo, InodeKind};
 use crate::storage::{CachedChunkSource, ChunkSource, LocalFsBackend};
 
 /// One problem found, named by the path it concerns.
@@ -35,7 +35,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();
     for blob in b.blobs() {
         let path = backend.blob_path(&blob.id);
-        match blob_digest(&path) {
+        match blob_digest(&path, blob.id_algo()) {
             Ok((size, digest)) => {
                 if size != blob.size.get() {
                     problems.push(problem(
@@ -49,7 +49,11 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
                 } else if digest != blob.id {
                     problems.push(problem(
                         b"/",
-                        format!("blob {} does not match its digest", path.display()),
+                        format!(
+                            "blob {} does not match its {} digest",
+                            path.display(),
+                            blob.id_algo().name()
+                        ),
                     ));
                 }
             }
@@ -86,9 +90,9 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     problems
 }
 
-fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+fn blob_digest(path: &Path, algo: DigestAlgo) -> std::io::Result<(u64, [u8; 32])> {
     let mut f = File::open(path)?;
-    let mut h = blake3::Hasher::new();
+    let mut h = algo.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -99,7 +103,7 @@ fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
         size += n as u64;
         h.update(&buf[..n]);
     }
-    Ok((size, *h.finalize().as_bytes()))
+    Ok((size, h.finalize()))
 }
 
 /// Everything compared about one entry.
@@ -364,6 +368,8 @@ fn compare_content(b: &Bootstrap, ino: u32, host: &Path, chunk_size: usize) -> R
 /// Summary statistics of an image, for `skiff inspect`.
 #[derive(Debug, serde::Serialize)]
 pub struct ImageStats {
+    /// The on-disk format the bootstrap was read from ("skiff", "nydus-rafs-v6").
+    pub format: &'static str,
     /// Root Merkle digest.
     pub root_digest: String,
     /// Chunk size.
@@ -399,13 +405,14 @@ pub fn image_stats(b: &Bootstrap) -> ImageStats {
             content_bytes += r.size.get();
         }
     }
-    let unique: BTreeSet<&[u8; 32]> = t
+    let unique: BTreeSet<crate::format::ChunkDigest> = t
         .chunks
         .iter()
         .filter(|c| !c.is_zero())
-        .map(|c| &c.digest)
+        .map(|c| c.chunk_digest())
         .collect();
     ImageStats {
+        format: b.source_format().name(),
         root_digest: digest_hex(b.root_digest()),
         chunk_size: b.chunk_size(),
         bootstrap_bytes: b.byte_len(),

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
 use super::metrics::{inc, Metrics};
 use super::{decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, StorageError};
-use crate::format::{digest_hex, BlobRecord, ChunkRecord, DIGEST_LEN};
+use crate::format::{digest_hex, BlobRecord, ChunkDigest, ChunkRecord};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
 /// the read fails.
@@ -55,7 +55,7 @@ impl FetchRight<'_> {
 fn describe(blob: &BlobRecord, chunk: &ChunkRecord) -> (String, String, u64) {
     (
         digest_hex(&blob.id),
-        digest_hex(&chunk.digest),
+        chunk.chunk_digest().to_string(),
         chunk.compressed_offset.get(),
     )
 }
@@ -123,11 +123,8 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Whether `chunk` is in the memory or disk cache.
     fn is_cached(&self, chunk: &ChunkRecord) -> bool {
-        self.memcache.get(&chunk.digest).is_some()
-            || self
-                .disk
-                .as_ref()
-                .is_some_and(|d| d.contains(&chunk.digest))
+        let key = chunk.chunk_digest();
+        self.memcache.get(&key).is_some() || self.disk.as_ref().is_some_and(|d| d.contains(&key))
     }
 
     /// The backend.
@@ -146,7 +143,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     }
 
     fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        let hit = self.memcache.get(&chunk.digest);
+        let hit = self.memcache.get(&chunk.chunk_digest());
         inc(if hit.is_some() {
             &self.metrics.mem_hits
         } else {
@@ -157,7 +154,10 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     fn lookup_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
         let disk = self.disk.as_ref()?;
-        let hit = disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize);
+        let hit = disk.get(
+            &chunk.chunk_digest(),
+            chunk.uncompressed_size.get() as usize,
+        );
         inc(if hit.is_some() {
             &self.metrics.disk_hits
         } else {
@@ -168,18 +168,16 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Takes the right to fetch `chunk`, waiting for whoever is fetching it.
     fn fetch_right(&self, chunk: &ChunkRecord) -> FetchRight<'_> {
-        let claim = self.flights.claim(chunk.digest);
-        let lock = self
-            .disk
-            .as_ref()
-            .and_then(|d| match d.lock(&chunk.digest) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    // Without the lock the chunk may be fetched twice, which is only wasteful.
-                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
-                    None
-                }
-            });
+        let key = chunk.chunk_digest();
+        let claim = self.flights.claim(key);
+        let lock = self.disk.as_ref().and_then(|d| match d.lock(&key) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // Without the lock the chunk may be fetched twice, which is only wasteful.
+                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                None
+            }
+        });
         FetchRight {
             _claim: claim,
             lock,
@@ -188,10 +186,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Takes the right to fetch `chunk` if nobody else is fetching it.
     fn try_fetch_right(&self, chunk: &ChunkRecord) -> Option<FetchRight<'_>> {
-        let claim = self.flights.try_claim(chunk.digest)?;
+        let key = chunk.chunk_digest();
+        let claim = self.flights.try_claim(key)?;
         let lock = match &self.disk {
             None => None,
-            Some(d) => match d.try_lock(&chunk.digest) {
+            Some(d) => match d.try_lock(&key) {
                 Ok(Some(l)) => Some(l),
                 Ok(None) => return None,
                 Err(e) => {
@@ -271,7 +270,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     ) -> Result<Vec<u8>, StorageError> {
         let data = self.fetch_one(blob, chunk)?;
         if let Some(d) = &self.disk {
-            d.put(&chunk.digest, &data);
+            d.put(&chunk.chunk_digest(), &data);
         }
         right.done();
         Ok(data)
@@ -289,18 +288,19 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
         keep_in_memory: bool,
-    ) -> (u64, Vec<([u8; DIGEST_LEN], StorageError)>) {
+    ) -> (u64, Vec<(ChunkDigest, StorageError)>) {
         let mut errors = Vec::new();
         let mut fetched = 0u64;
         let mut mine: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
         let mut theirs: Vec<ChunkRecord> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for c in chunks.iter().filter(|c| !c.is_zero()) {
-            if !seen.insert(c.digest) || self.memcache.get(&c.digest).is_some() {
+            let key = c.chunk_digest();
+            if !seen.insert(key) || self.memcache.get(&key).is_some() {
                 continue;
             }
             if let Some(d) = &self.disk {
-                if d.contains(&c.digest) {
+                if d.contains(&key) {
                     if keep_in_memory {
                         theirs.push(*c);
                     }
@@ -310,7 +310,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             match self.try_fetch_right(c) {
                 Some(r) => {
                     // Another process may have stored it just before we took the lock.
-                    if self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+                    if self.disk.as_ref().is_some_and(|d| d.contains(&key)) {
                         r.done();
                         if keep_in_memory {
                             theirs.push(*c);
@@ -354,7 +354,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
                     Some(d) => {
                         if let Some(disk) = &self.disk {
-                            disk.put(&c.digest, &d);
+                            disk.put(&c.chunk_digest(), &d);
                         }
                         right.done();
                         Ok(d)
@@ -366,19 +366,19 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                     Ok(d) => {
                         fetched += u64::from(c.compressed_size.get());
                         if keep_in_memory {
-                            self.memcache.insert(c.digest, Arc::new(d));
+                            self.memcache.insert(c.chunk_digest(), Arc::new(d));
                         }
                     }
                     Err(e) => {
                         inc(&self.metrics.read_errors);
-                        errors.push((c.digest, e));
+                        errors.push((c.chunk_digest(), e));
                     }
                 }
             }
         }
         for c in theirs {
             if let Err(e) = self.read_chunk(blob, &c) {
-                errors.push((c.digest, e));
+                errors.push((c.chunk_digest(), e));
             }
         }
         (fetched, errors)
@@ -393,10 +393,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         chunk: &ChunkRecord,
         keep: bool,
     ) -> Result<ChunkData, StorageError> {
+        let key = chunk.chunk_digest();
         let remember = |d: Vec<u8>| {
             let d = Arc::new(d);
             if keep {
-                self.memcache.insert(chunk.digest, d.clone());
+                self.memcache.insert(key, d.clone());
             }
             d
         };
@@ -408,14 +409,14 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         }
         let right = self.fetch_right(chunk);
         // Whoever held the right before may have cached the chunk.
-        if let Some(d) = self.memcache.get(&chunk.digest) {
+        if let Some(d) = self.memcache.get(&key) {
             right.done();
             return Ok(d);
         }
         if let Some(d) = self
             .disk
             .as_ref()
-            .and_then(|disk| disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize))
+            .and_then(|disk| disk.get(&key, chunk.uncompressed_size.get() as usize))
         {
             inc(&self.metrics.disk_hits);
             right.done();
@@ -459,11 +460,11 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         // One request for the adjacent missing ones; a chunk that failed there (after its own
         // retries) fails here without being fetched again.
         let (_, errors) = self.fetch_chunks(blob, chunks, true);
-        let mut failed: std::collections::HashMap<[u8; DIGEST_LEN], StorageError> =
+        let mut failed: std::collections::HashMap<ChunkDigest, StorageError> =
             errors.into_iter().collect();
         chunks
             .iter()
-            .map(|c| match failed.remove(&c.digest) {
+            .map(|c| match failed.remove(&c.chunk_digest()) {
                 Some(e) => Err(e),
                 None => self.read_chunk(blob, c),
             })

@@ -7,24 +7,24 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 
-use crate::format::DIGEST_LEN;
+use crate::format::ChunkDigest;
 
 /// The set of chunks some thread of this process is fetching.
 #[derive(Default)]
 pub struct SingleFlight {
-    in_flight: Mutex<HashSet<[u8; DIGEST_LEN]>>,
+    in_flight: Mutex<HashSet<ChunkDigest>>,
     done: Condvar,
 }
 
 /// The right to fetch one chunk in this process, given up on drop.
 pub struct Claim<'a> {
     flights: &'a SingleFlight,
-    digest: [u8; DIGEST_LEN],
+    digest: ChunkDigest,
 }
 
 impl SingleFlight {
     /// Claims `digest`, waiting while another thread holds it.
-    pub fn claim(&self, digest: [u8; DIGEST_LEN]) -> Claim<'_> {
+    pub fn claim(&self, digest: ChunkDigest) -> Claim<'_> {
         let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         while g.contains(&digest) {
             g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -37,7 +37,7 @@ impl SingleFlight {
     }
 
     /// Claims `digest` if no other thread holds it.
-    pub fn try_claim(&self, digest: [u8; DIGEST_LEN]) -> Option<Claim<'_>> {
+    pub fn try_claim(&self, digest: ChunkDigest) -> Option<Claim<'_>> {
         let mut g = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
         // Not `then_some`: it would build (and so drop) a Claim even when another thread holds
         // the chunk, and that drop takes this same lock and removes the other thread's claim.
@@ -133,11 +133,21 @@ mod tests {
     #[test]
     fn a_held_claim_survives_a_failed_try_claim() {
         let flights = SingleFlight::default();
-        let first = flights.try_claim([7; DIGEST_LEN]).expect("first claim");
+        let d = ChunkDigest::blake3([7; 32]);
+        let first = flights.try_claim(d).expect("first claim");
         // Used to deadlock (and, without the deadlock, drop the first claim's entry).
-        assert!(flights.try_claim([7; DIGEST_LEN]).is_none());
-        assert!(flights.try_claim([7; DIGEST_LEN]).is_none());
+        assert!(flights.try_claim(d).is_none());
+        assert!(flights.try_claim(d).is_none());
+        // The same bytes as a sha256 digest are another chunk.
+        let sha = ChunkDigest {
+            algo: crate::format::DigestAlgo::Sha256,
+            bytes: [7; 32],
+        };
+        let other = flights
+            .try_claim(sha)
+            .expect("another algorithm, another chunk");
         drop(first);
-        assert!(flights.try_claim([7; DIGEST_LEN]).is_some());
+        assert!(flights.try_claim(d).is_some());
+        drop(other);
     }
 }
