@@ -61,7 +61,7 @@ impl ApiResponse {
             e.status(),
             &serde_json::json!({
                 "code": e.code(),
-                "message": crate::cli::error_chain(e),
+                "message": crate::util::error_chain(e),
             }),
         )
     }
@@ -82,7 +82,7 @@ pub fn handle(fs: &SandboxFs, req: &ApiRequest) -> ApiResponse {
     let response = match route(fs, req) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(method = %req.method, url = %req.url, error = %crate::cli::error_chain(&e), "API request refused");
+            tracing::warn!(method = %req.method, url = %req.url, error = %crate::util::error_chain(&e), "API request refused");
             ApiResponse::error(&e)
         }
     };

@@ -79,7 +79,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
                 if let Err(e) = source.read_chunk(blob, c) {
                     out.push(problem(
                         paths.get(i).map(Vec::as_slice).unwrap_or(b"?"),
-                        format!("chunk {ci}: {}", crate::cli::error_chain(&e)),
+                        format!("chunk {ci}: {}", crate::util::error_chain(&e)),
                     ));
                 }
             }

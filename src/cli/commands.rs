@@ -8,26 +8,10 @@ use clap::Args;
 use crate::build::{self, BuildOptions, BuildSource, Compressor};
 use crate::check;
 use crate::format::{digest_hex, Bootstrap, InodeKind, DEFAULT_CHUNK_SIZE};
+use crate::util::{parse_size, write_atomically};
 
 /// A command's outcome: an exit code, or an error printed as one line.
 pub type CmdResult = Result<i32, Box<dyn std::error::Error>>;
-
-/// Parses a size such as `4096`, `64K`, `1M` or `16MiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size unit in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} too large"))
-}
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
@@ -88,7 +72,7 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
     println!("{summary}");
     if let Some(j) = a.json {
         let text = serde_json::to_string_pretty(&summary)?;
-        build::write_atomically(&j, text.as_bytes())?;
+        write_atomically(&j, text.as_bytes())?;
     }
     Ok(0)
 }
@@ -376,7 +360,7 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
     println!("pushed      {}@{}", summary.target, summary.manifest_digest);
     if let Some(j) = a.json {
         let text = serde_json::to_string_pretty(&summary)?;
-        build::write_atomically(&j, text.as_bytes())?;
+        write_atomically(&j, text.as_bytes())?;
     }
     Ok(0)
 }

@@ -42,18 +42,6 @@ pub enum Command {
     Cache(CacheArgs),
 }
 
-/// Formats an error and its chain of causes on one line, for operators.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -82,7 +70,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("skiff: {}", error_chain(e.as_ref()));
+            eprintln!("skiff: {}", crate::util::error_chain(e.as_ref()));
             1
         }
     }

@@ -281,7 +281,7 @@ impl RafsFs {
                     tracing::error!(
                         file = %self.path_of(index),
                         chunk = ci,
-                        error = %crate::cli::error_chain(&e),
+                        error = %crate::util::error_chain(&e),
                         "read failed; returning EIO"
                     );
                     err(libc::EIO)

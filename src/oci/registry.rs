@@ -198,7 +198,7 @@ impl RegistryClient {
                 Err(e) => {
                     tracing::warn!(
                         mirror = %m.host,
-                        error = %crate::cli::error_chain(&e),
+                        error = %crate::util::error_chain(&e),
                         "{what}: mirror failed, trying the next one (skipped for {}s)",
                         MIRROR_COOLDOWN.as_secs()
                     );

@@ -67,7 +67,7 @@ impl BlobBackend for RegistryBackend {
             .map_err(|e| BackendError::Io {
                 op: "reading from the registry",
                 path: format!("{}@{}", self.client.reference(), layer.digest),
-                source: std::io::Error::other(crate::cli::error_chain(&e)),
+                source: std::io::Error::other(crate::util::error_chain(&e)),
             })?;
         tracing::debug!(
             layer = %layer.digest,
@@ -134,7 +134,7 @@ pub fn open_image(
         Some(cache) => {
             // Whoever holds the lock is fetching this bootstrap; wait, then take theirs.
             let lock = cache.lock(&boot.digest).unwrap_or_else(|e| {
-                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock the cached bootstrap");
+                tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock the cached bootstrap");
                 None
             });
             let cached = cache
@@ -143,7 +143,7 @@ pub fn open_image(
                 .and_then(|bytes| match load(&bytes) {
                     Ok(b) => Some(b),
                     Err(e) => {
-                        tracing::warn!(bootstrap = %boot.digest, error = %crate::cli::error_chain(&e), "cached bootstrap is invalid; fetching it again");
+                        tracing::warn!(bootstrap = %boot.digest, error = %crate::util::error_chain(&e), "cached bootstrap is invalid; fetching it again");
                         None
                     }
                 });

@@ -174,7 +174,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             Ok(l) => Some(l),
             Err(e) => {
                 // Without the lock the chunk may be fetched twice, which is only wasteful.
-                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock chunk");
                 None
             }
         });
@@ -194,7 +194,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 Ok(Some(l)) => Some(l),
                 Ok(None) => return None,
                 Err(e) => {
-                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                    tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock chunk");
                     None
                 }
             },

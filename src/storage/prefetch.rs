@@ -164,7 +164,7 @@ pub fn run<B: BlobBackend>(
         };
         let (fetched, errors) = source.fetch_chunks(blob, chunks, false);
         for (_, e) in &errors {
-            tracing::warn!(error = %crate::cli::error_chain(e), "prefetch could not fetch a chunk");
+            tracing::warn!(error = %crate::util::error_chain(e), "prefetch could not fetch a chunk");
         }
         add(&m.prefetch_errors, errors.len() as u64);
         add(&m.prefetch_bytes, fetched);

@@ -159,7 +159,7 @@ impl<B: BlobBackend> BlobBackend for RetryingBackend<B> {
                         blob = %crate::format::digest_hex(id),
                         offset, len, attempt,
                         retry_in_ms = d.as_millis() as u64,
-                        error = %crate::cli::error_chain(&e),
+                        error = %crate::util::error_chain(&e),
                         "backend request failed; retrying"
                     );
                     inc(&self.metrics.backend_retries);

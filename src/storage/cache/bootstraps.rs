@@ -77,7 +77,7 @@ impl BootstrapCache {
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
-            tracing::warn!(error = %crate::cli::error_chain(&e), "cannot keep the bootstrap in the cache");
+            tracing::warn!(error = %crate::util::error_chain(&e), "cannot keep the bootstrap in the cache");
         }
     }
 

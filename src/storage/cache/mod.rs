@@ -292,7 +292,7 @@ impl ChunkDiskCache {
     /// logged; the cache is an optimisation and never fails a read.
     pub fn put(&self, digest: &ChunkDigest, data: &[u8]) {
         if let Err(e) = self.try_put(digest, data) {
-            tracing::warn!(error = %crate::cli::error_chain(&e), "cannot store chunk in the cache");
+            tracing::warn!(error = %crate::util::error_chain(&e), "cannot store chunk in the cache");
             return;
         }
         inc(&self.metrics.disk_stores);
