@@ -124,7 +124,7 @@ impl ApiError {
                 | MountError::BlobFileMismatch { .. } => 400,
                 MountError::NotMounted(_) => 404,
                 MountError::Busy(_) => 409,
-                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => 500,
+                MountError::Passthrough { .. } | MountError::Vfs(_) => 500,
             },
             _ => 500,
         }
@@ -150,9 +150,7 @@ impl ApiError {
                 }
                 MountError::NotMounted(_) => "NOT_MOUNTED",
                 MountError::Busy(_) => "MOUNTPOINT_BUSY",
-                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => {
-                    "MOUNT_FAILED"
-                }
+                MountError::Passthrough { .. } | MountError::Vfs(_) => "MOUNT_FAILED",
             },
             _ => "INTERNAL",
         }

@@ -76,7 +76,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
                 let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else {
                     continue;
                 };
-                if let Err(e) = source.read_chunk(blob, c) {
+                if let Err(e) = source.read_chunk(blob, c, &crate::storage::Deadline::none()) {
                     out.push(problem(
                         paths.get(i).map(Vec::as_slice).unwrap_or(b"?"),
                         format!("chunk {ci}: {}", crate::util::error_chain(&e)),

@@ -103,9 +103,6 @@ pub enum MountError {
     /// The Vfs refused the mount or unmount.
     #[error("virtual filesystem: {0}")]
     Vfs(String),
-    /// The mount table lock was poisoned by a panic in another request.
-    #[error("internal error: the mount table is unusable after an earlier panic")]
-    Poisoned,
 }
 
 /// Where the blobs of a RAFS image are.
@@ -223,11 +220,11 @@ impl SandboxFs {
 
     /// What is mounted where, by mountpoint.
     pub fn mounts(&self) -> Result<BTreeMap<String, MountedFs>, MountError> {
-        Ok(self.table()?.clone())
+        Ok(self.table().clone())
     }
 
-    fn table(&self) -> Result<MutexGuard<'_, BTreeMap<String, MountedFs>>, MountError> {
-        self.mounts.lock().map_err(|_| MountError::Poisoned)
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, MountedFs>> {
+        crate::util::sync::lock(&self.mounts)
     }
 
     /// Mounts a writable passthrough of the host directory `dir` at `mountpoint`, which must
@@ -239,7 +236,7 @@ impl SandboxFs {
                 reason: "a passthrough_fs mount goes at /containers",
             });
         }
-        let mut table = self.table()?;
+        let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
@@ -266,7 +263,7 @@ impl SandboxFs {
         blobs: &BlobLocation,
     ) -> Result<(), MountError> {
         check_rafs_mountpoint(mountpoint)?;
-        let mut table = self.table()?;
+        let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
@@ -304,7 +301,7 @@ impl SandboxFs {
 
     /// Unmounts whatever is mounted at `mountpoint`.
     pub fn umount(&self, mountpoint: &str) -> Result<MountedFs, MountError> {
-        let mut table = self.table()?;
+        let mut table = self.table();
         let Some(fs) = table.get(mountpoint).cloned() else {
             return Err(MountError::NotMounted(mountpoint.to_owned()));
         };

@@ -270,7 +270,7 @@ impl Authenticator {
     /// with basic auth then answers the first request instead of a 401 and a second round
     /// trip, and one with token auth answers 401 with its challenge as it would anyway.
     pub fn header(&self, host: &str, scope: &str) -> Option<String> {
-        let hosts = self.hosts.lock().ok()?;
+        let hosts = self.lock();
         let Some(st) = hosts.get(host) else {
             return self.credentials.as_ref().map(Credentials::basic_header);
         };
@@ -288,9 +288,7 @@ impl Authenticator {
     /// Whether a bearer token for `scope` at `host` is due for refresh (so the caller can get
     /// one before sending, instead of after a 401).
     pub fn needs_refresh(&self, host: &str, scope: &str) -> bool {
-        let Ok(hosts) = self.hosts.lock() else {
-            return false;
-        };
+        let hosts = self.lock();
         match hosts.get(host) {
             Some(st) if matches!(st.scheme, Scheme::Bearer { .. }) => st
                 .tokens
@@ -314,7 +312,7 @@ impl Authenticator {
         };
         match ch.scheme.as_str() {
             "basic" => {
-                let mut hosts = self.lock()?;
+                let mut hosts = self.lock();
                 let st = hosts.entry(host.to_string()).or_default();
                 let was_basic = matches!(st.scheme, Scheme::Basic);
                 st.scheme = Scheme::Basic;
@@ -327,7 +325,7 @@ impl Authenticator {
                 })?;
                 let service = ch.params.get("service").cloned();
                 self.refresh(http, host, &realm, service.as_deref(), scope)?;
-                let mut hosts = self.lock()?;
+                let mut hosts = self.lock();
                 let st = hosts.entry(host.to_string()).or_default();
                 st.scheme = Scheme::Bearer { realm, service };
                 Ok(true)
@@ -347,7 +345,7 @@ impl Authenticator {
         scope: &str,
     ) -> Result<(), OciError> {
         let known = {
-            let hosts = self.lock()?;
+            let hosts = self.lock();
             match hosts.get(host).map(|s| &s.scheme) {
                 Some(Scheme::Bearer { realm, service }) => Some((realm.clone(), service.clone())),
                 _ => None,
@@ -359,10 +357,8 @@ impl Authenticator {
         Ok(())
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, HostState>>, OciError> {
-        self.hosts
-            .lock()
-            .map_err(|_| OciError::Auth("authentication state poisoned".into()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostState>> {
+        crate::util::sync::lock(&self.hosts)
     }
 
     fn refresh(
@@ -406,7 +402,7 @@ impl Authenticator {
         }
         let token = parse_token_response(&body, Instant::now(), SystemTime::now())
             .map_err(|e| OciError::Auth(format!("{host}: token response: {e}")))?;
-        let mut hosts = self.lock()?;
+        let mut hosts = self.lock();
         hosts
             .entry(host.to_string())
             .or_default()

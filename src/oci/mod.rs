@@ -52,6 +52,9 @@ pub enum OciError {
         /// The start of the error body, if any.
         detail: String,
     },
+    /// The caller's deadline passed before the request could be sent.
+    #[error("{0}: the request deadline passed")]
+    DeadlinePassed(String),
     /// The registry (or a layout/archive) sent something that breaks a rule.
     #[error("{0}")]
     Invalid(String),

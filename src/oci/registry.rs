@@ -18,6 +18,7 @@ use sha2::Digest;
 use super::auth::{Authenticator, Credentials};
 use super::manifest::{self, Fetched, ImageManifest, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use super::{OciError, Reference};
+use crate::util::sync::lock;
 
 /// Bytes of an error body quoted in an error message.
 const ERROR_BODY_QUOTE: u64 = 512;
@@ -61,6 +62,8 @@ pub struct RegistryClient {
     mirrors: Vec<Endpoint>,
     /// When each mirror (by index) last failed.
     mirror_failed: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
+    /// Timeout of one request, if any (what a deadline's remainder is capped by).
+    timeout: Option<Duration>,
 }
 
 /// Whether `host` may be spoken to over plain HTTP without being told: loopback, as Docker.
@@ -118,6 +121,7 @@ impl RegistryClient {
                 .map(|m| endpoint(m, opts.insecure))
                 .collect(),
             mirror_failed: std::sync::Mutex::new(vec![None; opts.mirrors.len()]),
+            timeout: opts.timeout,
         })
     }
 
@@ -185,11 +189,7 @@ impl RegistryClient {
         f: &dyn Fn(&Endpoint) -> Result<T, OciError>,
     ) -> Result<T, OciError> {
         for (i, m) in self.mirrors.iter().enumerate() {
-            let cooling = self
-                .mirror_failed
-                .lock()
-                .ok()
-                .and_then(|v| v.get(i).copied().flatten());
+            let cooling = lock(&self.mirror_failed).get(i).copied().flatten();
             if cooling.is_some_and(|t| t.elapsed() < MIRROR_COOLDOWN) {
                 continue;
             }
@@ -202,13 +202,7 @@ impl RegistryClient {
                         "{what}: mirror failed, trying the next one (skipped for {}s)",
                         MIRROR_COOLDOWN.as_secs()
                     );
-                    if let Some(slot) = self
-                        .mirror_failed
-                        .lock()
-                        .ok()
-                        .as_mut()
-                        .and_then(|v| v.get_mut(i))
-                    {
+                    if let Some(slot) = lock(&self.mirror_failed).get_mut(i) {
                         *slot = Some(std::time::Instant::now());
                     }
                 }
@@ -347,11 +341,16 @@ impl RegistryClient {
 
     /// Reads `len` bytes of blob `digest` from `offset` with a `Range` request. The answer must
     /// be `206` with exactly those bytes (redirects, to a CDN or object store, are followed).
+    ///
+    /// With `until`, each request (to a mirror, then the origin) must be answered, body
+    /// included, by then: its timeout is the client's, or what is left if that is less. Once
+    /// it has passed, the read fails without sending anything.
     pub fn get_blob_range(
         &self,
         digest: &str,
         offset: u64,
         len: usize,
+        until: Option<std::time::Instant>,
     ) -> Result<Vec<u8>, OciError> {
         if len == 0 {
             return Ok(Vec::new());
@@ -363,8 +362,22 @@ impl RegistryClient {
             let url = self.url(ep, &format!("blobs/{digest}"));
             let what = format!("GET {url} bytes={offset}-{last}");
             let range = format!("bytes={offset}-{last}");
+            let timeout = match until {
+                None => self.timeout,
+                Some(t) => {
+                    let left = t.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(OciError::DeadlinePassed(what.clone()));
+                    }
+                    Some(self.timeout.map_or(left, |c| c.min(left)))
+                }
+            };
             let resp = self.send(ep, &self.pull_scope(), &what, &|| {
-                self.http.get(&url).header(RANGE, &range)
+                let req = self.http.get(&url).header(RANGE, &range);
+                match timeout {
+                    Some(t) => req.timeout(t),
+                    None => req,
+                }
             })?;
             let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
             if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {

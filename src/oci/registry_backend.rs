@@ -15,7 +15,7 @@ use super::manifest::{
 use super::{OciError, RegistryClient};
 use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
 use crate::storage::cache::BootstrapCache;
-use crate::storage::{BackendError, BlobBackend};
+use crate::storage::{BackendError, BlobBackend, Deadline};
 
 /// Largest bootstrap fetched (the format's own limit).
 const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
@@ -41,12 +41,40 @@ impl RegistryBackend {
     }
 }
 
+/// The backend error for a failed registry read, in the class that decides whether it is
+/// retried (`BackendError::is_retryable`):
+///
+/// - an HTTP status keeps its code: 400, 403 and 404 are final, and so is a 401, which the
+///   client answers with one token refresh (or its basic credentials) before it gives up;
+///   5xx, 408 and 429 are retried;
+/// - a transport failure (connect, reset, timeout, body cut off) is retried, and so is a reply
+///   that breaks the protocol (a wrong `Content-Range`, a short body);
+/// - failed authentication (the token server refused or could not be reached), a passed
+///   deadline and anything local are final.
+fn classify(what: String, e: OciError) -> BackendError {
+    match e {
+        OciError::Status { status, .. } => BackendError::Http {
+            what: crate::util::error_chain(&e),
+            status,
+        },
+        OciError::Http { source, what: w } => BackendError::from_reqwest(w, source),
+        OciError::Invalid(m) => BackendError::BadReply(m),
+        OciError::Auth(m) => BackendError::Auth(format!("{what}: {m}")),
+        OciError::DeadlinePassed(w) => BackendError::DeadlineExceeded {
+            what: w,
+            waiting: "about to send the request",
+        },
+        other => BackendError::Config(format!("{what}: {}", crate::util::error_chain(&other))),
+    }
+}
+
 impl BlobBackend for RegistryBackend {
     fn read_range(
         &self,
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         let path = || format!("{}@{}", self.client.reference(), digest_hex(id));
         let Some(layer) = self.layers.get(id) else {
@@ -63,12 +91,8 @@ impl BlobBackend for RegistryBackend {
         let t = std::time::Instant::now();
         let bytes = self
             .client
-            .get_blob_range(&layer.digest, offset, len)
-            .map_err(|e| BackendError::Io {
-                op: "reading from the registry",
-                path: format!("{}@{}", self.client.reference(), layer.digest),
-                source: std::io::Error::other(crate::util::error_chain(&e)),
-            })?;
+            .get_blob_range(&layer.digest, offset, len, deadline.instant())
+            .map_err(|e| classify(format!("{}@{}", self.client.reference(), layer.digest), e))?;
         tracing::debug!(
             layer = %layer.digest,
             offset,
@@ -293,6 +317,33 @@ fn cached_bootstrap(bytes: Vec<u8>, digest: &str, size: u64) -> Option<Vec<u8>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_errors_keep_their_class() {
+        let status = |status| OciError::Status {
+            what: "GET /v2/r/blobs/sha256:x".into(),
+            status,
+            detail: String::new(),
+        };
+        for final_status in [400, 401, 403, 404] {
+            let e = classify("r@x".into(), status(final_status));
+            assert!(!e.is_retryable(), "{final_status} is final: {e}");
+            assert!(matches!(e, BackendError::Http { status, .. } if status == final_status));
+        }
+        for transient in [408, 429, 500, 502, 503] {
+            assert!(classify("r@x".into(), status(transient)).is_retryable());
+        }
+        assert!(classify("r@x".into(), OciError::Invalid("Content-Range".into())).is_retryable());
+        assert!(!classify("r@x".into(), OciError::Auth("token: HTTP 403".into())).is_retryable());
+        let late = classify("r@x".into(), OciError::DeadlinePassed("GET".into()));
+        assert!(matches!(late, BackendError::DeadlineExceeded { .. }) && !late.is_retryable());
+        let local = OciError::Io {
+            op: "reading",
+            path: "/x".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert!(!classify("r@x".into(), local).is_retryable());
+    }
 
     #[test]
     fn zstd_bootstrap_layers_are_bounded() {

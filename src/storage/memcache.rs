@@ -6,9 +6,9 @@ use std::sync::Mutex;
 
 use super::ChunkData;
 use crate::format::ChunkDigest;
+use crate::util::sync::lock;
 
-/// Least-recently-used cache of verified chunks keyed by digest (with its algorithm), bounded
-/// in bytes.
+/// Least-recently-used cache of verified chunks keyed by digest, bounded in bytes.
 pub struct ChunkMemCache {
     limit: usize,
     inner: Mutex<Inner>,
@@ -32,7 +32,7 @@ impl ChunkMemCache {
 
     /// The chunk with `digest`, if cached.
     pub fn get(&self, digest: &ChunkDigest) -> Option<ChunkData> {
-        let mut g = self.inner.lock().ok()?;
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let e = g.map.get_mut(digest)?;
@@ -45,7 +45,7 @@ impl ChunkMemCache {
         if data.len() > self.limit {
             return;
         }
-        let Ok(mut g) = self.inner.lock() else { return };
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let len = data.len();

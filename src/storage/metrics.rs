@@ -81,11 +81,7 @@ impl Metrics {
     /// Records that a file read needed the chunk `digest` of `stored_size` stored bytes;
     /// counts each chunk once.
     pub fn note_demand(&self, digest: &crate::format::ChunkDigest, stored_size: u32) {
-        let first = match self.demand_seen.lock() {
-            Ok(mut seen) => seen.insert(*digest),
-            // A panic elsewhere poisoned the set: the counters are only statistics.
-            Err(poisoned) => poisoned.into_inner().insert(*digest),
-        };
+        let first = crate::util::sync::lock(&self.demand_seen).insert(*digest);
         if first {
             inc(&self.demand_chunks);
             add(&self.demand_stored_bytes, u64::from(stored_size));

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::metrics::{add, inc};
-use super::{BlobBackend, CachedChunkSource, MAX_MERGED_BYTES};
+use super::{BlobBackend, CachedChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT, MAX_MERGED_BYTES};
 use crate::format::{Bootstrap, ChunkRecord, InodeKind};
 
 /// What to prefetch.
@@ -162,7 +162,8 @@ pub fn run<B: BlobBackend>(
             add(&m.prefetch_errors, chunks.len() as u64);
             continue;
         };
-        let (fetched, errors) = source.fetch_chunks(blob, chunks, false);
+        let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
+        let (fetched, errors) = source.fetch_chunks(blob, chunks, false, &deadline);
         for (_, e) in &errors {
             tracing::warn!(error = %crate::util::error_chain(e), "prefetch could not fetch a chunk");
         }

@@ -1,6 +1,8 @@
 //! Small helpers every layer may use: they depend on nothing else in the crate, so that lower
 //! layers (storage, fs, oci) never reach up into the CLI or the builder for them.
 
+pub mod sync;
+
 use std::path::{Path, PathBuf};
 
 /// A file could not be written atomically.

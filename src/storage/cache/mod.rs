@@ -32,11 +32,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 pub use bootstraps::BootstrapCache;
-pub use lock::{ChunkFileLock, Claim, SingleFlight};
+pub use lock::{ChunkFileLock, Claim, ClaimError, SingleFlight, TAKEOVER_AFTER};
 pub use maintenance::{gc, stat, CacheStat, GcReport};
 
 use super::metrics::{inc, Metrics};
 use crate::format::{ChunkDigest, DigestAlgo, DIGEST_LEN};
+use crate::util::sync::lock;
 
 /// The cache directory every Skiff process uses unless told otherwise, so that they share.
 pub const DEFAULT_CACHE_DIR: &str = "/var/cache/skiff/chunks";
@@ -218,7 +219,7 @@ impl ChunkDiskCache {
 
     /// Bytes of chunks this process believes the cache holds.
     pub fn bytes(&self) -> u64 {
-        self.index.lock().map(|g| g.bytes).unwrap_or(0)
+        lock(&self.index).bytes
     }
 
     /// Reads chunk `digest` of `len` bytes if cached and intact. A file of the wrong size or
@@ -232,9 +233,7 @@ impl ChunkDiskCache {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot open cached chunk");
                 }
-                if let Ok(mut g) = self.index.lock() {
-                    g.remove(digest);
-                }
+                lock(&self.index).remove(digest);
                 return None;
             }
         };
@@ -251,13 +250,12 @@ impl ChunkDiskCache {
                 "cached chunk is corrupt; deleting it and fetching again"
             );
             let _ = fs::remove_file(&path);
-            if let Ok(mut g) = self.index.lock() {
-                g.remove(digest);
-            }
+            lock(&self.index).remove(digest);
             return None;
         }
         let now = SystemTime::now();
-        let touch = if let Ok(mut g) = self.index.lock() {
+        let touch = {
+            let mut g = lock(&self.index);
             let e = g.entries.get(digest).copied();
             let stale =
                 e.is_none_or(|e| now.duration_since(e.atime).unwrap_or_default() >= TOUCH_INTERVAL);
@@ -273,8 +271,6 @@ impl ChunkDiskCache {
                 },
             );
             stale
-        } else {
-            false
         };
         if touch {
             let _ = f.set_modified(now);
@@ -296,15 +292,13 @@ impl ChunkDiskCache {
             return;
         }
         inc(&self.metrics.disk_stores);
-        if let Ok(mut g) = self.index.lock() {
-            g.insert(
-                *digest,
-                Entry {
-                    size: data.len() as u64,
-                    atime: SystemTime::now(),
-                },
-            );
-        }
+        lock(&self.index).insert(
+            *digest,
+            Entry {
+                size: data.len() as u64,
+                atime: SystemTime::now(),
+            },
+        );
         self.evict_if_needed();
     }
 
@@ -338,10 +332,15 @@ impl ChunkDiskCache {
         self.root.join("locks").join(chunk_file_name(digest))
     }
 
-    /// Takes the cross-process lock of chunk `digest`, waiting for another process.
-    pub fn lock(&self, digest: &ChunkDigest) -> Result<ChunkFileLock, CacheError> {
+    /// Takes the cross-process lock of chunk `digest`, waiting for another process until
+    /// `until` (for ever with `None`); `Ok(None)` if it still holds the lock then.
+    pub fn lock_until(
+        &self,
+        digest: &ChunkDigest,
+        until: Option<std::time::Instant>,
+    ) -> Result<Option<ChunkFileLock>, CacheError> {
         let p = self.lock_path(digest);
-        ChunkFileLock::lock(p.clone()).map_err(io_err("locking", &p))
+        ChunkFileLock::lock_until(p.clone(), until).map_err(io_err("locking", &p))
     }
 
     /// Takes the cross-process lock of chunk `digest` if nobody holds it.
@@ -356,7 +355,7 @@ impl ChunkDiskCache {
         if self.limit == 0 {
             return;
         }
-        let Ok(mut g) = self.index.lock() else { return };
+        let mut g = lock(&self.index);
         if g.bytes <= self.limit {
             return;
         }
@@ -452,6 +451,28 @@ mod tests {
         let c2 = ChunkDiskCache::open(dir.path(), 10_000, m).expect("reopen");
         assert!(!stale.exists());
         assert_eq!(c2.bytes(), c.bytes());
+    }
+
+    #[test]
+    fn the_limit_holds_after_a_panic_poisoned_the_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = Arc::new(ChunkDiskCache::open(dir.path(), 10_000, Arc::default()).expect("open"));
+        let c2 = c.clone();
+        let panicked = std::thread::spawn(move || {
+            let _g = lock(&c2.index);
+            panic!("injected while holding the index");
+        })
+        .join();
+        assert!(panicked.is_err() && c.index.is_poisoned());
+        for n in 1..10u8 {
+            let (d, b) = chunk(n, 3000);
+            c.put(&d, &b);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Eviction still ran: the limit is kept on disk, not only in the index.
+        assert!(c.bytes() <= 10_000, "{}", c.bytes());
+        let on_disk: u64 = scan_chunks(dir.path()).iter().map(|(_, _, s, _)| s).sum();
+        assert!(on_disk <= 10_000, "{on_disk} bytes on disk");
     }
 }
 
