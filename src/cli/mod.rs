@@ -1,10 +1,12 @@
 //! The `skiff` command line: thin front ends over the library.
 
+mod check;
 mod commands;
 mod image;
 
 use clap::{Parser, Subcommand};
 
+pub use check::*;
 pub use commands::*;
 pub use image::*;
 

@@ -18,7 +18,7 @@ use crate::storage::cache::BootstrapCache;
 use crate::storage::{BackendError, BlobBackend, Deadline};
 
 /// Largest bootstrap fetched (the format's own limit).
-const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+pub const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
 
 /// Where a Skiff blob is in the registry.
 #[derive(Clone, Debug)]
@@ -279,7 +279,7 @@ pub fn open_image(
 
 /// The bootstrap of a zstd bootstrap layer, at most `limit` bytes of it: a layer that expands
 /// beyond is refused, not decompressed into memory.
-fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
+pub fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
     let bad = |e: std::io::Error| OciError::Invalid(format!("bootstrap layer: zstd: {e}"));
     let decoder = zstd::stream::read::Decoder::new(layer).map_err(bad)?;
     let mut out = Vec::with_capacity(layer.len().saturating_mul(3));
