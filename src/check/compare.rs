@@ -438,7 +438,7 @@ fn compare_host_content(
         let part = buf.get_mut(..n).ok_or("chunk larger than the chunk size")?;
         f.read_exact(part)
             .map_err(|e| format!("source shorter than the image: {e}"))?;
-        if blake3::hash(part).as_bytes() != &c.digest {
+        if !c.chunk_digest().matches(part) {
             return Err(chunk_span(i, chunk_size, n));
         }
     }

@@ -843,9 +843,13 @@ fn verify_blobs(
                 continue;
             }
         };
+        let algo = t
+            .blobs
+            .get(l.index)
+            .map_or(crate::format::DigestAlgo::Blake3, |r| r.id_algo());
         let mut stream = BlobStream {
             reader: &mut reader,
-            hasher: blake3::Hasher::new(),
+            hasher: algo.hasher(),
             piece: vec![0u8; READ_PIECE],
             ended: false,
         };
@@ -908,19 +912,20 @@ fn verify_blobs(
                 read_error = Some(e.to_string());
             }
         }
-        let blake = stream.hasher.finalize();
+        let got = stream.hasher.finalize();
         bytes += reader.bytes_read();
         if let Some(e) = read_error {
             problems.push(p(Rule::Data, prefix, &bpath, e));
-        } else if blake.as_bytes() != &l.id {
+        } else if got != l.id {
             problems.push(p(
                 Rule::Data,
                 prefix,
                 &bpath,
                 format!(
-                    "its bytes (layer {}) have blake3 {}, not the blob id",
+                    "its bytes (layer {}) have {} {}, not the blob id",
                     l.digest,
-                    blake.to_hex()
+                    algo.name(),
+                    hex::encode(got)
                 ),
             ));
         }
@@ -931,7 +936,7 @@ fn verify_blobs(
 /// A blob read front to back, hashed on the way.
 struct BlobStream<'r> {
     reader: &'r mut crate::oci::registry::BlobReader,
-    hasher: blake3::Hasher,
+    hasher: crate::format::Hasher,
     piece: Vec<u8>,
     ended: bool,
 }

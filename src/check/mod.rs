@@ -21,7 +21,7 @@ pub use compare::{compare_host_dir as compare_with_source, compare_tree};
 pub use image::{check_image, ImageCheckOptions, ImageCheckReport};
 pub use stats::{image_stats, ImageStats};
 
-use crate::format::{Bootstrap, InodeKind};
+use crate::format::{Bootstrap, DigestAlgo, InodeKind};
 use crate::storage::{CachedChunkSource, ChunkSource, LocalFsBackend};
 
 /// Which rule found a problem.
@@ -72,7 +72,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();
     for blob in b.blobs() {
         let path = backend.blob_path(&blob.id);
-        match blob_digest(&path) {
+        match blob_digest(&path, blob.id_algo()) {
             Ok((size, digest)) => {
                 if size != blob.size.get() {
                     problems.push(problem(
@@ -86,7 +86,11 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
                 } else if digest != blob.id {
                     problems.push(problem(
                         b"/",
-                        format!("blob {} does not match its digest", path.display()),
+                        format!(
+                            "blob {} does not match its {} digest",
+                            path.display(),
+                            blob.id_algo().name()
+                        ),
                     ));
                 }
             }
@@ -123,9 +127,9 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     problems
 }
 
-fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+fn blob_digest(path: &Path, algo: DigestAlgo) -> std::io::Result<(u64, [u8; 32])> {
     let mut f = File::open(path)?;
-    let mut h = blake3::Hasher::new();
+    let mut h = algo.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -136,5 +140,5 @@ fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
         size += n as u64;
         h.update(&buf[..n]);
     }
-    Ok((size, *h.finalize().as_bytes()))
+    Ok((size, h.finalize()))
 }

@@ -8,6 +8,8 @@ use crate::format::{digest_hex, Bootstrap, InodeKind};
 /// Summary statistics of an image, for `skiff inspect`.
 #[derive(Debug, serde::Serialize)]
 pub struct ImageStats {
+    /// The on-disk format the bootstrap was read from ("skiff", "nydus-rafs-v6").
+    pub format: &'static str,
     /// Root Merkle digest.
     pub root_digest: String,
     /// Chunk size.
@@ -43,13 +45,14 @@ pub fn image_stats(b: &Bootstrap) -> ImageStats {
             content_bytes += r.size.get();
         }
     }
-    let unique: BTreeSet<&[u8; 32]> = t
+    let unique: BTreeSet<crate::format::ChunkDigest> = t
         .chunks
         .iter()
         .filter(|c| !c.is_zero())
-        .map(|c| &c.digest)
+        .map(|c| c.chunk_digest())
         .collect();
     ImageStats {
+        format: b.source_format().name(),
         root_digest: digest_hex(b.root_digest()),
         chunk_size: b.chunk_size(),
         bootstrap_bytes: b.byte_len(),

@@ -109,8 +109,9 @@ fn check_local(a: &CheckArgs) -> CmdResult {
     let text = a.json.as_deref().is_none_or(|j| j.as_os_str() != "-");
     if text {
         println!(
-            "bootstrap {}: valid, Merkle root {}",
+            "bootstrap {} ({}): valid, Merkle root {}",
             bootstrap.display(),
+            b.source_format().name(),
             digest_hex(b.root_digest())
         );
     }

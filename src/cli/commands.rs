@@ -98,6 +98,7 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&stats)?);
         } else {
+            println!("format        {}", stats.format);
             println!("root digest   {}", stats.root_digest);
             println!("chunk size    {}", stats.chunk_size);
             println!("bootstrap     {} bytes", stats.bootstrap_bytes);
@@ -129,10 +130,11 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
         .iter()
         .map(|c| {
             serde_json::json!({
-                "digest": digest_hex(&c.digest),
+                "digest": c.chunk_digest().to_string(),
                 "size": c.uncompressed_size.get(),
                 "zero": c.is_zero(),
                 "lz4": c.is_lz4(),
+                "compression": format!("{:?}", c.compression()).to_lowercase(),
                 "blob": b.blobs().get(c.blob_index.get() as usize).filter(|_| !c.is_zero()).map(|r| digest_hex(&r.id)),
                 "offset": c.compressed_offset.get(),
                 "stored_size": c.compressed_size.get(),
