@@ -191,7 +191,13 @@ impl Chunker {
             });
         }
         let t = dict.tables();
-        for c in t.chunks.iter().filter(|c| !c.is_zero()) {
+        // This builder names chunks by blake3: a dictionary's sha256 chunks (a Nydus image
+        // built with `--digester sha256`) can never match one, so they are not offered.
+        for c in t
+            .chunks
+            .iter()
+            .filter(|c| !c.is_zero() && c.digest_algo() == crate::format::DigestAlgo::Blake3)
+        {
             let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else {
                 continue;
             };

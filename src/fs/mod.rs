@@ -285,7 +285,7 @@ impl RafsFs {
                     .get(chunk.blob_index.get() as usize)
                     .ok_or_else(|| err(libc::EIO))?;
                 if let Some(m) = &self.opts.demand {
-                    m.note_demand(&chunk.digest, chunk.compressed_size.get());
+                    m.note_demand(&chunk.chunk_digest(), chunk.compressed_size.get());
                 }
                 let whole = within == 0 && take == chunk.uncompressed_size.get() as usize;
                 let data = match spanned.remove(&ci) {

@@ -10,11 +10,13 @@ pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod registry_backend;
+pub mod source;
 
-pub use convert::{convert, ConvertOptions, ConvertSummary};
+pub use convert::{convert, ConvertOptions, ConvertReport, ConvertSummary};
 pub use reference::Reference;
 pub use registry::{RegistryClient, RegistryOptions};
 pub use registry_backend::{open_image, RegistryBackend, RemoteImage};
+pub use source::Platforms;
 
 /// Why an OCI operation failed.
 #[derive(Debug, thiserror::Error)]

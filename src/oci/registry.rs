@@ -216,26 +216,33 @@ impl RegistryClient {
     pub fn get_manifest(&self) -> Result<(ImageManifest, Vec<u8>, String), OciError> {
         let mut wanted = self.reference.manifest_ref().to_string();
         for _ in 0..2 {
-            let (bytes, ctype) = self.pull(&format!("manifest {wanted}"), &|ep| {
-                self.get_manifest_bytes(ep, &wanted)
-            })?;
-            let digest = manifest::sha256_digest(&bytes);
-            if wanted.starts_with("sha256:") && digest != wanted {
-                return Err(OciError::Digest {
-                    what: format!("manifest of {}", self.reference),
-                    got: digest,
-                    want: wanted,
-                });
-            }
-            match manifest::parse_manifest(&bytes, ctype.as_deref())? {
-                Fetched::Manifest(m) => return Ok((m, bytes, digest)),
-                Fetched::Index(i) => wanted = manifest::pick_platform(&i)?.digest.clone(),
+            match self.get_manifest_ref(&wanted)? {
+                (Fetched::Manifest(m), bytes, digest) => return Ok((m, bytes, digest)),
+                (Fetched::Index(i), _, _) => wanted = manifest::pick_platform(&i)?.digest.clone(),
             }
         }
         Err(OciError::Invalid(format!(
             "{}: an index points to another index",
             self.reference
         )))
+    }
+
+    /// Fetches the manifest or index `wanted` (a tag or a digest) of this repository as it is,
+    /// with its bytes and digest (checked against `wanted` when it is a digest).
+    pub fn get_manifest_ref(&self, wanted: &str) -> Result<(Fetched, Vec<u8>, String), OciError> {
+        let (bytes, ctype) = self.pull(&format!("manifest {wanted}"), &|ep| {
+            self.get_manifest_bytes(ep, wanted)
+        })?;
+        let digest = manifest::sha256_digest(&bytes);
+        if wanted.starts_with("sha256:") && digest != wanted {
+            return Err(OciError::Digest {
+                what: format!("manifest of {}", self.reference),
+                got: digest,
+                want: wanted.to_string(),
+            });
+        }
+        let fetched = manifest::parse_manifest(&bytes, ctype.as_deref())?;
+        Ok((fetched, bytes, digest))
     }
 
     fn get_manifest_bytes(
@@ -336,6 +343,34 @@ impl RegistryClient {
                 });
             }
             Ok(())
+        })
+    }
+
+    /// Opens blob `digest` of `size` bytes as a stream, for reading it once without storing
+    /// it: the reader fails if more than `size` bytes come, and at its end if fewer came or
+    /// their sha256 is not `digest`, so a reader that reads to the end has verified bytes.
+    pub fn get_blob_reader(&self, digest: &str, size: u64) -> Result<BlobReader, OciError> {
+        self.pull(&format!("blob {digest}"), &|ep| {
+            let url = self.url(ep, &format!("blobs/{digest}"));
+            let what = format!("GET {url}");
+            let resp = self.send(ep, &self.pull_scope(), &what, &|| self.http.get(&url))?;
+            let resp = expect_status(resp, &what, &[StatusCode::OK])?;
+            if let Some(n) = resp.content_length() {
+                if n != size {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: {n} bytes announced, the descriptor says {size}"
+                    )));
+                }
+            }
+            Ok(BlobReader {
+                resp,
+                what,
+                want: digest.to_string(),
+                size,
+                read: 0,
+                hasher: sha2::Sha256::new(),
+                done: false,
+            })
         })
     }
 
@@ -517,6 +552,68 @@ impl RegistryClient {
         base.join(loc)
             .map(|u| u.to_string())
             .map_err(|e| OciError::Invalid(format!("{what}: Location {loc:?}: {e}")))
+    }
+}
+
+/// A blob read as a stream and checked on the way (see [`RegistryClient::get_blob_reader`]).
+pub struct BlobReader {
+    resp: Response,
+    what: String,
+    want: String,
+    size: u64,
+    read: u64,
+    hasher: sha2::Sha256,
+    done: bool,
+}
+
+impl BlobReader {
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.resp.read(buf)?;
+        if n == 0 {
+            if self.read != self.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: {} bytes, the descriptor says {}",
+                        self.what, self.read, self.size
+                    ),
+                ));
+            }
+            let got = format!(
+                "sha256:{}",
+                hex::encode(std::mem::take(&mut self.hasher).finalize())
+            );
+            if got != self.want {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: digest {got}, expected {}", self.what, self.want),
+                ));
+            }
+            self.done = true;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        if self.read > self.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: more than the {} bytes the descriptor says",
+                    self.what, self.size
+                ),
+            ));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 

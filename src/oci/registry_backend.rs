@@ -2,7 +2,9 @@
 //!
 //! A Skiff blob is named by its blake3 id; in the registry it is a layer named by its sha256
 //! digest. The map between the two comes from the layers' `io.skiff.rafs.blob-id` annotations,
-//! checked against the bootstrap's blob table (id and size) when the image is opened.
+//! checked against the bootstrap's blob table (id and size) when the image is opened. A blob
+//! whose id *is* its sha256 (every Nydus blob) needs no annotation: it is fetched as
+//! `sha256:<id>`.
 
 use std::collections::HashMap;
 
@@ -16,7 +18,7 @@ use crate::storage::cache::BootstrapCache;
 use crate::storage::{BackendError, BlobBackend, Deadline};
 
 /// Largest bootstrap fetched (the format's own limit).
-const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+pub const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
 
 /// Where a Skiff blob is in the registry.
 #[derive(Clone, Debug)]
@@ -190,6 +192,7 @@ pub fn open_image(
         }
     };
     let mut by_id = HashMap::new();
+    let mut by_sha256 = HashMap::new();
     for l in manifest
         .layers
         .iter()
@@ -213,9 +216,35 @@ pub fn open_image(
             },
         );
     }
+    // A blob named by its sha256 (Nydus blobs) is the layer of that digest: no annotation is
+    // needed to find it.
+    for l in &manifest.layers {
+        if let Some(hexid) = l.digest.strip_prefix("sha256:") {
+            let mut id = [0u8; DIGEST_LEN];
+            if hex::decode_to_slice(hexid, &mut id).is_ok() {
+                by_sha256.entry(id).or_insert(LayerLoc {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                });
+            }
+        }
+    }
     let mut layers = HashMap::new();
     for b in bootstrap.blobs() {
-        let Some(loc) = by_id.get(&b.id) else {
+        let sha256_id = b.id_algo() == crate::format::DigestAlgo::Sha256;
+        let found = by_id
+            .get(&b.id)
+            .or_else(|| sha256_id.then(|| by_sha256.get(&b.id)).flatten())
+            .cloned()
+            .or_else(|| {
+                // Not a layer of this manifest (a chunk dictionary's blob, say): the registry
+                // still serves it by digest from the repository.
+                sha256_id.then(|| LayerLoc {
+                    digest: format!("sha256:{}", digest_hex(&b.id)),
+                    size: b.size.get(),
+                })
+            });
+        let Some(loc) = found else {
             return Err(OciError::Invalid(format!(
                 "the bootstrap refers to blob {} that no layer holds",
                 digest_hex(&b.id)
@@ -230,7 +259,7 @@ pub fn open_image(
                 b.size.get()
             )));
         }
-        layers.insert(b.id, loc.clone());
+        layers.insert(b.id, loc);
     }
     tracing::info!(
         image = %client.reference(),
@@ -250,7 +279,7 @@ pub fn open_image(
 
 /// The bootstrap of a zstd bootstrap layer, at most `limit` bytes of it: a layer that expands
 /// beyond is refused, not decompressed into memory.
-fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
+pub fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
     let bad = |e: std::io::Error| OciError::Invalid(format!("bootstrap layer: zstd: {e}"));
     let decoder = zstd::stream::read::Decoder::new(layer).map_err(bad)?;
     let mut out = Vec::with_capacity(layer.len().saturating_mul(3));

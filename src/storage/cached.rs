@@ -12,7 +12,7 @@ use super::{
 };
 
 pub use super::cache::TAKEOVER_AFTER;
-use crate::format::{digest_hex, BlobRecord, ChunkRecord, DIGEST_LEN};
+use crate::format::{digest_hex, BlobRecord, ChunkDigest, ChunkRecord};
 use crate::runtime::threads::{self, ThreadKind};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
@@ -66,7 +66,7 @@ impl FetchRight<'_> {
 fn describe(blob: &BlobRecord, chunk: &ChunkRecord) -> (String, String, u64) {
     (
         digest_hex(&blob.id),
-        digest_hex(&chunk.digest),
+        chunk.chunk_digest().to_string(),
         chunk.compressed_offset.get(),
     )
 }
@@ -133,11 +133,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Whether `chunk` is in the memory or disk cache.
     fn is_cached(&self, chunk: &ChunkRecord) -> bool {
-        self.memcache.get(&chunk.digest).is_some()
+        self.memcache.get(&chunk.chunk_digest()).is_some()
             || self
                 .disk
                 .as_ref()
-                .is_some_and(|d| d.contains(&chunk.digest))
+                .is_some_and(|d| d.contains(&chunk.chunk_digest()))
     }
 
     /// The backend.
@@ -156,7 +156,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     }
 
     fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        let hit = self.memcache.get(&chunk.digest);
+        let hit = self.memcache.get(&chunk.chunk_digest());
         inc(if hit.is_some() {
             &self.metrics.mem_hits
         } else {
@@ -167,7 +167,10 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     fn lookup_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
         let disk = self.disk.as_ref()?;
-        let hit = disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize);
+        let hit = disk.get(
+            &chunk.chunk_digest(),
+            chunk.uncompressed_size.get() as usize,
+        );
         inc(if hit.is_some() {
             &self.metrics.disk_hits
         } else {
@@ -186,15 +189,18 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         chunk: &ChunkRecord,
         deadline: &Deadline,
     ) -> Result<FetchRight<'_>, StorageError> {
-        let claim = self.flights.claim(chunk.digest, deadline).map_err(|_| {
-            let (blob, chunk, offset) = describe(blob, chunk);
-            StorageError::DeadlineExceeded {
-                blob,
-                chunk,
-                offset,
-                waiting: "another reader's fetch of the chunk",
-            }
-        })?;
+        let claim = self
+            .flights
+            .claim(chunk.chunk_digest(), deadline)
+            .map_err(|_| {
+                let (blob, chunk, offset) = describe(blob, chunk);
+                StorageError::DeadlineExceeded {
+                    blob,
+                    chunk,
+                    offset,
+                    waiting: "another reader's fetch of the chunk",
+                }
+            })?;
         let Some(disk) = self.disk.as_ref() else {
             return Ok(FetchRight {
                 _claim: claim,
@@ -203,7 +209,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         };
         if claim.took_over() {
             // The background job it was taken from holds the host's lock, and goes on.
-            tracing::debug!(chunk = %digest_hex(&chunk.digest), "a read took over a chunk from background work");
+            tracing::debug!(chunk = %chunk.chunk_digest(), "a read took over a chunk from background work");
             return Ok(FetchRight {
                 _claim: claim,
                 lock: None,
@@ -215,10 +221,10 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             let takeover = std::time::Instant::now() + TAKEOVER_AFTER;
             Some(deadline.instant().map_or(takeover, |d| d.min(takeover)))
         };
-        let lock = match disk.lock_until(&chunk.digest, until) {
+        let lock = match disk.lock_until(&chunk.chunk_digest(), until) {
             Ok(Some(l)) => Some(l),
             Ok(None) => {
-                tracing::debug!(chunk = %digest_hex(&chunk.digest), "another process is still fetching the chunk; fetching it too");
+                tracing::debug!(chunk = %chunk.chunk_digest(), "another process is still fetching the chunk; fetching it too");
                 None
             }
             Err(e) => {
@@ -235,10 +241,10 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Takes the right to fetch `chunk` if nobody else is fetching it.
     fn try_fetch_right(&self, chunk: &ChunkRecord, deadline: &Deadline) -> Option<FetchRight<'_>> {
-        let claim = self.flights.try_claim(chunk.digest, deadline)?;
+        let claim = self.flights.try_claim(chunk.chunk_digest(), deadline)?;
         let lock = match &self.disk {
             None => None,
-            Some(d) => match d.try_lock(&chunk.digest) {
+            Some(d) => match d.try_lock(&chunk.chunk_digest()) {
                 Ok(Some(l)) => Some(l),
                 Ok(None) => return None,
                 Err(e) => {
@@ -324,7 +330,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     ) -> Result<Vec<u8>, StorageError> {
         let data = self.fetch_one(blob, chunk, deadline)?;
         if let Some(d) = &self.disk {
-            d.put(&chunk.digest, &data);
+            d.put(&chunk.chunk_digest(), &data);
         }
         right.done();
         Ok(data)
@@ -343,18 +349,18 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         chunks: &[ChunkRecord],
         keep_in_memory: bool,
         deadline: &Deadline,
-    ) -> (u64, Vec<([u8; DIGEST_LEN], StorageError)>) {
+    ) -> (u64, Vec<(ChunkDigest, StorageError)>) {
         let mut errors = Vec::new();
         let mut fetched = 0u64;
         let mut mine: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
         let mut theirs: Vec<ChunkRecord> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for c in chunks.iter().filter(|c| !c.is_zero()) {
-            if !seen.insert(c.digest) || self.memcache.get(&c.digest).is_some() {
+            if !seen.insert(c.chunk_digest()) || self.memcache.get(&c.chunk_digest()).is_some() {
                 continue;
             }
             if let Some(d) = &self.disk {
-                if d.contains(&c.digest) {
+                if d.contains(&c.chunk_digest()) {
                     if keep_in_memory {
                         theirs.push(*c);
                     }
@@ -364,7 +370,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             match self.try_fetch_right(c, deadline) {
                 Some(r) => {
                     // Another process may have stored it just before we took the lock.
-                    if self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+                    if self
+                        .disk
+                        .as_ref()
+                        .is_some_and(|d| d.contains(&c.chunk_digest()))
+                    {
                         r.done();
                         if keep_in_memory {
                             theirs.push(*c);
@@ -408,7 +418,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
                     Some(d) => {
                         if let Some(disk) = &self.disk {
-                            disk.put(&c.digest, &d);
+                            disk.put(&c.chunk_digest(), &d);
                         }
                         right.done();
                         Ok(d)
@@ -420,19 +430,19 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                     Ok(d) => {
                         fetched += u64::from(c.compressed_size.get());
                         if keep_in_memory {
-                            self.memcache.insert(c.digest, Arc::new(d));
+                            self.memcache.insert(c.chunk_digest(), Arc::new(d));
                         }
                     }
                     Err(e) => {
                         inc(&self.metrics.read_errors);
-                        errors.push((c.digest, e));
+                        errors.push((c.chunk_digest(), e));
                     }
                 }
             }
         }
         for c in theirs {
             if let Err(e) = self.read_chunk(blob, &c, deadline) {
-                errors.push((c.digest, e));
+                errors.push((c.chunk_digest(), e));
             }
         }
         (fetched, errors)
@@ -451,7 +461,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         let remember = |d: Vec<u8>| {
             let d = Arc::new(d);
             if keep {
-                self.memcache.insert(chunk.digest, d.clone());
+                self.memcache.insert(chunk.chunk_digest(), d.clone());
             }
             d
         };
@@ -469,15 +479,16 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             }
         };
         // Whoever held the right before may have cached the chunk.
-        if let Some(d) = self.memcache.get(&chunk.digest) {
+        if let Some(d) = self.memcache.get(&chunk.chunk_digest()) {
             right.done();
             return Ok(d);
         }
-        if let Some(d) = self
-            .disk
-            .as_ref()
-            .and_then(|disk| disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize))
-        {
+        if let Some(d) = self.disk.as_ref().and_then(|disk| {
+            disk.get(
+                &chunk.chunk_digest(),
+                chunk.uncompressed_size.get() as usize,
+            )
+        }) {
             inc(&self.metrics.disk_hits);
             right.done();
             return Ok(remember(d));
@@ -526,11 +537,11 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         // One request for the adjacent missing ones; a chunk that failed there (after its own
         // retries) fails here without being fetched again.
         let (_, errors) = self.fetch_chunks(blob, chunks, true, deadline);
-        let mut failed: std::collections::HashMap<[u8; DIGEST_LEN], StorageError> =
+        let mut failed: std::collections::HashMap<ChunkDigest, StorageError> =
             errors.into_iter().collect();
         chunks
             .iter()
-            .map(|c| match failed.remove(&c.digest) {
+            .map(|c| match failed.remove(&c.chunk_digest()) {
                 Some(e) => Err(e),
                 None => self.read_chunk(blob, c, deadline),
             })

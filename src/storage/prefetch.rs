@@ -66,7 +66,7 @@ pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
     let mut seen = HashSet::new();
     let mut batches: Vec<Batch> = Vec::new();
     let mut push = |c: &ChunkRecord, batches: &mut Vec<Batch>| {
-        if c.is_zero() || !seen.insert(c.digest) {
+        if c.is_zero() || !seen.insert(c.chunk_digest()) {
             return;
         }
         let blob = c.blob_index.get();

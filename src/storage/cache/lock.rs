@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::format::DIGEST_LEN;
+use crate::format::ChunkDigest;
 use crate::storage::Deadline;
 use crate::util::sync::{lock, wait, wait_timeout};
 
@@ -26,7 +26,7 @@ pub struct SingleFlight {
 
 #[derive(Default)]
 struct Holders {
-    by_chunk: HashMap<[u8; DIGEST_LEN], Holder>,
+    by_chunk: HashMap<ChunkDigest, Holder>,
     next_generation: u64,
 }
 
@@ -38,7 +38,7 @@ struct Holder {
 }
 
 impl Holders {
-    fn hold(&mut self, digest: [u8; DIGEST_LEN], background: bool) -> u64 {
+    fn hold(&mut self, digest: ChunkDigest, background: bool) -> u64 {
         self.next_generation += 1;
         let generation = self.next_generation;
         self.by_chunk.insert(
@@ -61,7 +61,7 @@ pub const TAKEOVER_AFTER: Duration = Duration::from_secs(2);
 /// The right to fetch one chunk in this process, given up on drop.
 pub struct Claim<'a> {
     flights: &'a SingleFlight,
-    digest: [u8; DIGEST_LEN],
+    digest: ChunkDigest,
     generation: u64,
     took_over: bool,
 }
@@ -84,11 +84,7 @@ pub enum ClaimError {
 impl SingleFlight {
     /// Claims `digest`, waiting while another thread holds it: until `deadline`, or, for a
     /// foreground claim behind background work, until [`TAKEOVER_AFTER`] has passed.
-    pub fn claim(
-        &self,
-        digest: [u8; DIGEST_LEN],
-        deadline: &Deadline,
-    ) -> Result<Claim<'_>, ClaimError> {
+    pub fn claim(&self, digest: ChunkDigest, deadline: &Deadline) -> Result<Claim<'_>, ClaimError> {
         let background = deadline.is_background();
         let mut behind_background: Option<Instant> = None;
         let mut g = lock(&self.in_flight);
@@ -121,7 +117,7 @@ impl SingleFlight {
     }
 
     /// Claims `digest` if no other thread holds it.
-    pub fn try_claim(&self, digest: [u8; DIGEST_LEN], deadline: &Deadline) -> Option<Claim<'_>> {
+    pub fn try_claim(&self, digest: ChunkDigest, deadline: &Deadline) -> Option<Claim<'_>> {
         let mut g = lock(&self.in_flight);
         // No Claim is built unless the entry is ours: dropping one removes its entry.
         if g.by_chunk.contains_key(&digest) {
@@ -131,7 +127,7 @@ impl SingleFlight {
         Some(self.claim_of(digest, generation, false))
     }
 
-    fn claim_of(&self, digest: [u8; DIGEST_LEN], generation: u64, took_over: bool) -> Claim<'_> {
+    fn claim_of(&self, digest: ChunkDigest, generation: u64, took_over: bool) -> Claim<'_> {
         Claim {
             flights: self,
             digest,
@@ -245,22 +241,42 @@ mod tests {
     fn a_held_claim_survives_a_failed_try_claim() {
         let flights = SingleFlight::default();
         let d = Deadline::none();
-        let first = flights.try_claim([7; DIGEST_LEN], &d).expect("first claim");
+        let first = flights
+            .try_claim(ChunkDigest::blake3([7; 32]), &d)
+            .expect("first claim");
         // Used to deadlock (and, without the deadlock, drop the first claim's entry).
-        assert!(flights.try_claim([7; DIGEST_LEN], &d).is_none());
-        assert!(flights.try_claim([7; DIGEST_LEN], &d).is_none());
+        assert!(flights
+            .try_claim(ChunkDigest::blake3([7; 32]), &d)
+            .is_none());
+        assert!(flights
+            .try_claim(ChunkDigest::blake3([7; 32]), &d)
+            .is_none());
+        // The same bytes as a sha256 digest are another chunk.
+        let sha = ChunkDigest {
+            algo: crate::format::DigestAlgo::Sha256,
+            bytes: [7; 32],
+        };
+        let other = flights
+            .try_claim(sha, &d)
+            .expect("another algorithm, another chunk");
         drop(first);
-        assert!(flights.try_claim([7; DIGEST_LEN], &d).is_some());
+        assert!(flights
+            .try_claim(ChunkDigest::blake3([7; 32]), &d)
+            .is_some());
+        drop(other);
     }
 
     #[test]
     fn a_foreground_claim_waits_for_a_reader_until_its_deadline() {
         let flights = SingleFlight::default();
         let _held = flights
-            .claim([1; DIGEST_LEN], &Deadline::none())
+            .claim(ChunkDigest::blake3([1; 32]), &Deadline::none())
             .expect("claim");
         let t = Instant::now();
-        let r = flights.claim([1; DIGEST_LEN], &Deadline::after(Duration::from_millis(50)));
+        let r = flights.claim(
+            ChunkDigest::blake3([1; 32]),
+            &Deadline::after(Duration::from_millis(50)),
+        );
         assert!(matches!(r, Err(ClaimError::DeadlinePassed)));
         assert!(t.elapsed() >= Duration::from_millis(50));
         assert!(
@@ -274,11 +290,14 @@ mod tests {
         let flights = SingleFlight::default();
         let bg = Deadline::none().background();
         let held = flights
-            .try_claim([2; DIGEST_LEN], &bg)
+            .try_claim(ChunkDigest::blake3([2; 32]), &bg)
             .expect("background claim");
         let t = Instant::now();
         let mine = flights
-            .claim([2; DIGEST_LEN], &Deadline::after(Duration::from_secs(30)))
+            .claim(
+                ChunkDigest::blake3([2; 32]),
+                &Deadline::after(Duration::from_secs(30)),
+            )
             .expect("taken over");
         let waited = t.elapsed();
         assert!(mine.took_over());
@@ -288,10 +307,14 @@ mod tests {
         );
         // The background job finishing does not release the reader's claim...
         drop(held);
-        assert!(flights.try_claim([2; DIGEST_LEN], &bg).is_none());
+        assert!(flights
+            .try_claim(ChunkDigest::blake3([2; 32]), &bg)
+            .is_none());
         // ...the reader's own release does.
         drop(mine);
-        assert!(flights.try_claim([2; DIGEST_LEN], &bg).is_some());
+        assert!(flights
+            .try_claim(ChunkDigest::blake3([2; 32]), &bg)
+            .is_some());
     }
 
     #[test]
@@ -301,16 +324,22 @@ mod tests {
         let t = Instant::now();
         let waiter = std::thread::spawn(move || {
             // Wait until the background claim below is held.
-            while f2.try_claim([3; DIGEST_LEN], &Deadline::none()).is_some() {
+            while f2
+                .try_claim(ChunkDigest::blake3([3; 32]), &Deadline::none())
+                .is_some()
+            {
                 std::thread::yield_now();
             }
             let c = f2
-                .claim([3; DIGEST_LEN], &Deadline::after(Duration::from_secs(30)))
+                .claim(
+                    ChunkDigest::blake3([3; 32]),
+                    &Deadline::after(Duration::from_secs(30)),
+                )
                 .expect("claim");
             c.took_over()
         });
         let held = flights
-            .try_claim([3; DIGEST_LEN], &Deadline::none().background())
+            .try_claim(ChunkDigest::blake3([3; 32]), &Deadline::none().background())
             .expect("claim");
         std::thread::sleep(Duration::from_millis(100));
         drop(held);
