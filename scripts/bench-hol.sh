@@ -102,6 +102,7 @@ rm -rf "$work/nydus"; mkdir -p "$work/nydus/blobs"
 SKIFF_REGISTRY_RUN="$work/registry-run" "$repo/scripts/registry.sh" start --name hol --port "$port" >/dev/null
 python3 "$repo/scripts/delay-proxy.py" "$slow" "$reg" "$delay_ms" 2>"$work/proxy.log" &
 pids+=($!)
+for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$proxy_port") 2>/dev/null && break; sleep 0.05; done
 "$skiff" convert --source "$layout" --target "$reg/bench/hol:latest" --insecure --log-level warn >&2
 push_blob() { # REPO FILE
     local digest loc
@@ -132,7 +133,7 @@ warm() { # TOOL: reads cached.bin once through a FUSE mount, leaving the cache i
                    --no-image-prefetch "$work/mnt" 2>"$work/warm.log" & ;;
         nydusd) nydusd_config "$work/warm-nydusd" >"$work/nydusd-warm.json"
                 "$nydusd" --config "$work/nydusd-warm.json" --mountpoint "$work/mnt" \
-                    --bootstrap "$work/nydus/boot" --log-level warn 2>"$work/warm.log" & ;;
+                    --bootstrap "$work/nydus/boot" --log-level warn --rlimit-nofile 0 2>"$work/warm.log" & ;;
     esac
     pid=$!
     for _ in $(seq 1200); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
@@ -169,7 +170,7 @@ run_one() {
                      2>"$work/daemon.log" & ;;
         nydusd) nydusd_config "$work/cache" >"$work/nydusd.json"
                 "$nydusd" virtiofs --config "$work/nydusd.json" --sock "$sock" \
-                    --bootstrap "$work/nydus/boot" --log-level warn 2>"$work/daemon.log" & ;;
+                    --bootstrap "$work/nydus/boot" --log-level warn --rlimit-nofile 0 2>"$work/daemon.log" & ;;
     esac
     pid=$!
     for _ in $(seq 1200); do [[ -S $sock ]] && break; sleep 0.05; done

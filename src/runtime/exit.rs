@@ -118,8 +118,13 @@ impl ExitEvent {
             events: libc::POLLIN,
             revents: 0,
         }];
-        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        // A timeout too large for the clock waits for ever.
+        let until = timeout.and_then(|t| std::time::Instant::now().checked_add(t));
         loop {
+            let ms = until.map_or(-1, |u| {
+                let left = u.saturating_duration_since(std::time::Instant::now());
+                i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+            });
             // SAFETY: `fds` is a valid array of one pollfd for the duration of the call, and
             // its length is passed with it.
             let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };

@@ -78,7 +78,11 @@ thread_local! {
 pub fn enter(kind: ThreadKind, exit: Option<&ExitEvent>) {
     CONTEXT.with(|c| {
         let mut c = c.borrow_mut();
-        if c.as_ref().is_some_and(|ctx| ctx.kind == kind) && exit.is_none() {
+        // Already a thread of this kind, of a daemon: nothing to do (the common case of a
+        // queue thread entering on every event).
+        if c.as_ref()
+            .is_some_and(|ctx| ctx.kind == kind && (exit.is_none() || ctx.exit.is_some()))
+        {
             return;
         }
         let exit = exit

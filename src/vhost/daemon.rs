@@ -97,7 +97,20 @@ pub fn serve_until<F>(fs: Arc<F>, opts: &ServeOptions, exit: &ExitEvent) -> Resu
 where
     F: FileSystem + Send + Sync + 'static,
 {
-    VhostListener::bind(opts)?.serve(fs, exit)
+    let listener = VhostListener::bind(opts)?;
+    // The VMM-facing loop runs on a thread of kind Vhost, as in the Kata daemon: the thread
+    // the vhost-user library starts for the VMM's messages inherits what that thread may do.
+    let exit = exit.clone();
+    threads::spawn(ThreadKind::Vhost, "skiff-vhost", move || {
+        listener.serve(fs, &exit)
+    })
+    .map_err(VhostError::SpawnThread)?
+    .join()
+    .unwrap_or_else(|_| {
+        Err(VhostError::Fatal(
+            "the vhost-user-fs thread panicked".into(),
+        ))
+    })
 }
 
 /// The vhost-user socket, bound and listening: a VMM may connect as soon as this exists (the
