@@ -379,3 +379,75 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
 
     Ok(())
 }
+
+/// Debian (debootstrap minbase) as a one-layer OCI image: converted, then checked, with and
+/// without the data rule; the figures (check time and bytes fetched next to convert time) go
+/// to the test's output.
+#[test]
+fn debian_conversion_checks_clean() -> Res {
+    if require("skopeo", have("skopeo")).is_none() {
+        return Ok(());
+    }
+    let Some(rootfs) = require("a Debian rootfs", debian_rootfs("minbase")) else {
+        return Ok(());
+    };
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("check-debian", &["--htpasswd", &creds()]),
+    ) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // The layer as a Debian image's: GNU tar (pax, with xattrs), gzip.
+    let layer_path = t.join("layer.tar.gz");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar --format=posix --numeric-owner --xattrs --xattrs-include='*' -C '{}' -cf - . 2>/dev/null | gzip -1 > '{}'",
+            rootfs.display(),
+            layer_path.display()
+        ))
+        .output()?;
+    assert!(out.status.success(), "tar: {}", output_text(&out));
+    let layout = t.join("layout");
+    write_layout(
+        &layout,
+        &[(
+            std::fs::read(&layer_path)?,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+    )?;
+    let src = format!("{}/debian/minbase:12", reg.addr);
+    skopeo_push(&layout, &src, &creds(), false)?;
+    let tgt = format!("{}/debian/minbase:12-skiff", reg.addr);
+    let start = std::time::Instant::now();
+    convert(&src, &tgt, &[]);
+    let convert_s = start.elapsed().as_secs_f64();
+    let full = check(&src, &tgt, t, &[]);
+    assert_clean("Debian", &full);
+    let fast = check(&src, &tgt, t, &["--no-data"]);
+    assert_eq!(fast.0, 0, "{}", fast.1);
+    let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let layer_mib = std::fs::metadata(&layer_path)?.len() as f64 / (1 << 20) as f64;
+    eprintln!(
+        "FIGURES Debian minbase ({layer_mib:.1} MiB gzip layer): convert {convert_s:.2} s; \
+         check {:.2} s, fetching {:.1} MiB source + {:.1} MiB target; \
+         check --no-data {:.2} s, fetching {:.1} MiB source + {:.2} MiB target",
+        full.2["seconds"].as_f64().unwrap_or(0.0),
+        mib(&full.2["source_bytes_fetched"]),
+        mib(&full.2["target_bytes_fetched"]),
+        fast.2["seconds"].as_f64().unwrap_or(0.0),
+        mib(&fast.2["source_bytes_fetched"]),
+        mib(&fast.2["target_bytes_fetched"]),
+    );
+    assert!(
+        full.2["images"][0]["entries_compared"]
+            .as_u64()
+            .unwrap_or(0)
+            > 5000,
+        "{}",
+        full.1
+    );
+    Ok(())
+}
