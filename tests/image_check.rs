@@ -451,3 +451,220 @@ fn debian_conversion_checks_clean() -> Res {
     );
     Ok(())
 }
+
+/// `scripts/install-nydus.sh`'s bin directory (it installs nydus-image 2.2 when missing).
+fn nydus_image() -> Result<std::path::PathBuf, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-nydus.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "install-nydus.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let bin =
+        std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nydus-image");
+    bin.is_file()
+        .then_some(bin.clone())
+        .ok_or(format!("{} missing", bin.display()))
+}
+
+/// A tree for the Nydus test: nested directories, a hard link, a symlink, an empty file, a
+/// file of several chunks; all times whole seconds, as a tar carries them.
+fn nydus_tree(root: &Path, conf: &[u8]) -> Res {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("etc/deep/er"))?;
+    std::fs::create_dir_all(root.join("usr/bin"))?;
+    std::fs::write(root.join("etc/conf"), conf)?;
+    std::fs::write(root.join("etc/deep/er/empty"), b"")?;
+    std::fs::write(root.join("usr/bin/tool"), noise(2_500_000, 5))?;
+    std::fs::set_permissions(
+        root.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-link"))?;
+    std::os::unix::fs::symlink("../etc/conf", root.join("usr/conf-link"))?;
+    for p in [
+        "etc/conf",
+        "etc/deep/er/empty",
+        "usr/bin/tool",
+        "etc/deep/er",
+        "etc/deep",
+        "etc",
+        "usr/bin",
+        "usr",
+        "",
+    ] {
+        set_mtime(&root.join(p), 1_700_000_000, 0);
+    }
+    Ok(())
+}
+
+/// Pushes a Nydus RAFS v6 image of directory `dir` under `target`, packaged as
+/// nydus-snapshotter does (a blob layer named by its sha256, a gzip tar layer holding
+/// `image/image.boot`, the source's config with `rootfs` rewritten); built by nydus-image.
+fn push_nydus(nydus_image: &Path, dir: &Path, source_config: &[u8], target: &str, t: &Path) -> Res {
+    use skiff::oci::manifest::{Descriptor, OCI_CONFIG};
+    let out_dir = t.join(format!(
+        "nydus-{}",
+        target.rsplit(':').next().unwrap_or("x")
+    ));
+    let blobs = out_dir.join("blobs");
+    std::fs::create_dir_all(&blobs)?;
+    let boot = out_dir.join("image.boot");
+    let out = std::process::Command::new(nydus_image)
+        .args([
+            "create",
+            "--log-level",
+            "warn",
+            "--fs-version",
+            "6",
+            "--type",
+            "dir-rafs",
+            "--bootstrap",
+        ])
+        .arg(&boot)
+        .arg("--blob-dir")
+        .arg(&blobs)
+        .arg(dir)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "nydus-image create: {}",
+        output_text(&out)
+    );
+    let blob = std::fs::read_dir(&blobs)?.next().ok_or("no blob")??.path();
+    let blob_bytes = std::fs::read(&blob)?;
+    let c = client(target);
+    let blob_digest = c
+        .push_blob_bytes(&blob_bytes, t)
+        .map_err(|e| e.to_string())?;
+    assert_eq!(
+        blob_digest[7..],
+        *blob.file_name().and_then(|n| n.to_str()).unwrap_or("")
+    );
+    let mut tb = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    tb.append_data(&mut h, "image/", &[][..])?;
+    let boot_bytes = std::fs::read(&boot)?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o444);
+    h.set_size(boot_bytes.len() as u64);
+    tb.append_data(&mut h, "image/image.boot", boot_bytes.as_slice())?;
+    let boot_tar = tb.into_inner()?;
+    let boot_layer = gzip(&boot_tar)?;
+    let boot_digest = c
+        .push_blob_bytes(&boot_layer, t)
+        .map_err(|e| e.to_string())?;
+    let mut config: serde_json::Value = serde_json::from_slice(source_config)?;
+    config["rootfs"] =
+        serde_json::json!({"type": "layers", "diff_ids": [blob_digest, sha256(&boot_tar)]});
+    if let Some(o) = config.as_object_mut() {
+        o.remove("history");
+    }
+    let config_bytes = serde_json::to_vec(&config)?;
+    let config_digest = c
+        .push_blob_bytes(&config_bytes, t)
+        .map_err(|e| e.to_string())?;
+    let desc = |media_type: &str, digest: &str, size: usize, ann: &[(&str, &str)]| Descriptor {
+        media_type: media_type.into(),
+        digest: digest.into(),
+        size: size as u64,
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        platform: None,
+    };
+    let m = ImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        config: desc(OCI_CONFIG, &config_digest, config_bytes.len(), &[]),
+        layers: vec![
+            desc(
+                "application/vnd.oci.image.layer.nydus.blob.v1",
+                &blob_digest,
+                blob_bytes.len(),
+                &[("containerd.io/snapshot/nydus-blob", "true")],
+            ),
+            desc(
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                &boot_digest,
+                boot_layer.len(),
+                &[
+                    ("containerd.io/snapshot/nydus-bootstrap", "true"),
+                    ("containerd.io/snapshot/nydus-fs-version", "6"),
+                ],
+            ),
+        ],
+        annotations: Default::default(),
+    };
+    let r = Reference::parse(target)?;
+    c.push_manifest(r.manifest_ref(), &serde_json::to_vec(&m)?, OCI_MANIFEST)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn check_against_a_nydus_v6_target() -> Res {
+    if require("skopeo", have("skopeo")).is_none() {
+        return Ok(());
+    }
+    let Some(nydus_image) = require("nydus-image", nydus_image()) else {
+        return Ok(());
+    };
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("check-nydus", &["--htpasswd", &creds()]),
+    ) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // The source: one layer, the tar of the tree nydus-image builds from.
+    let tree = t.join("tree");
+    nydus_tree(&tree, b"config v1\n")?;
+    let out = std::process::Command::new("tar")
+        .args(["--format=posix", "--numeric-owner", "-C"])
+        .arg(&tree)
+        .args(["-cf", "-", "."])
+        .output()?;
+    assert!(out.status.success(), "tar");
+    let layout = t.join("layout");
+    write_layout(
+        &layout,
+        &[(out.stdout, "application/vnd.oci.image.layer.v1.tar")],
+    )?;
+    let src = format!("{}/nydus/app:v1", reg.addr);
+    skopeo_push(&layout, &src, &creds(), false)?;
+    let config = {
+        let c = client(&src);
+        let (m, _, _) = c.get_manifest().map_err(|e| e.to_string())?;
+        c.get_blob_bytes(&m.config.digest, m.config.size, 1 << 20)
+            .map_err(|e| e.to_string())?
+    };
+    let tgt = format!("{}/nydus/app:v1-nydus", reg.addr);
+    push_nydus(&nydus_image, &tree, &config, &tgt, t)?;
+    let r = check(&src, &tgt, t, &[]);
+    assert_clean("Nydus v6 target", &r);
+    assert_eq!(r.2["images"][0]["format"], "nydus-rafs-v6", "{}", r.1);
+
+    // A modified file, rebuilt by nydus-image and pushed under the same tag: caught.
+    let tree2 = t.join("tree2");
+    nydus_tree(&tree2, b"config v2\n")?;
+    push_nydus(&nydus_image, &tree2, &config, &tgt, t)?;
+    let r = check(&src, &tgt, t, &[]);
+    assert_caught(
+        "modified file in a Nydus target",
+        &r,
+        &["PROBLEM /etc/conf:", "content differs"],
+    );
+    Ok(())
+}
