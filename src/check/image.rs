@@ -323,15 +323,7 @@ impl RuleOutcomes {
         }
         self.0
             .into_iter()
-            .map(|(r, s)| {
-                (
-                    serde_json::to_value(r)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    s,
-                )
-            })
+            .map(|(r, s)| (r.name().to_string(), s))
             .collect()
     }
 }
