@@ -217,6 +217,21 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
         &check(&layout.display().to_string(), &tgt, t, &[]),
     );
 
+    // A `docker save` archive as the source, converted and checked from the same file.
+    let archive = t.join("saved.tar");
+    let raw: Vec<Vec<u8>> = three_layers(b"new config\n", &big)?
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    write_docker_archive(&archive, &raw.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    let from_archive = format!("{}/check/app:from-archive", reg.addr);
+    let archive_src = archive.display().to_string();
+    convert(&archive_src, &from_archive, &[]);
+    assert_clean(
+        "archive source",
+        &check(&archive_src, &from_archive, t, &[]),
+    );
+
     // A file changed in the target: a rebuild of a modified tree pushed under the same tag.
     let modified = t.join("modified");
     write_layout(&modified, &three_layers(b"NEW config\n", &big)?)?;
