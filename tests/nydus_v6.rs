@@ -155,3 +155,46 @@ fn special_tree_every_compressor_digester_and_chunk_size() {
     }
     eprintln!("12 nydus-image builds mounted and compared, {reads} odd reads");
 }
+
+#[test]
+fn debian_minbase_built_by_nydus_image() {
+    if !require_fuse() || require_nydus_image().is_none() {
+        return;
+    }
+    let Some(rootfs) = require(
+        "Debian minbase rootfs (scripts/make-rootfs.sh)",
+        debian_rootfs("minbase"),
+    ) else {
+        return;
+    };
+    let tmp = scratch();
+    // nydus-image's defaults, as nydusify uses them: zstd, blake3, 1 MiB chunks.
+    let o = BuildOpts {
+        compressor: "zstd",
+        digester: "blake3",
+        chunk_size: "0x100000",
+    };
+    let t = std::time::Instant::now();
+    let bootstrap = create_dir_rafs(&rootfs, tmp.path(), o);
+    let build = t.elapsed();
+    let blobs = tmp.path().join("blobs");
+    let t = std::time::Instant::now();
+    let (code, text) = check_image(&bootstrap, &blobs, Some(&rootfs));
+    assert_eq!(code, 0, "skiff check --source failed:\n{text}");
+    let check = t.elapsed();
+    let want = snapshot(&rootfs);
+    assert!(want.len() > 1000, "only {} entries in minbase", want.len());
+    let loaded_from = now_secs();
+    let m = Mount::new(&bootstrap, &blobs, &tmp.path().join("mnt"));
+    let mut got = snapshot(&m.dir);
+    m.unmount();
+    normalise(&mut got, &want, loaded_from);
+    assert_no_diff("Debian minbase built by nydus-image", &want, &got);
+    eprintln!(
+        "[numbers] minbase v6: nydus-image build {:.1} s, skiff check --source {:.1} s, {} entries, bootstrap {} bytes",
+        build.as_secs_f64(),
+        check.as_secs_f64(),
+        want.len(),
+        std::fs::metadata(&bootstrap).map_or(0, |m| m.len())
+    );
+}
