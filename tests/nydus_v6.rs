@@ -198,3 +198,111 @@ fn debian_minbase_built_by_nydus_image() {
         std::fs::metadata(&bootstrap).map_or(0, |m| m.len())
     );
 }
+
+/// One flipped byte in a Nydus blob, inside a chunk two files share (nydus-image stores it once):
+/// exactly those two files fail with EIO, every other file reads back byte for byte, and
+/// `skiff check` fails naming those two files.
+#[test]
+fn a_flipped_byte_in_a_nydus_blob_fails_exactly_the_files_using_that_chunk() {
+    use rand::{RngCore, SeedableRng};
+    if !require_fuse() || require_nydus_image().is_none() {
+        return;
+    }
+    const CHUNK: usize = 64 * 1024;
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("dir")).expect("mkdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(10);
+    let mut random = |n: usize| {
+        let mut v = vec![0u8; n];
+        rng.fill_bytes(&mut v);
+        v
+    };
+    let shared = random(CHUNK);
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // The victim's third chunk is the sharer's first.
+    files.insert(
+        "victim".into(),
+        [random(2 * CHUNK), shared.clone(), random(CHUNK + 17)].concat(),
+    );
+    files.insert("dir/sharer".into(), [shared, random(500)].concat());
+    files.insert("bystander_random".into(), random(3 * CHUNK + 5));
+    files.insert(
+        "dir/bystander_text".into(),
+        (0..30_000)
+            .map(|i| format!("text line {i}\n"))
+            .collect::<String>()
+            .into_bytes(),
+    );
+    files.insert("small".into(), b"small and fine\n".to_vec());
+    for (name, data) in &files {
+        std::fs::write(src.join(name), data).expect("write");
+    }
+    let o = BuildOpts {
+        compressor: "zstd",
+        digester: "sha256",
+        chunk_size: "0x10000",
+    };
+    let bootstrap = create_dir_rafs(&src, tmp.path(), o);
+    let blobs = tmp.path().join("blobs");
+    let (code, text) = check_image(&bootstrap, &blobs, Some(&src));
+    assert_eq!(code, 0, "the intact image fails check:\n{text}");
+
+    // Where the shared chunk is stored: the victim's chunk 2 and the sharer's chunk 0 are the
+    // same record.
+    let b = Bootstrap::load(&bootstrap).expect("load");
+    let lookup = |path: &str| {
+        path.split('/')
+            .try_fold(0u32, |ino, name| b.lookup(ino, name.as_bytes()))
+            .expect("path in the image")
+    };
+    let hit = b.file_chunks(lookup("victim"))[2];
+    let sharer = b.file_chunks(lookup("dir/sharer"))[0];
+    assert_eq!(
+        (hit.compressed_offset.get(), hit.digest),
+        (sharer.compressed_offset.get(), sharer.digest),
+        "nydus-image stored the shared chunk once"
+    );
+    let blob = blobs_in(&blobs).pop().expect("one blob");
+    let mut bytes = std::fs::read(&blob).expect("blob");
+    let at = hit.compressed_offset.get() as usize + hit.compressed_size.get() as usize / 2;
+    bytes[at] ^= 0x20;
+    std::fs::write(&blob, bytes).expect("damage the blob");
+
+    let bad: std::collections::BTreeSet<&str> = ["victim", "dir/sharer"].into();
+    let m = Mount::new(&bootstrap, &blobs, &tmp.path().join("mnt"));
+    let mut problems = Vec::new();
+    for (name, data) in &files {
+        match (std::fs::read(m.dir.join(name)), bad.contains(name.as_str())) {
+            (Ok(got), false) if &got == data => {}
+            (Err(e), true) if e.raw_os_error() == Some(libc::EIO) => {}
+            (r, damaged) => problems.push(format!(
+                "{name} (damaged: {damaged}): {:?}",
+                r.map(|g| g.len())
+            )),
+        }
+    }
+    // The victim's chunks before and after the damaged one still read.
+    let f = std::fs::File::open(m.dir.join("victim")).expect("open victim");
+    for (off, len) in [(0, 2 * CHUNK), (3 * CHUNK, CHUNK + 17)] {
+        let got = read_full_at(&f, off as u64, len).expect("an intact chunk of the victim");
+        assert_eq!(got, files["victim"][off..off + len], "victim @{off}");
+    }
+    drop(f);
+    let log = m.log_text();
+    m.unmount();
+    assert!(problems.is_empty(), "{}\n{log}", problems.join("\n"));
+    assert!(log.contains("failed verification"), "not logged:\n{log}");
+
+    let (code, out) = check_image(&bootstrap, &blobs, Some(&src));
+    assert_ne!(code, 0, "skiff check passed a damaged blob:\n{out}");
+    let named: std::collections::BTreeSet<String> = problem_paths(&out)
+        .into_iter()
+        .filter(|p| p != "/")
+        .collect();
+    assert_eq!(
+        named,
+        ["/dir/sharer".to_string(), "/victim".to_string()].into(),
+        "{out}"
+    );
+}
