@@ -257,7 +257,7 @@ fn nydus_image_from_a_registry() {
             f.size = want[path].size;
         }
     }
-    let root = got.get_mut(&b"/".to_vec()).expect("root");
+    let root = got.get_mut(b"/".as_slice()).expect("root");
     root.mtime = want[&b"/".to_vec()].mtime;
     assert_no_diff("Nydus image from the registry", &want, &got);
 

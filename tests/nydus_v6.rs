@@ -104,7 +104,7 @@ fn normalise(
     want: &BTreeMap<Vec<u8>, Facts>,
     loaded_from: i64,
 ) {
-    let root = got.get_mut(&b"/".to_vec()).expect("root");
+    let root = got.get_mut(b"/".as_slice()).expect("root");
     assert!(
         root.mtime.0 >= loaded_from && root.mtime.0 <= now_secs(),
         "the root's mtime {:?} is not the load time (>= {loaded_from})",
