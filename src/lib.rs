@@ -13,6 +13,7 @@
 //!
 //! `build` writes what `format` reads; the CLI in `cli` is a thin front end over all of it.
 
+pub mod accel;
 pub mod api;
 pub mod build;
 pub mod check;

@@ -22,9 +22,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Problem, Rule};
-use crate::build::layers::{self, ChunkDigester, DigestSink};
+use crate::build::layers::{self, DigestSink};
 use crate::build::Progress;
-use crate::format::{digest_hex, Bootstrap, ChunkRecord, DIGEST_LEN};
+use crate::format::{digest_hex, Bootstrap, ChunkRecord, DigestAlgo, SourceFormat, DIGEST_LEN};
 use crate::oci::manifest::{
     self, Descriptor, Fetched, ImageManifest, Platform, ANN_BLOB_ID, ANN_NYDUS_BLOB,
     ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_CONFIG,
@@ -38,6 +38,10 @@ use crate::oci::{OciError, Reference, RegistryClient, RegistryOptions};
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// Nydus's data-blob layer media type.
 const NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
+/// Nydus's annotation of the bootstrap layer's RAFS version.
+const ANN_NYDUS_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
+/// Where a Nydus bootstrap layer holds the bootstrap.
+const NYDUS_BOOTSTRAP_PATH: &str = "image/image.boot";
 /// Bytes read from a blob stream at a time.
 const READ_PIECE: usize = 1 << 20;
 
@@ -357,26 +361,25 @@ fn check_pair(
     rules: &mut RuleOutcomes,
     problems: &mut Vec<Problem>,
 ) -> Result<CheckedImage, CheckError> {
+    // Which format: Skiff's bootstrap layer, or Nydus's (a tar holding image/image.boot).
+    let format = match m.layers.last() {
+        Some(l)
+            if l.media_type != SKIFF_BOOTSTRAP
+                && l.media_type != SKIFF_BOOTSTRAP_ZSTD
+                && l.annotations
+                    .get(ANN_NYDUS_BOOTSTRAP)
+                    .is_some_and(|v| v == "true") =>
+        {
+            TargetFormat::Nydus
+        }
+        _ => TargetFormat::Skiff,
+    };
     let mut out = CheckedImage {
         platform: src.platform.as_ref().map(|p| platform_name(Some(p))),
         manifest_digest,
-        format: "skiff".into(),
+        format: format.name().into(),
         ..CheckedImage::default()
     };
-    // Which format: Skiff's bootstrap layer, or Nydus's.
-    let last = m.layers.last();
-    if last.is_some_and(|l| {
-        l.annotations
-            .get(ANN_NYDUS_BOOTSTRAP)
-            .is_some_and(|v| v == "true")
-            && l.media_type != SKIFF_BOOTSTRAP
-            && l.media_type != SKIFF_BOOTSTRAP_ZSTD
-    }) {
-        return Err(CheckError::Unsupported(format!(
-            "{}: a Nydus image; checking Nydus RAFS v6 targets needs the v6 reader",
-            opts.target
-        )));
-    }
 
     // The manifest rule.
     rules.set(Rule::Manifest, RuleStatus::Passed);
@@ -399,12 +402,11 @@ fn check_pair(
             None
         }
         Some((boot, blobs)) => {
-            check_bootstrap_layer(boot, &mp, problems);
+            let ok = check_bootstrap_layer(format, boot, &mp, problems);
             for (i, l) in blobs.iter().enumerate() {
-                check_blob_layer(i, l, &mp, problems);
+                check_blob_layer(format, i, l, &mp, problems);
             }
-            (boot.media_type == SKIFF_BOOTSTRAP || boot.media_type == SKIFF_BOOTSTRAP_ZSTD)
-                .then_some(boot)
+            ok.then_some(boot)
         }
     };
     let target_config =
@@ -441,7 +443,7 @@ fn check_pair(
             ));
         } else {
             for (i, (id, l)) in ids.iter().zip(&m.layers).enumerate() {
-                if l.media_type == SKIFF_BLOB && id != &l.digest {
+                if (l.media_type == SKIFF_BLOB || l.media_type == NYDUS_BLOB) && id != &l.digest {
                     problems.push(p(
                         Rule::Manifest,
                         prefix,
@@ -475,25 +477,34 @@ fn check_pair(
         }
     };
     fetched.target += raw.len() as u64;
-    let bytes = if boot_layer.media_type == SKIFF_BOOTSTRAP_ZSTD {
-        match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
-            Ok(b) => b,
-            Err(e) => {
-                problems.push(bp(crate::util::error_chain(&e)));
-                return Ok(out);
+    // The bytes rootfs.diff_ids names (the uncompressed layer), and the bootstrap's.
+    let (uncompressed, bytes) = match format {
+        TargetFormat::Skiff if boot_layer.media_type == SKIFF_BOOTSTRAP_ZSTD => {
+            match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
+                Ok(b) => (None, b),
+                Err(e) => {
+                    problems.push(bp(crate::util::error_chain(&e)));
+                    return Ok(out);
+                }
             }
         }
-    } else {
-        raw
+        TargetFormat::Skiff => (None, raw),
+        TargetFormat::Nydus => match nydus_bootstrap(&raw) {
+            Ok((tar, boot)) => (Some(tar), boot),
+            Err(e) => {
+                problems.push(bp(format!("layer {}: {e}", boot_layer.digest)));
+                return Ok(out);
+            }
+        },
     };
     if let Some(last_id) = diff_ids.as_ref().and_then(|ids| ids.last()) {
-        let got = manifest::sha256_digest(&bytes);
+        let got = manifest::sha256_digest(uncompressed.as_deref().unwrap_or(&bytes));
         if &got != last_id {
             problems.push(p(
                 Rule::Manifest,
                 prefix,
                 "config",
-                format!("rootfs.diff_ids names the bootstrap {last_id}, it is {got}"),
+                format!("rootfs.diff_ids names the bootstrap layer {last_id}, it is {got}"),
             ));
         }
     }
@@ -507,6 +518,18 @@ fn check_pair(
             return Ok(out);
         }
     };
+    let loaded = b.source_format();
+    let expected = match format {
+        TargetFormat::Skiff => SourceFormat::Skiff,
+        TargetFormat::Nydus => SourceFormat::NydusRafsV6,
+    };
+    if loaded != expected {
+        problems.push(bp(format!(
+            "a {} bootstrap in a {} image's layer",
+            loaded.name(),
+            format.name()
+        )));
+    }
     out.root_digest = Some(digest_hex(b.root_digest()));
     out.inodes = b.inode_count() as u64;
     out.blobs = b.blobs().len() as u64;
@@ -518,7 +541,7 @@ fn check_pair(
             )));
         }
     }
-    let layers = blob_layers(&b, &m, prefix, problems);
+    let layers = blob_layers(format, &b, &m, prefix, problems);
 
     // The data rule.
     if opts.data {
@@ -531,7 +554,14 @@ fn check_pair(
     // The filesystem rule.
     rules.set(Rule::Filesystem, RuleStatus::Passed);
     let progress = Progress::new(false);
-    let mut sink = DigestSink::new(b.chunk_size(), ChunkDigester::Blake3);
+    // Cut and named as the image cuts and names its chunks.
+    let digester = b
+        .tables()
+        .chunks
+        .iter()
+        .find(|c| !c.is_zero())
+        .map_or(DigestAlgo::Blake3, |c| c.digest_algo());
+    let mut sink = DigestSink::new(b.chunk_size(), digester);
     let tree = layers::apply_with(&src.layers, &mut sink, &progress, |_, _, _| Ok(()))
         .map_err(CheckError::Layers)?;
     fetched.source += src
@@ -548,50 +578,75 @@ fn check_pair(
     Ok(out)
 }
 
+/// Checks the bootstrap layer's media type and annotations; whether it can be read as one.
 fn check_bootstrap_layer(
+    format: TargetFormat,
     l: &Descriptor,
     mp: &dyn Fn(String) -> Problem,
     problems: &mut Vec<Problem>,
-) {
-    if l.media_type != SKIFF_BOOTSTRAP && l.media_type != SKIFF_BOOTSTRAP_ZSTD {
-        problems.push(mp(format!(
-            "the last layer {} has media type {:?}, not a Skiff bootstrap ({SKIFF_BOOTSTRAP_ZSTD:?})",
-            l.digest, l.media_type
-        )));
-        return;
-    }
+) -> bool {
     if l.annotations.get(ANN_NYDUS_BOOTSTRAP).map(String::as_str) != Some("true") {
         problems.push(mp(format!(
             "the bootstrap layer {} lacks the {ANN_NYDUS_BOOTSTRAP}=true annotation",
             l.digest
         )));
     }
-    match l.annotations.get(ANN_ROOT_DIGEST) {
-        Some(d) if is_hex_digest(d) => {}
-        Some(d) => problems.push(mp(format!(
-            "the bootstrap layer's {ANN_ROOT_DIGEST} {d:?} is not 64 hex digits"
-        ))),
-        None => problems.push(mp(format!(
-            "the bootstrap layer {} lacks the {ANN_ROOT_DIGEST} annotation",
-            l.digest
-        ))),
+    match format {
+        TargetFormat::Nydus => {
+            if !crate::oci::source::is_tar_layer(&l.media_type) {
+                problems.push(mp(format!(
+                    "the Nydus bootstrap layer {} has media type {:?}, not a tar layer",
+                    l.digest, l.media_type
+                )));
+                return false;
+            }
+            if let Some(v) = l.annotations.get(ANN_NYDUS_FS_VERSION) {
+                if v != "6" {
+                    problems.push(mp(format!(
+                        "the bootstrap layer says {ANN_NYDUS_FS_VERSION}={v:?}; only RAFS v6 is read"
+                    )));
+                    return false;
+                }
+            }
+            true
+        }
+        TargetFormat::Skiff => {
+            if l.media_type != SKIFF_BOOTSTRAP && l.media_type != SKIFF_BOOTSTRAP_ZSTD {
+                problems.push(mp(format!(
+                    "the last layer {} has media type {:?}, not a Skiff bootstrap ({SKIFF_BOOTSTRAP_ZSTD:?})",
+                    l.digest, l.media_type
+                )));
+                return false;
+            }
+            match l.annotations.get(ANN_ROOT_DIGEST) {
+                Some(d) if is_hex_digest(d) => {}
+                Some(d) => problems.push(mp(format!(
+                    "the bootstrap layer's {ANN_ROOT_DIGEST} {d:?} is not 64 hex digits"
+                ))),
+                None => problems.push(mp(format!(
+                    "the bootstrap layer {} lacks the {ANN_ROOT_DIGEST} annotation",
+                    l.digest
+                ))),
+            }
+            true
+        }
     }
 }
 
 fn check_blob_layer(
+    format: TargetFormat,
     i: usize,
     l: &Descriptor,
     mp: &dyn Fn(String) -> Problem,
     problems: &mut Vec<Problem>,
 ) {
-    if l.media_type != SKIFF_BLOB {
-        let hint = if l.media_type == NYDUS_BLOB {
-            " (a Nydus blob)"
-        } else {
-            ""
-        };
+    let want = match format {
+        TargetFormat::Skiff => SKIFF_BLOB,
+        TargetFormat::Nydus => NYDUS_BLOB,
+    };
+    if l.media_type != want {
         problems.push(mp(format!(
-            "layer {i} ({}) has media type {:?}{hint}, expected {SKIFF_BLOB:?}",
+            "layer {i} ({}) has media type {:?}, expected {want:?}",
             l.digest, l.media_type
         )));
         return;
@@ -601,6 +656,10 @@ fn check_blob_layer(
             "layer {i} ({}) lacks the {ANN_NYDUS_BLOB}=true annotation",
             l.digest
         )));
+    }
+    if format == TargetFormat::Nydus {
+        // A Nydus blob is named by its sha256: the layer digest is the blob id.
+        return;
     }
     match l.annotations.get(ANN_BLOB_ID) {
         Some(id) if is_hex_digest(id) => {}
@@ -707,15 +766,24 @@ struct BlobLayer {
 
 /// Matches the bootstrap's blob table with the manifest's blob layers, both ways.
 fn blob_layers(
+    format: TargetFormat,
     b: &Bootstrap,
     m: &ImageManifest,
     prefix: &str,
     problems: &mut Vec<Problem>,
 ) -> Vec<BlobLayer> {
     let mut by_id: HashMap<[u8; DIGEST_LEN], &Descriptor> = HashMap::new();
-    for l in m.layers.iter().filter(|l| l.media_type == SKIFF_BLOB) {
-        let Some(hexid) = l.annotations.get(ANN_BLOB_ID) else {
-            continue;
+    let blob_type = match format {
+        TargetFormat::Skiff => SKIFF_BLOB,
+        TargetFormat::Nydus => NYDUS_BLOB,
+    };
+    for l in m.layers.iter().filter(|l| l.media_type == blob_type) {
+        let hexid = match format {
+            TargetFormat::Skiff => match l.annotations.get(ANN_BLOB_ID) {
+                Some(h) => h.as_str(),
+                None => continue,
+            },
+            TargetFormat::Nydus => l.digest.strip_prefix("sha256:").unwrap_or_default(),
         };
         let mut id = [0u8; DIGEST_LEN];
         if hex::decode_to_slice(hexid, &mut id).is_err() {
@@ -959,4 +1027,59 @@ impl BlobStream<'_> {
         }
         Ok(())
     }
+}
+
+/// The format of a target image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetFormat {
+    /// `skiff convert`'s: a zstd bootstrap layer, Skiff blobs named by blake3.
+    Skiff,
+    /// nydusify's / nydus-snapshotter's: a tar layer holding `image/image.boot` (RAFS v6),
+    /// Nydus blobs named by sha256.
+    Nydus,
+}
+
+impl TargetFormat {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Skiff => "skiff",
+            Self::Nydus => "nydus-rafs-v6",
+        }
+    }
+}
+
+/// The uncompressed tar of a Nydus bootstrap layer (gzip, zstd or plain), and the bootstrap
+/// `image/image.boot` in it; both bounded.
+fn nydus_bootstrap(layer: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let decoded: Box<dyn Read> = if layer.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(layer))
+    } else if layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::new(layer).map_err(|e| format!("zstd: {e}"))?)
+    } else {
+        Box::new(layer)
+    };
+    let mut tar = Vec::new();
+    decoded
+        .take(MAX_BOOTSTRAP_BYTES + (1 << 20))
+        .read_to_end(&mut tar)
+        .map_err(|e| format!("decompressing: {e}"))?;
+    if tar.len() as u64 > MAX_BOOTSTRAP_BYTES {
+        return Err(format!("expands beyond {MAX_BOOTSTRAP_BYTES} bytes"));
+    }
+    let mut archive = tar::Archive::new(tar.as_slice());
+    let entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
+    for e in entries {
+        let mut e = e.map_err(|e| format!("tar: {e}"))?;
+        let path = e.path_bytes().into_owned();
+        let name = path.strip_prefix(b"./").unwrap_or(&path);
+        if name == NYDUS_BOOTSTRAP_PATH.as_bytes() {
+            let mut boot = Vec::new();
+            (&mut e)
+                .take(MAX_BOOTSTRAP_BYTES)
+                .read_to_end(&mut boot)
+                .map_err(|e| format!("reading {NYDUS_BOOTSTRAP_PATH}: {e}"))?;
+            return Ok((tar, boot));
+        }
+    }
+    Err(format!("no {NYDUS_BOOTSTRAP_PATH} in the layer"))
 }
