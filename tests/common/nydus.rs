@@ -1,9 +1,9 @@
 //! Nydus 2.2's own tools for the tests that read Nydus RAFS v6 images: nydus-image builds the
 //! images (the peer writes them, Skiff reads them), nydusd serves them for comparisons.
 //!
-//! `scripts/install-nydus.sh --image-only` installs nydus-image into
-//! `/var/cache/skiff/tools/bin` (scripts/test.sh runs it); `SKIFF_NYDUS_BIN` overrides the
-//! directory. A missing tool goes through [`super::require`]: a failure under CI.
+//! `scripts/install-nydus.sh` installs them into `/var/cache/skiff/tools/bin` (scripts/test.sh
+//! runs it; `SKIFF_TOOLS` and `SKIFF_CACHE` move it, as for the script); `SKIFF_NYDUS_BIN`
+//! overrides the directory. A missing tool goes through [`super::require`]: a failure under CI.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -11,14 +11,19 @@ use std::process::{Command, Stdio};
 
 /// Where the Nydus tools are installed.
 pub fn bin_dir() -> PathBuf {
-    std::env::var_os("SKIFF_NYDUS_BIN")
+    if let Some(d) = std::env::var_os("SKIFF_NYDUS_BIN") {
+        return PathBuf::from(d);
+    }
+    // Where scripts/install-nydus.sh puts them: $SKIFF_TOOLS, else $SKIFF_CACHE/tools.
+    let tools = std::env::var_os("SKIFF_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let cache = std::env::var_os("SKIFF_CACHE")
+            std::env::var_os("SKIFF_CACHE")
                 .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/var/cache/skiff"));
-            cache.join("tools/bin")
-        })
+                .unwrap_or_else(|| PathBuf::from("/var/cache/skiff"))
+                .join("tools")
+        });
+    tools.join("bin")
 }
 
 /// The nydus-image binary, or why there is none.
