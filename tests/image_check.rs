@@ -14,6 +14,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
+use common::nydus::*;
 use common::oci::*;
 use common::registry::Registry;
 use common::*;
@@ -467,27 +468,6 @@ fn debian_conversion_checks_clean() -> Res {
     Ok(())
 }
 
-/// `scripts/install-nydus.sh`'s bin directory (it installs nydus-image 2.2 when missing).
-fn nydus_image() -> Result<std::path::PathBuf, String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-nydus.sh");
-    let out = std::process::Command::new("bash")
-        .arg(&script)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("running {}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "install-nydus.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let bin =
-        std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("nydus-image");
-    bin.is_file()
-        .then_some(bin.clone())
-        .ok_or(format!("{} missing", bin.display()))
-}
-
 /// A tree for the Nydus test: nested directories, a hard link, a symlink, an empty file, a
 /// file of several chunks; all times whole seconds, as a tar carries them.
 fn nydus_tree(root: &Path, conf: &[u8]) -> Res {
@@ -522,37 +502,15 @@ fn nydus_tree(root: &Path, conf: &[u8]) -> Res {
 /// Pushes a Nydus RAFS v6 image of directory `dir` under `target`, packaged as
 /// nydus-snapshotter does (a blob layer named by its sha256, a gzip tar layer holding
 /// `image/image.boot`, the source's config with `rootfs` rewritten); built by nydus-image.
-fn push_nydus(nydus_image: &Path, dir: &Path, source_config: &[u8], target: &str, t: &Path) -> Res {
+fn push_nydus(dir: &Path, opts: BuildOpts, source_config: &[u8], target: &str, t: &Path) -> Res {
     use skiff::oci::manifest::{Descriptor, OCI_CONFIG};
-    let out_dir = t.join(format!(
-        "nydus-{}",
-        target.rsplit(':').next().unwrap_or("x")
-    ));
-    let blobs = out_dir.join("blobs");
-    std::fs::create_dir_all(&blobs)?;
-    let boot = out_dir.join("image.boot");
-    let out = std::process::Command::new(nydus_image)
-        .args([
-            "create",
-            "--log-level",
-            "warn",
-            "--fs-version",
-            "6",
-            "--type",
-            "dir-rafs",
-            "--bootstrap",
-        ])
-        .arg(&boot)
-        .arg("--blob-dir")
-        .arg(&blobs)
-        .arg(dir)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "nydus-image create: {}",
-        output_text(&out)
-    );
-    let blob = std::fs::read_dir(&blobs)?.next().ok_or("no blob")??.path();
+    let out_dir = t.join(format!("nydus-{}", opts.name()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let boot = create_dir_rafs(dir, &out_dir, opts);
+    let blob = blobs_in(&out_dir.join("blobs"))
+        .into_iter()
+        .next()
+        .ok_or("no blob")?;
     let blob_bytes = std::fs::read(&blob)?;
     let c = client(target);
     let blob_digest = c
@@ -632,9 +590,9 @@ fn check_against_a_nydus_v6_target() -> Res {
     if require("skopeo", have("skopeo")).is_none() {
         return Ok(());
     }
-    let Some(nydus_image) = require("nydus-image", nydus_image()) else {
+    if require_nydus_image().is_none() {
         return Ok(());
-    };
+    }
     let Some(reg) = require(
         "a local registry",
         Registry::start("check-nydus", &["--htpasswd", &creds()]),
@@ -665,16 +623,35 @@ fn check_against_a_nydus_v6_target() -> Res {
         c.get_blob_bytes(&m.config.digest, m.config.size, 1 << 20)
             .map_err(|e| e.to_string())?
     };
+    // nydus-image's defaults (zstd, blake3, 1 MiB chunks), and sha256 digests with lz4 and
+    // 64 KiB chunks: the source is cut and named as each image is.
     let tgt = format!("{}/nydus/app:v1-nydus", reg.addr);
-    push_nydus(&nydus_image, &tree, &config, &tgt, t)?;
-    let r = check(&src, &tgt, t, &[]);
-    assert_clean("Nydus v6 target", &r);
-    assert_eq!(r.2["images"][0]["format"], "nydus-rafs-v6", "{}", r.1);
+    let defaults = BuildOpts {
+        compressor: "zstd",
+        digester: "blake3",
+        chunk_size: "0x100000",
+    };
+    let sha = BuildOpts {
+        compressor: "lz4_block",
+        digester: "sha256",
+        chunk_size: "0x10000",
+    };
+    for opts in [sha, defaults] {
+        push_nydus(&tree, opts, &config, &tgt, t)?;
+        let r = check(&src, &tgt, t, &[]);
+        assert_clean(&format!("Nydus v6 target ({})", opts.name()), &r);
+        assert_eq!(r.2["images"][0]["format"], "nydus-rafs-v6", "{}", r.1);
+        assert!(
+            r.2["images"][0]["chunks_verified"].as_u64().unwrap_or(0) >= 3,
+            "{}",
+            r.1
+        );
+    }
 
     // A modified file, rebuilt by nydus-image and pushed under the same tag: caught.
     let tree2 = t.join("tree2");
     nydus_tree(&tree2, b"config v2\n")?;
-    push_nydus(&nydus_image, &tree2, &config, &tgt, t)?;
+    push_nydus(&tree2, defaults, &config, &tgt, t)?;
     let r = check(&src, &tgt, t, &[]);
     assert_caught(
         "modified file in a Nydus target",
