@@ -9,7 +9,7 @@ use zerocopy::FromBytes;
 
 use super::layout::*;
 use super::tables::Tables;
-use super::{v6, FormatError, SourceFormat};
+use super::{v6, FormatError, Preserved, SourceFormat};
 
 /// Largest bootstrap this code loads (4 GiB): a bound on what a hostile file can make us read.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
@@ -19,6 +19,7 @@ pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
 pub struct Bootstrap {
     data: Vec<u8>,
     format: SourceFormat,
+    preserved: Preserved,
     chunk_size: u32,
     root_digest: [u8; DIGEST_LEN],
     inodes: Range<usize>,
@@ -105,10 +106,12 @@ impl Bootstrap {
         }
         if data.get(..MAGIC.len()) != Some(&MAGIC[..]) {
             if v6::is_v6(&data) {
-                let skiff = v6::transcode(&data, defaults).map_err(FormatError::V6)?;
+                let (skiff, preserved) = v6::transcode(&data, defaults).map_err(FormatError::V6)?;
                 drop(data);
-                return Self::from_skiff(skiff, SourceFormat::NydusRafsV6)
-                    .map_err(|e| FormatError::V6(v6::V6Error::Transcode(Box::new(e))));
+                let mut b = Self::from_skiff(skiff, SourceFormat::NydusRafsV6)
+                    .map_err(|e| FormatError::V6(v6::V6Error::Transcode(Box::new(e))))?;
+                b.preserved = preserved;
+                return Ok(b);
             }
             if data.get(..4) == Some(&v6::layout::RAFS_V5_MAGIC.to_le_bytes()[..]) {
                 return Err(FormatError::RafsV5);
@@ -151,6 +154,7 @@ impl Bootstrap {
         let len = data.len();
         let b = Bootstrap {
             format,
+            preserved: Preserved::ALL,
             chunk_size,
             root_digest: sb.root_digest,
             inodes: table_range("inodes", &sb.inodes, size_of::<InodeRecord>(), len)?,
@@ -183,6 +187,11 @@ impl Bootstrap {
     /// The on-disk format the bootstrap was loaded from.
     pub fn source_format(&self) -> SourceFormat {
         self.format
+    }
+
+    /// Which attributes of the source the image holds.
+    pub fn preserved(&self) -> Preserved {
+        self.preserved
     }
 
     /// Chunk size in bytes.
