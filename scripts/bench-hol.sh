@@ -8,7 +8,9 @@
 #   - skiff serve --image with --thread-num 1: one worker, which is what answering requests on
 #     the queue thread was (the 2.25 s of /work/shared/reference/measurements.md);
 #   - nydusd virtiofs (registry backend, blobcache), the same files as a RAFS v6 image.
-# Also the daemon's peak RSS (without the guest's RAM) over each run. Medians of --runs runs.
+# Then, in the same boot, 8 cold reads of 1 MiB at once: with the pool they wait on the
+# network together. Also the daemon's peak RSS (without the guest's RAM) over each run, which
+# is what the pool costs in memory per VM. Medians of --runs runs.
 #
 # Usage: scripts/bench-hol.sh [--runs N] [--out FILE]
 set -euo pipefail
@@ -66,13 +68,14 @@ peak_rss() {
     done
 }
 
-# --- The image: cold.bin and cached.bin, 1 MiB of random bytes each --------------------------
+# --- The image: cold.bin, cached.bin and par-0..7.bin, 1 MiB of random bytes each -----------
 tree="$work/tree"
-if [[ ! -f $work/.tree.done ]]; then
+if [[ ! -f $work/.tree2.done ]]; then
     rm -rf "$tree"; mkdir -p "$tree"
-    head -c $((1 << 20)) /dev/urandom >"$tree/cold.bin"
-    head -c $((1 << 20)) /dev/urandom >"$tree/cached.bin"
-    touch "$work/.tree.done"
+    for f in cold cached par-0 par-1 par-2 par-3 par-4 par-5 par-6 par-7; do
+        head -c $((1 << 20)) /dev/urandom >"$tree/$f.bin"
+    done
+    touch "$work/.tree2.done"
 fi
 
 # An OCI image layout of one uncompressed layer of the tree, for skiff convert.
@@ -155,10 +158,14 @@ sleep 1
 t2=$(up); cat "$SKIFF_MNT/cached.bin" >/dev/null; t3=$(up)
 wait
 read -r c0 c1 </tmp/cold
-echo "BENCH-HOL cold_s=$(echo "$c0 $c1" | awk '{print $2-$1}') cached_s=$(echo "$t2 $t3" | awk '{print $2-$1}')"
+t4=$(up)
+for i in 0 1 2 3 4 5 6 7; do cat "$SKIFF_MNT/par-$i.bin" >/dev/null & done
+wait
+t5=$(up)
+echo "BENCH-HOL cold_s=$(echo "$c0 $c1" | awk '{print $2-$1}') cached_s=$(echo "$t2 $t3" | awk '{print $2-$1}') par_s=$(echo "$t4 $t5" | awk '{print $2-$1}')"
 EOF
 
-# run_one TOOL [THREADS] -> prints "cold_s cached_s rss_kib"
+# run_one TOOL -> prints "cold_s cached_s rss_kib par_s"
 run_one() {
     local tool=$1 sock="$work/vm.sock" pid sampler line
     rm -rf "$work/cache"; cp -a "$work/warm-${tool%%-*}" "$work/cache"
@@ -184,7 +191,7 @@ run_one() {
     wait "$sampler" 2>/dev/null || true
     line=$(tr -d '\r' <"$work/vm.serial" | grep -a 'BENCH-HOL' | tail -n 1)
     [[ -n $line ]] || { log "no result from the guest ($tool)"; tail -n 20 "$work/vm.serial" >&2; return 1; }
-    echo "$(sed -n 's/.*cold_s=\([0-9.]*\).*/\1/p' <<<"$line") $(sed -n 's/.*cached_s=\([0-9.]*\).*/\1/p' <<<"$line") $(cat "$work/vm.hwm" 2>/dev/null || echo 0)"
+    echo "$(sed -n 's/.*cold_s=\([0-9.]*\).*/\1/p' <<<"$line") $(sed -n 's/.*cached_s=\([0-9.]*\).*/\1/p' <<<"$line") $(cat "$work/vm.hwm" 2>/dev/null || echo 0) $(sed -n 's/.*par_s=\([0-9.]*\).*/\1/p' <<<"$line")"
 }
 
 pool=$("$skiff" serve --help | awk '/--thread-num/ {f = 1} f && /default:/ {gsub(/[^0-9]/, ""); print; exit}')
@@ -196,7 +203,7 @@ for tool in "skiff-$pool" skiff-1 nydusd; do
         log "$tool"
         run_one "$tool" | tee -a "$work/runs-$tool" >&2
     done
-    for c in 1 2 3; do r[$tool,$c]=$(awk -v c="$c" '{print $c}' "$work/runs-$tool" | median); done
+    for c in 1 2 3 4; do r[$tool,$c]=$(awk -v c="$c" '{print $c}' "$work/runs-$tool" | median); done
 done
 
 kib_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -209,5 +216,6 @@ kib_mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
     echo "|---|---|---|---|---|---|"
     echo "| cached read beside the cold one, s | ${r[skiff-$pool,2]} | ${r[skiff-1,2]} | ${r[nydusd,2]} | $(ratio "${r[skiff-$pool,2]}" "${r[skiff-1,2]}") faster | $(ratio "${r[skiff-$pool,2]}" "${r[nydusd,2]}") faster |"
     echo "| cold read, s | ${r[skiff-$pool,1]} | ${r[skiff-1,1]} | ${r[nydusd,1]} | | |"
+    echo "| then 8 cold reads of 1 MiB at once, s | ${r[skiff-$pool,4]} | ${r[skiff-1,4]} | ${r[nydusd,4]} | $(ratio "${r[skiff-$pool,4]}" "${r[skiff-1,4]}") faster | $(ratio "${r[skiff-$pool,4]}" "${r[nydusd,4]}") faster |"
     echo "| daemon peak RSS without guest RAM, MiB | $(kib_mib "${r[skiff-$pool,3]}") | $(kib_mib "${r[skiff-1,3]}") | $(kib_mib "${r[nydusd,3]}") | | |"
 } | if [[ -n $out ]]; then tee "$out"; else cat; fi
