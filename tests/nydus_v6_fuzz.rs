@@ -520,7 +520,7 @@ fn v6_random_overwrites() {
         .filter(|(_, b)| b.iter().any(|&x| x != 0))
         .map(|(k, _)| k)
         .collect();
-    let mut rng = StdRng::seed_from_u64(0x5eed_06);
+    let mut rng = StdRng::seed_from_u64(0x005e_ed06);
     let mut t = Tally::default();
     for _ in 0..1500 {
         let start = if rng.gen_bool(0.2) {

@@ -603,12 +603,15 @@ fn repoint(img: &mut Image, t: &Tree, dir: usize, name: &[u8], nid: u64) {
     panic!("no entry {}", String::from_utf8_lossy(name));
 }
 
+/// A mutation: what it is, what it does, a word the refusal must contain.
+type Case<'a, T> = (&'a str, Box<dyn Fn(&mut T) + 'a>, &'a str);
+
 #[test]
 fn hostile_trees_are_refused_by_name() {
     let t = sample();
     let base = t.write();
     let dir = 2; // "dir" in sample()
-    let cases: Vec<(&str, Box<dyn Fn(&mut Image)>, &str)> = vec![
+    let cases: Vec<Case<Image>> = vec![
         (
             "a directory naming its ancestor (a cycle)",
             Box::new(|i: &mut Image| {
@@ -679,7 +682,7 @@ fn or_u32(b: &mut [u8], off: usize, bits: u32) {
 fn unsupported_features_are_refused_by_name() {
     let base = sample().write().boot;
     let blob_features_at = 4096 + 84;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<Case<Vec<u8>>> = vec![
         (
             "zran (targz-ref)",
             Box::new(move |b: &mut Vec<u8>| {
