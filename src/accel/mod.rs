@@ -77,6 +77,20 @@ impl Service {
     /// Opens the task list of `config`.
     pub fn new(config: AccelConfig) -> Result<Arc<Self>, AccelError> {
         let tasks = TaskStore::open(&config.work_dir, config.max_attempts)?;
+        // Scratch directories of conversions that were cut short and will not be resumed.
+        let pending: std::collections::HashSet<String> = tasks
+            .list()
+            .into_iter()
+            .filter(|t| !t.status.is_final())
+            .map(|t| t.id)
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(config.work_dir.join("work")) {
+            for e in rd.flatten() {
+                if !pending.contains(&*e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         Ok(Arc::new(Self {
             config,
             tasks,

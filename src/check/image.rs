@@ -30,9 +30,12 @@ use crate::oci::manifest::{
     ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_CONFIG,
     OCI_MANIFEST, SKIFF_BLOB, SKIFF_BOOTSTRAP, SKIFF_BOOTSTRAP_ZSTD,
 };
-use crate::oci::registry_backend::{decompress_bootstrap, MAX_BOOTSTRAP_BYTES};
+use crate::oci::registry_backend::{
+    decompress_bootstrap, extract_nydus_bootstrap, MAX_BOOTSTRAP_BYTES,
+};
 use crate::oci::source::{self, platform_name, Platforms, SourceImage};
 use crate::oci::{OciError, Reference, RegistryClient, RegistryOptions};
+use sha2::Digest;
 
 /// Docker's image config media type (a Docker schema 2 manifest's config).
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
@@ -40,8 +43,6 @@ const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
 /// Nydus's annotation of the bootstrap layer's RAFS version.
 const ANN_NYDUS_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
-/// Where a Nydus bootstrap layer holds the bootstrap.
-const NYDUS_BOOTSTRAP_PATH: &str = "image/image.boot";
 /// Bytes read from a blob stream at a time.
 const READ_PIECE: usize = 1 << 20;
 
@@ -323,15 +324,7 @@ impl RuleOutcomes {
         }
         self.0
             .into_iter()
-            .map(|(r, s)| {
-                (
-                    serde_json::to_value(r)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    s,
-                )
-            })
+            .map(|(r, s)| (r.name().to_string(), s))
             .collect()
     }
 }
@@ -477,8 +470,8 @@ fn check_pair(
         }
     };
     fetched.target += raw.len() as u64;
-    // The bytes rootfs.diff_ids names (the uncompressed layer), and the bootstrap's.
-    let (uncompressed, bytes) = match format {
+    // The diff id of a Nydus layer (its uncompressed tar's sha256), and the bootstrap.
+    let (nydus_diff_id, bytes) = match format {
         TargetFormat::Skiff if boot_layer.media_type == SKIFF_BOOTSTRAP_ZSTD => {
             match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
                 Ok(b) => (None, b),
@@ -490,7 +483,7 @@ fn check_pair(
         }
         TargetFormat::Skiff => (None, raw),
         TargetFormat::Nydus => match nydus_bootstrap(&raw) {
-            Ok((tar, boot)) => (Some(tar), boot),
+            Ok((diff_id, boot)) => (Some(diff_id), boot),
             Err(e) => {
                 problems.push(bp(format!("layer {}: {e}", boot_layer.digest)));
                 return Ok(out);
@@ -498,7 +491,9 @@ fn check_pair(
         },
     };
     if let Some(last_id) = diff_ids.as_ref().and_then(|ids| ids.last()) {
-        let got = manifest::sha256_digest(uncompressed.as_deref().unwrap_or(&bytes));
+        let got = nydus_diff_id
+            .clone()
+            .unwrap_or_else(|| manifest::sha256_digest(&bytes));
         if &got != last_id {
             problems.push(p(
                 Rule::Manifest,
@@ -1048,38 +1043,33 @@ impl TargetFormat {
     }
 }
 
-/// The uncompressed tar of a Nydus bootstrap layer (gzip, zstd or plain), and the bootstrap
-/// `image/image.boot` in it; both bounded.
-fn nydus_bootstrap(layer: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
-    let decoded: Box<dyn Read> = if layer.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(layer))
-    } else if layer.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::new(layer).map_err(|e| format!("zstd: {e}"))?)
+/// The sha256 of a Nydus bootstrap layer's tar (its diff id) and the bootstrap in it, read by
+/// the reader `skiff mount --image` uses.
+fn nydus_bootstrap(layer: &[u8]) -> Result<(String, Vec<u8>), String> {
+    let gzip = layer.starts_with(&[0x1f, 0x8b]);
+    let boot = extract_nydus_bootstrap(layer, gzip, MAX_BOOTSTRAP_BYTES)
+        .map_err(|e| crate::util::error_chain(&e))?;
+    let diff_id = if gzip {
+        let mut h = sha2::Sha256::new();
+        let mut d = flate2::read::MultiGzDecoder::new(layer);
+        std::io::copy(&mut d, &mut Sha256Writer(&mut h)).map_err(|e| format!("gunzip: {e}"))?;
+        format!("sha256:{}", hex::encode(h.finalize()))
     } else {
-        Box::new(layer)
+        manifest::sha256_digest(layer)
     };
-    let mut tar = Vec::new();
-    decoded
-        .take(MAX_BOOTSTRAP_BYTES + (1 << 20))
-        .read_to_end(&mut tar)
-        .map_err(|e| format!("decompressing: {e}"))?;
-    if tar.len() as u64 > MAX_BOOTSTRAP_BYTES {
-        return Err(format!("expands beyond {MAX_BOOTSTRAP_BYTES} bytes"));
+    Ok((diff_id, boot))
+}
+
+/// Feeds what is written to a sha256.
+struct Sha256Writer<'h>(&'h mut sha2::Sha256);
+
+impl std::io::Write for Sha256Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
     }
-    let mut archive = tar::Archive::new(tar.as_slice());
-    let entries = archive.entries().map_err(|e| format!("not a tar: {e}"))?;
-    for e in entries {
-        let mut e = e.map_err(|e| format!("tar: {e}"))?;
-        let path = e.path_bytes().into_owned();
-        let name = path.strip_prefix(b"./").unwrap_or(&path);
-        if name == NYDUS_BOOTSTRAP_PATH.as_bytes() {
-            let mut boot = Vec::new();
-            (&mut e)
-                .take(MAX_BOOTSTRAP_BYTES)
-                .read_to_end(&mut boot)
-                .map_err(|e| format!("reading {NYDUS_BOOTSTRAP_PATH}: {e}"))?;
-            return Ok((tar, boot));
-        }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
-    Err(format!("no {NYDUS_BOOTSTRAP_PATH} in the layer"))
 }

@@ -340,7 +340,7 @@ const NYDUS_BOOTSTRAP_PATH: &str = "image/image.boot";
 /// The bootstrap inside a Nydus bootstrap layer (a tar, gzip-compressed if `gzip`), read as a
 /// stream: the entry `image/image.boot`, at most `limit` bytes of it, after at most `limit`
 /// bytes of other entries (a layer that would expand without bound is refused, not read on).
-fn extract_nydus_bootstrap(layer: &[u8], gzip: bool, limit: u64) -> Result<Vec<u8>, OciError> {
+pub fn extract_nydus_bootstrap(layer: &[u8], gzip: bool, limit: u64) -> Result<Vec<u8>, OciError> {
     let bad = |what: String| OciError::Invalid(format!("Nydus bootstrap layer: {what}"));
     let reader: Box<dyn std::io::Read + '_> = if gzip {
         Box::new(flate2::read::GzDecoder::new(layer))
