@@ -122,6 +122,17 @@ done
 echo BEGIN-TOP
 ls -1 $S
 echo END-TOP
+# A hostile guest's ways out of the shared directory: each must come back empty-handed.
+C=$S/containers
+echo BEGIN-ESCAPE
+cat $C/../../outside-secret $C/../outside-secret $C/../../../outside-secret 2>&1
+for l in abs-link abs-link-reachable rel-link; do cat $C/$l 2>&1; done
+ls -1a $C/.. $C/../.. 2>&1
+ln $C/../../outside-secret $C/hard-up 2>&1 && cat $C/hard-up 2>&1
+ln $C/abs-link $C/hard-abs 2>&1 && cat $C/hard-abs 2>&1
+ln -s $C/../../outside-secret $C/guest-link 2>&1; cat $C/guest-link 2>&1
+/lister --handles $C/handle-probe 2>&1
+echo END-ESCAPE
 for cid in ca cb; do
     R=/run/kata-containers/$cid/rootfs
     mkdir -p $R
@@ -175,6 +186,16 @@ umount /run/kata-containers/cb/rootfs
 umount $S
 "#;
 
+/// The static guest program (guest/lister), built and cached by guest/build-lister.sh.
+fn build_lister() -> PathBuf {
+    let out = Command::new(repo().join("guest/build-lister.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("guest/build-lister.sh");
+    assert!(out.status.success(), "guest/build-lister.sh failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 fn section(log: &str, name: &str) -> Vec<String> {
     let begin = format!("BEGIN-{name}");
     let end = format!("END-{name}");
@@ -225,6 +246,23 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         }
     }
 
+    // Secrets outside the shared directory: one the daemon's sandbox reaches (the test's
+    // scratch directory is bound in), one it does not. No way the guest has may show either.
+    let secret = format!("SKIFF-OUTSIDE-SECRET-{}", std::process::id());
+    fs::write(dir.path().join("outside-secret"), &secret).expect("secret");
+    let far = tempfile::tempdir().expect("tempdir outside the sandbox");
+    fs::write(far.path().join("outside-secret"), &secret).expect("far secret");
+    std::os::unix::fs::symlink(far.path().join("outside-secret"), shared.join("abs-link"))
+        .expect("abs-link");
+    std::os::unix::fs::symlink(
+        dir.path().join("outside-secret"),
+        shared.join("abs-link-reachable"),
+    )
+    .expect("abs-link-reachable");
+    std::os::unix::fs::symlink("../outside-secret", shared.join("rel-link")).expect("rel-link");
+    fs::write(shared.join("handle-probe"), "inside the share\n").expect("handle-probe");
+    let lister = build_lister();
+
     let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
     let ready = d.wait_running();
     eprintln!("time to RUNNING: {ready:?}");
@@ -264,6 +302,8 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         .arg(&script)
         .arg("--serial-log")
         .arg(&serial)
+        .arg("--guest-file")
+        .arg(format!("{}:/lister", lister.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -288,6 +328,20 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The daemon ran the whole guest confined: each of its threads, of every kind.
+    let pid = d.pid().expect("daemon pid");
+    let names = assert_confined(
+        pid,
+        VIRTIOFS_CAPS,
+        &[
+            "skiff-vhost",
+            "skiff-api",
+            "skiff-worker",
+            "skiff-spawner",
+            "vring_worker",
+        ],
+    );
+    eprintln!("confined threads of skiff virtiofs: {names:?}");
     let out = vm.wait_with_output().expect("vm-run.sh");
     let log = serial_text();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -308,6 +362,26 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
     );
 
     assert_eq!(section(&log, "TOP"), ["containers", "rafs"]);
+    let escape = section(&log, "ESCAPE");
+    eprintln!("escape attempts from the guest: {escape:?}");
+    assert!(
+        !escape.iter().any(|l| l.contains(&secret)),
+        "the guest reached a file outside the shared directory: {escape:?}"
+    );
+    assert!(
+        escape.iter().any(|l| l.starts_with("HANDLE ")),
+        "the handle probe did not run: {escape:?}"
+    );
+    // What a forged handle opened, if anything, is a file of the share.
+    for l in escape
+        .iter()
+        .filter(|l| l.starts_with("HANDLE forged ") && l.contains("opened:"))
+    {
+        let what = l.split("opened: ").nth(1).unwrap_or_default();
+        assert!(!what.contains("SKIFF-OUTSIDE"), "{l}");
+    }
+    // The share itself is untouched by the attempts but for what the guest may create.
+    assert!(!shared.join("hard-up").exists(), "{escape:?}");
     for cid in ["ca", "cb"] {
         assert_eq!(
             section(&log, &format!("RUN-{cid}")),

@@ -89,6 +89,9 @@ pub enum ApiError {
     /// The exit event could not be created.
     #[error("creating the exit event")]
     ExitEvent(#[source] io::Error),
+    /// The sandbox could not be set up.
+    #[error("setting up the sandbox")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     /// The vhost-user-fs device failed.
     #[error("vhost-user-fs device")]
     Vhost(#[from] VhostError),
@@ -117,7 +120,8 @@ impl ApiError {
                 | MountError::BootstrapMissing(_)
                 | MountError::Bootstrap { .. }
                 | MountError::BlobMissing { .. }
-                | MountError::BlobFileMismatch { .. } => 400,
+                | MountError::BlobFileMismatch { .. }
+                | MountError::OutsideSandbox(_) => 400,
                 MountError::NotMounted(_) => 404,
                 MountError::Busy(_) => 409,
                 MountError::Passthrough { .. } | MountError::Vfs(_) => 500,
@@ -139,7 +143,9 @@ impl ApiError {
             ApiError::Config(_) => "INVALID_CONFIG",
             ApiError::Mount(e) => match e {
                 MountError::InvalidMountpoint { .. } => "INVALID_MOUNTPOINT",
-                MountError::SharedDir { .. } | MountError::BootstrapMissing(_) => "INVALID_SOURCE",
+                MountError::SharedDir { .. }
+                | MountError::BootstrapMissing(_)
+                | MountError::OutsideSandbox(_) => "INVALID_SOURCE",
                 MountError::Bootstrap { .. } => "INVALID_IMAGE",
                 MountError::BlobMissing { .. } | MountError::BlobFileMismatch { .. } => {
                     "BLOB_NOT_FOUND"
@@ -162,6 +168,8 @@ pub struct VirtiofsOptions {
     pub device: ServeOptions,
     /// How long one READ of a RAFS mount may take (`--request-timeout`).
     pub request_timeout: std::time::Duration,
+    /// The daemon's confinement (`--sandbox`).
+    pub sandbox: crate::sandbox::SandboxOptions,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT: the vhost-user-fs device on
@@ -170,6 +178,8 @@ pub struct VirtiofsOptions {
 /// stops the daemon with [`ApiError::Fatal`].
 pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
     let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
+    // Before any thread or socket: everything from here on happens inside.
+    crate::sandbox::enter(&opts.sandbox).map_err(ApiError::Sandbox)?;
     let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     run_until(opts, &exit)
 }

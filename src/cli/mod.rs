@@ -4,6 +4,7 @@ mod accel;
 mod check;
 mod commands;
 mod image;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 
@@ -11,6 +12,7 @@ pub use accel::*;
 pub use check::*;
 pub use commands::*;
 pub use image::*;
+pub use sandbox::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]

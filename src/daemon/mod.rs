@@ -100,6 +100,9 @@ pub enum MountError {
         /// Why.
         reason: String,
     },
+    /// The path is not reachable inside the daemon's sandbox.
+    #[error("not reachable in the daemon's sandbox")]
+    OutsideSandbox(#[source] crate::sandbox::SandboxError),
     /// The Vfs refused the mount or unmount.
     #[error("virtual filesystem: {0}")]
     Vfs(String),
@@ -250,6 +253,7 @@ impl SandboxFs {
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
+        crate::sandbox::check_reachable(dir).map_err(MountError::OutsideSandbox)?;
         check_shared_dir(dir)?;
         let fs = passthrough_fs(dir)?;
         self.vfs_mount(Box::new(fs), mountpoint)?;
@@ -277,6 +281,9 @@ impl SandboxFs {
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
+        crate::sandbox::check_reachable(bootstrap).map_err(MountError::OutsideSandbox)?;
+        let (BlobLocation::Dir(blob_path) | BlobLocation::File(blob_path)) = blobs;
+        crate::sandbox::check_reachable(blob_path).map_err(MountError::OutsideSandbox)?;
         if !bootstrap.exists() {
             return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
         }
