@@ -476,3 +476,198 @@ fn assert_running_and_stop(d: KataDaemon) {
     assert_eq!(daemon_info(&d.api)["state"], "RUNNING");
     d.stop();
 }
+
+/// Mount and unmount cycles in one running guest, in rounds of this many containers.
+const CYCLE_ROUND: usize = 10;
+/// Rounds: 30 rounds of 10 are 300 cycles, past the 255 mounts after which a Vfs gives an
+/// earlier image's index (and so its node ids) to a new one.
+const CYCLE_ROUNDS: usize = 30;
+
+/// The guest side of the long-lived sandbox: for each round the host announces (a file
+/// naming its containers), read every container's files, write what was read, go on.
+const CYCLES_GUEST: &str = r#"
+S=/run/kata-containers/shared
+mkdir -p $S
+mounted=no
+for i in 1 2 3 4 5 6 7 8 9 10; do
+    if mount -t virtiofs kataShared $S; then mounted=yes; break; fi
+    sleep 0.2
+done
+[ $mounted = yes ] || { echo "virtiofs mount failed"; exit 1; }
+C=$S/containers
+r=0
+while :; do
+    n=0
+    while [ ! -e $C/round-$r ] && [ ! -e $C/finished ]; do
+        n=$((n + 1))
+        [ $n -gt 6000 ] && { echo "no round $r from the host"; exit 1; }
+        usleep 20000
+    done
+    [ -e $C/round-$r ] || break
+    for cid in $(cat $C/round-$r); do
+        L=$S/rafs/$cid/lowerdir
+        echo "$cid $(ls $L | tr '\n' ,) $(cat $L/id) $(tail -c 11 $L/data)"
+    done > $C/seen-$r.tmp
+    mv $C/seen-$r.tmp $C/seen-$r
+    r=$((r + 1))
+done
+echo "rounds $r"
+umount $S
+"#;
+
+#[test]
+fn three_hundred_mount_cycles_of_different_images_in_one_guest_on_qemu_10_serve_the_right_files() {
+    let Some(busybox) = require("QEMU microVM and busybox-static", vm_ready()) else {
+        return;
+    };
+    let _ = busybox;
+    // The long-lived guest runs on the second VMM version, QEMU 10 (the other test of this
+    // file runs on the system's 7.2).
+    let Some(qemu10) = require("QEMU 10 (scripts/install-qemu10.sh)", qemu10()) else {
+        return;
+    };
+    let dir = scratch();
+    let total = CYCLE_ROUND * CYCLE_ROUNDS;
+    // 300 small images, each its own: a file naming it and a page of data naming it too. In
+    // every image the files have the same inode numbers (root 1, then data and id), the same
+    // sizes and the same mtime: nothing but the node id's generation tells the guest's kernel
+    // that a file it cached from an earlier image is not this one.
+    let blobs = dir.path().join("blobs");
+    let images: Vec<PathBuf> = (0..total)
+        .map(|i| {
+            let src = dir.path().join(format!("src-{i}"));
+            fs::create_dir_all(&src).expect("mkdir");
+            let name = format!("image-{i:04}\n");
+            fs::write(src.join("id"), &name).expect("id");
+            fs::write(src.join("data"), name.repeat(4096 / name.len())).expect("data");
+            for f in ["id", "data"] {
+                let when = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+                fs::File::options()
+                    .write(true)
+                    .open(src.join(f))
+                    .and_then(|file| file.set_modified(when))
+                    .expect("mtime");
+            }
+            let bootstrap = dir.path().join(format!("image-{i}.boot"));
+            skiff_ok([
+                OsStr::new("build"),
+                src.as_os_str(),
+                OsStr::new("--bootstrap"),
+                bootstrap.as_os_str(),
+                OsStr::new("--blob-dir"),
+                blobs.as_os_str(),
+            ]);
+            bootstrap
+        })
+        .collect();
+    let shared = dir.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared");
+
+    let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
+    d.wait_running();
+    let (s, b) = mount(
+        &d.api,
+        "/containers",
+        &mount_body("passthrough_fs", &shared, ""),
+    );
+    assert_eq!(s, 204, "{b}");
+    let script = dir.path().join("guest.sh");
+    fs::write(&script, CYCLES_GUEST).expect("guest script");
+    let serial = dir.path().join("serial.log");
+    let mut vm = Command::new(repo().join("scripts/vm-run.sh"))
+        .arg("--socket")
+        .arg(&d.vhost)
+        .env("SKIFF_QEMU", &qemu10)
+        .args([
+            "--tag",
+            "kataShared",
+            "--append",
+            "skiff.mount=0",
+            "--timeout",
+            "600",
+            "-q",
+        ])
+        .arg("--test-script")
+        .arg(&script)
+        .arg("--serial-log")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting vm-run.sh");
+    let serial_text =
+        || String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).replace('\r', "");
+    let config = nydusd_config(&blobs);
+    let started = Instant::now();
+    for round in 0..CYCLE_ROUNDS {
+        let cids: Vec<String> = (0..CYCLE_ROUND)
+            .map(|j| format!("c{}", round * CYCLE_ROUND + j))
+            .collect();
+        for (j, cid) in cids.iter().enumerate() {
+            let image = &images[round * CYCLE_ROUND + j];
+            let (s, b) = mount(
+                &d.api,
+                &rafs_mountpoint(cid),
+                &mount_body("rafs", image, &config),
+            );
+            assert_eq!(s, 204, "mount {cid}: {b}");
+        }
+        let announce = shared.join(format!("round-{round}"));
+        fs::write(announce.with_extension("tmp"), cids.join("\n")).expect("round");
+        fs::rename(announce.with_extension("tmp"), &announce).expect("round");
+        let seen = shared.join(format!("seen-{round}"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !seen.exists() {
+            assert!(
+                Instant::now() < deadline && matches!(vm.try_wait(), Ok(None)),
+                "the guest did not finish round {round}\n--- serial ---\n{}\n--- daemon ---\n{}",
+                serial_text(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines: Vec<String> = fs::read_to_string(&seen)
+            .expect("seen")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let want: Vec<String> = cids
+            .iter()
+            .enumerate()
+            .map(|(j, cid)| {
+                let i = round * CYCLE_ROUND + j;
+                format!("{cid} data,id, image-{i:04} image-{i:04}")
+            })
+            .collect();
+        assert_eq!(
+            lines, want,
+            "round {round}: the guest read other files than mounted"
+        );
+        for cid in &cids {
+            let (s, b) = umount(&d.api, &rafs_mountpoint(cid));
+            assert_eq!(s, 204, "umount {cid}: {b}");
+        }
+    }
+    fs::write(shared.join("finished"), b"").expect("finished");
+    let out = vm.wait_with_output().expect("vm-run.sh");
+    let log = serial_text();
+    assert!(
+        out.status.success() && log.contains(&format!("rounds {CYCLE_ROUNDS}")),
+        "guest failed ({}):\n{}\n--- serial ---\n{log}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{total} mount/unmount cycles, each read from the guest, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let info = daemon_info(&d.api);
+    assert_eq!(info["state"], "RUNNING");
+    assert_eq!(
+        info["mounts"].as_object().map(|m| m.len()),
+        Some(1),
+        "only the passthrough is left: {info}"
+    );
+    d.stop();
+}
