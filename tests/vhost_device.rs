@@ -59,6 +59,7 @@ fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
         chunk_dicts: Vec::new(),
         progress: false,
         io_threads: 0,
+        blob_id_sha256: false,
     };
     build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
     let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");

@@ -1,23 +1,25 @@
-//! The Kata transport: Skiff as a drop-in for nydusd in Kata Containers'
-//! `shared_fs = "virtio-fs-nydus"` mode.
+//! The nydusd API transport, for Skiff's nydusd-compatible daemons:
 //!
-//! Kata starts `skiff virtiofs --apisock A --sock S ...`, waits for `GET /api/v1/daemon` to
-//! say `RUNNING`, mounts the host's shared directory at `/containers` and each container's
-//! image at `/rafs/<cid>/lowerdir` over an HTTP API on socket `A`, and boots the VM against
-//! the vhost-user-fs socket `S`, whose one device serves all of it (a
-//! [`SandboxFs`](crate::daemon::SandboxFs)).
+//! * Kata Containers' sandbox daemon (`shared_fs = "virtio-fs-nydus"`): Kata starts
+//!   `skiff virtiofs --apisock A --sock S ...`, waits for `GET /api/v1/daemon` to say
+//!   `RUNNING`, mounts the host's shared directory at `/containers` and each container's image
+//!   at `/rafs/<cid>/lowerdir` over the API on socket `A`, and boots the VM against the
+//!   vhost-user-fs socket `S`, whose one device serves all of it ([`run_virtiofs`]);
+//! * nydus-snapshotter's host daemon: `skiff fuse --mountpoint M --apisock A ...` serves images
+//!   over `/dev/fuse` at `M`, one (`--bootstrap`) or many (mounted over the API), and hands
+//!   its connection over to a successor for failover and hot upgrade ([`run_fuse`]).
 //!
 //! * `server`: HTTP/1.1 on the Unix socket ([`ApiServer`]);
 //! * `routes`: the endpoints and their answers ([`routes::handle`]);
-//! * `nydus_config`: what nydusd's per-image JSON configuration means for Skiff.
-//!
-//! [`run`] wires the API, the mount table and the vhost-user device together.
+//! * `nydus_config`: what nydusd's JSON configuration means for Skiff.
 
 #![warn(missing_docs)]
 
 pub mod nydus_config;
 pub mod routes;
 mod server;
+
+mod fuse_daemon;
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -29,10 +31,14 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
+pub use fuse_daemon::{parse_spec, run_fuse, FuseDaemonOptions};
 pub use nydus_config::ConfigError;
 pub use server::{ApiServer, MAX_BODY_BYTES};
 
-use crate::daemon::{DaemonState, MountError, SandboxFs};
+use crate::daemon::{
+    upgrade::UpgradeError, Daemon, DaemonFs, DaemonState, Lifecycle, LifecycleError, MountError,
+    RenewError,
+};
 use crate::vhost::{ServeOptions, VhostError};
 
 /// How long the vhost-user socket may take to appear after the device thread started.
@@ -73,6 +79,12 @@ pub enum ApiError {
     /// A mount or unmount was refused or failed.
     #[error(transparent)]
     Mount(#[from] MountError),
+    /// Credentials could not be renewed.
+    #[error(transparent)]
+    Renew(RenewError),
+    /// A life-cycle request (sendfd, takeover, start, exit) was refused or failed.
+    #[error(transparent)]
+    Lifecycle(LifecycleError),
     /// Something that is not a socket exists at the API socket path.
     #[error("refusing to replace {0}: it exists and is not a socket")]
     SocketPathInUse(PathBuf),
@@ -100,31 +112,41 @@ pub enum ApiError {
     /// The vhost-user thread panicked.
     #[error("the vhost-user thread panicked")]
     VhostPanicked,
+    /// The FUSE host daemon could not start.
+    #[error("the FUSE daemon")]
+    FuseDaemon(#[source] LifecycleError),
 }
 
 impl ApiError {
-    /// The HTTP status this error is answered with.
+    /// The HTTP status this error is answered with: 4xx when the request is at fault (every
+    /// refused key, path, body or state), 5xx when the daemon is.
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadJson(_)
             | ApiError::BadRequest(_)
             | ApiError::ReadBody(_)
-            | ApiError::UnsupportedFsType(_) => 400,
+            | ApiError::UnsupportedFsType(_)
+            | ApiError::Config(_) => 400,
             ApiError::NoRoute(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge(_) => 413,
-            ApiError::Config(ConfigError::Unsupported(_)) => 501,
-            ApiError::Config(_) => 400,
             ApiError::Mount(e) => match e {
-                MountError::InvalidMountpoint { .. }
-                | MountError::SharedDir { .. }
-                | MountError::BootstrapMissing(_)
-                | MountError::Bootstrap { .. }
-                | MountError::BlobMissing { .. }
-                | MountError::BlobFileMismatch { .. } => 400,
                 MountError::NotMounted(_) => 404,
                 MountError::Busy(_) => 409,
-                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => 500,
+                e if e.is_client_error() => 400,
+                _ => 500,
+            },
+            ApiError::Renew(e) => match e {
+                RenewError::NoSuchId(_) => 404,
+                RenewError::NotRegistry(_) => 400,
+                RenewError::Poisoned => 500,
+            },
+            ApiError::Lifecycle(e) => match e {
+                LifecycleError::NotSupported(_) | LifecycleError::NoSupervisor => 400,
+                LifecycleError::WrongState { .. } => 409,
+                LifecycleError::Upgrade(UpgradeError::Socket { .. }) => 503,
+                LifecycleError::Upgrade(_) => 400,
+                LifecycleError::Fuse(_) | LifecycleError::Restore { .. } => 500,
             },
             _ => 500,
         }
@@ -139,7 +161,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::BodyTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::UnsupportedFsType(_) => "UNSUPPORTED_FS_TYPE",
-            ApiError::Config(ConfigError::Unsupported(_)) => "UNSUPPORTED_CONFIG",
+            ApiError::Config(ConfigError::Unsupported { .. }) => "UNSUPPORTED_CONFIG",
             ApiError::Config(_) => "INVALID_CONFIG",
             ApiError::Mount(e) => match e {
                 MountError::InvalidMountpoint { .. } => "INVALID_MOUNTPOINT",
@@ -148,11 +170,27 @@ impl ApiError {
                 MountError::BlobMissing { .. } | MountError::BlobFileMismatch { .. } => {
                     "BLOB_NOT_FOUND"
                 }
+                MountError::Backend { .. } => "INVALID_BACKEND",
+                MountError::Storage { .. } | MountError::Prefetch(_) => "INVALID_STORAGE",
                 MountError::NotMounted(_) => "NOT_MOUNTED",
                 MountError::Busy(_) => "MOUNTPOINT_BUSY",
                 MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => {
                     "MOUNT_FAILED"
                 }
+            },
+            ApiError::Renew(e) => match e {
+                RenewError::NoSuchId(_) => "NOT_MOUNTED",
+                RenewError::NotRegistry(_) => "NOT_REGISTRY",
+                RenewError::Poisoned => "INTERNAL",
+            },
+            ApiError::Lifecycle(e) => match e {
+                LifecycleError::NotSupported(_) => "NOT_SUPPORTED",
+                LifecycleError::NoSupervisor => "NO_SUPERVISOR",
+                LifecycleError::WrongState { .. } => "WRONG_STATE",
+                LifecycleError::Upgrade(UpgradeError::Socket { .. }) => "SUPERVISOR_UNAVAILABLE",
+                LifecycleError::Upgrade(_) => "INVALID_STATE",
+                LifecycleError::Fuse(_) => "FUSE_FAILED",
+                LifecycleError::Restore { .. } => "RESTORE_FAILED",
             },
             _ => "INTERNAL",
         }
@@ -168,19 +206,62 @@ pub struct VirtiofsOptions {
     pub device: ServeOptions,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT: the vhost-user-fs device on
-/// `opts.device.socket` serving an (initially empty) [`SandboxFs`], and the API on
-/// `opts.api_socket`. Both sockets are removed on the way out.
-pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
+/// The life cycle of Kata's sandbox daemon: `exit` ends it (as SIGTERM does); a virtio-fs
+/// daemon has no `/dev/fuse` connection to hand over (nydusd neither).
+#[derive(Default)]
+pub struct VirtiofsLifecycle {
+    stop: Arc<AtomicBool>,
+}
+
+const NO_HANDOVER: &str = "a virtio-fs daemon has no /dev/fuse connection to hand over (nor has \
+                           nydusd's): a new VM gets a new daemon";
+
+impl Lifecycle for VirtiofsLifecycle {
+    fn send_fd(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn takeover(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn start(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn exit(&self) -> Result<(), LifecycleError> {
+        tracing::info!("exit requested over the API");
+        self.stop.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// Installs the SIGTERM/SIGINT handlers setting `stop` (a second signal while shutting down
+/// terminates at once).
+fn stop_on_signals(stop: &Arc<AtomicBool>) -> Result<(), ApiError> {
     for signal in [SIGTERM, SIGINT] {
-        // A second signal while shutting down terminates at once.
         signal_hook::flag::register_conditional_default(signal, stop.clone())
             .map_err(ApiError::Signal)?;
         signal_hook::flag::register(signal, stop.clone()).map_err(ApiError::Signal)?;
     }
-    let fs = Arc::new(SandboxFs::new());
+    Ok(())
+}
+
+/// Runs Kata's sandbox daemon until SIGTERM, SIGINT or `PUT /api/v1/daemon/exit`: the
+/// vhost-user-fs device on `opts.device.socket` serving an (initially empty) sandbox tree, and
+/// the API on `opts.api_socket`. Both sockets are removed on the way out.
+pub fn run_virtiofs(opts: &VirtiofsOptions) -> Result<(), ApiError> {
+    let started = Instant::now();
+    let lifecycle = Arc::new(VirtiofsLifecycle::default());
+    let stop = lifecycle.stop.clone();
+    stop_on_signals(&stop)?;
+    let daemon = Arc::new(Daemon {
+        fs: Arc::new(DaemonFs::kata()),
+        id: None,
+        supervisor: None,
+        lifecycle: lifecycle.clone(),
+    });
+    let fs = daemon.fs.clone();
 
     // A socket left by an earlier run is replaced, so the new one is known by its existence.
     if socket_id(&opts.device.socket).is_some() {
@@ -211,7 +292,7 @@ pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
         }
         thread::sleep(Duration::from_millis(1));
     }
-    let api = match ApiServer::start(&opts.api_socket, fs.clone()) {
+    let api = match ApiServer::start(&opts.api_socket, daemon.clone()) {
         Ok(api) => api,
         Err(e) => {
             stop.store(true, Ordering::Release);
@@ -230,11 +311,18 @@ pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
     while !stop.load(Ordering::Acquire) && !device.is_finished() {
         thread::sleep(Duration::from_millis(50));
     }
-    fs.set_state(DaemonState::Stopping);
+    fs.set_state(DaemonState::Stopped);
     tracing::info!("shutting down");
     api.shutdown();
     stop.store(true, Ordering::Release);
-    join_device(device)
+    let r = join_device(device);
+    fs.finish();
+    r
+}
+
+/// [`run_virtiofs`], under its earlier name.
+pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
+    run_virtiofs(opts)
 }
 
 fn join_device(device: thread::JoinHandle<Result<(), VhostError>>) -> Result<(), ApiError> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::routes::{self, ApiRequest, ApiResponse};
 use super::ApiError;
-use crate::daemon::SandboxFs;
+use crate::daemon::Daemon;
 
 /// Largest request body accepted (a mount request with its nydusd config is a few KiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 20;
@@ -31,8 +31,8 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Creates the socket at `path` (replacing a stale socket, refusing any other file),
-    /// restricts it to its owner and starts answering requests against `fs`.
-    pub fn start(path: &Path, fs: Arc<SandboxFs>) -> Result<ApiServer, ApiError> {
+    /// restricts it to its owner and starts answering requests for `daemon`.
+    pub fn start(path: &Path, daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
         let listener = bind(path)?;
         let server =
             tiny_http::Server::from_listener(listener, None).map_err(|e| ApiError::Listen {
@@ -44,7 +44,7 @@ impl ApiServer {
             let stop = stop.clone();
             thread::Builder::new()
                 .name("skiff-api".to_owned())
-                .spawn(move || serve(&server, &fs, &stop))
+                .spawn(move || serve(&server, &daemon, &stop))
                 .map_err(ApiError::SpawnThread)?
         };
         tracing::info!(socket = %path.display(), "API listening");
@@ -109,7 +109,7 @@ fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(listener)
 }
 
-fn serve(server: &tiny_http::Server, fs: &SandboxFs, stop: &AtomicBool) {
+fn serve(server: &tiny_http::Server, daemon: &Daemon, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         let mut request = match server.recv_timeout(POLL_INTERVAL) {
             Ok(Some(r)) => r,
@@ -121,7 +121,7 @@ fn serve(server: &tiny_http::Server, fs: &SandboxFs, stop: &AtomicBool) {
         };
         let response = match read_body(&mut request) {
             Ok(body) => routes::handle(
-                fs,
+                daemon,
                 &ApiRequest {
                     method: request.method().as_str().to_owned(),
                     url: request.url().to_owned(),
@@ -129,7 +129,7 @@ fn serve(server: &tiny_http::Server, fs: &SandboxFs, stop: &AtomicBool) {
                 },
             ),
             Err(e) => {
-                fs.counters().api_request(true);
+                daemon.fs.counters().api_request(true);
                 ApiResponse::error(&e)
             }
         };

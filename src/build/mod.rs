@@ -129,6 +129,9 @@ pub struct BuildOptions {
     /// Threads reading a source directory (0: [`dir::DEFAULT_IO_THREADS`]). More keep more
     /// reads in flight on a cold disk; the image does not depend on it.
     pub io_threads: usize,
+    /// Name new blobs by their sha256 instead of their blake3
+    /// ([`crate::format::BLOB_FLAG_ID_SHA256`]), as images for registries do.
+    pub blob_id_sha256: bool,
 }
 
 /// What a build did, shown at the end and written with `--json`.
@@ -297,7 +300,8 @@ fn build_inner(
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
         return Err(BuildError::ChunkSize(cs));
     }
-    let mut chunker = chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir)?;
+    let mut chunker =
+        chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir, opts.blob_id_sha256)?;
     for d in &opts.chunk_dicts {
         let dict = Bootstrap::load(d).map_err(|source| BuildError::Dict {
             path: d.display().to_string(),

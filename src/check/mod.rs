@@ -35,7 +35,7 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();
     for blob in b.blobs() {
         let path = backend.blob_path(&blob.id);
-        match blob_digest(&path) {
+        match blob_digest(&path, blob.id_is_sha256()) {
             Ok((size, digest)) => {
                 if size != blob.size.get() {
                     problems.push(problem(
@@ -86,9 +86,11 @@ pub fn verify_chunks(b: &Bootstrap, blob_dir: &Path) -> Vec<Problem> {
     problems
 }
 
-fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
+fn blob_digest(path: &Path, sha256: bool) -> std::io::Result<(u64, [u8; 32])> {
+    use sha2::Digest;
     let mut f = File::open(path)?;
-    let mut h = blake3::Hasher::new();
+    let mut b3 = blake3::Hasher::new();
+    let mut s2 = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
@@ -97,9 +99,18 @@ fn blob_digest(path: &Path) -> std::io::Result<(u64, [u8; 32])> {
             break;
         }
         size += n as u64;
-        h.update(&buf[..n]);
+        if sha256 {
+            s2.update(&buf[..n]);
+        } else {
+            b3.update(&buf[..n]);
+        }
     }
-    Ok((size, *h.finalize().as_bytes()))
+    let digest = if sha256 {
+        s2.finalize().into()
+    } else {
+        *b3.finalize().as_bytes()
+    };
+    Ok((size, digest))
 }
 
 /// Everything compared about one entry.

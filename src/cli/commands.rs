@@ -79,6 +79,7 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         chunk_dicts: a.chunk_dicts,
         progress: true,
         io_threads: a.io_threads,
+        blob_id_sha256: false,
     };
     let prefetch = match &a.prefetch_list {
         Some(p) => super::image::read_path_list(p)?,
@@ -260,13 +261,18 @@ impl RegistryArgs {
     ) -> Result<crate::oci::RegistryOptions, crate::oci::OciError> {
         Ok(crate::oci::RegistryOptions {
             insecure: insecure || self.insecure,
-            mirrors: self.mirrors.clone(),
+            mirrors: self
+                .mirrors
+                .iter()
+                .map(|m| crate::oci::registry::Mirror::plain(m))
+                .collect(),
             proxy: self.proxy.clone(),
             credentials: crate::oci::auth::find_credentials(
                 self.registry_auth.as_deref(),
                 registry,
             )?,
             timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
         })
     }
 }
@@ -431,7 +437,7 @@ const MMAP_THRESHOLD: i32 = 128 << 10;
 ///   next to decompressing and hashing it.
 /// - At most two arenas. glibc gives threads up to 8 per core, each keeping its own freed
 ///   memory; the daemon's threads allocate little besides the chunk buffers above.
-fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; it is called before the daemon starts
     // its threads, and a refused setting (return 0) leaves glibc's default in place.
@@ -544,7 +550,7 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
     let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
     device.threads = a.threads;
     device.advertise_config = a.advertise_config;
-    crate::api::run(&crate::api::VirtiofsOptions {
+    crate::api::run_virtiofs(&crate::api::VirtiofsOptions {
         api_socket: a.api_socket,
         device,
     })?;

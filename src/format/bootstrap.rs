@@ -331,9 +331,9 @@ impl Bootstrap {
             return Err(FormatError::Invalid("too many inodes".into()));
         }
         for blob in t.blobs {
-            if blob.reserved != [0; 8] {
+            if blob.reserved != [0; 4] || blob.flags.get() & !BLOB_FLAGS_KNOWN != 0 {
                 return Err(FormatError::Invalid(
-                    "reserved blob fields are not zero".into(),
+                    "reserved blob fields or unknown blob flags are not zero".into(),
                 ));
             }
         }

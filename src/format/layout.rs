@@ -175,16 +175,40 @@ pub struct XattrRecord {
     pub value_len: U32,
 }
 
-/// One blob the chunks live in, named by the blake3 of its bytes.
+/// Blob flag: the id is the sha256 of the blob file (not its blake3). An image converted for
+/// registries names its blobs so, because the registry names the layer holding the blob by
+/// the same digest: `sha256:<hex id>` is where the blob is, without any manifest.
+pub const BLOB_FLAG_ID_SHA256: u32 = 1;
+/// All blob flags this version knows.
+pub const BLOB_FLAGS_KNOWN: u32 = BLOB_FLAG_ID_SHA256;
+
+/// One blob the chunks live in, named by the digest of its bytes (blake3, or sha256 with
+/// [`BLOB_FLAG_ID_SHA256`]).
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct BlobRecord {
-    /// blake3 of the whole blob file: its name, in hex.
+    /// Digest of the whole blob file: its name, in hex.
     pub id: [u8; DIGEST_LEN],
     /// Size of the blob file in bytes.
     pub size: U64,
+    /// `BLOB_FLAG_*`.
+    pub flags: U32,
     /// Reserved, zero.
-    pub reserved: [u8; 8],
+    pub reserved: [u8; 4],
+}
+
+impl BlobRecord {
+    /// Whether the id is the sha256 of the blob (else its blake3).
+    pub fn id_is_sha256(&self) -> bool {
+        self.flags.get() & BLOB_FLAG_ID_SHA256 != 0
+    }
+
+    /// The registry digest of the layer holding this blob (`sha256:<hex id>`), when the id
+    /// is one.
+    pub fn layer_digest(&self) -> Option<String> {
+        self.id_is_sha256()
+            .then(|| format!("sha256:{}", digest_hex(&self.id)))
+    }
 }
 
 /// Size of the superblock on disk.

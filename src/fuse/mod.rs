@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::{FuseChannel, FuseSession};
+use fuse_backend_rs::transport::FuseChannel;
+
+mod service;
+
+pub use service::FuseService;
 
 /// Why a FUSE mount failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,51 +60,19 @@ pub fn serve_until<F>(fs: F, opts: &MountOptions, stop: Arc<AtomicBool>) -> Resu
 where
     F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
 {
-    let session_err = |what: String| FuseError::Session {
-        mountpoint: opts.mountpoint.display().to_string(),
-        what,
-    };
-    let mut session = FuseSession::new(&opts.mountpoint, "skiff", "", true)
-        .map_err(|e| session_err(e.to_string()))?;
-    session.set_allow_other(true);
-    session
-        .mount()
-        .map_err(|e| session_err(format!("mount: {e}")))?;
-    tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
-    let server = Arc::new(Server::new(fs));
-    let done = Arc::new(AtomicBool::new(false));
-    let mut workers = Vec::new();
-    for i in 0..opts.threads.max(1) {
-        let channel = session
-            .new_channel()
-            .map_err(|e| session_err(format!("channel: {e}")))?;
-        let server = server.clone();
-        let done = done.clone();
-        let h = thread::Builder::new()
-            .name(format!("fuse-{i}"))
-            .spawn(move || {
-                worker(channel, &server);
-                done.store(true, Ordering::SeqCst);
-            })
-            .map_err(FuseError::Thread)?;
-        workers.push(h);
-    }
+    let service = FuseService::mount(&opts.mountpoint, "skiff", fs, opts.threads, true)?;
+    service.start()?;
     // Wait for a signal, or for a worker to see the mount go away (umount from outside).
-    while !stop.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
+    while !stop.load(Ordering::SeqCst) && !service.ended() {
         thread::sleep(Duration::from_millis(50));
     }
-    tracing::info!(mountpoint = %opts.mountpoint.display(), "unmounting");
-    let umount = session.umount();
-    let _ = session.wake();
-    for w in workers {
-        let _ = w.join();
-    }
-    umount.map_err(|e| session_err(format!("umount: {e}")))
+    service.umount()
 }
 
-fn worker<F>(mut channel: FuseChannel, server: &Server<F>)
+/// Serves requests from `channel` until it is woken to stop or the mount goes away.
+pub(crate) fn worker<F>(mut channel: FuseChannel, server: &Server<F>)
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync,
+    F: FileSystem + Send + Sync,
 {
     loop {
         match channel.get_request() {

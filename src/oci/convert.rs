@@ -111,6 +111,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
         chunk_dicts: Vec::new(),
         progress: opts.progress,
         io_threads: 0,
+        blob_id_sha256: false,
     };
     let (summary, per_layer) = build::build_blob_per_layer(&src.layers, &build_opts)?;
 
@@ -519,6 +520,7 @@ mod tests {
             chunk_dicts: Vec::new(),
             progress: false,
             io_threads: 0,
+            blob_id_sha256: false,
         };
         let (summary, per_layer) = build::build_blob_per_layer(&paths, &opts).expect("build");
         let sizes: Vec<Option<u64>> = per_layer.iter().map(|r| r.map(|r| r.size.get())).collect();

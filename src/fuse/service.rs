@@ -1,0 +1,240 @@
+//! A FUSE session and its worker threads, which can be started and stopped separately from the
+//! mount: the host daemon hands the `/dev/fuse` connection to a successor without unmounting,
+//! and a successor serves a connection it did not mount.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::transport::{FuseSession, FuseSessionExt};
+
+use super::FuseError;
+
+/// A failed resend notification, in the shape `try_with_writer` wants.
+struct ResendError(String);
+
+impl From<fuse_backend_rs::transport::Error> for ResendError {
+    fn from(e: fuse_backend_rs::transport::Error) -> Self {
+        ResendError(e.to_string())
+    }
+}
+
+/// A FUSE connection served by a pool of workers.
+pub struct FuseService<F: FileSystem + Send + Sync + 'static> {
+    mountpoint: PathBuf,
+    session: Mutex<Option<FuseSession>>,
+    server: Arc<Server<F>>,
+    threads: usize,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when a worker ends by itself: the filesystem was unmounted from outside, or the
+    /// connection failed.
+    ended: Arc<AtomicBool>,
+}
+
+impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
+    fn session_err(mountpoint: &Path, what: String) -> FuseError {
+        FuseError::Session {
+            mountpoint: mountpoint.display().to_string(),
+            what,
+        }
+    }
+
+    /// Mounts `fs` read-only at `mountpoint` (FUSE source name `fsname`), not serving yet.
+    pub fn mount(
+        mountpoint: &Path,
+        fsname: &str,
+        fs: F,
+        threads: usize,
+        allow_other: bool,
+    ) -> Result<Self, FuseError> {
+        let mut session = FuseSession::new(mountpoint, fsname, "", true)
+            .map_err(|e| Self::session_err(mountpoint, e.to_string()))?;
+        session.set_allow_other(allow_other);
+        session
+            .mount()
+            .map_err(|e| Self::session_err(mountpoint, format!("mount: {e}")))?;
+        tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+        Ok(Self::with_session(mountpoint, session, fs, threads))
+    }
+
+    /// Takes over the FUSE connection `file` (a `/dev/fuse` descriptor another process
+    /// mounted at `mountpoint`), not serving yet. The kernel has already negotiated the
+    /// connection (FUSE_INIT): `fs` must be set up as its predecessor's was.
+    pub fn adopt(
+        mountpoint: &Path,
+        fsname: &str,
+        fs: F,
+        file: File,
+        threads: usize,
+    ) -> Result<Self, FuseError> {
+        // The descriptor shares its open file description with the predecessor's, which the
+        // session opened non-blocking; make sure, since the channels' polling relies on it.
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this process owns (`file`), with no pointers.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above; O_NONBLOCK added to the flags just read.
+        let set =
+            flags >= 0 && unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } >= 0;
+        if !set {
+            return Err(Self::session_err(
+                mountpoint,
+                format!(
+                    "setting the FUSE descriptor non-blocking: {}",
+                    std::io::Error::last_os_error()
+                ),
+            ));
+        }
+        let mut session = FuseSession::new(mountpoint, fsname, "", true)
+            .map_err(|e| Self::session_err(mountpoint, e.to_string()))?;
+        session.set_fuse_file(file);
+        Ok(Self::with_session(mountpoint, session, fs, threads))
+    }
+
+    fn with_session(mountpoint: &Path, session: FuseSession, fs: F, threads: usize) -> Self {
+        Self {
+            mountpoint: mountpoint.to_owned(),
+            session: Mutex::new(Some(session)),
+            server: Arc::new(Server::new(fs)),
+            threads: threads.max(1),
+            workers: Mutex::new(Vec::new()),
+            ended: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The mountpoint.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// The `/dev/fuse` descriptor (to send to a successor), while the session has one.
+    pub fn fuse_fd(&self) -> Option<RawFd> {
+        let g = self.session.lock().ok()?;
+        g.as_ref()?.get_fuse_file().map(|f| f.as_raw_fd())
+    }
+
+    /// Starts the workers.
+    pub fn start(&self) -> Result<(), FuseError> {
+        let session = self
+            .session
+            .lock()
+            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        let session = session
+            .as_ref()
+            .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
+        let mut workers = self
+            .workers
+            .lock()
+            .map_err(|_| Self::session_err(&self.mountpoint, "worker list poisoned".into()))?;
+        if !workers.is_empty() {
+            return Ok(());
+        }
+        self.ended.store(false, Ordering::SeqCst);
+        for i in 0..self.threads {
+            let channel = session
+                .new_channel()
+                .map_err(|e| Self::session_err(&self.mountpoint, format!("channel: {e}")))?;
+            let (server, ended) = (self.server.clone(), self.ended.clone());
+            let h = thread::Builder::new()
+                .name(format!("fuse-{i}"))
+                .spawn(move || {
+                    super::worker(channel, &server);
+                    ended.store(true, Ordering::SeqCst);
+                })
+                .map_err(FuseError::Thread)?;
+            workers.push(h);
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), threads = self.threads, "serving");
+        Ok(())
+    }
+
+    /// Whether a worker ended by itself (unmounted from outside, connection failed).
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::SeqCst)
+    }
+
+    /// Stops the workers, each after the request it is handling is answered, and waits for
+    /// them. The mount stays; requests that arrive meanwhile wait in the kernel.
+    pub fn stop(&self) {
+        let handles: Vec<JoinHandle<()>> = match self.workers.lock() {
+            Ok(mut w) => w.drain(..).collect(),
+            Err(_) => return,
+        };
+        if handles.is_empty() {
+            return;
+        }
+        if let Ok(s) = self.session.lock() {
+            if let Some(s) = s.as_ref() {
+                let _ = s.wake();
+            }
+        }
+        for h in handles {
+            if h.join().is_err() {
+                tracing::error!("a FUSE worker panicked");
+            }
+        }
+        // Waking ended them; that is not the mount going away.
+        self.ended.store(false, Ordering::SeqCst);
+    }
+
+    /// Asks the kernel to send again the requests a predecessor read but never answered
+    /// (FUSE_NOTIFY_RESEND, Linux 6.9 and later): after a crash they would wait forever.
+    pub fn notify_resend(&self) -> Result<(), FuseError> {
+        let mut g = self
+            .session
+            .lock()
+            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        let session = g
+            .as_mut()
+            .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
+        let server = self.server.clone();
+        session
+            .try_with_writer(|w| {
+                server
+                    .notify_resend(w)
+                    .map_err(|e| ResendError(e.to_string()))
+            })
+            .map_err(|e: ResendError| {
+                Self::session_err(&self.mountpoint, format!("notify resend: {}", e.0))
+            })
+    }
+
+    /// Stops serving and unmounts.
+    pub fn umount(&self) -> Result<(), FuseError> {
+        let mut g = self
+            .session
+            .lock()
+            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        tracing::info!(mountpoint = %self.mountpoint.display(), "unmounting");
+        let r = match g.as_mut() {
+            Some(s) => {
+                let r = s.umount();
+                let _ = s.wake();
+                r
+            }
+            None => Ok(()),
+        };
+        drop(g);
+        self.stop();
+        r.map_err(|e| Self::session_err(&self.mountpoint, format!("umount: {e}")))
+    }
+
+    /// Stops serving and lets go of the connection without unmounting: the mount stays for
+    /// whoever holds the descriptor now (a successor, or the supervisor that will give it
+    /// to one).
+    pub fn leave_mounted(&self) {
+        self.stop();
+        if let Ok(mut g) = self.session.lock() {
+            if let Some(s) = g.take() {
+                // Dropping a session unmounts. Forgotten, it keeps its descriptor open until
+                // the process exits, which it is about to; closing a descriptor does not
+                // unmount.
+                std::mem::forget(s);
+            }
+        }
+    }
+}
