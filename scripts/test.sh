@@ -18,6 +18,10 @@ cd "$repo"
 # The microVM's kernel and initramfs, built once and cached outside the repo.
 "$repo/guest/build-initramfs.sh" >/dev/null
 
+# The gates a maintainer runs first: formatting and lints (warnings are errors), so a failing
+# style check stops the run before the long tests.
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked --all-targets
 # Tests that mount or boot VMs are independent of each other; two at a time suits 2 cores.
 cargo test --locked --all-targets -- --test-threads="${SKIFF_TEST_THREADS:-2}" "$@"

@@ -23,4 +23,5 @@ pub mod fs;
 pub mod fuse;
 pub mod oci;
 pub mod storage;
+pub mod util;
 pub mod vhost;

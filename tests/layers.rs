@@ -437,7 +437,11 @@ fn listing(img: &Image) -> Res<Listing> {
                         .blobs()
                         .get(c.blob_index.get() as usize)
                         .ok_or("blob index out of range")?;
-                    data.extend_from_slice(&source.read_chunk(blob, c)?);
+                    data.extend_from_slice(&source.read_chunk(
+                        blob,
+                        c,
+                        &skiff::storage::Deadline::none(),
+                    )?);
                 }
             }
             Some(data)

@@ -102,7 +102,9 @@ fn upload(server: &S3Server, bootstrap: &Path, blob_dir: &Path) -> u64 {
         total += bytes.len() as u64;
         s3.put_blob(&blob.id, bytes).expect("upload");
         // Read it back through the backend: a ranged GET.
-        let r = s3.read_range(&blob.id, 1, 3).expect("ranged get");
+        let r = s3
+            .read_range(&blob.id, 1, 3, &skiff::storage::Deadline::none())
+            .expect("ranged get");
         assert_eq!(r.len(), 3);
     }
     total

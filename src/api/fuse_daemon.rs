@@ -26,7 +26,7 @@ pub struct FuseDaemonOptions {
 pub fn parse_spec(config: &str) -> Result<crate::daemon::RafsSpec, String> {
     super::nydus_config::parse(config)
         .map(|c| c.spec)
-        .map_err(|e| crate::cli::error_chain(&e))
+        .map_err(|e| crate::util::error_chain(&e))
 }
 
 /// Runs the host daemon.

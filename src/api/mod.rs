@@ -139,7 +139,6 @@ impl ApiError {
             ApiError::Renew(e) => match e {
                 RenewError::NoSuchId(_) => 404,
                 RenewError::NotRegistry(_) => 400,
-                RenewError::Poisoned => 500,
             },
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::NotSupported(_) | LifecycleError::NoSupervisor => 400,
@@ -174,14 +173,11 @@ impl ApiError {
                 MountError::Storage { .. } | MountError::Prefetch(_) => "INVALID_STORAGE",
                 MountError::NotMounted(_) => "NOT_MOUNTED",
                 MountError::Busy(_) => "MOUNTPOINT_BUSY",
-                MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned => {
-                    "MOUNT_FAILED"
-                }
+                MountError::Passthrough { .. } | MountError::Vfs(_) => "MOUNT_FAILED",
             },
             ApiError::Renew(e) => match e {
                 RenewError::NoSuchId(_) => "NOT_MOUNTED",
                 RenewError::NotRegistry(_) => "NOT_REGISTRY",
-                RenewError::Poisoned => "INTERNAL",
             },
             ApiError::Lifecycle(e) => match e {
                 LifecycleError::NotSupported(_) => "NOT_SUPPORTED",

@@ -67,7 +67,7 @@ impl ApiResponse {
             e.status(),
             &serde_json::json!({
                 "code": e.code(),
-                "message": crate::cli::error_chain(e),
+                "message": crate::util::error_chain(e),
             }),
         )
     }
@@ -106,7 +106,7 @@ pub fn handle(d: &Daemon, req: &ApiRequest) -> ApiResponse {
     let response = match route(d, req) {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(method = %req.method, url = %req.url, error = %crate::cli::error_chain(&e), "API request refused");
+            tracing::warn!(method = %req.method, url = %req.url, error = %crate::util::error_chain(&e), "API request refused");
             ApiResponse::error(&e)
         }
     };

@@ -181,7 +181,7 @@ pub struct Chunker {
 
 impl Chunker {
     /// A chunker writing its new blob into `blob_dir`, naming blobs by their blake3 (or their
-    /// sha256 with `sha256_ids`, see [`crate::format::BLOB_FLAG_ID_SHA256`]).
+    /// sha256 with `sha256_ids`, see [`crate::format::BLOB_FLAG_SHA256_ID`]).
     pub fn new(
         chunk_size: u32,
         compressor: Compressor,
@@ -229,7 +229,13 @@ impl Chunker {
             });
         }
         let t = dict.tables();
-        for c in t.chunks.iter().filter(|c| !c.is_zero()) {
+        // This builder names chunks by blake3: a dictionary's sha256 chunks (a Nydus image
+        // built with `--digester sha256`) can never match one, so they are not offered.
+        for c in t
+            .chunks
+            .iter()
+            .filter(|c| !c.is_zero() && c.digest_algo() == crate::format::DigestAlgo::Blake3)
+        {
             let Some(blob) = t.blobs.get(c.blob_index.get() as usize) else {
                 continue;
             };
@@ -385,7 +391,7 @@ impl Chunker {
         r.id = id;
         r.size = U64::new(self.offset);
         if sha256 {
-            r.flags = crate::format::BLOB_FLAG_ID_SHA256.into();
+            r.flags = crate::format::BLOB_FLAG_SHA256_ID.into();
         }
         self.offset = 0;
         self.writeback_at = 0;

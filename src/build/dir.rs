@@ -251,7 +251,7 @@ impl Walk {
     fn lock(&self) -> MutexGuard<'_, WalkState> {
         // A poisoned lock means a thread panicked, which the scope reports; the state itself
         // is still consistent (every update is a few assignments).
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::sync::lock(&self.state)
     }
 
     fn abort(&self) {
@@ -276,7 +276,7 @@ impl Walk {
                     dir.display()
                 )));
             }
-            g = self.listed.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = crate::util::sync::wait(&self.listed, g);
         }
     }
 }
@@ -296,7 +296,7 @@ fn walker(walk: &Walk) {
                 if g.busy == 0 {
                     return;
                 }
-                g = walk.work.wait(g).unwrap_or_else(|p| p.into_inner());
+                g = crate::util::sync::wait(&walk.work, g);
             }
         };
         let listing = list_dir(&dir);
@@ -375,7 +375,7 @@ impl Jobs {
     }
 
     fn lock(&self) -> MutexGuard<'_, JobState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::util::sync::lock(&self.state)
     }
 
     fn add(&self, batch: Vec<Job>) {
@@ -418,7 +418,7 @@ impl Jobs {
                 None if g.closed => return None,
                 None => {}
             }
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            g = crate::util::sync::wait(&self.cv, g);
         }
     }
 

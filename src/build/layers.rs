@@ -23,11 +23,11 @@ mod tarstream;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use self::tarstream::{show, Entry, Kind, TarStream};
 use super::chunker::Chunker;
-use super::tree::{Meta, Node, NodeId, NodeKind, Tree};
+use super::tree::{ChunkLoc, Meta, Node, NodeId, NodeKind, Tree};
 use super::{BuildError, Progress};
 use crate::format::{MAX_NAME_LEN, MAX_SYMLINK_LEN};
 
@@ -41,6 +41,107 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 const DIR_SIZE: u64 = 4096;
 /// Buffer between the decompressor and the tar reader.
 const READ_BUFFER: usize = 256 << 10;
+
+/// One layer to apply: a name for messages, and its bytes (plain, gzip or zstd tar) as a stream.
+pub trait LayerInput {
+    /// What to call the layer in messages (a file, a digest).
+    fn name(&self) -> String;
+    /// Opens the layer's (possibly compressed) bytes. A reader that checks a digest reports a
+    /// mismatch as an error at its end: the applier reads every layer to its end.
+    fn open(&self) -> Result<Box<dyn Read + '_>, BuildError>;
+}
+
+impl LayerInput for PathBuf {
+    fn name(&self) -> String {
+        self.display().to_string()
+    }
+
+    fn open(&self) -> Result<Box<dyn Read + '_>, BuildError> {
+        Ok(Box::new(
+            File::open(self).map_err(|e| BuildError::io("opening", self, e))?,
+        ))
+    }
+}
+
+/// Where the content of files goes as layers are applied: cut into chunks of
+/// [`ContentSink::chunk_size`] and pushed in file order.
+pub trait ContentSink {
+    /// The chunk size.
+    fn chunk_size(&self) -> u32;
+    /// Takes one chunk of `node`'s content; chunks of a node come in file order.
+    fn push(&mut self, tree: &mut Tree, node: NodeId, data: Vec<u8>) -> Result<(), BuildError>;
+}
+
+impl ContentSink for Chunker {
+    fn chunk_size(&self) -> u32 {
+        Chunker::chunk_size(self)
+    }
+
+    fn push(&mut self, tree: &mut Tree, node: NodeId, data: Vec<u8>) -> Result<(), BuildError> {
+        Chunker::push(self, tree, node, data)
+    }
+}
+
+/// How a [`DigestSink`] names a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkDigester {
+    /// blake3 (Skiff, and Nydus's default).
+    Blake3,
+    /// sha256 (Nydus with `--digester sha256`).
+    Sha256,
+}
+
+impl ChunkDigester {
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> [u8; crate::format::DIGEST_LEN] {
+        match self {
+            Self::Blake3 => *blake3::hash(data).as_bytes(),
+            Self::Sha256 => {
+                use sha2::Digest;
+                sha2::Sha256::digest(data).into()
+            }
+        }
+    }
+}
+
+/// A sink that stores nothing: each chunk becomes its digest and size in the tree, so that a
+/// source can be compared with an image chunk by chunk without writing a byte (`skiff check`).
+pub struct DigestSink {
+    chunk_size: u32,
+    digester: ChunkDigester,
+}
+
+impl DigestSink {
+    /// Chunks of `chunk_size` bytes, named by `digester`.
+    pub fn new(chunk_size: u32, digester: ChunkDigester) -> Self {
+        Self {
+            chunk_size,
+            digester,
+        }
+    }
+}
+
+impl ContentSink for DigestSink {
+    fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    fn push(&mut self, tree: &mut Tree, node: NodeId, data: Vec<u8>) -> Result<(), BuildError> {
+        let loc = ChunkLoc {
+            digest: self.digester.digest(&data),
+            size: data.len() as u32,
+            flags: 0,
+            blob: 0,
+            offset: 0,
+            stored_size: 0,
+        };
+        if let Some(NodeKind::File { chunks, .. }) = tree.nodes.get_mut(node).map(|n| &mut n.kind) {
+            chunks.push(loc);
+        }
+        Ok(())
+    }
+}
 
 /// Applies `layers` in order into a new tree, chunking file content through `chunker`.
 ///
@@ -56,27 +157,28 @@ pub fn apply(
     apply_with(layers, chunker, progress, |_, _, _| Ok(()))
 }
 
-/// [`apply`], calling `after_layer(layer index, chunker, tree)` once each layer is applied
-/// (`skiff convert` seals a blob per layer there).
-pub fn apply_with(
-    layers: &[PathBuf],
-    chunker: &mut Chunker,
+/// [`apply`] from any [`LayerInput`] into any [`ContentSink`], calling
+/// `after_layer(layer index, sink, tree)` once each layer is applied (`skiff convert` seals a
+/// blob per layer there).
+pub fn apply_with<L: LayerInput, S: ContentSink>(
+    layers: &[L],
+    sink: &mut S,
     progress: &Progress,
-    mut after_layer: impl FnMut(usize, &mut Chunker, &mut Tree) -> Result<(), BuildError>,
+    mut after_layer: impl FnMut(usize, &mut S, &mut Tree) -> Result<(), BuildError>,
 ) -> Result<Tree, BuildError> {
     if layers.is_empty() {
         return Err(BuildError::Invalid("no layers given".into()));
     }
     let mut a = Applier {
         tree: Tree::new(implicit_dir_meta()),
-        chunker,
+        sink,
         progress,
         touched: HashMap::new(),
     };
     for (i, layer) in layers.iter().enumerate() {
         a.touched.clear();
         a.apply_layer(layer)?;
-        after_layer(i, a.chunker, &mut a.tree)?;
+        after_layer(i, a.sink, &mut a.tree)?;
     }
     Ok(a.tree)
 }
@@ -91,20 +193,24 @@ fn implicit_dir_meta() -> Meta {
 }
 
 /// Opens a layer and returns its decompressed bytes.
-fn open_layer(path: &Path) -> Result<Box<dyn Read>, BuildError> {
-    let mut f = File::open(path).map_err(|e| BuildError::io("opening", path, e))?;
+fn open_layer<'a, L: LayerInput>(layer: &'a L) -> Result<Box<dyn Read + 'a>, BuildError> {
+    let name = layer.name();
+    let mut f = layer.open()?;
     let mut magic = Vec::with_capacity(6);
     (&mut f)
         .take(6)
         .read_to_end(&mut magic)
-        .map_err(|e| BuildError::io("reading", path, e))?;
+        .map_err(|e| BuildError::Layer {
+            layer: name.clone(),
+            what: format!("reading: {e}"),
+        })?;
     let layer_err = |what: &str| BuildError::Layer {
-        layer: path.display().to_string(),
+        layer: name.clone(),
         what: what.into(),
     };
     // The bytes used for detection are put back in front of the rest of the file.
     let raw = BufReader::with_capacity(READ_BUFFER, std::io::Cursor::new(magic.clone()).chain(f));
-    let decoded: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
+    let decoded: Box<dyn Read + 'a> = if magic.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::bufread::MultiGzDecoder::new(raw))
     } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         // The decoder's default window limit (128 MiB) bounds its memory whatever the frame
@@ -180,9 +286,9 @@ impl From<&str> for EntryError {
 }
 
 /// The state of one build: the merged tree, and what the current layer has put in it.
-struct Applier<'a> {
+struct Applier<'a, S> {
     tree: Tree,
-    chunker: &'a mut Chunker,
+    sink: &'a mut S,
     progress: &'a Progress,
     /// For the current layer, per directory, the names it has created, replaced or put entries
     /// under. Whiteouts hide everything else: this is what makes "hide lower layers only" work
@@ -190,10 +296,11 @@ struct Applier<'a> {
     touched: HashMap<NodeId, HashSet<Vec<u8>>>,
 }
 
-impl Applier<'_> {
-    fn apply_layer(&mut self, layer: &Path) -> Result<(), BuildError> {
+impl<S: ContentSink> Applier<'_, S> {
+    fn apply_layer<L: LayerInput>(&mut self, layer: &L) -> Result<(), BuildError> {
+        let name = layer.name();
         let err = |what: String| BuildError::Layer {
-            layer: layer.display().to_string(),
+            layer: name.clone(),
             what,
         };
         let mut stream = TarStream::new(open_layer(layer)?);
@@ -204,6 +311,10 @@ impl Applier<'_> {
                 EntryError::Build(b) => b,
             })?;
         }
+        // To the end of the stream, so that a digest checked at its end is checked.
+        stream
+            .drain()
+            .map_err(|e| err(format!("after the end of the archive: {e}")))?;
         Ok(())
     }
 
@@ -386,7 +497,7 @@ impl Applier<'_> {
         size: u64,
         stream: &mut TarStream<R>,
     ) -> Result<(), EntryError> {
-        let chunk = u64::from(self.chunker.chunk_size());
+        let chunk = u64::from(self.sink.chunk_size());
         let mut left = size;
         while left > 0 {
             let n = left.min(chunk);
@@ -401,7 +512,7 @@ impl Applier<'_> {
             })?;
             left -= n;
             self.progress.bytes(n);
-            self.chunker
+            self.sink
                 .push(&mut self.tree, id, buf)
                 .map_err(EntryError::Build)?;
         }

@@ -67,6 +67,9 @@ pub enum BuildError {
     /// The bootstrap produced does not load back (a bug, reported rather than written).
     #[error("the built bootstrap does not validate")]
     Format(#[from] FormatError),
+    /// The bootstrap could not be written.
+    #[error(transparent)]
+    Write(#[from] crate::util::WriteError),
     /// An internal invariant failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -130,7 +133,7 @@ pub struct BuildOptions {
     /// reads in flight on a cold disk; the image does not depend on it.
     pub io_threads: usize,
     /// Name new blobs by their sha256 instead of their blake3
-    /// ([`crate::format::BLOB_FLAG_ID_SHA256`]), as images for registries do.
+    /// ([`crate::format::BLOB_FLAG_SHA256_ID`]), as images for registries do.
     pub blob_id_sha256: bool,
 }
 
@@ -332,7 +335,7 @@ fn build_inner(
     // Load what was written before anyone else can: a bootstrap that does not validate is a bug
     // here, and must not reach a user.
     let loaded = Bootstrap::from_bytes(bytes.clone())?;
-    write_atomically(&opts.bootstrap, &bytes)?;
+    crate::util::write_atomically(&opts.bootstrap, &bytes)?;
     progress.finish();
     Ok(BuildSummary {
         inodes: loaded.inode_count() as u64,
@@ -389,21 +392,4 @@ fn resolve_prefetch(tree: &tree::Tree, paths: &[String]) -> Result<Vec<tree::Nod
         files_under(tree, id, &mut seen, &mut out);
     }
     Ok(out)
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename, so that a reader never sees
-/// a half-written file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| BuildError::io("creating", dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| BuildError::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| BuildError::io("renaming", path, e))
 }

@@ -8,26 +8,10 @@ use clap::Args;
 use crate::build::{self, BuildOptions, BuildSource, Compressor};
 use crate::check;
 use crate::format::{digest_hex, Bootstrap, InodeKind, DEFAULT_CHUNK_SIZE};
+use crate::util::{parse_size, write_atomically};
 
 /// A command's outcome: an exit code, or an error printed as one line.
 pub type CmdResult = Result<i32, Box<dyn std::error::Error>>;
-
-/// Parses a size such as `4096`, `64K`, `1M` or `16MiB`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("invalid size unit in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} too large"))
-}
 
 fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
@@ -89,55 +73,9 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
     println!("{summary}");
     if let Some(j) = a.json {
         let text = serde_json::to_string_pretty(&summary)?;
-        build::write_atomically(&j, text.as_bytes())?;
+        write_atomically(&j, text.as_bytes())?;
     }
     Ok(0)
-}
-
-/// Arguments of `skiff check`.
-#[derive(Args, Debug)]
-pub struct CheckArgs {
-    /// The bootstrap to check.
-    #[arg(long)]
-    pub bootstrap: PathBuf,
-    /// Directory holding the image's blobs.
-    #[arg(long)]
-    pub blob_dir: PathBuf,
-    /// Compare the image with this directory, field by field and byte by byte.
-    #[arg(long)]
-    pub source: Option<PathBuf>,
-}
-
-/// `skiff check`.
-pub fn cmd_check(a: CheckArgs) -> CmdResult {
-    let b = Bootstrap::load(&a.bootstrap)?;
-    println!(
-        "bootstrap {}: valid, Merkle root {}",
-        a.bootstrap.display(),
-        digest_hex(b.root_digest())
-    );
-    let mut problems = check::verify_chunks(&b, &a.blob_dir);
-    let chunks = b.tables().chunks.iter().filter(|c| !c.is_zero()).count();
-    if problems.is_empty() {
-        println!("chunks: {chunks} verified in {} blob(s)", b.blobs().len());
-    }
-    if let Some(src) = &a.source {
-        let diff = check::compare_with_source(&b, src);
-        if diff.is_empty() {
-            println!("source {}: identical", src.display());
-        }
-        problems.extend(diff);
-    }
-    for p in &problems {
-        println!("PROBLEM {}: {}", p.path, p.what);
-    }
-    if problems.is_empty() {
-        println!("ok");
-        Ok(0)
-    } else {
-        eprintln!("skiff: check found {} problem(s)", problems.len());
-        Ok(1)
-    }
 }
 
 /// Arguments of `skiff inspect`.
@@ -161,6 +99,7 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
         if a.json {
             println!("{}", serde_json::to_string_pretty(&stats)?);
         } else {
+            println!("format        {}", stats.format);
             println!("root digest   {}", stats.root_digest);
             println!("chunk size    {}", stats.chunk_size);
             println!("bootstrap     {} bytes", stats.bootstrap_bytes);
@@ -192,10 +131,11 @@ pub fn cmd_inspect(a: InspectArgs) -> CmdResult {
         .iter()
         .map(|c| {
             serde_json::json!({
-                "digest": digest_hex(&c.digest),
+                "digest": c.chunk_digest().to_string(),
                 "size": c.uncompressed_size.get(),
                 "zero": c.is_zero(),
                 "lz4": c.is_lz4(),
+                "compression": format!("{:?}", c.compression()).to_lowercase(),
                 "blob": b.blobs().get(c.blob_index.get() as usize).filter(|_| !c.is_zero()).map(|r| digest_hex(&r.id)),
                 "offset": c.compressed_offset.get(),
                 "stored_size": c.compressed_size.get(),
@@ -329,6 +269,10 @@ pub struct ConvertArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Convert every platform of an index source and push an index of the converted
+    /// manifests (default: linux/amd64 only, pushed as one manifest).
+    #[arg(long)]
+    pub all_platforms: bool,
 }
 
 /// `skiff convert`.
@@ -350,7 +294,7 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
             (t.clone(), Some(RemoveOnDrop(t)))
         }
     };
-    let summary = crate::oci::convert(&crate::oci::ConvertOptions {
+    let report = crate::oci::convert(&crate::oci::ConvertOptions {
         source: a.source,
         source_registry,
         target,
@@ -359,33 +303,48 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         chunk_size: a.chunk_size,
         compressor: a.compressor,
         progress: true,
+        platforms: if a.all_platforms {
+            crate::oci::Platforms::All
+        } else {
+            crate::oci::Platforms::Default
+        },
     })?;
-    // The build summary's "blob" line describes one new blob; here there is one per layer.
-    for line in summary.build.to_string().lines() {
-        if !line.starts_with("blob ") {
-            println!("{line}");
+    for summary in report.images() {
+        if let Some(p) = &summary.platform {
+            println!("platform    {p}");
         }
-    }
-    for b in &summary.blobs {
+        // The build summary's "blob" line describes one new blob; here there is one per layer.
+        for line in summary.build.to_string().lines() {
+            if !line.starts_with("blob ") {
+                println!("{line}");
+            }
+        }
+        for b in &summary.blobs {
+            println!(
+                "layer {:<5} blob {} as {} ({} bytes)",
+                b.layer, b.blob_id, b.digest, b.size
+            );
+        }
         println!(
-            "layer {:<5} blob {} as {} ({} bytes)",
-            b.layer, b.blob_id, b.digest, b.size
+            "bootstrap   {} ({} bytes zstd, {} bytes)",
+            summary.bootstrap_digest, summary.bootstrap_bytes, summary.bootstrap_uncompressed_bytes
         );
+        println!("manifest    {}", summary.manifest_digest);
     }
-    println!(
-        "bootstrap   {} ({} bytes zstd, {} bytes)",
-        summary.bootstrap_digest, summary.bootstrap_bytes, summary.bootstrap_uncompressed_bytes
-    );
-    println!("pushed      {}@{}", summary.target, summary.manifest_digest);
+    let target = match &report {
+        crate::oci::ConvertReport::Image(s) => &s.target,
+        crate::oci::ConvertReport::Index { target, .. } => target,
+    };
+    println!("pushed      {target}@{}", report.digest());
     if let Some(j) = a.json {
-        let text = serde_json::to_string_pretty(&summary)?;
-        build::write_atomically(&j, text.as_bytes())?;
+        let text = serde_json::to_string_pretty(&report)?;
+        write_atomically(&j, text.as_bytes())?;
     }
     Ok(0)
 }
 
 /// A scratch directory removed when dropped.
-struct RemoveOnDrop(PathBuf);
+pub(super) struct RemoveOnDrop(pub(super) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -394,7 +353,7 @@ impl Drop for RemoveOnDrop {
 }
 
 /// A new private directory under `$TMPDIR` (or /var/tmp, which is on disk, for large layers).
-fn tempdir_in_var_tmp() -> Result<PathBuf, Box<dyn std::error::Error>> {
+pub(super) fn tempdir_in_var_tmp() -> Result<PathBuf, Box<dyn std::error::Error>> {
     let base = std::env::var_os("TMPDIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp"));

@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
-use super::commands::{parse_size, CmdResult, ImageArgs};
+use super::commands::{CmdResult, ImageArgs};
 use crate::format::{digest_hex, Bootstrap};
 use crate::fs::{RafsFs, RafsFsOptions};
 use crate::storage::config::{BackendConfig, ByteSize, StorageConfig, StorageStack};
 use crate::storage::{cache, S3Config, DEFAULT_CACHE_DIR};
+use crate::util::parse_size;
 
 /// Which backend `--backend` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,11 +1,13 @@
 //! The `skiff` command line: thin front ends over the library.
 
+mod check;
 mod commands;
 mod image;
 mod nydusd;
 
 use clap::{Parser, Subcommand};
 
+pub use check::*;
 pub use commands::*;
 pub use image::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
@@ -46,18 +48,6 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Look after the shared on-disk chunk cache.
     Cache(CacheArgs),
-}
-
-/// Formats an error and its chain of causes on one line, for operators.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn init_logging(level: &str) {
@@ -121,7 +111,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            let msg = error_chain(e.as_ref());
+            let msg = crate::util::error_chain(e.as_ref());
             tracing::error!("{msg}");
             eprintln!("skiff: {msg}");
             1

@@ -157,7 +157,7 @@ fn dedicated(a: &FuseArgs) -> Result<Option<RafsRequest>, Box<dyn std::error::Er
             // Checked, so that a bad file is reported at start.
             let text = read_config(c)?;
             crate::api::nydus_config::parse(&text)
-                .map_err(|e| format!("{}: {}", c.display(), super::error_chain(&e)))?;
+                .map_err(|e| format!("{}: {}", c.display(), crate::util::error_chain(&e)))?;
         }
         return Ok(None);
     };
@@ -166,7 +166,7 @@ fn dedicated(a: &FuseArgs) -> Result<Option<RafsRequest>, Box<dyn std::error::Er
         (Some(c), _) => {
             let text = read_config(c)?;
             let parsed = crate::api::nydus_config::parse(&text)
-                .map_err(|e| format!("{}: {}", c.display(), super::error_chain(&e)))?;
+                .map_err(|e| format!("{}: {}", c.display(), crate::util::error_chain(&e)))?;
             parsed.log_notes();
             (text, parsed.spec)
         }

@@ -18,6 +18,7 @@ use fuse_backend_rs::api::Vfs;
 use super::upgrade::{self, SavedState, UpgradeError, STATE_FORMAT, STATE_VERSION};
 use super::{DaemonFs, DaemonState, Lifecycle, LifecycleError, RafsRequest, RafsSpec};
 use crate::fuse::FuseService;
+use crate::util::sync::lock;
 
 /// The FUSE source name of the mount, as nydusd's (`rafs`).
 pub const FSNAME: &str = "rafs";
@@ -147,18 +148,13 @@ impl HostDaemon {
         )
         .map_err(LifecycleError::Fuse)?;
         service.start().map_err(LifecycleError::Fuse)?;
-        *self.service_lock()? = Some(service);
+        *self.service_lock() = Some(service);
         self.fs.set_state(DaemonState::Running);
         Ok(())
     }
 
-    fn service_lock(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, Option<FuseService<Arc<Vfs>>>>, LifecycleError> {
-        self.service.lock().map_err(|_| LifecycleError::WrongState {
-            state: "broken",
-            what: "the FUSE service lock was poisoned by a panic",
-        })
+    fn service_lock(&self) -> std::sync::MutexGuard<'_, Option<FuseService<Arc<Vfs>>>> {
+        lock(&self.service)
     }
 
     /// Whether the daemon should end: `exit`, or its mount went away.
@@ -166,24 +162,19 @@ impl HostDaemon {
         if self.exiting.load(Ordering::SeqCst) {
             return true;
         }
-        match self.service.lock() {
-            Ok(g) => g.as_ref().is_some_and(|s| s.ended()),
-            Err(_) => true,
-        }
+        self.service_lock().as_ref().is_some_and(|s| s.ended())
     }
 
     /// Ends the daemon: after `exit`, leaving the mount (the successor has the connection);
     /// before any mount (waiting for a takeover), touching nothing; else unmounting.
     pub fn shut_down(&self) {
-        let Ok(mut g) = self.service.lock() else {
-            return;
-        };
-        if let Some(service) = g.take() {
+        let service = self.service_lock().take();
+        if let Some(service) = service {
             if self.exiting.load(Ordering::SeqCst) {
                 service.leave_mounted();
                 tracing::info!("exited, leaving the mount to the successor");
             } else if let Err(e) = service.umount() {
-                tracing::error!(error = %crate::cli::error_chain(&e), "unmounting failed");
+                tracing::error!(error = %crate::util::error_chain(&e), "unmounting failed");
             }
         }
         self.fs.set_state(DaemonState::Stopped);
@@ -204,7 +195,7 @@ impl HostDaemon {
 impl Lifecycle for HostDaemon {
     fn send_fd(&self) -> Result<(), LifecycleError> {
         let supervisor = self.supervisor()?;
-        let g = self.service_lock()?;
+        let g = self.service_lock();
         let service = g.as_ref().ok_or(LifecycleError::WrongState {
             state: self.state_name(),
             what: "there is no FUSE connection to send yet",
@@ -296,7 +287,7 @@ impl Lifecycle for HostDaemon {
             self.opts.threads,
         )
         .map_err(LifecycleError::Fuse)?;
-        *self.service_lock()? = Some(service);
+        *self.service_lock() = Some(service);
         self.fs.set_state(DaemonState::Ready);
         tracing::info!(mounts = state.mounts.len(), "took over; READY");
         Ok(())
@@ -309,7 +300,7 @@ impl Lifecycle for HostDaemon {
                 what: "start follows a takeover (READY)",
             });
         }
-        let g = self.service_lock()?;
+        let g = self.service_lock();
         let service = g.as_ref().ok_or(LifecycleError::WrongState {
             state: self.state_name(),
             what: "no FUSE connection taken over",
@@ -320,7 +311,7 @@ impl Lifecycle for HostDaemon {
             match service.notify_resend() {
                 Ok(()) => tracing::info!("asked the kernel to resend requests left unanswered"),
                 Err(e) => tracing::error!(
-                    error = %crate::cli::error_chain(&e),
+                    error = %crate::util::error_chain(&e),
                     "the kernel did not take FUSE_NOTIFY_RESEND (Linux 6.9 or later has it): \
                      requests a crashed predecessor read may never be answered"
                 ),
@@ -334,10 +325,8 @@ impl Lifecycle for HostDaemon {
     fn exit(&self) -> Result<(), LifecycleError> {
         // Every request read is answered before this returns: nothing is left half-done for
         // the successor, which only gets what the kernel still queues.
-        if let Ok(g) = self.service.lock() {
-            if let Some(s) = g.as_ref() {
-                s.stop();
-            }
+        if let Some(s) = self.service_lock().as_ref() {
+            s.stop();
         }
         self.exiting.store(true, Ordering::SeqCst);
         self.fs.set_state(DaemonState::Stopped);

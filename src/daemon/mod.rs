@@ -132,18 +132,12 @@ pub enum MountError {
     /// The Vfs refused the mount or unmount.
     #[error("virtual filesystem: {0}")]
     Vfs(String),
-    /// The mount table lock was poisoned by a panic in another request.
-    #[error("internal error: the mount table is unusable after an earlier panic")]
-    Poisoned,
 }
 
 impl MountError {
     /// Whether the error is the request's fault (a 4xx), not the daemon's.
     pub fn is_client_error(&self) -> bool {
-        !matches!(
-            self,
-            MountError::Passthrough { .. } | MountError::Vfs(_) | MountError::Poisoned
-        )
+        !matches!(self, MountError::Passthrough { .. } | MountError::Vfs(_))
     }
 }
 
@@ -338,20 +332,20 @@ impl DaemonFs {
     /// What is mounted where, by mountpoint.
     pub fn mounts(&self) -> Result<BTreeMap<String, MountedFs>, MountError> {
         Ok(self
-            .table()?
+            .table()
             .iter()
             .map(|(k, e)| (k.clone(), e.info.clone()))
             .collect())
     }
 
-    fn table(&self) -> Result<MutexGuard<'_, BTreeMap<String, Entry>>, MountError> {
-        self.mounts.lock().map_err(|_| MountError::Poisoned)
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
+        crate::util::sync::lock(&self.mounts)
     }
 
     /// Mounts a writable passthrough of the host directory `dir` at `mountpoint`.
     pub fn mount_passthrough(&self, mountpoint: &str, dir: &Path) -> Result<(), MountError> {
         self.layout.check_passthrough(mountpoint)?;
-        let mut table = self.table()?;
+        let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
@@ -390,7 +384,7 @@ impl DaemonFs {
         index: Option<VfsIndex>,
     ) -> Result<(), MountError> {
         self.layout.check_rafs(mountpoint)?;
-        let mut table = self.table()?;
+        let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
@@ -447,7 +441,7 @@ impl DaemonFs {
 
     /// Unmounts whatever is mounted at `mountpoint`.
     pub fn umount(&self, mountpoint: &str) -> Result<MountedFs, MountError> {
-        let mut table = self.table()?;
+        let mut table = self.table();
         if !table.contains_key(mountpoint) {
             return Err(MountError::NotMounted(mountpoint.to_owned()));
         }
@@ -487,7 +481,7 @@ impl DaemonFs {
         id: &str,
         credentials: &Credentials,
     ) -> Result<Vec<String>, RenewError> {
-        let mut table = self.table().map_err(|_| RenewError::Poisoned)?;
+        let mut table = self.table();
         let mut renewed = Vec::new();
         let mut found = false;
         let mps: Vec<String> = Self::selected(&table, id)
@@ -522,7 +516,7 @@ impl DaemonFs {
         &self,
         id: Option<&str>,
     ) -> Result<Vec<(String, MetricsSnapshot, MountedFs)>, MountError> {
-        let table = self.table()?;
+        let table = self.table();
         let pick: Vec<(&String, &Entry)> = match id {
             Some(id) => Self::selected(&table, id),
             None => table.iter().collect(),
@@ -538,7 +532,7 @@ impl DaemonFs {
 
     /// What a new daemon needs to mount the same images at the same Vfs indices.
     pub fn saved_mounts(&self) -> Result<Vec<SavedMount>, MountError> {
-        let table = self.table()?;
+        let table = self.table();
         Ok(table
             .iter()
             .filter_map(|(mp, e)| {
@@ -556,12 +550,13 @@ impl DaemonFs {
 
     /// Stops every mount's background work and writes its storage totals to the log.
     pub fn finish(&self) {
-        if let Ok(mut table) = self.table() {
-            for e in table.values_mut() {
-                if let Some(stack) = e.rafs.as_mut().and_then(|r| r.stack.take()) {
-                    stack.finish();
-                }
-            }
+        let stacks: Vec<StorageStack> = self
+            .table()
+            .values_mut()
+            .filter_map(|e| e.rafs.as_mut().and_then(|r| r.stack.take()))
+            .collect();
+        for stack in stacks {
+            stack.finish();
         }
     }
 
@@ -582,9 +577,6 @@ pub enum RenewError {
     /// The mounts `id` selects read no registry.
     #[error("the mounts of {0:?} read no registry: they have no registry credentials")]
     NotRegistry(String),
-    /// The mount table is unusable.
-    #[error("internal error: the mount table is unusable after an earlier panic")]
-    Poisoned,
 }
 
 fn with_credentials(spec: &RafsSpec, c: &Credentials) -> RafsSpec {

@@ -86,14 +86,14 @@ pub fn open(
         BackendSpec::Registry(r) => {
             let c = Arc::new(registry_client(r).map_err(backend_err)?);
             let b = RegistryBackend::for_bootstrap(c.clone(), &image)
-                .map_err(|e| backend_err(crate::cli::error_chain(&e)))?;
+                .map_err(|e| backend_err(crate::util::error_chain(&e)))?;
             client = Some(c);
             (Box::new(b), true)
         }
         BackendSpec::S3(s) => (
             Box::new(
                 S3Backend::new(&s3_config(s))
-                    .map_err(|e| backend_err(crate::cli::error_chain(&e)))?,
+                    .map_err(|e| backend_err(crate::util::error_chain(&e)))?,
             ),
             true,
         ),
@@ -209,7 +209,7 @@ pub fn registry_client(r: &RegistrySpec) -> Result<RegistryClient, String> {
     if r.skip_verify {
         tracing::warn!(host = %r.host, "skip_verify: the registry's TLS certificate is not checked (chunks still are, by digest)");
     }
-    RegistryClient::new(&reference, &opts).map_err(|e| crate::cli::error_chain(&e))
+    RegistryClient::new(&reference, &opts).map_err(|e| crate::util::error_chain(&e))
 }
 
 fn s3_config(s: &S3Spec) -> S3Config {

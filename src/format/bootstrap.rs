@@ -9,7 +9,7 @@ use zerocopy::FromBytes;
 
 use super::layout::*;
 use super::tables::Tables;
-use super::FormatError;
+use super::{v6, FormatError, SourceFormat};
 
 /// Largest bootstrap this code loads (4 GiB): a bound on what a hostile file can make us read.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
@@ -18,6 +18,7 @@ pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
 /// view into them.
 pub struct Bootstrap {
     data: Vec<u8>,
+    format: SourceFormat,
     chunk_size: u32,
     root_digest: [u8; DIGEST_LEN],
     inodes: Range<usize>,
@@ -33,6 +34,7 @@ impl std::fmt::Debug for Bootstrap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bootstrap")
             .field("bytes", &self.data.len())
+            .field("format", &self.format)
             .field("chunk_size", &self.chunk_size)
             .field("root_digest", &digest_hex(&self.root_digest))
             .finish()
@@ -87,11 +89,36 @@ impl Bootstrap {
         Self::from_bytes(data)
     }
 
-    /// Validates `data` as a bootstrap and takes ownership of it.
+    /// Validates `data` as a bootstrap and takes ownership of it. The format is chosen by
+    /// magic: Skiff's at offset 0, or a Nydus RAFS v6 (EROFS) magic at 1024, which is
+    /// transcoded into Skiff's tables and then validated like a Skiff bootstrap. A RAFS v5
+    /// bootstrap is refused by name.
     pub fn from_bytes(data: Vec<u8>) -> Result<Self, FormatError> {
+        Self::from_bytes_with(data, v6::Defaults::of_this_process())
+    }
+
+    /// [`Self::from_bytes`] with explicit stand-ins for what a v6 image lacks (owner, times):
+    /// for tests that need the same bytes from every run.
+    pub fn from_bytes_with(data: Vec<u8>, defaults: v6::Defaults) -> Result<Self, FormatError> {
         if data.len() as u64 > MAX_BOOTSTRAP_SIZE {
             return Err(FormatError::TooLarge(data.len() as u64));
         }
+        if data.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+            if v6::is_v6(&data) {
+                let skiff = v6::transcode(&data, defaults).map_err(FormatError::V6)?;
+                drop(data);
+                return Self::from_skiff(skiff, SourceFormat::NydusRafsV6)
+                    .map_err(|e| FormatError::V6(v6::V6Error::Transcode(Box::new(e))));
+            }
+            if data.get(..4) == Some(&v6::layout::RAFS_V5_MAGIC.to_le_bytes()[..]) {
+                return Err(FormatError::RafsV5);
+            }
+        }
+        Self::from_skiff(data, SourceFormat::Skiff)
+    }
+
+    /// Validates `data` as a Skiff bootstrap.
+    fn from_skiff(data: Vec<u8>, format: SourceFormat) -> Result<Self, FormatError> {
         let (sb, _) = Superblock::read_from_prefix(&data).map_err(|_| FormatError::Truncated {
             len: data.len() as u64,
         })?;
@@ -123,6 +150,7 @@ impl Bootstrap {
         }
         let len = data.len();
         let b = Bootstrap {
+            format,
             chunk_size,
             root_digest: sb.root_digest,
             inodes: table_range("inodes", &sb.inodes, size_of::<InodeRecord>(), len)?,
@@ -150,6 +178,11 @@ impl Bootstrap {
             strings: self.data.get(self.strings.clone()).unwrap_or(&[]),
             prefetch: view(&self.data, &self.prefetch),
         }
+    }
+
+    /// The on-disk format the bootstrap was loaded from.
+    pub fn source_format(&self) -> SourceFormat {
+        self.format
     }
 
     /// Chunk size in bytes.
@@ -332,15 +365,17 @@ impl Bootstrap {
         }
         for blob in t.blobs {
             if blob.reserved != [0; 4] || blob.flags.get() & !BLOB_FLAGS_KNOWN != 0 {
-                return Err(FormatError::Invalid(
-                    "reserved blob fields or unknown blob flags are not zero".into(),
-                ));
+                return Err(FormatError::Invalid(format!(
+                    "blob {}: unknown flags {:#x} or reserved bytes",
+                    digest_hex(&blob.id),
+                    blob.flags.get()
+                )));
             }
         }
         // References to each inode, counted from directory entries.
         let mut refs = vec![0u32; n];
         let mut subdirs = vec![0u32; n];
-        let mut zero_digests: HashMap<u32, [u8; DIGEST_LEN]> = HashMap::new();
+        let mut zero_digests: HashMap<(u32, DigestAlgo), [u8; DIGEST_LEN]> = HashMap::new();
         for (i, ino) in t.inodes.iter().enumerate() {
             let err = |what: String| FormatError::BadInode {
                 index: i as u64,
@@ -529,27 +564,31 @@ impl Bootstrap {
         t: &Tables<'_>,
         c: &ChunkRecord,
         want_len: u64,
-        zero_digests: &mut HashMap<u32, [u8; DIGEST_LEN]>,
+        zero_digests: &mut HashMap<(u32, DigestAlgo), [u8; DIGEST_LEN]>,
     ) -> Result<(), String> {
         let flags = c.flags.get();
         if flags & !CHUNK_FLAGS_KNOWN != 0 || c.reserved != [0; 8] {
             return Err("unknown flags or reserved bytes".into());
+        }
+        if flags & CHUNK_FLAG_LZ4 != 0 && flags & CHUNK_FLAG_ZSTD != 0 {
+            return Err("both lz4 and zstd".into());
         }
         let usize_ = c.uncompressed_size.get();
         if u64::from(usize_) != want_len || usize_ == 0 {
             return Err(format!("uncompressed size {usize_}, expected {want_len}"));
         }
         if c.is_zero() {
-            if flags != CHUNK_FLAG_ZERO
+            if flags & !CHUNK_FLAG_SHA256 != CHUNK_FLAG_ZERO
                 || c.blob_index.get() != 0
                 || c.compressed_offset.get() != 0
                 || c.compressed_size.get() != 0
             {
                 return Err("zero chunk with a location".into());
             }
+            let algo = c.digest_algo();
             let zero = *zero_digests
-                .entry(usize_)
-                .or_insert_with(|| *blake3::hash(&vec![0u8; usize_ as usize]).as_bytes());
+                .entry((usize_, algo))
+                .or_insert_with(|| algo.digest(&vec![0u8; usize_ as usize]));
             if zero != c.digest {
                 return Err("zero chunk whose digest is not that of zeroes".into());
             }
@@ -572,10 +611,15 @@ impl Bootstrap {
                 blob.size.get()
             ));
         }
-        if c.is_lz4() {
-            if csize == 0
-                || csize as usize > lz4_flex::block::get_maximum_output_size(usize_ as usize)
-            {
+        let bound = match c.compression() {
+            Compression::Lz4Block => {
+                Some(lz4_flex::block::get_maximum_output_size(usize_ as usize))
+            }
+            Compression::Zstd => Some(zstd::zstd_safe::compress_bound(usize_ as usize)),
+            Compression::None => None,
+        };
+        if let Some(bound) = bound {
+            if csize == 0 || csize as usize > bound {
                 return Err(format!(
                     "compressed size {csize} impossible for {usize_} bytes"
                 ));

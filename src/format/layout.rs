@@ -10,7 +10,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub const MAGIC: [u8; 8] = *b"SKIFFRAF";
 /// The format version this code reads and writes.
 pub const VERSION: u32 = 1;
-/// Size of a blake3 digest.
+/// Size of a digest (blake3 or sha256: both 32 bytes).
 pub const DIGEST_LEN: usize = 32;
 
 /// Smallest chunk size a bootstrap may declare (4 KiB).
@@ -33,8 +33,19 @@ pub const MAX_XATTR_VALUE_LEN: usize = 65536;
 pub const CHUNK_FLAG_LZ4: u32 = 1;
 /// Chunk flag: the chunk is all zeroes and stored nowhere.
 pub const CHUNK_FLAG_ZERO: u32 = 2;
+/// Chunk flag: the stored bytes are one zstd frame.
+pub const CHUNK_FLAG_ZSTD: u32 = 4;
+/// Chunk flag: the digest is the sha256 of the uncompressed bytes (blake3 without it).
+pub const CHUNK_FLAG_SHA256: u32 = 8;
 /// All chunk flags this version knows.
-pub const CHUNK_FLAGS_KNOWN: u32 = CHUNK_FLAG_LZ4 | CHUNK_FLAG_ZERO;
+pub const CHUNK_FLAGS_KNOWN: u32 =
+    CHUNK_FLAG_LZ4 | CHUNK_FLAG_ZERO | CHUNK_FLAG_ZSTD | CHUNK_FLAG_SHA256;
+
+/// Blob flag: the blob id is the sha256 of the blob file (blake3 without it). Nydus blobs are
+/// named this way, which is also their registry layer digest.
+pub const BLOB_FLAG_SHA256_ID: u32 = 1;
+/// All blob flags this version knows.
+pub const BLOB_FLAGS_KNOWN: u32 = BLOB_FLAG_SHA256_ID;
 
 /// Where a table lives in the bootstrap: its byte offset and its number of records
 /// (bytes, for the string heap).
@@ -175,19 +186,12 @@ pub struct XattrRecord {
     pub value_len: U32,
 }
 
-/// Blob flag: the id is the sha256 of the blob file (not its blake3). An image converted for
-/// registries names its blobs so, because the registry names the layer holding the blob by
-/// the same digest: `sha256:<hex id>` is where the blob is, without any manifest.
-pub const BLOB_FLAG_ID_SHA256: u32 = 1;
-/// All blob flags this version knows.
-pub const BLOB_FLAGS_KNOWN: u32 = BLOB_FLAG_ID_SHA256;
-
-/// One blob the chunks live in, named by the digest of its bytes (blake3, or sha256 with
-/// [`BLOB_FLAG_ID_SHA256`]).
+/// One blob the chunks live in, named by the digest of its bytes.
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
 pub struct BlobRecord {
-    /// Digest of the whole blob file: its name, in hex.
+    /// Digest of the whole blob file (blake3, or sha256 with [`BLOB_FLAG_SHA256_ID`]): its
+    /// name, in hex.
     pub id: [u8; DIGEST_LEN],
     /// Size of the blob file in bytes.
     pub size: U64,
@@ -195,20 +199,6 @@ pub struct BlobRecord {
     pub flags: U32,
     /// Reserved, zero.
     pub reserved: [u8; 4],
-}
-
-impl BlobRecord {
-    /// Whether the id is the sha256 of the blob (else its blake3).
-    pub fn id_is_sha256(&self) -> bool {
-        self.flags.get() & BLOB_FLAG_ID_SHA256 != 0
-    }
-
-    /// The registry digest of the layer holding this blob (`sha256:<hex id>`), when the id
-    /// is one.
-    pub fn layer_digest(&self) -> Option<String> {
-        self.id_is_sha256()
-            .then(|| format!("sha256:{}", digest_hex(&self.id)))
-    }
 }
 
 /// Size of the superblock on disk.
@@ -290,6 +280,168 @@ impl ChunkRecord {
     /// Whether the stored bytes are lz4-compressed.
     pub fn is_lz4(&self) -> bool {
         self.flags.get() & CHUNK_FLAG_LZ4 != 0
+    }
+
+    /// Whether the stored bytes are a zstd frame.
+    pub fn is_zstd(&self) -> bool {
+        self.flags.get() & CHUNK_FLAG_ZSTD != 0
+    }
+
+    /// How the stored bytes are compressed.
+    pub fn compression(&self) -> Compression {
+        if self.is_lz4() {
+            Compression::Lz4Block
+        } else if self.is_zstd() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The algorithm of [`Self::digest`].
+    pub fn digest_algo(&self) -> DigestAlgo {
+        if self.flags.get() & CHUNK_FLAG_SHA256 != 0 {
+            DigestAlgo::Sha256
+        } else {
+            DigestAlgo::Blake3
+        }
+    }
+
+    /// The chunk's digest with its algorithm: what caches key chunks by.
+    pub fn chunk_digest(&self) -> ChunkDigest {
+        ChunkDigest {
+            algo: self.digest_algo(),
+            bytes: self.digest,
+        }
+    }
+}
+
+impl BlobRecord {
+    /// The algorithm of [`Self::id`].
+    pub fn id_algo(&self) -> DigestAlgo {
+        if self.flags.get() & BLOB_FLAG_SHA256_ID != 0 {
+            DigestAlgo::Sha256
+        } else {
+            DigestAlgo::Blake3
+        }
+    }
+
+    /// The registry digest of the layer holding this blob (`sha256:<hex id>`), when its id is
+    /// its sha256: a registry names the layer by the same digest, so no manifest is needed
+    /// to find it.
+    pub fn layer_digest(&self) -> Option<String> {
+        (self.id_algo() == DigestAlgo::Sha256).then(|| format!("sha256:{}", digest_hex(&self.id)))
+    }
+}
+
+/// How a chunk's stored bytes are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Stored as is.
+    None,
+    /// An lz4 block (no size prefix; lz4_flex's block format).
+    Lz4Block,
+    /// One zstd frame.
+    Zstd,
+}
+
+/// A digest algorithm of chunks and blob ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DigestAlgo {
+    /// blake3 (Skiff's default).
+    Blake3,
+    /// sha256 (Nydus images built with `--digester sha256`; Nydus blob ids).
+    Sha256,
+}
+
+impl DigestAlgo {
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> [u8; DIGEST_LEN] {
+        match self {
+            Self::Blake3 => *blake3::hash(data).as_bytes(),
+            Self::Sha256 => {
+                sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(data)).into()
+            }
+        }
+    }
+
+    /// A hasher for data given in pieces.
+    pub fn hasher(self) -> Hasher {
+        match self {
+            Self::Blake3 => Hasher::Blake3(Box::new(blake3::Hasher::new())),
+            Self::Sha256 => Hasher::Sha256(<sha2::Sha256 as sha2::Digest>::new()),
+        }
+    }
+
+    /// Its name in messages ("blake3", "sha256").
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Blake3 => "blake3",
+            Self::Sha256 => "sha256",
+        }
+    }
+}
+
+/// An incremental hasher of either [`DigestAlgo`].
+pub enum Hasher {
+    /// blake3 (boxed: its state is large).
+    Blake3(Box<blake3::Hasher>),
+    /// sha256.
+    Sha256(sha2::Sha256),
+}
+
+impl Hasher {
+    /// Adds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Self::Blake3(h) => {
+                h.update(data);
+            }
+            Self::Sha256(h) => sha2::Digest::update(h, data),
+        }
+    }
+
+    /// The digest of everything added.
+    pub fn finalize(self) -> [u8; DIGEST_LEN] {
+        match self {
+            Self::Blake3(h) => *h.finalize().as_bytes(),
+            Self::Sha256(h) => sha2::Digest::finalize(h).into(),
+        }
+    }
+}
+
+/// A chunk digest qualified by its algorithm: the name of a chunk's content in every cache, so
+/// that a blake3 and a sha256 digest never stand for each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkDigest {
+    /// The algorithm.
+    pub algo: DigestAlgo,
+    /// The digest bytes.
+    pub bytes: [u8; DIGEST_LEN],
+}
+
+impl ChunkDigest {
+    /// A blake3 digest.
+    pub fn blake3(bytes: [u8; DIGEST_LEN]) -> Self {
+        Self {
+            algo: DigestAlgo::Blake3,
+            bytes,
+        }
+    }
+
+    /// Whether `data` has this digest.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        self.algo.digest(data) == self.bytes
+    }
+}
+
+impl std::fmt::Display for ChunkDigest {
+    /// Hex for blake3 (as chunk digests have always been shown), `sha256:hex` for sha256.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.algo {
+            DigestAlgo::Blake3 => write!(f, "{}", hex::encode(self.bytes)),
+            DigestAlgo::Sha256 => write!(f, "sha256:{}", hex::encode(self.bytes)),
+        }
     }
 }
 

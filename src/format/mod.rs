@@ -1,10 +1,12 @@
-//! The RAFS on-disk format: bootstrap records, loading with validation, and writing.
+//! The RAFS on-disk formats: Skiff's bootstrap records, loading with validation, and writing;
+//! and Nydus RAFS v6 bootstraps, read by transcoding them into the same model.
 //!
 //! `docs/format.md` is the specification; this module is its only implementation.
 
 mod bootstrap;
 mod layout;
 mod tables;
+pub mod v6;
 mod writer;
 
 #[cfg(test)]
@@ -14,6 +16,25 @@ pub use bootstrap::{Bootstrap, MAX_BOOTSTRAP_SIZE};
 pub use layout::*;
 pub use tables::Tables;
 pub use writer::BootstrapWriter;
+
+/// The on-disk format a [`Bootstrap`] was loaded from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SourceFormat {
+    /// Skiff's own format (`docs/format.md`).
+    Skiff,
+    /// A Nydus RAFS v6 bootstrap, transcoded at load.
+    NydusRafsV6,
+}
+
+impl SourceFormat {
+    /// Its name in messages and `skiff inspect`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Skiff => "skiff",
+            Self::NydusRafsV6 => "nydus-rafs-v6",
+        }
+    }
+}
 
 /// Why a bootstrap was refused.
 #[derive(Debug, thiserror::Error)]
@@ -36,9 +57,22 @@ pub enum FormatError {
         /// Length of the file.
         len: u64,
     },
-    /// The file does not start with the magic.
-    #[error("not a Skiff bootstrap (bad magic)")]
+    /// The file has none of the magics this code reads.
+    #[error(
+        "not a bootstrap: neither a Skiff magic at offset 0 nor a Nydus RAFS v6 (EROFS) magic at \
+         offset 1024"
+    )]
     BadMagic,
+    /// A Nydus RAFS v5 bootstrap.
+    #[error(
+        "a Nydus RAFS v5 bootstrap (magic 0x52414653): Skiff reads RAFS v6 only; rebuild the image \
+         with `nydus-image create --fs-version 6` or `nydusify convert --fs-version 6` (the \
+         default since nydus 2.0)"
+    )]
+    RafsV5,
+    /// A Nydus RAFS v6 bootstrap that is invalid or uses something unsupported.
+    #[error("Nydus RAFS v6 bootstrap refused")]
+    V6(#[source] v6::V6Error),
     /// The version is not one this code reads.
     #[error("unsupported bootstrap version {0}")]
     UnsupportedVersion(u32),

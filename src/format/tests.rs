@@ -154,3 +154,81 @@ fn truncation_is_refused() {
         }
     }
 }
+
+/// The sample with a file "f" of one chunk in one blob, stored with `flags`.
+fn with_chunk(flags: u32, stored: &[u8], data: &[u8], blob_flags: u32) -> BootstrapWriter {
+    let mut w = sample();
+    w.inodes[2].size = U64::new(data.len() as u64);
+    w.inodes[2].data_index = U64::new(0);
+    w.inodes[2].data_count = U32::new(1);
+    let mut c = <ChunkRecord as zerocopy::FromZeros>::new_zeroed();
+    c.flags = U32::new(flags);
+    c.digest = c.digest_algo().digest(data);
+    c.compressed_size = U32::new(stored.len() as u32);
+    c.uncompressed_size = U32::new(data.len() as u32);
+    w.chunks.push(c);
+    let mut b = <BlobRecord as zerocopy::FromZeros>::new_zeroed();
+    b.size = U64::new(stored.len() as u64);
+    b.flags = U32::new(blob_flags);
+    w.blobs.push(b);
+    w
+}
+
+#[test]
+fn zstd_and_sha256_chunks_and_sha256_blob_ids_load() {
+    let data = vec![3u8; 5000];
+    let z = zstd::bulk::compress(&data, 3).expect("zstd");
+    for flags in [
+        CHUNK_FLAG_ZSTD,
+        CHUNK_FLAG_ZSTD | CHUNK_FLAG_SHA256,
+        CHUNK_FLAG_SHA256,
+    ] {
+        let stored = if flags & CHUNK_FLAG_ZSTD != 0 {
+            &z[..]
+        } else {
+            &data[..]
+        };
+        let bytes = with_chunk(flags, stored, &data, BLOB_FLAG_SHA256_ID)
+            .finish(DEFAULT_CHUNK_SIZE)
+            .expect("writes");
+        let b = Bootstrap::from_bytes(bytes).expect("loads");
+        assert_eq!(b.source_format(), SourceFormat::Skiff);
+        let c = b.file_chunks(2)[0];
+        assert_eq!(c.flags.get(), flags);
+        assert_eq!(b.blobs()[0].id_algo(), DigestAlgo::Sha256);
+    }
+    // Both compressions at once, unknown chunk or blob flags, a zstd "frame" bigger than zstd
+    // can ever make for the size: refused.
+    for (flags, blob_flags, stored) in [
+        (CHUNK_FLAG_ZSTD | CHUNK_FLAG_LZ4, 0, &z[..]),
+        (0x40, 0, &data[..]),
+        (CHUNK_FLAG_ZSTD, 2, &z[..]),
+        (CHUNK_FLAG_ZSTD, 0, &[0u8; 6000][..]),
+    ] {
+        let bytes = with_chunk(flags, stored, &data, blob_flags)
+            .finish(DEFAULT_CHUNK_SIZE)
+            .expect("writes");
+        assert!(
+            Bootstrap::from_bytes(bytes).is_err(),
+            "flags {flags:#x} blob flags {blob_flags:#x}"
+        );
+    }
+}
+
+#[test]
+fn the_magic_chooses_the_format_and_rafs_v5_is_named() {
+    let mut v5 = vec![0u8; 8192];
+    v5[..4].copy_from_slice(&0x5241_4653u32.to_le_bytes());
+    let e = Bootstrap::from_bytes(v5).expect_err("v5");
+    assert!(matches!(e, FormatError::RafsV5), "{e}");
+    assert!(e.to_string().contains("RAFS v5"));
+    assert!(matches!(
+        Bootstrap::from_bytes(vec![7u8; 8192]),
+        Err(FormatError::BadMagic)
+    ));
+    // The EROFS magic alone leads to the v6 reader, which refuses the rest with its reason.
+    let mut v6 = vec![0u8; 8192];
+    v6[1024..1028].copy_from_slice(&0xE0F5_E1E2u32.to_le_bytes());
+    let e = Bootstrap::from_bytes(v6).expect_err("not a whole v6 image");
+    assert!(matches!(e, FormatError::V6(_)), "{e}");
+}

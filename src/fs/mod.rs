@@ -23,7 +23,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::api::BackendFileSystem;
 
 use crate::format::{BlobRecord, Bootstrap, ChunkRecord, InodeKind, InodeRecord};
-use crate::storage::ChunkSource;
+use crate::storage::{ChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT};
 
 /// How long the kernel may cache entries and attributes. The image never changes under a
 /// mount, so this is as long as the kernel allows to matter.
@@ -55,6 +55,9 @@ pub struct RafsFsOptions {
     /// Where to count reads and the bytes they return (`fs_reads`, `fs_read_bytes`), if
     /// anywhere: two relaxed atomic additions per read.
     pub reads: Option<Arc<crate::storage::Metrics>>,
+    /// How long one READ may take, waits for the network and retries included: then it fails
+    /// with EIO (and a log line) instead of hanging the guest's reader.
+    pub request_timeout: Duration,
 }
 
 impl Default for RafsFsOptions {
@@ -66,6 +69,7 @@ impl Default for RafsFsOptions {
             demand: None,
             fetch_ahead_chunks: FETCH_AHEAD_CHUNKS,
             reads: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -105,14 +109,18 @@ fn erofs<T>() -> io::Result<T> {
 
 /// Starts the read-ahead worker: it reads the hinted chunks through `source`, which verifies
 /// them and keeps them in its memory cache. It ends when the filesystem (the sender) is gone.
-fn spawn_readahead(source: Arc<dyn ChunkSource>) -> Option<SyncSender<(BlobRecord, ChunkRecord)>> {
+fn spawn_readahead(
+    source: Arc<dyn ChunkSource>,
+    timeout: Duration,
+) -> Option<SyncSender<(BlobRecord, ChunkRecord)>> {
     let (tx, rx) = sync_channel::<(BlobRecord, ChunkRecord)>(4);
     let spawned = std::thread::Builder::new()
         .name("skiff-readahead".into())
         .spawn(move || {
             while let Ok((blob, chunk)) = rx.recv() {
                 // A failure is reported by the read that needs the chunk, not here.
-                let _ = source.read_chunk(&blob, &chunk);
+                let deadline = Deadline::after(timeout).background();
+                let _ = source.read_chunk(&blob, &chunk, &deadline);
             }
         });
     match spawned {
@@ -133,7 +141,7 @@ impl RafsFs {
     ) -> Self {
         let readahead = opts
             .readahead
-            .then(|| spawn_readahead(source.clone()))
+            .then(|| spawn_readahead(source.clone(), opts.request_timeout))
             .flatten();
         Self {
             bootstrap,
@@ -202,6 +210,7 @@ impl RafsFs {
         blobs: &[crate::format::BlobRecord],
         first: u64,
         last: u64,
+        deadline: &Deadline,
     ) -> std::collections::HashMap<
         u64,
         Result<crate::storage::ChunkData, crate::storage::StorageError>,
@@ -228,7 +237,10 @@ impl RafsFs {
             return out;
         };
         let records: Vec<crate::format::ChunkRecord> = stored.iter().map(|(_, c)| *c).collect();
-        for ((i, _), r) in stored.iter().zip(self.source.read_chunks(blob, &records)) {
+        for ((i, _), r) in stored
+            .iter()
+            .zip(self.source.read_chunks(blob, &records, deadline))
+        {
             out.insert(*i, r);
         }
         out
@@ -247,14 +259,21 @@ impl RafsFs {
         if offset >= file_size || size == 0 {
             return Ok(0);
         }
+        let deadline = Deadline::after(self.opts.request_timeout);
+        let started = std::time::Instant::now();
         let end = file_size.min(offset.saturating_add(u64::from(size)));
         let chunk_size = u64::from(self.bootstrap.chunk_size());
         let chunks = self.bootstrap.file_chunks(index);
         let blobs = self.bootstrap.blobs();
         // Before this read's own fetch, so that both are in flight together.
         self.fetch_ahead(index, chunks, blobs, (end - 1) / chunk_size);
-        let mut spanned =
-            self.read_spanned_chunks(chunks, blobs, offset / chunk_size, (end - 1) / chunk_size);
+        let mut spanned = self.read_spanned_chunks(
+            chunks,
+            blobs,
+            offset / chunk_size,
+            (end - 1) / chunk_size,
+            &deadline,
+        );
         let mut pos = offset;
         let mut written = 0usize;
         while pos < end {
@@ -275,21 +294,24 @@ impl RafsFs {
                     .get(chunk.blob_index.get() as usize)
                     .ok_or_else(|| err(libc::EIO))?;
                 if let Some(m) = &self.opts.demand {
-                    m.note_demand(&chunk.digest, chunk.compressed_size.get());
+                    m.note_demand(&chunk.chunk_digest(), chunk.compressed_size.get());
                 }
                 let whole = within == 0 && take == chunk.uncompressed_size.get() as usize;
                 let data = match spanned.remove(&ci) {
                     Some(r) => r,
                     // The read takes all of the chunk (a small file, the tail of a file read
                     // in one go): nothing will ask for it again, the page cache keeps it.
-                    None if whole => self.source.read_chunk_once(blob, chunk),
-                    None => self.source.read_chunk(blob, chunk),
+                    None if whole => self.source.read_chunk_once(blob, chunk, &deadline),
+                    None => self.source.read_chunk(blob, chunk, &deadline),
                 };
                 let data = data.map_err(|e| {
                     tracing::error!(
                         file = %self.path_of(index),
                         chunk = ci,
-                        error = %crate::cli::error_chain(&e),
+                        offset,
+                        ms = started.elapsed().as_millis() as u64,
+                        deadline_passed = deadline.expired(),
+                        error = %crate::util::error_chain(&e),
                         "read failed; returning EIO"
                     );
                     err(libc::EIO)
@@ -319,9 +341,7 @@ impl RafsFs {
             return;
         }
         {
-            let Ok(mut marks) = self.ahead_marks.lock() else {
-                return;
-            };
+            let mut marks = crate::util::sync::lock(&self.ahead_marks);
             match marks.iter_mut().find(|(i, _)| *i == index) {
                 Some((_, upto)) if *upto >= end => return,
                 Some((_, upto)) => {
@@ -801,7 +821,12 @@ mod tests {
     struct Hints(Mutex<Vec<Vec<u64>>>);
 
     impl ChunkSource for Hints {
-        fn read_chunk(&self, _: &BlobRecord, _: &ChunkRecord) -> Result<ChunkData, StorageError> {
+        fn read_chunk(
+            &self,
+            _: &BlobRecord,
+            _: &ChunkRecord,
+            _: &Deadline,
+        ) -> Result<ChunkData, StorageError> {
             Err(StorageError::Corrupt {
                 blob: String::new(),
                 chunk: String::new(),

@@ -14,6 +14,7 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseSession, FuseSessionExt};
 
 use super::FuseError;
+use crate::util::sync::lock;
 
 /// A failed resend notification, in the shape `try_with_writer` wants.
 struct ResendError(String);
@@ -113,23 +114,19 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
 
     /// The `/dev/fuse` descriptor (to send to a successor), while the session has one.
     pub fn fuse_fd(&self) -> Option<RawFd> {
-        let g = self.session.lock().ok()?;
-        g.as_ref()?.get_fuse_file().map(|f| f.as_raw_fd())
+        lock(&self.session)
+            .as_ref()?
+            .get_fuse_file()
+            .map(|f| f.as_raw_fd())
     }
 
     /// Starts the workers.
     pub fn start(&self) -> Result<(), FuseError> {
-        let session = self
-            .session
-            .lock()
-            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        let session = lock(&self.session);
         let session = session
             .as_ref()
             .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
-        let mut workers = self
-            .workers
-            .lock()
-            .map_err(|_| Self::session_err(&self.mountpoint, "worker list poisoned".into()))?;
+        let mut workers = lock(&self.workers);
         if !workers.is_empty() {
             return Ok(());
         }
@@ -160,17 +157,12 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
     /// Stops the workers, each after the request it is handling is answered, and waits for
     /// them. The mount stays; requests that arrive meanwhile wait in the kernel.
     pub fn stop(&self) {
-        let handles: Vec<JoinHandle<()>> = match self.workers.lock() {
-            Ok(mut w) => w.drain(..).collect(),
-            Err(_) => return,
-        };
+        let handles: Vec<JoinHandle<()>> = lock(&self.workers).drain(..).collect();
         if handles.is_empty() {
             return;
         }
-        if let Ok(s) = self.session.lock() {
-            if let Some(s) = s.as_ref() {
-                let _ = s.wake();
-            }
+        if let Some(s) = lock(&self.session).as_ref() {
+            let _ = s.wake();
         }
         for h in handles {
             if h.join().is_err() {
@@ -184,10 +176,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
     /// Asks the kernel to send again the requests a predecessor read but never answered
     /// (FUSE_NOTIFY_RESEND, Linux 6.9 and later): after a crash they would wait forever.
     pub fn notify_resend(&self) -> Result<(), FuseError> {
-        let mut g = self
-            .session
-            .lock()
-            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        let mut g = lock(&self.session);
         let session = g
             .as_mut()
             .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
@@ -205,10 +194,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
 
     /// Stops serving and unmounts.
     pub fn umount(&self) -> Result<(), FuseError> {
-        let mut g = self
-            .session
-            .lock()
-            .map_err(|_| Self::session_err(&self.mountpoint, "session lock poisoned".into()))?;
+        let mut g = lock(&self.session);
         tracing::info!(mountpoint = %self.mountpoint.display(), "unmounting");
         let r = match g.as_mut() {
             Some(s) => {
@@ -228,13 +214,10 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
     /// to one).
     pub fn leave_mounted(&self) {
         self.stop();
-        if let Ok(mut g) = self.session.lock() {
-            if let Some(s) = g.take() {
-                // Dropping a session unmounts. Forgotten, it keeps its descriptor open until
-                // the process exits, which it is about to; closing a descriptor does not
-                // unmount.
-                std::mem::forget(s);
-            }
+        if let Some(s) = lock(&self.session).take() {
+            // Dropping a session unmounts. Forgotten, it keeps its descriptor open until the
+            // process exits, which it is about to; closing a descriptor does not unmount.
+            std::mem::forget(s);
         }
     }
 }

@@ -269,29 +269,21 @@ impl Authenticator {
     }
 
     fn credentials(&self) -> Option<Credentials> {
-        self.credentials.read().ok().and_then(|c| c.clone())
+        crate::util::sync::read(&self.credentials).clone()
     }
 
     /// Replaces the credentials. What was learnt with the old ones (schemes, tokens) is
     /// dropped, so that the next request to each host proves the new ones.
     pub fn set_credentials(&self, credentials: Option<Credentials>) {
-        if let Ok(mut c) = self.credentials.write() {
-            *c = credentials;
-        }
-        if let Ok(mut h) = self.hosts.lock() {
-            h.clear();
-        }
+        *crate::util::sync::write(&self.credentials) = credentials;
+        self.lock().clear();
     }
 
     /// Sets the bearer token sent to a host before it asks for another (nydusd's
     /// `registry_token`).
     pub fn set_bearer_token(&self, token: Option<String>) {
-        if let Ok(mut t) = self.bearer_token.write() {
-            *t = token;
-        }
-        if let Ok(mut h) = self.hosts.lock() {
-            h.clear();
-        }
+        *crate::util::sync::write(&self.bearer_token) = token;
+        self.lock().clear();
     }
 
     /// The `Authorization` header for a request to `host` needing `scope`, if one is known and
@@ -303,9 +295,9 @@ impl Authenticator {
     /// a 401 and a second round trip, and one with token auth answers 401 with its challenge
     /// as it would anyway.
     pub fn header(&self, host: &str, scope: &str) -> Option<String> {
-        let hosts = self.hosts.lock().ok()?;
+        let hosts = self.lock();
         let Some(st) = hosts.get(host) else {
-            if let Some(t) = self.bearer_token.read().ok().and_then(|t| t.clone()) {
+            if let Some(t) = crate::util::sync::read(&self.bearer_token).clone() {
                 return Some(format!("Bearer {t}"));
             }
             return self.credentials().as_ref().map(Credentials::basic_header);
@@ -324,9 +316,7 @@ impl Authenticator {
     /// Whether a bearer token for `scope` at `host` is due for refresh (so the caller can get
     /// one before sending, instead of after a 401).
     pub fn needs_refresh(&self, host: &str, scope: &str) -> bool {
-        let Ok(hosts) = self.hosts.lock() else {
-            return false;
-        };
+        let hosts = self.lock();
         match hosts.get(host) {
             Some(st) if matches!(st.scheme, Scheme::Bearer { .. }) => st
                 .tokens
@@ -350,7 +340,7 @@ impl Authenticator {
         };
         match ch.scheme.as_str() {
             "basic" => {
-                let mut hosts = self.lock()?;
+                let mut hosts = self.lock();
                 let st = hosts.entry(host.to_string()).or_default();
                 let was_basic = matches!(st.scheme, Scheme::Basic);
                 st.scheme = Scheme::Basic;
@@ -363,7 +353,7 @@ impl Authenticator {
                 })?;
                 let service = ch.params.get("service").cloned();
                 self.refresh(http, host, &realm, service.as_deref(), scope)?;
-                let mut hosts = self.lock()?;
+                let mut hosts = self.lock();
                 let st = hosts.entry(host.to_string()).or_default();
                 st.scheme = Scheme::Bearer { realm, service };
                 Ok(true)
@@ -383,7 +373,7 @@ impl Authenticator {
         scope: &str,
     ) -> Result<(), OciError> {
         let known = {
-            let hosts = self.lock()?;
+            let hosts = self.lock();
             match hosts.get(host).map(|s| &s.scheme) {
                 Some(Scheme::Bearer { realm, service }) => Some((realm.clone(), service.clone())),
                 _ => None,
@@ -395,10 +385,8 @@ impl Authenticator {
         Ok(())
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, HostState>>, OciError> {
-        self.hosts
-            .lock()
-            .map_err(|_| OciError::Auth("authentication state poisoned".into()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HostState>> {
+        crate::util::sync::lock(&self.hosts)
     }
 
     fn refresh(
@@ -454,7 +442,7 @@ impl Authenticator {
         }
         let token = parse_token_response(&body, Instant::now(), SystemTime::now())
             .map_err(|e| OciError::Auth(format!("{host}: token response: {e}")))?;
-        let mut hosts = self.lock()?;
+        let mut hosts = self.lock();
         hosts
             .entry(host.to_string())
             .or_default()

@@ -3,24 +3,19 @@
 //! a merged bootstrap, a config and a manifest (conventions in docs/format.md).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sha2::Digest;
 
 use super::manifest::{
-    self, Descriptor, Fetched, ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP,
-    ANN_ROOT_DIGEST, ANN_SOURCE, MAX_MANIFEST_BYTES, OCI_CONFIG, OCI_MANIFEST, SKIFF_BLOB,
+    self, Descriptor, ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP,
+    ANN_ROOT_DIGEST, ANN_SOURCE, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, SKIFF_BLOB,
     SKIFF_BOOTSTRAP_ZSTD,
 };
+use super::source::{self, sha256_file, Platforms, SourceImage};
 use super::{OciError, Reference, RegistryClient, RegistryOptions};
 use crate::build::{self, BuildOptions, BuildSummary, Compressor};
 use crate::format::digest_hex;
-
-/// Largest `manifest.json` of a `docker save` archive.
-const MAX_ARCHIVE_MANIFEST: u64 = 1 << 20;
 
 /// zstd level of the bootstrap layer: level 3 compresses a bootstrap about as well as level 19
 /// (digests dominate and do not compress) at a fraction of the time.
@@ -45,6 +40,9 @@ pub struct ConvertOptions {
     pub compressor: Compressor,
     /// Show progress bars (on a terminal).
     pub progress: bool,
+    /// Which platforms of an index source to convert: linux/amd64 into one manifest, or every
+    /// platform into an index of converted manifests.
+    pub platforms: Platforms,
 }
 
 /// One pushed Skiff blob.
@@ -60,15 +58,20 @@ pub struct PushedBlob {
     pub size: u64,
 }
 
-/// What a conversion did.
+/// What the conversion of one image did.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ConvertSummary {
     /// The pushed manifest's digest.
     pub manifest_digest: String,
     /// The target reference.
     pub target: String,
+    /// The image's platform (`os/arch[/variant]`), if known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
     /// Source layers.
     pub source_layers: usize,
+    /// Bytes of source layers (compressed, as the source stores them).
+    pub source_bytes: u64,
     /// Blobs pushed, in layer order.
     pub blobs: Vec<PushedBlob>,
     /// The bootstrap layer's digest.
@@ -79,17 +82,111 @@ pub struct ConvertSummary {
     pub bootstrap_uncompressed_bytes: u64,
     /// The build.
     pub build: BuildSummary,
+    /// The pushed manifest's size.
+    pub manifest_bytes: u64,
 }
 
-/// A source image fetched into the work directory.
-struct SourceImage {
-    layers: Vec<PathBuf>,
-    config: Vec<u8>,
+impl ConvertSummary {
+    fn manifest_bytes_len(&self) -> u64 {
+        self.manifest_bytes
+    }
+
+    /// Bytes of the converted image: blobs and bootstrap layer.
+    pub fn target_bytes(&self) -> u64 {
+        self.blobs.iter().map(|b| b.size).sum::<u64>() + self.bootstrap_bytes
+    }
 }
 
-/// Converts `opts.source` and pushes the result to `opts.target`.
-pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
+/// What a conversion did: one image, or an index of converted images.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum ConvertReport {
+    /// One manifest pushed under the target tag.
+    Image(Box<ConvertSummary>),
+    /// A manifest per platform, then an index of them under the target tag.
+    Index {
+        /// The pushed index's digest.
+        index_digest: String,
+        /// The target reference.
+        target: String,
+        /// Each platform's conversion, in the source index's order.
+        images: Vec<ConvertSummary>,
+    },
+}
+
+impl ConvertReport {
+    /// The digest of what was pushed under the tag.
+    pub fn digest(&self) -> &str {
+        match self {
+            Self::Image(s) => &s.manifest_digest,
+            Self::Index { index_digest, .. } => index_digest,
+        }
+    }
+
+    /// The images converted.
+    pub fn images(&self) -> Vec<&ConvertSummary> {
+        match self {
+            Self::Image(s) => vec![s.as_ref()],
+            Self::Index { images, .. } => images.iter().collect(),
+        }
+    }
+}
+
+/// Converts `opts.source` and pushes the result to `opts.target`. Everything is pushed before
+/// the tag is: a conversion that stops half-way leaves no image under the tag.
+pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport, OciError> {
     let work = &opts.work_dir;
+    std::fs::create_dir_all(work).map_err(|e| OciError::io("creating", work, e))?;
+    let src = source::open_source(&opts.source, &opts.source_registry, work, opts.platforms)?;
+    tracing::info!(source = %opts.source, images = src.images.len(), index = src.is_index, "source image opened");
+    let tag = opts.target.manifest_ref().to_string();
+    if !src.is_index || opts.platforms == Platforms::Default {
+        let image = src
+            .images
+            .into_iter()
+            .next()
+            .ok_or_else(|| OciError::Invalid("the source has no image".into()))?;
+        return convert_image(opts, image, Some(&tag), work)
+            .map(|s| ConvertReport::Image(Box::new(s)));
+    }
+    let mut images = Vec::new();
+    let mut entries = Vec::new();
+    for (i, image) in src.images.into_iter().enumerate() {
+        let platform = image.platform.clone();
+        let s = convert_image(opts, image, None, &work.join(format!("platform-{i}")))?;
+        entries.push(serde_json::json!({
+            "mediaType": OCI_MANIFEST,
+            "digest": s.manifest_digest,
+            "size": s.manifest_bytes_len(),
+            "platform": platform,
+        }));
+        images.push(s);
+    }
+    let index = serde_json::to_vec_pretty(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": entries,
+        "annotations": {ANN_SOURCE: opts.source},
+    }))
+    .map_err(|e| OciError::Invalid(format!("serialising the index: {e}")))?;
+    let target = RegistryClient::new(&opts.target, &opts.target_registry)?;
+    target.push_manifest(&tag, &index, OCI_INDEX)?;
+    let index_digest = manifest::sha256_digest(&index);
+    tracing::info!(target = %opts.target, index = %index_digest, "pushed");
+    Ok(ConvertReport::Index {
+        index_digest,
+        target: opts.target.to_string(),
+        images,
+    })
+}
+
+/// Converts one source image and pushes its manifest under `tag`, or by digest only.
+fn convert_image(
+    opts: &ConvertOptions,
+    mut src: SourceImage,
+    tag: Option<&str>,
+    work: &Path,
+) -> Result<ConvertSummary, OciError> {
     std::fs::create_dir_all(work).map_err(|e| OciError::io("creating", work, e))?;
     let bars = MultiProgress::with_draw_target(
         if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -98,7 +195,19 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
             ProgressDrawTarget::hidden()
         },
     );
-    let src = fetch_source(opts, &bars)?;
+    let layer_dir = work.join("layers");
+    let mut layer_paths = Vec::new();
+    for (i, l) in src.layers.iter_mut().enumerate() {
+        let b = bar(&bars, l.size, format!("pull layer {}", i + 1));
+        l.download(&layer_dir, &|n| b.inc(n))?;
+        b.finish();
+        layer_paths.push(
+            l.path()
+                .ok_or_else(|| OciError::Invalid("internal: layer not downloaded".into()))?
+                .to_path_buf(),
+        );
+    }
+    let source_bytes = src.layers.iter().map(|l| l.size).sum();
     tracing::info!(source = %opts.source, layers = src.layers.len(), "source image fetched");
 
     let blob_dir = work.join("blobs");
@@ -113,7 +222,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
         io_threads: 0,
         blob_id_sha256: false,
     };
-    let (summary, per_layer) = build::build_blob_per_layer(&src.layers, &build_opts)?;
+    let (summary, per_layer) = build::build_blob_per_layer(&layer_paths, &build_opts)?;
 
     let target = RegistryClient::new(&opts.target, &opts.target_registry)?;
     let mut layers = Vec::new();
@@ -180,14 +289,19 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertSummary, OciError> {
     };
     let mbytes = serde_json::to_vec_pretty(&m)
         .map_err(|e| OciError::Invalid(format!("serialising the manifest: {e}")))?;
-    let tag = opts.target.manifest_ref().to_string();
-    target.push_manifest(&tag, &mbytes, OCI_MANIFEST)?;
     let manifest_digest = manifest::sha256_digest(&mbytes);
+    target.push_manifest(tag.unwrap_or(&manifest_digest), &mbytes, OCI_MANIFEST)?;
     tracing::info!(target = %opts.target, manifest = %manifest_digest, "pushed");
     Ok(ConvertSummary {
         manifest_digest,
         target: opts.target.to_string(),
+        platform: src
+            .platform
+            .as_ref()
+            .map(|p| source::platform_name(Some(p))),
         source_layers: src.layers.len(),
+        source_bytes,
+        manifest_bytes: mbytes.len() as u64,
         blobs: pushed,
         bootstrap_digest: boot_digest,
         bootstrap_bytes: boot_zstd.len() as u64,
@@ -225,229 +339,6 @@ fn bar(bars: &MultiProgress, len: u64, msg: String) -> ProgressBar {
     }
     b.set_message(msg);
     b
-}
-
-/// `sha256:…` of a file, streamed.
-fn sha256_file(path: &Path) -> Result<String, OciError> {
-    let mut f = File::open(path).map_err(|e| OciError::io("opening", path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| OciError::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(h.finalize())))
-}
-
-/// Whether a layer media type is a tar layer Skiff can apply (compression is told by content).
-fn is_tar_layer(media_type: &str) -> bool {
-    media_type.starts_with("application/vnd.oci.image.layer.v1.tar")
-        || media_type.starts_with("application/vnd.docker.image.rootfs.diff.tar")
-}
-
-fn fetch_source(opts: &ConvertOptions, bars: &MultiProgress) -> Result<SourceImage, OciError> {
-    let p = Path::new(&opts.source);
-    if p.is_dir() {
-        return from_oci_layout(p, &opts.work_dir);
-    }
-    if p.is_file() {
-        return from_docker_archive(p, &opts.work_dir);
-    }
-    let reference = Reference::parse(&opts.source)?;
-    let client = RegistryClient::new(&reference, &opts.source_registry)?;
-    let (m, _, _) = client.get_manifest()?;
-    let config =
-        client.get_blob_bytes(&m.config.digest, m.config.size, MAX_MANIFEST_BYTES as u64)?;
-    let dir = opts.work_dir.join("layers");
-    std::fs::create_dir_all(&dir).map_err(|e| OciError::io("creating", &dir, e))?;
-    let mut layers = Vec::new();
-    for (i, l) in m.layers.iter().enumerate() {
-        if !is_tar_layer(&l.media_type) {
-            return Err(OciError::Invalid(format!(
-                "layer {} has media type {}, not a tar layer",
-                l.digest, l.media_type
-            )));
-        }
-        let path = dir.join(l.digest.replace(':', "-"));
-        let b = bar(bars, l.size, format!("pull layer {}", i + 1));
-        client.get_blob_to_file(&l.digest, l.size, &path, &|n| b.inc(n))?;
-        b.finish();
-        layers.push(path);
-    }
-    Ok(SourceImage { layers, config })
-}
-
-/// Reads a file of an OCI layout named by `digest`, bounded and verified.
-fn layout_blob(dir: &Path, d: &Descriptor, max: u64) -> Result<Vec<u8>, OciError> {
-    d.validate()?;
-    if d.size > max {
-        return Err(OciError::Invalid(format!("{}: too large", d.digest)));
-    }
-    let path = layout_blob_path(dir, &d.digest);
-    let mut bytes = Vec::new();
-    File::open(&path)
-        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
-        .map_err(|e| OciError::io("reading", &path, e))?;
-    if bytes.len() as u64 != d.size {
-        return Err(OciError::Invalid(format!(
-            "{}: {} bytes, the descriptor says {}",
-            path.display(),
-            bytes.len(),
-            d.size
-        )));
-    }
-    manifest::verify_digest(&path.display().to_string(), &bytes, &d.digest)?;
-    Ok(bytes)
-}
-
-fn layout_blob_path(dir: &Path, digest: &str) -> PathBuf {
-    // The digest was validated: "sha256:" and 64 hex digits, no path separators.
-    dir.join("blobs/sha256").join(&digest[7..])
-}
-
-/// An OCI image layout: `index.json` → (index →) linux/amd64 manifest → config and layers.
-fn from_oci_layout(dir: &Path, _work: &Path) -> Result<SourceImage, OciError> {
-    let layout = dir.join("oci-layout");
-    if !layout.is_file() {
-        return Err(OciError::Invalid(format!(
-            "{} is a directory but not an OCI image layout (no oci-layout file)",
-            dir.display()
-        )));
-    }
-    let index_path = dir.join("index.json");
-    let mut bytes = Vec::new();
-    File::open(&index_path)
-        .and_then(|f| {
-            f.take(MAX_MANIFEST_BYTES as u64 + 1)
-                .read_to_end(&mut bytes)
-        })
-        .map_err(|e| OciError::io("reading", &index_path, e))?;
-    let mut fetched = manifest::parse_manifest(&bytes, Some(manifest::OCI_INDEX))?;
-    for _ in 0..3 {
-        match fetched {
-            Fetched::Manifest(m) => {
-                let config = layout_blob(dir, &m.config, MAX_MANIFEST_BYTES as u64)?;
-                let mut layers = Vec::new();
-                for l in &m.layers {
-                    l.validate()?;
-                    if !is_tar_layer(&l.media_type) {
-                        return Err(OciError::Invalid(format!(
-                            "layer {} has media type {}, not a tar layer",
-                            l.digest, l.media_type
-                        )));
-                    }
-                    let path = layout_blob_path(dir, &l.digest);
-                    let got = sha256_file(&path)?;
-                    if got != l.digest {
-                        return Err(OciError::Digest {
-                            what: path.display().to_string(),
-                            got,
-                            want: l.digest.clone(),
-                        });
-                    }
-                    layers.push(path);
-                }
-                return Ok(SourceImage { layers, config });
-            }
-            Fetched::Index(i) => {
-                let d = manifest::pick_platform(&i)?.clone();
-                let b = layout_blob(dir, &d, MAX_MANIFEST_BYTES as u64)?;
-                fetched = manifest::parse_manifest(&b, Some(&d.media_type))?;
-            }
-        }
-    }
-    Err(OciError::Invalid(
-        "OCI layout: indexes nested too deep".into(),
-    ))
-}
-
-/// A `docker save` tarball: `manifest.json` names the config and the layer files.
-fn from_docker_archive(path: &Path, work: &Path) -> Result<SourceImage, OciError> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "PascalCase")]
-    struct Entry {
-        config: String,
-        layers: Vec<String>,
-    }
-    let open = || -> Result<tar::Archive<File>, OciError> {
-        Ok(tar::Archive::new(
-            File::open(path).map_err(|e| OciError::io("opening", path, e))?,
-        ))
-    };
-    let bad = |what: String| OciError::Invalid(format!("{}: {what}", path.display()));
-    let io = |e: std::io::Error| OciError::io("reading", path, e);
-    // Pass 1: manifest.json.
-    let mut manifest_json = None;
-    let mut a = open()?;
-    for e in a.entries().map_err(io)? {
-        let e = e.map_err(io)?;
-        if e.path_bytes().as_ref() == b"manifest.json" {
-            let mut v = Vec::new();
-            e.take(MAX_ARCHIVE_MANIFEST + 1)
-                .read_to_end(&mut v)
-                .map_err(io)?;
-            if v.len() as u64 > MAX_ARCHIVE_MANIFEST {
-                return Err(bad("manifest.json too large".into()));
-            }
-            manifest_json = Some(v);
-            break;
-        }
-    }
-    let mj =
-        manifest_json.ok_or_else(|| bad("no manifest.json: not a docker save archive".into()))?;
-    let entries: Vec<Entry> =
-        serde_json::from_slice(&mj).map_err(|e| bad(format!("manifest.json: {e}")))?;
-    let [entry] = entries.as_slice() else {
-        return Err(bad(format!(
-            "manifest.json lists {} images; exactly one is supported",
-            entries.len()
-        )));
-    };
-    // Pass 2: the config and layers, copied out under names of our own.
-    let dir = work.join("layers");
-    std::fs::create_dir_all(&dir).map_err(|e| OciError::io("creating", &dir, e))?;
-    let mut wanted: BTreeMap<&str, PathBuf> = BTreeMap::new();
-    for (i, l) in entry.layers.iter().enumerate() {
-        wanted.insert(l.as_str(), dir.join(format!("layer-{i}")));
-    }
-    let mut config = None;
-    let mut a = open()?;
-    for e in a.entries().map_err(io)? {
-        let mut e = e.map_err(io)?;
-        let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
-        if name == entry.config {
-            let mut v = Vec::new();
-            (&mut e)
-                .take(MAX_MANIFEST_BYTES as u64 + 1)
-                .read_to_end(&mut v)
-                .map_err(io)?;
-            if v.len() > MAX_MANIFEST_BYTES {
-                return Err(bad("config too large".into()));
-            }
-            config = Some(v);
-        } else if let Some(dest) = wanted.get(name.as_str()) {
-            let mut f = File::create(dest).map_err(|e| OciError::io("creating", dest, e))?;
-            std::io::copy(&mut e, &mut f).map_err(|e| OciError::io("writing", dest, e))?;
-        }
-    }
-    let config = config.ok_or_else(|| bad(format!("config {} missing", entry.config)))?;
-    let mut layers = Vec::new();
-    for l in &entry.layers {
-        let p = wanted
-            .get(l.as_str())
-            .cloned()
-            .ok_or_else(|| bad(format!("layer {l} missing")))?;
-        if !p.is_file() {
-            return Err(bad(format!("layer {l} missing")));
-        }
-        layers.push(p);
-    }
-    Ok(SourceImage { layers, config })
 }
 
 #[cfg(test)]

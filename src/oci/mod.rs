@@ -10,11 +10,13 @@ pub mod manifest;
 pub mod reference;
 pub mod registry;
 pub mod registry_backend;
+pub mod source;
 
-pub use convert::{convert, ConvertOptions, ConvertSummary};
+pub use convert::{convert, ConvertOptions, ConvertReport, ConvertSummary};
 pub use reference::Reference;
 pub use registry::{RegistryClient, RegistryOptions};
 pub use registry_backend::{open_image, RegistryBackend, RemoteImage};
+pub use source::Platforms;
 
 /// Why an OCI operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +54,9 @@ pub enum OciError {
         /// The start of the error body, if any.
         detail: String,
     },
+    /// The caller's deadline passed before the request could be sent.
+    #[error("{0}: the request deadline passed")]
+    DeadlinePassed(String),
     /// The registry (or a layout/archive) sent something that breaks a rule.
     #[error("{0}")]
     Invalid(String),

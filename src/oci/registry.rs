@@ -19,6 +19,7 @@ use sha2::Digest;
 use super::auth::{Authenticator, Credentials};
 use super::manifest::{self, Fetched, ImageManifest, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES};
 use super::{OciError, Reference};
+use crate::util::sync::lock;
 
 /// Bytes of an error body quoted in an error message.
 const ERROR_BODY_QUOTE: u64 = 512;
@@ -175,6 +176,8 @@ pub struct RegistryClient {
     origin: Endpoint,
     mirrors: Vec<Endpoint>,
     fallback_to_origin: bool,
+    /// Timeout of one request, if any (what a deadline's remainder is capped by).
+    timeout: Option<Duration>,
 }
 
 /// Whether `host` may be spoken to over plain HTTP without being told: loopback, as Docker.
@@ -287,6 +290,7 @@ impl RegistryClient {
             origin: endpoint_with(reference.api_host(), opts.scheme, opts.insecure),
             mirrors,
             fallback_to_origin: opts.fallback_to_origin || opts.mirrors.is_empty(),
+            timeout: opts.timeout,
         })
     }
 
@@ -366,7 +370,7 @@ impl RegistryClient {
     /// health check.
     fn mirror_usable(&self, m: &Endpoint) -> bool {
         let Some(h) = &m.health else { return true };
-        let (failures, last) = h.state.lock().map(|g| *g).unwrap_or((0, None));
+        let (failures, last) = *lock(&h.state);
         let Some(last) = last.filter(|_| failures >= h.failure_limit) else {
             return true;
         };
@@ -380,13 +384,11 @@ impl RegistryClient {
             .timeout(PING_TIMEOUT)
             .send()
             .is_ok_and(|r| r.status().is_success());
-        if let Ok(mut g) = h.state.lock() {
-            *g = if healthy {
-                (0, None)
-            } else {
-                (failures, Some(Instant::now()))
-            };
-        }
+        *lock(&h.state) = if healthy {
+            (0, None)
+        } else {
+            (failures, Some(Instant::now()))
+        };
         if !healthy {
             tracing::warn!(mirror = %m.host, ping, "mirror still unhealthy");
         }
@@ -395,13 +397,12 @@ impl RegistryClient {
 
     fn mirror_result(&self, m: &Endpoint, ok: bool) {
         let Some(h) = &m.health else { return };
-        if let Ok(mut g) = h.state.lock() {
-            *g = if ok {
-                (0, None)
-            } else {
-                (g.0.saturating_add(1), Some(Instant::now()))
-            };
-        }
+        let mut g = lock(&h.state);
+        *g = if ok {
+            (0, None)
+        } else {
+            (g.0.saturating_add(1), Some(Instant::now()))
+        };
     }
 
     /// Tries `f` on each mirror, then on the origin (unless mirrors are all it may use);
@@ -424,7 +425,7 @@ impl RegistryClient {
                 Err(e) => {
                     tracing::warn!(
                         mirror = %m.host,
-                        error = %crate::cli::error_chain(&e),
+                        error = %crate::util::error_chain(&e),
                         "{what}: mirror failed, trying the next one"
                     );
                     self.mirror_result(m, false);
@@ -447,26 +448,33 @@ impl RegistryClient {
     pub fn get_manifest(&self) -> Result<(ImageManifest, Vec<u8>, String), OciError> {
         let mut wanted = self.reference.manifest_ref().to_string();
         for _ in 0..2 {
-            let (bytes, ctype) = self.pull(&format!("manifest {wanted}"), &|ep| {
-                self.get_manifest_bytes(ep, &wanted)
-            })?;
-            let digest = manifest::sha256_digest(&bytes);
-            if wanted.starts_with("sha256:") && digest != wanted {
-                return Err(OciError::Digest {
-                    what: format!("manifest of {}", self.reference),
-                    got: digest,
-                    want: wanted,
-                });
-            }
-            match manifest::parse_manifest(&bytes, ctype.as_deref())? {
-                Fetched::Manifest(m) => return Ok((m, bytes, digest)),
-                Fetched::Index(i) => wanted = manifest::pick_platform(&i)?.digest.clone(),
+            match self.get_manifest_ref(&wanted)? {
+                (Fetched::Manifest(m), bytes, digest) => return Ok((m, bytes, digest)),
+                (Fetched::Index(i), _, _) => wanted = manifest::pick_platform(&i)?.digest.clone(),
             }
         }
         Err(OciError::Invalid(format!(
             "{}: an index points to another index",
             self.reference
         )))
+    }
+
+    /// Fetches the manifest or index `wanted` (a tag or a digest) of this repository as it is,
+    /// with its bytes and digest (checked against `wanted` when it is a digest).
+    pub fn get_manifest_ref(&self, wanted: &str) -> Result<(Fetched, Vec<u8>, String), OciError> {
+        let (bytes, ctype) = self.pull(&format!("manifest {wanted}"), &|ep| {
+            self.get_manifest_bytes(ep, wanted)
+        })?;
+        let digest = manifest::sha256_digest(&bytes);
+        if wanted.starts_with("sha256:") && digest != wanted {
+            return Err(OciError::Digest {
+                what: format!("manifest of {}", self.reference),
+                got: digest,
+                want: wanted.to_string(),
+            });
+        }
+        let fetched = manifest::parse_manifest(&bytes, ctype.as_deref())?;
+        Ok((fetched, bytes, digest))
     }
 
     fn get_manifest_bytes(
@@ -570,13 +578,46 @@ impl RegistryClient {
         })
     }
 
+    /// Opens blob `digest` of `size` bytes as a stream, for reading it once without storing
+    /// it: the reader fails if more than `size` bytes come, and at its end if fewer came or
+    /// their sha256 is not `digest`, so a reader that reads to the end has verified bytes.
+    pub fn get_blob_reader(&self, digest: &str, size: u64) -> Result<BlobReader, OciError> {
+        self.pull(&format!("blob {digest}"), &|ep| {
+            let url = self.url(ep, &format!("blobs/{digest}"));
+            let what = format!("GET {url}");
+            let resp = self.send(ep, &self.pull_scope(), &what, &|| self.http.get(&url))?;
+            let resp = expect_status(resp, &what, &[StatusCode::OK])?;
+            if let Some(n) = resp.content_length() {
+                if n != size {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: {n} bytes announced, the descriptor says {size}"
+                    )));
+                }
+            }
+            Ok(BlobReader {
+                resp,
+                what,
+                want: digest.to_string(),
+                size,
+                read: 0,
+                hasher: sha2::Sha256::new(),
+                done: false,
+            })
+        })
+    }
+
     /// Reads `len` bytes of blob `digest` from `offset` with a `Range` request. The answer must
     /// be `206` with exactly those bytes (redirects, to a CDN or object store, are followed).
+    ///
+    /// With `until`, each request (to a mirror, then the origin) must be answered, body
+    /// included, by then: its timeout is the client's, or what is left if that is less. Once
+    /// it has passed, the read fails without sending anything.
     pub fn get_blob_range(
         &self,
         digest: &str,
         offset: u64,
         len: usize,
+        until: Option<std::time::Instant>,
     ) -> Result<Vec<u8>, OciError> {
         if len == 0 {
             return Ok(Vec::new());
@@ -588,15 +629,29 @@ impl RegistryClient {
             let url = self.url(ep, &format!("blobs/{digest}"));
             let what = format!("GET {url} bytes={offset}-{last}");
             let range = format!("bytes={offset}-{last}");
+            let timeout = match until {
+                None => self.timeout,
+                Some(t) => {
+                    let left = t.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(OciError::DeadlinePassed(what.clone()));
+                    }
+                    Some(self.timeout.map_or(left, |c| c.min(left)))
+                }
+            };
+            let with_timeout = |req: RequestBuilder| match timeout {
+                Some(t) => req.timeout(t),
+                None => req,
+            };
             let resp = match (&self.http_manual, &self.blob_redirect) {
-                (Some(manual), Some((host, scheme))) => {
+                (Some(manual), Some(_)) => {
                     let resp = self.send(ep, &self.pull_scope(), &what, &|| {
-                        manual.get(&url).header(RANGE, &range)
+                        with_timeout(manual.get(&url).header(RANGE, &range))
                     })?;
-                    self.follow_redirects(manual, resp, &range, host, *scheme, &what)?
+                    self.follow_redirects(manual, resp, &range, &what, timeout)?
                 }
                 _ => self.send(ep, &self.pull_scope(), &what, &|| {
-                    self.http.get(&url).header(RANGE, &range)
+                    with_timeout(self.http.get(&url).header(RANGE, &range))
                 })?,
             };
             let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
@@ -627,10 +682,12 @@ impl RegistryClient {
         http: &Client,
         mut resp: Response,
         range: &str,
-        host: &str,
-        scheme: Option<Scheme>,
         what: &str,
+        timeout: Option<Duration>,
     ) -> Result<Response, OciError> {
+        let Some((host, scheme)) = &self.blob_redirect else {
+            return Ok(resp);
+        };
         for _ in 0..MAX_REDIRECTS {
             if !resp.status().is_redirection() {
                 return Ok(resp);
@@ -653,14 +710,14 @@ impl RegistryClient {
                 let _ = url.set_scheme(s.as_str());
             }
             tracing::debug!(%url, "following a blob redirect to the configured host");
-            resp = http
-                .get(url)
-                .header(RANGE, range)
-                .send()
-                .map_err(|source| OciError::Http {
-                    what: format!("{what} (redirected)"),
-                    source,
-                })?;
+            let mut req = http.get(url).header(RANGE, range);
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            resp = req.send().map_err(|source| OciError::Http {
+                what: format!("{what} (redirected)"),
+                source,
+            })?;
         }
         Err(OciError::Invalid(format!(
             "{what}: more than {MAX_REDIRECTS} redirects"
@@ -801,6 +858,68 @@ fn split_host_port(host: &str) -> (&str, Option<u16>) {
             Err(_) => (host, None),
         },
         None => (host, None),
+    }
+}
+
+/// A blob read as a stream and checked on the way (see [`RegistryClient::get_blob_reader`]).
+pub struct BlobReader {
+    resp: Response,
+    what: String,
+    want: String,
+    size: u64,
+    read: u64,
+    hasher: sha2::Sha256,
+    done: bool,
+}
+
+impl BlobReader {
+    /// Bytes read so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
+    }
+}
+
+impl Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.resp.read(buf)?;
+        if n == 0 {
+            if self.read != self.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "{}: {} bytes, the descriptor says {}",
+                        self.what, self.read, self.size
+                    ),
+                ));
+            }
+            let got = format!(
+                "sha256:{}",
+                hex::encode(std::mem::take(&mut self.hasher).finalize())
+            );
+            if got != self.want {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: digest {got}, expected {}", self.what, self.want),
+                ));
+            }
+            self.done = true;
+            return Ok(0);
+        }
+        self.read += n as u64;
+        if self.read > self.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{}: more than the {} bytes the descriptor says",
+                    self.what, self.size
+                ),
+            ));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
 }
 

@@ -17,10 +17,10 @@ use super::manifest::{
 use super::{OciError, RegistryClient};
 use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
 use crate::storage::cache::BootstrapCache;
-use crate::storage::{BackendError, BlobBackend};
+use crate::storage::{BackendError, BlobBackend, Deadline};
 
 /// Largest bootstrap fetched (the format's own limit).
-const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
+pub const MAX_BOOTSTRAP_BYTES: u64 = 4 << 30;
 
 /// Where a Skiff blob is in the registry.
 #[derive(Clone, Debug)]
@@ -74,12 +74,40 @@ impl RegistryBackend {
     }
 }
 
+/// The backend error for a failed registry read, in the class that decides whether it is
+/// retried (`BackendError::is_retryable`):
+///
+/// - an HTTP status keeps its code: 400, 403 and 404 are final, and so is a 401, which the
+///   client answers with one token refresh (or its basic credentials) before it gives up;
+///   5xx, 408 and 429 are retried;
+/// - a transport failure (connect, reset, timeout, body cut off) is retried, and so is a reply
+///   that breaks the protocol (a wrong `Content-Range`, a short body);
+/// - failed authentication (the token server refused or could not be reached), a passed
+///   deadline and anything local are final.
+fn classify(what: String, e: OciError) -> BackendError {
+    match e {
+        OciError::Status { status, .. } => BackendError::Http {
+            what: crate::util::error_chain(&e),
+            status,
+        },
+        OciError::Http { source, what: w } => BackendError::from_reqwest(w, source),
+        OciError::Invalid(m) => BackendError::BadReply(m),
+        OciError::Auth(m) => BackendError::Auth(format!("{what}: {m}")),
+        OciError::DeadlinePassed(w) => BackendError::DeadlineExceeded {
+            what: w,
+            waiting: "about to send the request",
+        },
+        other => BackendError::Config(format!("{what}: {}", crate::util::error_chain(&other))),
+    }
+}
+
 impl BlobBackend for RegistryBackend {
     fn read_range(
         &self,
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         let path = || format!("{}@{}", self.client.reference(), digest_hex(id));
         let Some(layer) = self.layers.get(id) else {
@@ -96,12 +124,8 @@ impl BlobBackend for RegistryBackend {
         let t = std::time::Instant::now();
         let bytes = self
             .client
-            .get_blob_range(&layer.digest, offset, len)
-            .map_err(|e| BackendError::Io {
-                op: "reading from the registry",
-                path: format!("{}@{}", self.client.reference(), layer.digest),
-                source: std::io::Error::other(crate::cli::error_chain(&e)),
-            })?;
+            .get_blob_range(&layer.digest, offset, len, deadline.instant())
+            .map_err(|e| classify(format!("{}@{}", self.client.reference(), layer.digest), e))?;
         tracing::debug!(
             layer = %layer.digest,
             offset,
@@ -167,7 +191,7 @@ pub fn open_image(
         Some(cache) => {
             // Whoever holds the lock is fetching this bootstrap; wait, then take theirs.
             let lock = cache.lock(&boot.digest).unwrap_or_else(|e| {
-                tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock the cached bootstrap");
+                tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock the cached bootstrap");
                 None
             });
             let cached = cache
@@ -176,7 +200,7 @@ pub fn open_image(
                 .and_then(|bytes| match load(&bytes) {
                     Ok(b) => Some(b),
                     Err(e) => {
-                        tracing::warn!(bootstrap = %boot.digest, error = %crate::cli::error_chain(&e), "cached bootstrap is invalid; fetching it again");
+                        tracing::warn!(bootstrap = %boot.digest, error = %crate::util::error_chain(&e), "cached bootstrap is invalid; fetching it again");
                         None
                     }
                 });
@@ -201,6 +225,7 @@ pub fn open_image(
         }
     };
     let mut by_id = HashMap::new();
+    let mut by_sha256 = HashMap::new();
     for l in manifest
         .layers
         .iter()
@@ -224,9 +249,35 @@ pub fn open_image(
             },
         );
     }
+    // A blob named by its sha256 (Nydus blobs) is the layer of that digest: no annotation is
+    // needed to find it.
+    for l in &manifest.layers {
+        if let Some(hexid) = l.digest.strip_prefix("sha256:") {
+            let mut id = [0u8; DIGEST_LEN];
+            if hex::decode_to_slice(hexid, &mut id).is_ok() {
+                by_sha256.entry(id).or_insert(LayerLoc {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                });
+            }
+        }
+    }
     let mut layers = HashMap::new();
     for b in bootstrap.blobs() {
-        let Some(loc) = by_id.get(&b.id) else {
+        let sha256_id = b.id_algo() == crate::format::DigestAlgo::Sha256;
+        let found = by_id
+            .get(&b.id)
+            .or_else(|| sha256_id.then(|| by_sha256.get(&b.id)).flatten())
+            .cloned()
+            .or_else(|| {
+                // Not a layer of this manifest (a chunk dictionary's blob, say): the registry
+                // still serves it by digest from the repository.
+                sha256_id.then(|| LayerLoc {
+                    digest: format!("sha256:{}", digest_hex(&b.id)),
+                    size: b.size.get(),
+                })
+            });
+        let Some(loc) = found else {
             return Err(OciError::Invalid(format!(
                 "the bootstrap refers to blob {} that no layer holds",
                 digest_hex(&b.id)
@@ -241,7 +292,7 @@ pub fn open_image(
                 b.size.get()
             )));
         }
-        layers.insert(b.id, loc.clone());
+        layers.insert(b.id, loc);
     }
     tracing::info!(
         image = %client.reference(),
@@ -264,7 +315,7 @@ pub fn open_image(
 
 /// The bootstrap of a zstd bootstrap layer, at most `limit` bytes of it: a layer that expands
 /// beyond is refused, not decompressed into memory.
-fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
+pub fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciError> {
     let bad = |e: std::io::Error| OciError::Invalid(format!("bootstrap layer: zstd: {e}"));
     let decoder = zstd::stream::read::Decoder::new(layer).map_err(bad)?;
     let mut out = Vec::with_capacity(layer.len().saturating_mul(3));
@@ -302,6 +353,33 @@ fn cached_bootstrap(bytes: Vec<u8>, digest: &str, size: u64) -> Option<Vec<u8>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registry_errors_keep_their_class() {
+        let status = |status| OciError::Status {
+            what: "GET /v2/r/blobs/sha256:x".into(),
+            status,
+            detail: String::new(),
+        };
+        for final_status in [400, 401, 403, 404] {
+            let e = classify("r@x".into(), status(final_status));
+            assert!(!e.is_retryable(), "{final_status} is final: {e}");
+            assert!(matches!(e, BackendError::Http { status, .. } if status == final_status));
+        }
+        for transient in [408, 429, 500, 502, 503] {
+            assert!(classify("r@x".into(), status(transient)).is_retryable());
+        }
+        assert!(classify("r@x".into(), OciError::Invalid("Content-Range".into())).is_retryable());
+        assert!(!classify("r@x".into(), OciError::Auth("token: HTTP 403".into())).is_retryable());
+        let late = classify("r@x".into(), OciError::DeadlinePassed("GET".into()));
+        assert!(matches!(late, BackendError::DeadlineExceeded { .. }) && !late.is_retryable());
+        let local = OciError::Io {
+            op: "reading",
+            path: "/x".into(),
+            source: std::io::Error::other("disk"),
+        };
+        assert!(!classify("r@x".into(), local).is_retryable());
+    }
 
     #[test]
     fn zstd_bootstrap_layers_are_bounded() {

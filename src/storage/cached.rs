@@ -6,8 +6,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
 use super::metrics::{inc, Metrics};
-use super::{decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, StorageError};
-use crate::format::{digest_hex, BlobRecord, ChunkRecord, DIGEST_LEN};
+use super::{
+    decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, Deadline, StorageError,
+    DEFAULT_REQUEST_TIMEOUT,
+};
+
+pub use super::cache::TAKEOVER_AFTER;
+use crate::format::{digest_hex, BlobRecord, ChunkDigest, ChunkRecord};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
 /// the read fails.
@@ -27,6 +32,11 @@ type AheadJob = (BlobRecord, Vec<ChunkRecord>);
 /// A missing chunk is fetched once per host: threads of this process wait on a [`SingleFlight`]
 /// claim, other processes on the chunk's lock file, and both find the chunk cached when they
 /// get their turn.
+///
+/// Every wait is bounded by the read's [`Deadline`], and a reader never waits long behind
+/// background work: background fetches make one attempt each and give their claims back when
+/// it fails, and a reader waiting [`TAKEOVER_AFTER`] for background work (or another process)
+/// still fetching its chunk fetches it itself.
 pub struct CachedChunkSource<B> {
     backend: B,
     memcache: ChunkMemCache,
@@ -55,7 +65,7 @@ impl FetchRight<'_> {
 fn describe(blob: &BlobRecord, chunk: &ChunkRecord) -> (String, String, u64) {
     (
         digest_hex(&blob.id),
-        digest_hex(&chunk.digest),
+        chunk.chunk_digest().to_string(),
         chunk.compressed_offset.get(),
     )
 }
@@ -104,16 +114,14 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             let spawned = std::thread::Builder::new()
                 .name(format!("skiff-ahead-{i}"))
                 .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(g) => g.recv(),
-                        Err(_) => return,
-                    };
+                    let job = crate::util::sync::lock(&rx).recv();
                     let Ok((blob, chunks)) = job else { return };
                     let Some(source) = source.upgrade() else {
                         return;
                     };
                     // Failures are reported by the reads that need the chunks, not here.
-                    let _ = source.fetch_chunks(&blob, &chunks, true);
+                    let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
+                    let _ = source.fetch_chunks(&blob, &chunks, true, &deadline);
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "no fetch-ahead worker");
@@ -123,11 +131,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Whether `chunk` is in the memory or disk cache.
     fn is_cached(&self, chunk: &ChunkRecord) -> bool {
-        self.memcache.get(&chunk.digest).is_some()
+        self.memcache.get(&chunk.chunk_digest()).is_some()
             || self
                 .disk
                 .as_ref()
-                .is_some_and(|d| d.contains(&chunk.digest))
+                .is_some_and(|d| d.contains(&chunk.chunk_digest()))
     }
 
     /// The backend.
@@ -146,7 +154,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     }
 
     fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        let hit = self.memcache.get(&chunk.digest);
+        let hit = self.memcache.get(&chunk.chunk_digest());
         inc(if hit.is_some() {
             &self.metrics.mem_hits
         } else {
@@ -157,7 +165,10 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     fn lookup_disk(&self, chunk: &ChunkRecord) -> Option<Vec<u8>> {
         let disk = self.disk.as_ref()?;
-        let hit = disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize);
+        let hit = disk.get(
+            &chunk.chunk_digest(),
+            chunk.uncompressed_size.get() as usize,
+        );
         inc(if hit.is_some() {
             &self.metrics.disk_hits
         } else {
@@ -166,36 +177,76 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         hit
     }
 
-    /// Takes the right to fetch `chunk`, waiting for whoever is fetching it.
-    fn fetch_right(&self, chunk: &ChunkRecord) -> FetchRight<'_> {
-        let claim = self.flights.claim(chunk.digest);
-        let lock = self
-            .disk
-            .as_ref()
-            .and_then(|d| match d.lock(&chunk.digest) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    // Without the lock the chunk may be fetched twice, which is only wasteful.
-                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
-                    None
+    /// Takes the right to fetch `chunk`, waiting for whoever is fetching it: a reader of this
+    /// process until `deadline`, background work here or another process at most
+    /// [`TAKEOVER_AFTER`] (then the chunk is fetched without the host's lock, which only risks
+    /// fetching it twice).
+    fn fetch_right(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        deadline: &Deadline,
+    ) -> Result<FetchRight<'_>, StorageError> {
+        let claim = self
+            .flights
+            .claim(chunk.chunk_digest(), deadline)
+            .map_err(|_| {
+                let (blob, chunk, offset) = describe(blob, chunk);
+                StorageError::DeadlineExceeded {
+                    blob,
+                    chunk,
+                    offset,
+                    waiting: "another reader's fetch of the chunk",
                 }
+            })?;
+        let Some(disk) = self.disk.as_ref() else {
+            return Ok(FetchRight {
+                _claim: claim,
+                lock: None,
             });
-        FetchRight {
+        };
+        if claim.took_over() {
+            // The background job it was taken from holds the host's lock, and goes on.
+            tracing::debug!(chunk = %chunk.chunk_digest(), "a read took over a chunk from background work");
+            return Ok(FetchRight {
+                _claim: claim,
+                lock: None,
+            });
+        }
+        let until = if deadline.is_background() {
+            deadline.instant()
+        } else {
+            let takeover = std::time::Instant::now() + TAKEOVER_AFTER;
+            Some(deadline.instant().map_or(takeover, |d| d.min(takeover)))
+        };
+        let lock = match disk.lock_until(&chunk.chunk_digest(), until) {
+            Ok(Some(l)) => Some(l),
+            Ok(None) => {
+                tracing::debug!(chunk = %chunk.chunk_digest(), "another process is still fetching the chunk; fetching it too");
+                None
+            }
+            Err(e) => {
+                // Without the lock the chunk may be fetched twice, which is only wasteful.
+                tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock chunk");
+                None
+            }
+        };
+        Ok(FetchRight {
             _claim: claim,
             lock,
-        }
+        })
     }
 
     /// Takes the right to fetch `chunk` if nobody else is fetching it.
-    fn try_fetch_right(&self, chunk: &ChunkRecord) -> Option<FetchRight<'_>> {
-        let claim = self.flights.try_claim(chunk.digest)?;
+    fn try_fetch_right(&self, chunk: &ChunkRecord, deadline: &Deadline) -> Option<FetchRight<'_>> {
+        let claim = self.flights.try_claim(chunk.chunk_digest(), deadline)?;
         let lock = match &self.disk {
             None => None,
-            Some(d) => match d.try_lock(&chunk.digest) {
+            Some(d) => match d.try_lock(&chunk.chunk_digest()) {
                 Ok(Some(l)) => Some(l),
                 Ok(None) => return None,
                 Err(e) => {
-                    tracing::warn!(error = %crate::cli::error_chain(&e), "cannot lock chunk");
+                    tracing::warn!(error = %crate::util::error_chain(&e), "cannot lock chunk");
                     None
                 }
             },
@@ -223,14 +274,19 @@ impl<B: BlobBackend> CachedChunkSource<B> {
     }
 
     /// Fetches `chunk` on its own until it verifies (or gives up).
-    fn fetch_one(&self, blob: &BlobRecord, chunk: &ChunkRecord) -> Result<Vec<u8>, StorageError> {
+    fn fetch_one(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        deadline: &Deadline,
+    ) -> Result<Vec<u8>, StorageError> {
         let offset = chunk.compressed_offset.get();
         let len = chunk.compressed_size.get() as usize;
         let mut last = None;
         for _ in 0..REFETCH_ATTEMPTS {
             let stored = self
                 .backend
-                .read_range(&blob.id, offset, len)
+                .read_range(&blob.id, offset, len, deadline)
                 .map_err(|source| {
                     let (blob, chunk, offset) = describe(blob, chunk);
                     StorageError::Backend {
@@ -268,10 +324,11 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         blob: &BlobRecord,
         chunk: &ChunkRecord,
         right: FetchRight<'_>,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, StorageError> {
-        let data = self.fetch_one(blob, chunk)?;
+        let data = self.fetch_one(blob, chunk, deadline)?;
         if let Some(d) = &self.disk {
-            d.put(&chunk.digest, &data);
+            d.put(&chunk.chunk_digest(), &data);
         }
         right.done();
         Ok(data)
@@ -289,28 +346,33 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
         keep_in_memory: bool,
-    ) -> (u64, Vec<([u8; DIGEST_LEN], StorageError)>) {
+        deadline: &Deadline,
+    ) -> (u64, Vec<(ChunkDigest, StorageError)>) {
         let mut errors = Vec::new();
         let mut fetched = 0u64;
         let mut mine: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
         let mut theirs: Vec<ChunkRecord> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for c in chunks.iter().filter(|c| !c.is_zero()) {
-            if !seen.insert(c.digest) || self.memcache.get(&c.digest).is_some() {
+            if !seen.insert(c.chunk_digest()) || self.memcache.get(&c.chunk_digest()).is_some() {
                 continue;
             }
             if let Some(d) = &self.disk {
-                if d.contains(&c.digest) {
+                if d.contains(&c.chunk_digest()) {
                     if keep_in_memory {
                         theirs.push(*c);
                     }
                     continue;
                 }
             }
-            match self.try_fetch_right(c) {
+            match self.try_fetch_right(c, deadline) {
                 Some(r) => {
                     // Another process may have stored it just before we took the lock.
-                    if self.disk.as_ref().is_some_and(|d| d.contains(&c.digest)) {
+                    if self
+                        .disk
+                        .as_ref()
+                        .is_some_and(|d| d.contains(&c.chunk_digest()))
+                    {
                         r.done();
                         if keep_in_memory {
                             theirs.push(*c);
@@ -340,7 +402,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             let run: Vec<(ChunkRecord, FetchRight<'_>)> = mine.drain(i..j).collect();
             let reply = if run.len() > 1 {
                 self.backend
-                    .read_range(&blob.id, start, (end - start) as usize)
+                    .read_range(&blob.id, start, (end - start) as usize, deadline)
                     .ok()
                     .filter(|r| r.len() as u64 == end - start)
             } else {
@@ -354,31 +416,31 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
                     Some(d) => {
                         if let Some(disk) = &self.disk {
-                            disk.put(&c.digest, &d);
+                            disk.put(&c.chunk_digest(), &d);
                         }
                         right.done();
                         Ok(d)
                     }
                     // Not merged, or the merged reply failed: this chunk on its own.
-                    None => self.fetch_and_store(blob, &c, right),
+                    None => self.fetch_and_store(blob, &c, right, deadline),
                 };
                 match data {
                     Ok(d) => {
                         fetched += u64::from(c.compressed_size.get());
                         if keep_in_memory {
-                            self.memcache.insert(c.digest, Arc::new(d));
+                            self.memcache.insert(c.chunk_digest(), Arc::new(d));
                         }
                     }
                     Err(e) => {
                         inc(&self.metrics.read_errors);
-                        errors.push((c.digest, e));
+                        errors.push((c.chunk_digest(), e));
                     }
                 }
             }
         }
         for c in theirs {
-            if let Err(e) = self.read_chunk(blob, &c) {
-                errors.push((c.digest, e));
+            if let Err(e) = self.read_chunk(blob, &c, deadline) {
+                errors.push((c.chunk_digest(), e));
             }
         }
         (fetched, errors)
@@ -392,11 +454,12 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         blob: &BlobRecord,
         chunk: &ChunkRecord,
         keep: bool,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
         let remember = |d: Vec<u8>| {
             let d = Arc::new(d);
             if keep {
-                self.memcache.insert(chunk.digest, d.clone());
+                self.memcache.insert(chunk.chunk_digest(), d.clone());
             }
             d
         };
@@ -406,22 +469,29 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         if let Some(d) = self.lookup_disk(chunk) {
             return Ok(remember(d));
         }
-        let right = self.fetch_right(chunk);
+        let right = match self.fetch_right(blob, chunk, deadline) {
+            Ok(r) => r,
+            Err(e) => {
+                inc(&self.metrics.read_errors);
+                return Err(e);
+            }
+        };
         // Whoever held the right before may have cached the chunk.
-        if let Some(d) = self.memcache.get(&chunk.digest) {
+        if let Some(d) = self.memcache.get(&chunk.chunk_digest()) {
             right.done();
             return Ok(d);
         }
-        if let Some(d) = self
-            .disk
-            .as_ref()
-            .and_then(|disk| disk.get(&chunk.digest, chunk.uncompressed_size.get() as usize))
-        {
+        if let Some(d) = self.disk.as_ref().and_then(|disk| {
+            disk.get(
+                &chunk.chunk_digest(),
+                chunk.uncompressed_size.get() as usize,
+            )
+        }) {
             inc(&self.metrics.disk_hits);
             right.done();
             return Ok(remember(d));
         }
-        match self.fetch_and_store(blob, chunk, right) {
+        match self.fetch_and_store(blob, chunk, right, deadline) {
             Ok(d) => Ok(remember(d)),
             Err(e) => {
                 inc(&self.metrics.read_errors);
@@ -436,36 +506,42 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
-        self.read_chunk_keep(blob, chunk, true)
+        self.read_chunk_keep(blob, chunk, true, deadline)
     }
 
     fn read_chunk_once(
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
-        self.read_chunk_keep(blob, chunk, false)
+        self.read_chunk_keep(blob, chunk, false, deadline)
     }
 
     fn read_chunks(
         &self,
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
+        deadline: &Deadline,
     ) -> Vec<Result<ChunkData, StorageError>> {
         if chunks.len() < 2 {
-            return chunks.iter().map(|c| self.read_chunk(blob, c)).collect();
+            return chunks
+                .iter()
+                .map(|c| self.read_chunk(blob, c, deadline))
+                .collect();
         }
         // One request for the adjacent missing ones; a chunk that failed there (after its own
         // retries) fails here without being fetched again.
-        let (_, errors) = self.fetch_chunks(blob, chunks, true);
-        let mut failed: std::collections::HashMap<[u8; DIGEST_LEN], StorageError> =
+        let (_, errors) = self.fetch_chunks(blob, chunks, true, deadline);
+        let mut failed: std::collections::HashMap<ChunkDigest, StorageError> =
             errors.into_iter().collect();
         chunks
             .iter()
-            .map(|c| match failed.remove(&c.digest) {
+            .map(|c| match failed.remove(&c.chunk_digest()) {
                 Some(e) => Err(e),
-                None => self.read_chunk(blob, c),
+                None => self.read_chunk(blob, c, deadline),
             })
             .collect()
     }
@@ -504,7 +580,13 @@ mod tests {
     struct MemBlob(Vec<u8>);
 
     impl BlobBackend for MemBlob {
-        fn read_range(&self, _: &[u8; 32], o: u64, l: usize) -> Result<Vec<u8>, BackendError> {
+        fn read_range(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+        ) -> Result<Vec<u8>, BackendError> {
             let o = o as usize;
             self.0
                 .get(o..o + l)
@@ -566,7 +648,9 @@ mod tests {
             Fault::Stall(Duration::from_millis(5)),
         ]);
         for c in &chunks {
-            let d = src.read_chunk(&blob(), c).expect("read after faults");
+            let d = src
+                .read_chunk(&blob(), c, &Deadline::none())
+                .expect("read after faults");
             assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
         }
         // Always corrupt: an error, not bytes.
@@ -574,7 +658,7 @@ mod tests {
         let (src, faulty) = source(b, None);
         faulty.push([Fault::BitFlip; 10]);
         assert!(matches!(
-            src.read_chunk(&blob(), &chunks[0]),
+            src.read_chunk(&blob(), &chunks[0], &Deadline::none()),
             Err(StorageError::Corrupt { .. })
         ));
         assert_eq!(
@@ -586,7 +670,7 @@ mod tests {
         let (src, faulty) = source(b, None);
         faulty.push([Fault::Error; 10]);
         assert!(matches!(
-            src.read_chunk(&blob(), &chunks[0]),
+            src.read_chunk(&blob(), &chunks[0], &Deadline::none()),
             Err(StorageError::Backend { .. })
         ));
     }
@@ -602,7 +686,10 @@ mod tests {
         let threads: Vec<_> = (0..8)
             .map(|i| {
                 let (s, c) = (src.clone(), chunks[i % 3]);
-                std::thread::spawn(move || s.read_chunk(&blob(), &c).map(|d| d.len()))
+                std::thread::spawn(move || {
+                    s.read_chunk(&blob(), &c, &Deadline::none())
+                        .map(|d| d.len())
+                })
             })
             .collect();
         for t in threads {
@@ -613,7 +700,8 @@ mod tests {
         let (b, _) = image(3, 4096);
         let (src2, faulty2) = source(b, Some(dir.path()));
         for c in &chunks {
-            src2.read_chunk(&blob(), c).expect("from disk");
+            src2.read_chunk(&blob(), c, &Deadline::none())
+                .expect("from disk");
         }
         assert_eq!(faulty2.requests(), 0);
         assert_eq!(src2.metrics().disk_hits.load(Ordering::Relaxed), 3);
@@ -632,7 +720,8 @@ mod tests {
         assert!(!src.fetches_ahead());
         src.start_fetch_ahead(2);
         assert!(src.fetches_ahead());
-        src.read_chunk(&blob(), &chunks[0]).expect("first chunk");
+        src.read_chunk(&blob(), &chunks[0], &Deadline::none())
+            .expect("first chunk");
         src.fetch_ahead(&blob(), &chunks[1..]);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !chunks[1..].iter().all(|c| src.is_cached(c)) {
@@ -645,7 +734,9 @@ mod tests {
         // The five adjacent chunks came in one request, and reads need no more.
         assert_eq!(faulty.requests(), 2);
         for c in &chunks {
-            let d = src.read_chunk(&blob(), c).expect("cached chunk");
+            let d = src
+                .read_chunk(&blob(), c, &Deadline::none())
+                .expect("cached chunk");
             assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
         }
         assert_eq!(faulty.requests(), 2);
@@ -664,7 +755,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (b, chunks) = image(10, 1000);
         let (src, faulty) = source(b, Some(dir.path()));
-        let (bytes, errors) = src.fetch_chunks(&blob(), &chunks, false);
+        let (bytes, errors) = src.fetch_chunks(&blob(), &chunks, false, &Deadline::none());
         assert!(errors.is_empty());
         assert_eq!(bytes, 10_000);
         assert_eq!(faulty.requests(), 1);
@@ -673,7 +764,7 @@ mod tests {
         let (b, chunks) = image(10, 1000);
         let (src, faulty) = source(b, Some(dir.path()));
         faulty.push([Fault::BitFlip]);
-        let results = src.read_chunks(&blob(), &chunks);
+        let results = src.read_chunks(&blob(), &chunks, &Deadline::none());
         assert!(results.iter().all(Result::is_ok));
         assert_eq!(faulty.requests(), 2);
         assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
@@ -683,19 +774,24 @@ mod tests {
     fn a_chunk_read_once_is_verified_but_not_kept_in_memory() {
         let (b, chunks) = image(2, 1000);
         let (src, faulty) = source(b, None);
-        let d = src.read_chunk_once(&blob(), &chunks[0]).expect("read");
+        let d = src
+            .read_chunk_once(&blob(), &chunks[0], &Deadline::none())
+            .expect("read");
         assert_eq!(blake3::hash(&d).as_bytes(), &chunks[0].digest);
         // Not in the memory cache: asked again, it is fetched again.
-        src.read_chunk_once(&blob(), &chunks[0]).expect("read");
+        src.read_chunk_once(&blob(), &chunks[0], &Deadline::none())
+            .expect("read");
         assert_eq!(faulty.requests(), 2);
         // A chunk read piecewise is kept, and a later whole read finds it in memory.
-        src.read_chunk(&blob(), &chunks[1]).expect("read");
-        src.read_chunk_once(&blob(), &chunks[1]).expect("read");
+        src.read_chunk(&blob(), &chunks[1], &Deadline::none())
+            .expect("read");
+        src.read_chunk_once(&blob(), &chunks[1], &Deadline::none())
+            .expect("read");
         assert_eq!(faulty.requests(), 3);
         // Wrong bytes are never served this way either.
         faulty.push([Fault::BitFlip; 10]);
         assert!(matches!(
-            src.read_chunk_once(&blob(), &chunks[0]),
+            src.read_chunk_once(&blob(), &chunks[0], &Deadline::none()),
             Err(StorageError::Corrupt { .. })
         ));
     }
@@ -706,9 +802,78 @@ mod tests {
         let (src, faulty) = source(b, None);
         // Every reply gets a bit flipped in its middle: in the merged reply that is chunk 1.
         faulty.push([Fault::BitFlip; 10]);
-        let results = src.read_chunks(&blob(), &chunks);
+        let results = src.read_chunks(&blob(), &chunks, &Deadline::none());
         assert!(results[0].is_ok() && results[2].is_ok());
         assert!(matches!(results[1], Err(StorageError::Corrupt { .. })));
         assert_eq!(faulty.requests(), 1 + REFETCH_ATTEMPTS as u64);
+    }
+
+    #[test]
+    fn a_read_does_not_wait_for_a_stalled_fetch_ahead() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(2, 1000);
+        let (src, faulty) = source(b, Some(dir.path()));
+        let src = Arc::new(src);
+        src.start_fetch_ahead(1);
+        // The fetch-ahead's request stalls; the reader's own request, after it, does not.
+        faulty.push([Fault::Stall(Duration::from_secs(8))]);
+        src.fetch_ahead(&blob(), &chunks);
+        while faulty.requests() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let t = std::time::Instant::now();
+        let d = src
+            .read_chunk(
+                &blob(),
+                &chunks[1],
+                &Deadline::after(Duration::from_secs(30)),
+            )
+            .expect("read taken over from the stalled fetch-ahead");
+        let took = t.elapsed();
+        assert_eq!(blake3::hash(&d).as_bytes(), &chunks[1].digest);
+        assert!(
+            took >= TAKEOVER_AFTER / 2 && took < TAKEOVER_AFTER * 2,
+            "the read took {took:?}"
+        );
+    }
+
+    #[test]
+    fn a_read_fails_when_its_deadline_passes_instead_of_hanging() {
+        let (b, chunks) = image(1, 1000);
+        let (src, faulty) = source(b, None);
+        faulty.stall_at(0, Duration::from_secs(10));
+        let t = std::time::Instant::now();
+        let r = src.read_chunk(
+            &blob(),
+            &chunks[0],
+            &Deadline::after(Duration::from_millis(200)),
+        );
+        assert!(r.is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        // A second reader waiting on the first one's claim is bounded the same way.
+        let src = Arc::new(src);
+        let s2 = src.clone();
+        let c = chunks[0];
+        let first = std::thread::spawn(move || {
+            s2.read_chunk(&blob(), &c, &Deadline::after(Duration::from_millis(600)))
+                .is_err()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let t = std::time::Instant::now();
+        let second = src.read_chunk(
+            &blob(),
+            &chunks[0],
+            &Deadline::after(Duration::from_millis(200)),
+        );
+        assert!(
+            matches!(second, Err(StorageError::DeadlineExceeded { .. })),
+            "{second:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(first.join().expect("first reader"));
     }
 }

@@ -35,7 +35,7 @@ impl ByteSize {
     pub fn get(&self) -> Result<u64, ConfigError> {
         match self {
             ByteSize::Bytes(n) => Ok(*n),
-            ByteSize::Text(s) => crate::cli::parse_size(s).map_err(ConfigError::Invalid),
+            ByteSize::Text(s) => crate::util::parse_size(s).map_err(ConfigError::Invalid),
         }
     }
 }
@@ -411,8 +411,8 @@ struct MetricsWriter {
 
 fn write_metrics(path: &Path, metrics: &Metrics, backend: &str) {
     let text = metrics.snapshot(backend).to_json();
-    if let Err(e) = crate::build::write_atomically(path, text.as_bytes()) {
-        tracing::warn!(path = %path.display(), error = %crate::cli::error_chain(&e), "cannot write metrics file");
+    if let Err(e) = crate::util::write_atomically(path, text.as_bytes()) {
+        tracing::warn!(path = %path.display(), error = %crate::util::error_chain(&e), "cannot write metrics file");
     }
 }
 

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::ChunkData;
-use crate::format::DIGEST_LEN;
+use crate::format::ChunkDigest;
+use crate::util::sync::lock;
 
 /// Least-recently-used cache of verified chunks keyed by digest, bounded in bytes.
 pub struct ChunkMemCache {
@@ -17,7 +18,7 @@ pub struct ChunkMemCache {
 struct Inner {
     tick: u64,
     bytes: usize,
-    map: HashMap<[u8; DIGEST_LEN], (u64, ChunkData)>,
+    map: HashMap<ChunkDigest, (u64, ChunkData)>,
 }
 
 impl ChunkMemCache {
@@ -30,8 +31,8 @@ impl ChunkMemCache {
     }
 
     /// The chunk with `digest`, if cached.
-    pub fn get(&self, digest: &[u8; DIGEST_LEN]) -> Option<ChunkData> {
-        let mut g = self.inner.lock().ok()?;
+    pub fn get(&self, digest: &ChunkDigest) -> Option<ChunkData> {
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let e = g.map.get_mut(digest)?;
@@ -40,11 +41,11 @@ impl ChunkMemCache {
     }
 
     /// Caches `data` under `digest`, evicting the least recently used chunks beyond the limit.
-    pub fn insert(&self, digest: [u8; DIGEST_LEN], data: ChunkData) {
+    pub fn insert(&self, digest: ChunkDigest, data: ChunkData) {
         if data.len() > self.limit {
             return;
         }
-        let Ok(mut g) = self.inner.lock() else { return };
+        let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let len = data.len();

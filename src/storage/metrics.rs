@@ -66,7 +66,7 @@ pub struct Metrics {
     /// Bytes those reads returned.
     pub fs_read_bytes: AtomicU64,
     /// Digests counted in `demand_chunks`, so that each chunk counts once.
-    demand_seen: Mutex<HashSet<[u8; 32]>>,
+    demand_seen: Mutex<HashSet<crate::format::ChunkDigest>>,
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
     latency_sum_us: AtomicU64,
 }
@@ -84,12 +84,8 @@ pub fn add(c: &AtomicU64, n: u64) {
 impl Metrics {
     /// Records that a file read needed the chunk `digest` of `stored_size` stored bytes;
     /// counts each chunk once.
-    pub fn note_demand(&self, digest: &[u8; 32], stored_size: u32) {
-        let first = match self.demand_seen.lock() {
-            Ok(mut seen) => seen.insert(*digest),
-            // A panic elsewhere poisoned the set: the counters are only statistics.
-            Err(poisoned) => poisoned.into_inner().insert(*digest),
-        };
+    pub fn note_demand(&self, digest: &crate::format::ChunkDigest, stored_size: u32) {
+        let first = crate::util::sync::lock(&self.demand_seen).insert(*digest);
         if first {
             inc(&self.demand_chunks);
             add(&self.demand_stored_bytes, u64::from(stored_size));
@@ -402,9 +398,10 @@ mod tests {
     #[test]
     fn demand_counts_each_chunk_once() {
         let m = Metrics::default();
-        m.note_demand(&[1; 32], 100);
-        m.note_demand(&[2; 32], 50);
-        m.note_demand(&[1; 32], 100);
+        let d = crate::format::ChunkDigest::blake3;
+        m.note_demand(&d([1; 32]), 100);
+        m.note_demand(&d([2; 32]), 50);
+        m.note_demand(&d([1; 32]), 100);
         let s = m.snapshot("registry");
         assert_eq!((s.demand_chunks, s.demand_stored_bytes), (2, 150));
         assert!(s

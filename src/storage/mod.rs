@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cache;
 mod cached;
 pub mod config;
+mod deadline;
 mod memcache;
 pub mod metrics;
 pub mod prefetch;
@@ -21,7 +22,8 @@ pub use backend::retry::{RetryPolicy, RetryingBackend};
 pub use backend::s3::{S3Backend, S3Config};
 pub use backend::{BackendError, BlobBackend};
 pub use cache::{ChunkDiskCache, DEFAULT_CACHE_DIR};
-pub use cached::{CachedChunkSource, MAX_MERGED_BYTES};
+pub use cached::{CachedChunkSource, MAX_MERGED_BYTES, TAKEOVER_AFTER};
+pub use deadline::{Deadline, Priority, DEFAULT_REQUEST_TIMEOUT};
 pub use memcache::ChunkMemCache;
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use verify::{decode_chunk, VerifyError};
@@ -48,10 +50,17 @@ pub fn default_memory_cache(chunk_size: u32) -> usize {
 
 /// Gives verified, decompressed chunks. Implementations never return bytes whose digest has not
 /// been checked against the chunk record.
+///
+/// Every read takes a [`Deadline`]: the source gives up (an error, never a hang) when it
+/// passes, and treats background reads as background work.
 pub trait ChunkSource: Send + Sync {
     /// Returns the verified bytes of `chunk`, stored in `blob`.
-    fn read_chunk(&self, blob: &BlobRecord, chunk: &ChunkRecord)
-        -> Result<ChunkData, StorageError>;
+    fn read_chunk(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        deadline: &Deadline,
+    ) -> Result<ChunkData, StorageError>;
 
     /// Like [`Self::read_chunk`], for a caller that uses the whole chunk now and will not ask
     /// for it again soon (a read covering a small file: the kernel's page cache keeps what it
@@ -61,8 +70,9 @@ pub trait ChunkSource: Send + Sync {
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
-        self.read_chunk(blob, chunk)
+        self.read_chunk(blob, chunk, deadline)
     }
 
     /// Returns the verified bytes of several chunks of `blob` (a read spanning chunks).
@@ -71,8 +81,12 @@ pub trait ChunkSource: Send + Sync {
         &self,
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
+        deadline: &Deadline,
     ) -> Vec<Result<ChunkData, StorageError>> {
-        chunks.iter().map(|c| self.read_chunk(blob, c)).collect()
+        chunks
+            .iter()
+            .map(|c| self.read_chunk(blob, c, deadline))
+            .collect()
     }
 
     /// Chunks of `blob` likely to be read soon (the rest of a file being read). A source with a
@@ -93,24 +107,27 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
-        (**self).read_chunk(blob, chunk)
+        (**self).read_chunk(blob, chunk, deadline)
     }
 
     fn read_chunk_once(
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
+        deadline: &Deadline,
     ) -> Result<ChunkData, StorageError> {
-        (**self).read_chunk_once(blob, chunk)
+        (**self).read_chunk_once(blob, chunk, deadline)
     }
 
     fn read_chunks(
         &self,
         blob: &BlobRecord,
         chunks: &[ChunkRecord],
+        deadline: &Deadline,
     ) -> Vec<Result<ChunkData, StorageError>> {
-        (**self).read_chunks(blob, chunks)
+        (**self).read_chunks(blob, chunks, deadline)
     }
 
     fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
@@ -137,6 +154,18 @@ pub enum StorageError {
         /// The cause.
         #[source]
         source: BackendError,
+    },
+    /// The read's deadline passed while it waited for another reader's fetch of the chunk.
+    #[error("blob {blob}: chunk {chunk} at offset {offset}: the request deadline passed while waiting for {waiting}")]
+    DeadlineExceeded {
+        /// Blob id (hex).
+        blob: String,
+        /// Chunk digest (hex).
+        chunk: String,
+        /// Offset of the chunk in the blob.
+        offset: u64,
+        /// Whose fetch it waited for.
+        waiting: &'static str,
     },
     /// The bytes were delivered but failed verification, even after fetching them again.
     #[error("blob {blob}: chunk {chunk} at offset {offset} failed verification")]

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::metrics::{add, inc};
-use super::{BlobBackend, CachedChunkSource, MAX_MERGED_BYTES};
+use super::{BlobBackend, CachedChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT, MAX_MERGED_BYTES};
 use crate::format::{Bootstrap, ChunkRecord, InodeKind};
 
 /// What to prefetch.
@@ -74,7 +74,7 @@ pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
     let mut seen = HashSet::new();
     let mut batches: Vec<Batch> = Vec::new();
     let mut push = |c: &ChunkRecord, batches: &mut Vec<Batch>| {
-        if c.is_zero() || !seen.insert(c.digest) {
+        if c.is_zero() || !seen.insert(c.chunk_digest()) {
             return;
         }
         let blob = c.blob_index.get();
@@ -233,9 +233,10 @@ fn work_loop<B: BlobBackend>(
             add(&m.prefetch_errors, chunks.len() as u64);
             continue;
         };
-        let (fetched, errors) = source.fetch_chunks(blob, chunks, false);
+        let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
+        let (fetched, errors) = source.fetch_chunks(blob, chunks, false, &deadline);
         for (_, e) in &errors {
-            tracing::warn!(error = %crate::cli::error_chain(e), "prefetch could not fetch a chunk");
+            tracing::warn!(error = %crate::util::error_chain(e), "prefetch could not fetch a chunk");
         }
         add(&m.prefetch_errors, errors.len() as u64);
         add(&m.prefetch_bytes, fetched);

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
 
 use super::queue::process_queue;
 use super::VhostError;
+use crate::util::sync::{read, write};
 
 /// Length of the `tag` field of the virtio-fs config space (not NUL-terminated when full).
 pub const VIRTIO_FS_TAG_LEN: usize = 36;
@@ -192,7 +193,7 @@ where
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = mem;
+        *write(&self.mem) = mem;
         Ok(())
     }
 
@@ -236,11 +237,7 @@ where
             );
             return Ok(());
         };
-        let mem = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .memory();
+        let mem = read(&self.mem).memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
         if let Err(e) = process_queue(&self.server, &mem, vring, event_idx) {
             tracing::warn!(queue, error = %e, "processing virtqueue failed");

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod middlebox;
+pub mod oci;
 pub mod registry;
 
 use std::collections::{BTreeMap, HashMap};

@@ -176,6 +176,14 @@ impl<R: Read> TarStream<R> {
         Ok(data)
     }
 
+    /// Reads what is left of the stream after the end-of-archive marker (padding, further
+    /// records), so that a reader that checks a digest at its end gets to check it.
+    pub fn drain(&mut self) -> io::Result<u64> {
+        let n = io::copy(&mut self.inner, &mut io::sink())?;
+        self.offset += n;
+        Ok(n)
+    }
+
     /// Reads content of the current entry into all of `buf`; fails if the entry has fewer bytes
     /// left or the stream ends early.
     pub fn read_content(&mut self, buf: &mut [u8]) -> io::Result<()> {

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use super::{BackendError, BlobBackend};
 use crate::format::DIGEST_LEN;
+use crate::storage::Deadline;
+use crate::util::sync::lock;
 
 /// What to do to one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub enum Fault {
 pub struct FaultyBackend<B> {
     inner: B,
     queue: Mutex<VecDeque<Fault>>,
+    /// Offsets whose reads always stall, and for how long.
+    stalls: Mutex<Vec<(u64, Duration)>>,
     /// Per mille of requests, after the queue is empty, that get a random fault.
     random_per_mille: AtomicU64,
     rng: AtomicU64,
@@ -40,6 +44,7 @@ impl<B: BlobBackend> FaultyBackend<B> {
         Self {
             inner,
             queue: Mutex::new(VecDeque::new()),
+            stalls: Mutex::new(Vec::new()),
             random_per_mille: AtomicU64::new(0),
             rng: AtomicU64::new(0x2545_f491_4f6c_dd1d),
             requests: AtomicU64::new(0),
@@ -48,9 +53,13 @@ impl<B: BlobBackend> FaultyBackend<B> {
 
     /// Queues faults for the next requests, in order.
     pub fn push(&self, faults: impl IntoIterator<Item = Fault>) {
-        if let Ok(mut q) = self.queue.lock() {
-            q.extend(faults);
-        }
+        lock(&self.queue).extend(faults);
+    }
+
+    /// Makes every read whose range covers byte `offset` of a blob stall for `d` (a slow
+    /// chunk behind a slow network), beside the queued faults.
+    pub fn stall_at(&self, offset: u64, d: Duration) {
+        lock(&self.stalls).push((offset, d));
     }
 
     /// Gives a random fault (error, short, bit flip) to `per_mille` of the requests made once the
@@ -65,7 +74,7 @@ impl<B: BlobBackend> FaultyBackend<B> {
     }
 
     fn next_fault(&self) -> Fault {
-        if let Some(f) = self.queue.lock().ok().and_then(|mut q| q.pop_front()) {
+        if let Some(f) = lock(&self.queue).pop_front() {
             return f;
         }
         let p = self.random_per_mille.load(Ordering::Relaxed);
@@ -94,15 +103,29 @@ impl<B: BlobBackend> BlobBackend for FaultyBackend<B> {
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let fault = self.next_fault();
+        let end = offset.saturating_add(len as u64);
+        let stall = lock(&self.stalls)
+            .iter()
+            .find(|(at, _)| (offset..end).contains(at))
+            .map(|(_, d)| *d);
+        let fault = match stall {
+            Some(d) => Fault::Stall(d),
+            None => self.next_fault(),
+        };
         match fault {
             Fault::Error => return Err(BackendError::Injected("error")),
+            // As a remote backend's timeout would, the deadline cuts a stall short.
+            Fault::Stall(d) if deadline.cap(d) < d => {
+                std::thread::sleep(deadline.cap(d));
+                return Err(BackendError::Injected("stall cut short by the deadline"));
+            }
             Fault::Stall(d) => std::thread::sleep(d),
             _ => {}
         }
-        let mut bytes = self.inner.read_range(id, offset, len)?;
+        let mut bytes = self.inner.read_range(id, offset, len, deadline)?;
         match fault {
             Fault::Short => {
                 bytes.pop();

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use super::{BackendError, BlobBackend};
 use crate::format::{digest_hex, DIGEST_LEN};
+use crate::storage::Deadline;
+use crate::util::sync::{lock, read, write};
 
 /// How far ahead of the reads of a blob its bytes are asked into the page cache.
 ///
@@ -54,9 +56,7 @@ impl BlobFile {
         if self.whole {
             return;
         }
-        let Ok(mut advised) = self.advised.lock() else {
-            return;
-        };
+        let mut advised = lock(&self.advised);
         let (start, stop) = *advised;
         let inside = start <= offset && offset < stop;
         if inside && end.saturating_add(READAHEAD_WINDOW / 2) <= stop {
@@ -130,7 +130,7 @@ impl LocalFsBackend {
     }
 
     fn open(&self, id: &[u8; DIGEST_LEN]) -> Result<Arc<BlobFile>, BackendError> {
-        if let Some(f) = self.files.read().ok().and_then(|m| m.get(id).cloned()) {
+        if let Some(f) = read(&self.files).get(id).cloned() {
             return Ok(f);
         }
         let path = self.blob_path(id);
@@ -148,11 +148,8 @@ impl LocalFsBackend {
             whole_pending: AtomicBool::new(true),
             advised: Mutex::new((0, 0)),
         });
-        if let Ok(mut m) = self.files.write() {
-            // Two threads may open the blob at once: both use the file kept first.
-            return Ok(m.entry(*id).or_insert(f).clone());
-        }
-        Ok(f)
+        // Two threads may open the blob at once: both use the file kept first.
+        Ok(write(&self.files).entry(*id).or_insert(f).clone())
     }
 }
 
@@ -162,6 +159,8 @@ impl BlobBackend for LocalFsBackend {
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        // A local read is not bounded: it takes what the disk takes.
+        _deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         let f = self.open(id)?;
         f.read_ahead(offset, offset.saturating_add(len as u64));
@@ -203,7 +202,9 @@ mod tests {
         let backend = LocalFsBackend::new(dir.path());
         // A small blob is read ahead whole, and its reads leave the windows alone.
         assert_eq!(
-            backend.read_range(&id, 10, 90).expect("read"),
+            backend
+                .read_range(&id, 10, 90, &Deadline::none())
+                .expect("read"),
             &data[10..100]
         );
         {
@@ -228,23 +229,29 @@ mod tests {
         };
         const W: u64 = READAHEAD_WINDOW;
         assert_eq!(
-            backend.read_range(&id, 10, 90).expect("read"),
+            backend
+                .read_range(&id, 10, 90, &Deadline::none())
+                .expect("read"),
             &data[10..100]
         );
         assert_eq!(advised(), (10, 100 + W));
         // Inside the window, not near its end: no new advice.
-        backend.read_range(&id, 50_000, 10).expect("read");
+        backend
+            .read_range(&id, 50_000, 10, &Deadline::none())
+            .expect("read");
         assert_eq!(advised(), (10, 100 + W));
         // Near its end: the end moves.
         let near = 100 + W / 2 + 1;
-        assert!(backend.read_range(&id, near, 1).is_err());
+        assert!(backend.read_range(&id, near, 1, &Deadline::none()).is_err());
         assert_eq!(advised(), (10, near + 1 + W));
         // A jump back before the window, or forward past it, starts a new one there (the file
         // is short: advice and reads beyond its end fail harmlessly).
-        backend.read_range(&id, 0, 5).expect("read");
+        backend
+            .read_range(&id, 0, 5, &Deadline::none())
+            .expect("read");
         assert_eq!(advised(), (0, 5 + W));
         let far = 3 * W;
-        assert!(backend.read_range(&id, far, 1).is_err());
+        assert!(backend.read_range(&id, far, 1, &Deadline::none()).is_err());
         assert_eq!(advised(), (far, far + 1 + W));
     }
 }

@@ -6,16 +6,19 @@ pub mod retry;
 pub mod s3;
 
 use crate::format::DIGEST_LEN;
+use crate::storage::Deadline;
 
 /// Reads byte ranges of blobs. Implementations return exactly the bytes stored, unverified;
 /// verification is the caller's job.
 pub trait BlobBackend: Send + Sync {
-    /// Reads `len` bytes of blob `id` from `offset`.
+    /// Reads `len` bytes of blob `id` from `offset`. A remote backend caps its request's
+    /// timeout by what is left of `deadline`; retries are [`retry::RetryingBackend`]'s.
     fn read_range(
         &self,
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError>;
 
     /// A short name for logs and metrics ("localfs", "registry", ...).
@@ -52,7 +55,7 @@ pub enum BackendError {
         /// The status code.
         status: u16,
     },
-    /// A remote request failed in transport: connection, reset, timeout, body.
+    /// A remote request failed in transport: connection, reset, timeout, body. Retried.
     #[error("{what}")]
     Network {
         /// The request (backend, blob, range).
@@ -71,7 +74,23 @@ pub enum BackendError {
         /// Bytes asked for.
         want: u64,
     },
-    /// A backend that cannot be used as configured.
+    /// A remote reply broke the protocol (a wrong `Content-Range`, say): retried, since a
+    /// proxy or a flaky server may answer right the next time.
+    #[error("{0}")]
+    BadReply(String),
+    /// Authentication failed: credentials refused after one refresh, or no token could be
+    /// had. Final.
+    #[error("{0}")]
+    Auth(String),
+    /// The read's deadline passed (or left no time for another attempt). Final.
+    #[error("{what}: the request deadline passed while {waiting}")]
+    DeadlineExceeded {
+        /// The request (backend, blob, range).
+        what: String,
+        /// What it was doing when time ran out.
+        waiting: &'static str,
+    },
+    /// A backend that cannot be used as configured. Final.
     #[error("{0}")]
     Config(String),
     /// A fault injected by a test backend.
@@ -80,20 +99,42 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    /// Whether trying the same request again may succeed: transport failures, short replies,
-    /// server errors (5xx), throttling (429) and request timeouts (408). Missing blobs, denied
-    /// access and bad configuration are final.
+    /// Whether trying the same request again may succeed.
+    ///
+    /// Retried: transport failures (resets, timeouts), short or malformed replies, server
+    /// errors (5xx), throttling (429) and request timeouts (408). Final: any other 4xx (400
+    /// bad request, 401 after the one token refresh the client makes, 403 denied, 404
+    /// missing), failed authentication, a passed deadline, missing blobs and bad
+    /// configuration.
     pub fn is_retryable(&self) -> bool {
         match self {
             BackendError::Io { source, .. } => !matches!(
                 source.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
             ),
-            BackendError::ShortBlob { .. } | BackendError::Config(_) => false,
+            BackendError::ShortBlob { .. }
+            | BackendError::Config(_)
+            | BackendError::Auth(_)
+            | BackendError::DeadlineExceeded { .. } => false,
             BackendError::Http { status, .. } => *status >= 500 || *status == 429 || *status == 408,
             BackendError::Network { .. }
             | BackendError::ShortRead { .. }
+            | BackendError::BadReply(_)
             | BackendError::Injected(_) => true,
+        }
+    }
+
+    /// Classifies a failed HTTP request: a request that could not even be built, or a redirect
+    /// loop, is a configuration error (final); anything else happened on the way (connect,
+    /// reset, timeout, body) and is retried.
+    pub fn from_reqwest(what: String, e: reqwest::Error) -> Self {
+        if e.is_builder() || e.is_redirect() {
+            BackendError::Config(format!("{what}: {e}"))
+        } else {
+            BackendError::Network {
+                what,
+                source: Box::new(e),
+            }
         }
     }
 }
@@ -104,8 +145,9 @@ impl<T: BlobBackend + ?Sized> BlobBackend for Box<T> {
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
-        (**self).read_range(id, offset, len)
+        (**self).read_range(id, offset, len, deadline)
     }
 
     fn name(&self) -> &'static str {
@@ -119,8 +161,9 @@ impl<T: BlobBackend + ?Sized> BlobBackend for std::sync::Arc<T> {
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
-        (**self).read_range(id, offset, len)
+        (**self).read_range(id, offset, len, deadline)
     }
 
     fn name(&self) -> &'static str {

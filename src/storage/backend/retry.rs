@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use super::{BackendError, BlobBackend};
 use crate::format::DIGEST_LEN;
 use crate::storage::metrics::{add, inc, Metrics};
+use crate::storage::Deadline;
+use crate::util::sync::{lock, wait, wait_timeout};
 
 /// How [`RetryingBackend`] retries and how many requests it lets run at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,40 +38,61 @@ impl Default for RetryPolicy {
     }
 }
 
-/// A counting semaphore over a mutex and a condition variable.
+/// A counting semaphore over a mutex and a condition variable, with permits kept for
+/// foreground requests: background work (fetch-ahead, prefetch) never takes the last
+/// [`Semaphore::reserved`] ones, so a reader always finds a slot free of it.
 pub struct Semaphore {
     free: Mutex<usize>,
     cv: Condvar,
+    reserved: usize,
 }
 
 /// A permit of a [`Semaphore`], given back on drop.
 pub struct Permit<'a>(&'a Semaphore);
 
 impl Semaphore {
-    /// A semaphore with `n` permits (at least one).
+    /// A semaphore with `n` permits (at least one), a quarter of them (at least one, when
+    /// there are two or more) kept for the foreground.
     pub fn new(n: usize) -> Self {
+        let n = n.max(1);
         Self {
-            free: Mutex::new(n.max(1)),
+            free: Mutex::new(n),
             cv: Condvar::new(),
+            reserved: if n >= 2 { (n / 4).max(1) } else { 0 },
         }
     }
 
-    /// Waits for a permit.
-    pub fn acquire(&self) -> Permit<'_> {
-        let mut g = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *g == 0 {
-            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+    /// Permits background work may not take.
+    pub fn reserved(&self) -> usize {
+        self.reserved
+    }
+
+    /// Waits for a permit until `deadline`; `None` if it passed first.
+    pub fn acquire(&self, deadline: &Deadline) -> Option<Permit<'_>> {
+        let keep = if deadline.is_background() {
+            self.reserved
+        } else {
+            0
+        };
+        let mut g = lock(&self.free);
+        while *g <= keep {
+            g = match deadline.remaining() {
+                None => wait(&self.cv, g),
+                Some(left) if left.is_zero() => return None,
+                Some(left) => wait_timeout(&self.cv, g, left).0,
+            };
         }
         *g -= 1;
-        Permit(self)
+        Some(Permit(self))
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        let mut g = self.0.free.lock().unwrap_or_else(|p| p.into_inner());
-        *g += 1;
-        self.0.cv.notify_one();
+        *lock(&self.0.free) += 1;
+        // All: a background waiter woken alone could not take a reserved permit, and the
+        // foreground waiter that could would sleep on.
+        self.0.cv.notify_all();
     }
 }
 
@@ -127,46 +150,78 @@ impl<B: BlobBackend> RetryingBackend<B> {
 }
 
 impl<B: BlobBackend> BlobBackend for RetryingBackend<B> {
+    /// Tries the request until it succeeds, fails for good, runs out of attempts or of time.
+    /// Background requests get one attempt: a failed fetch-ahead costs a reader nothing but
+    /// its own fetch, and its claims are given back at once.
     fn read_range(
         &self,
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
+        let what = || {
+            format!(
+                "{} blob {} bytes {offset}+{len}",
+                self.inner.name(),
+                crate::format::digest_hex(id)
+            )
+        };
+        let attempts = if deadline.is_background() {
+            1
+        } else {
+            self.policy.attempts.max(1)
+        };
         let mut attempt = 1;
         loop {
             let result = {
-                let _permit = self.in_flight.acquire();
+                let Some(_permit) = self.in_flight.acquire(deadline) else {
+                    return Err(BackendError::DeadlineExceeded {
+                        what: what(),
+                        waiting: "waiting for a free backend request slot",
+                    });
+                };
                 inc(&self.metrics.backend_requests);
                 let start = Instant::now();
-                let r = self.inner.read_range(id, offset, len);
+                let r = self.inner.read_range(id, offset, len, deadline);
                 self.metrics.observe_latency(start.elapsed());
                 r
             };
-            match result {
+            let e = match result {
                 Ok(bytes) => {
                     add(&self.metrics.backend_bytes, bytes.len() as u64);
                     return Ok(bytes);
                 }
-                Err(e) => {
-                    inc(&self.metrics.backend_errors);
-                    if !e.is_retryable() || attempt >= self.policy.attempts {
-                        return Err(e);
-                    }
-                    let d = self.delay(attempt);
-                    tracing::warn!(
-                        backend = self.inner.name(),
-                        blob = %crate::format::digest_hex(id),
-                        offset, len, attempt,
-                        retry_in_ms = d.as_millis() as u64,
-                        error = %crate::cli::error_chain(&e),
-                        "backend request failed; retrying"
-                    );
-                    inc(&self.metrics.backend_retries);
-                    std::thread::sleep(d);
-                    attempt += 1;
-                }
+                Err(e) => e,
+            };
+            inc(&self.metrics.backend_errors);
+            if !e.is_retryable() || attempt >= attempts {
+                return Err(e);
             }
+            let d = self.delay(attempt);
+            // Sleeping through the rest of the deadline only to give up after it helps
+            // nobody: the read fails now, with the error that ended it.
+            if deadline.remaining().is_some_and(|left| left <= d) {
+                tracing::warn!(
+                    backend = self.inner.name(),
+                    blob = %crate::format::digest_hex(id),
+                    offset, len, attempt,
+                    error = %crate::util::error_chain(&e),
+                    "backend request failed; no time left before the request deadline to retry"
+                );
+                return Err(e);
+            }
+            tracing::warn!(
+                backend = self.inner.name(),
+                blob = %crate::format::digest_hex(id),
+                offset, len, attempt,
+                retry_in_ms = d.as_millis() as u64,
+                error = %crate::util::error_chain(&e),
+                "backend request failed; retrying"
+            );
+            inc(&self.metrics.backend_retries);
+            std::thread::sleep(d);
+            attempt += 1;
         }
     }
 
@@ -182,7 +237,13 @@ mod tests {
 
     struct Bytes(Vec<u8>);
     impl BlobBackend for Bytes {
-        fn read_range(&self, _: &[u8; 32], o: u64, l: usize) -> Result<Vec<u8>, BackendError> {
+        fn read_range(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+        ) -> Result<Vec<u8>, BackendError> {
             let o = o as usize;
             self.0
                 .get(o..o + l)
@@ -209,13 +270,17 @@ mod tests {
         let f = FaultyBackend::new(Bytes(vec![7; 100]));
         f.push([Fault::Error, Fault::Error]);
         let r = RetryingBackend::new(f, fast(), m.clone());
-        assert_eq!(r.read_range(&[0; 32], 10, 5).expect("read"), vec![7; 5]);
+        assert_eq!(
+            r.read_range(&[0; 32], 10, 5, &Deadline::none())
+                .expect("read"),
+            vec![7; 5]
+        );
         assert_eq!(m.backend_retries.load(Ordering::Relaxed), 2);
         r.inner().push([Fault::Error; 4]);
-        assert!(r.read_range(&[0; 32], 10, 5).is_err());
+        assert!(r.read_range(&[0; 32], 10, 5, &Deadline::none()).is_err());
         // A final error is not retried.
         let before = m.backend_requests.load(Ordering::Relaxed);
-        assert!(r.read_range(&[0; 32], 99, 5).is_err());
+        assert!(r.read_range(&[0; 32], 99, 5, &Deadline::none()).is_err());
         assert_eq!(m.backend_requests.load(Ordering::Relaxed), before + 1);
     }
 
@@ -227,5 +292,66 @@ mod tests {
             assert!(d <= Duration::from_secs(2), "{d:?}");
             assert!(d >= Duration::from_millis(25).min(r.policy.max_delay / 2));
         }
+    }
+
+    #[test]
+    fn the_deadline_bounds_retries_and_their_backoff() {
+        let f = FaultyBackend::new(Bytes(vec![7; 100]));
+        f.push([Fault::Error; 100]);
+        let slow = RetryPolicy {
+            attempts: 100,
+            base_delay: Duration::from_millis(40),
+            max_delay: Duration::from_millis(40),
+            max_in_flight: 2,
+        };
+        let r = RetryingBackend::new(f, slow, Arc::default());
+        let t = Instant::now();
+        let e = r
+            .read_range(&[0; 32], 0, 5, &Deadline::after(Duration::from_millis(150)))
+            .expect_err("always failing");
+        // The injected error itself, not a hang: given up once a retry no longer fits.
+        assert!(matches!(e, BackendError::Injected(_)), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(r.inner().requests() < 10);
+    }
+
+    #[test]
+    fn background_requests_make_one_attempt() {
+        let m = Arc::new(Metrics::default());
+        let f = FaultyBackend::new(Bytes(vec![7; 100]));
+        f.push([Fault::Error]);
+        let r = RetryingBackend::new(f, fast(), m.clone());
+        let bg = Deadline::none().background();
+        assert!(r.read_range(&[0; 32], 0, 5, &bg).is_err());
+        assert_eq!(r.inner().requests(), 1);
+        assert_eq!(m.backend_retries.load(Ordering::Relaxed), 0);
+        assert!(r.read_range(&[0; 32], 0, 5, &bg).is_ok());
+    }
+
+    #[test]
+    fn background_work_leaves_slots_for_readers() {
+        let sem = Semaphore::new(4);
+        assert_eq!(sem.reserved(), 1);
+        let bg = Deadline::after(Duration::from_millis(30)).background();
+        let held: Vec<_> = (0..3)
+            .map(|_| sem.acquire(&bg).expect("free slot"))
+            .collect();
+        // The last slot is the foreground's: background work times out waiting for it...
+        assert!(sem.acquire(&bg).is_none());
+        // ...and a reader gets it at once.
+        let fg = sem.acquire(&Deadline::after(Duration::from_millis(30)));
+        assert!(fg.is_some());
+        assert!(sem
+            .acquire(&Deadline::after(Duration::from_millis(10)))
+            .is_none());
+        drop(held);
+        assert!(
+            Semaphore::new(1).acquire(&bg).is_some(),
+            "one slot is never reserved"
+        );
     }
 }

@@ -8,6 +8,7 @@ use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
 use super::{BackendError, BlobBackend};
 use crate::format::{digest_hex, DIGEST_LEN};
+use crate::storage::Deadline;
 
 /// How long a presigned URL stays valid; each request signs afresh.
 const PRESIGN_FOR: Duration = Duration::from_secs(300);
@@ -65,6 +66,8 @@ pub struct S3Backend {
     credentials: Option<Credentials>,
     prefix: String,
     client: reqwest::blocking::Client,
+    /// Timeout of one request, body included.
+    timeout: Duration,
 }
 
 impl S3Backend {
@@ -107,9 +110,10 @@ impl S3Backend {
                 ))
             }
         };
+        let timeout = Duration::from_secs(cfg.timeout_secs.unwrap_or(30));
         let client = reqwest::blocking::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs.unwrap_or(5)))
-            .timeout(Duration::from_secs(cfg.timeout_secs.unwrap_or(30)))
+            .timeout(timeout)
             .danger_accept_invalid_certs(cfg.skip_verify)
             .build()
             .map_err(|e| BackendError::Config(format!("s3 http client: {e}")))?;
@@ -118,6 +122,7 @@ impl S3Backend {
             credentials,
             prefix: cfg.prefix.clone(),
             client,
+            timeout,
         })
     }
 
@@ -127,10 +132,7 @@ impl S3Backend {
     }
 
     fn network(what: &str, e: reqwest::Error) -> BackendError {
-        BackendError::Network {
-            what: what.to_string(),
-            source: Box::new(e),
-        }
+        BackendError::from_reqwest(what.to_string(), e)
     }
 
     /// Creates the bucket (for tests and setup tools); an existing bucket is not an error.
@@ -185,6 +187,7 @@ impl BlobBackend for S3Backend {
         id: &[u8; DIGEST_LEN],
         offset: u64,
         len: usize,
+        deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         if len == 0 {
             return Ok(Vec::new());
@@ -198,15 +201,26 @@ impl BlobBackend for S3Backend {
             .bucket
             .get_object(self.credentials.as_ref(), &key)
             .sign(PRESIGN_FOR);
+        if deadline.expired() {
+            return Err(BackendError::DeadlineExceeded {
+                what,
+                waiting: "about to send the request",
+            });
+        }
         let resp = self
             .client
             .get(url)
             .header(reqwest::header::RANGE, format!("bytes={offset}-{last}"))
+            // The client's timeout, or what is left of the read's deadline if that is less.
+            .timeout(deadline.cap(self.timeout))
             .send()
             .map_err(|e| Self::network(&what, e))?;
         let status = resp.status().as_u16();
         // 206 is the answer to a range; 200 means the server sent the whole object, usable only
         // when the range starts at 0 (the length check below catches the rest).
+        // Any other status is an error classed by `BackendError::is_retryable`, as the
+        // registry's are: 400, 403 (denied, an expired signature) and 404 final; 5xx, 408 and
+        // 429 retried.
         if status != 206 && !(status == 200 && offset == 0) {
             return Err(BackendError::Http { what, status });
         }

@@ -77,7 +77,7 @@ impl BootstrapCache {
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
-            tracing::warn!(error = %crate::cli::error_chain(&e), "cannot keep the bootstrap in the cache");
+            tracing::warn!(error = %crate::util::error_chain(&e), "cannot keep the bootstrap in the cache");
         }
     }
 
@@ -95,9 +95,9 @@ impl BootstrapCache {
             return Ok(None);
         };
         let p = self.root.join("locks").join(format!("bootstrap-{name}"));
-        ChunkFileLock::lock(p.clone())
-            .map(Some)
-            .map_err(io_err("locking", &p))
+        // No deadline: this runs once, before serving, while the holder fetches what this
+        // process needs too.
+        ChunkFileLock::lock_until(p.clone(), None).map_err(io_err("locking", &p))
     }
 }
 
