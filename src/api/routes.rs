@@ -134,7 +134,11 @@ fn route(d: &Daemon, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ("GET", "/api/v1/daemon") => Ok(daemon_info(d)),
         ("POST", "/api/v1/mount") => mount(d, &required(query, "mountpoint")?, &req.body),
         ("DELETE", "/api/v1/mount") => {
-            d.fs.umount(&required(query, "mountpoint")?)?;
+            let mp = required(query, "mountpoint")?;
+            let (_, parent) = d.fs.umount(&mp)?;
+            if let Some(name) = mp.rsplit('/').next().filter(|n| !n.is_empty()) {
+                d.lifecycle.unmounted(parent, name);
+            }
             Ok(ApiResponse::no_content())
         }
         ("GET", "/api/v1/metrics") => match param(query, "id")? {

@@ -135,6 +135,9 @@ pub struct BuildOptions {
     /// Name new blobs by their sha256 instead of their blake3
     /// ([`crate::format::BLOB_FLAG_SHA256_ID`]), as images for registries do.
     pub blob_id_sha256: bool,
+    /// Write the node compatibility header ([`crate::format::SB_FLAG_NODE_COMPAT`]) that
+    /// nydus-snapshotter's checks of a bootstrap accept.
+    pub node_compat: bool,
 }
 
 /// What a build did, shown at the end and written with `--json`.
@@ -331,7 +334,7 @@ fn build_inner(
     let nblobs = blobs.len();
     let prefetch_nodes = resolve_prefetch(&tree, prefetch)?;
     let writer = emit::emit(&tree, blobs, &prefetch_nodes)?;
-    let bytes = writer.finish(cs)?;
+    let bytes = writer.finish_with(cs, opts.node_compat)?;
     // Load what was written before anyone else can: a bootstrap that does not validate is a bug
     // here, and must not reach a user.
     let loaded = Bootstrap::from_bytes(bytes.clone())?;

@@ -64,6 +64,7 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         progress: true,
         io_threads: a.io_threads,
         blob_id_sha256: false,
+        node_compat: false,
     };
     let prefetch = match &a.prefetch_list {
         Some(p) => super::image::read_path_list(p)?,
@@ -273,6 +274,11 @@ pub struct ConvertArgs {
     /// manifests (default: linux/amd64 only, pushed as one manifest).
     #[arg(long)]
     pub all_platforms: bool,
+    /// How the image is laid out in the registry: `node` (what containerd with
+    /// nydus-snapshotter pulls: blobs named by sha256, the bootstrap in a gzip tar layer) or
+    /// `skiff` (the earlier layout, blobs named by blake3).
+    #[arg(long, value_enum, default_value_t = crate::oci::ImageLayout::Node)]
+    pub layout: crate::oci::ImageLayout,
 }
 
 /// `skiff convert`.
@@ -308,6 +314,7 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         } else {
             crate::oci::Platforms::Default
         },
+        layout: a.layout,
     })?;
     for summary in report.images() {
         if let Some(p) = &summary.platform {

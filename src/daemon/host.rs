@@ -322,6 +322,14 @@ impl Lifecycle for HostDaemon {
         Ok(())
     }
 
+    fn unmounted(&self, parent: u64, name: &str) {
+        if let Some(s) = self.service_lock().as_ref() {
+            if let Err(e) = s.notify_inval_entry(parent, name) {
+                tracing::debug!(error = %crate::util::error_chain(&e), name, "the kernel keeps the unmounted entry until it times out");
+            }
+        }
+    }
+
     fn exit(&self) -> Result<(), LifecycleError> {
         // Every request read is answered before this returns: nothing is left half-done for
         // the successor, which only gets what the kernel still queues.

@@ -283,7 +283,11 @@ impl DaemonFs {
                 no_writeback: true,
                 ..VfsOptions::default()
             },
-            Layout::Host => VfsOptions::default(),
+            // The images are read-only, and a write must fail at write(2).
+            Layout::Host => VfsOptions {
+                no_writeback: true,
+                ..VfsOptions::default()
+            },
         };
         let mut vfs = Vfs::new(opts);
         // After an unmount the mountpoint disappears from the guest's (or host's) view,
@@ -439,13 +443,15 @@ impl DaemonFs {
         Ok(())
     }
 
-    /// Unmounts whatever is mounted at `mountpoint`.
-    pub fn umount(&self, mountpoint: &str) -> Result<MountedFs, MountError> {
+    /// Unmounts whatever is mounted at `mountpoint`. Returns what was there and the inode
+    /// number of the directory that held it (for the kernel to forget the entry).
+    pub fn umount(&self, mountpoint: &str) -> Result<(MountedFs, u64), MountError> {
         let mut table = self.table();
         if !table.contains_key(mountpoint) {
             return Err(MountError::NotMounted(mountpoint.to_owned()));
         }
-        self.vfs
+        let (_, parent) = self
+            .vfs
             .umount(mountpoint)
             .map_err(|e| MountError::Vfs(format!("{e:?}")))?;
         let Some(mut entry) = table.remove(mountpoint) else {
@@ -457,7 +463,7 @@ impl DaemonFs {
         }
         self.counters.unmounted();
         tracing::info!(mountpoint, "unmounted");
-        Ok(entry.info)
+        Ok((entry.info, parent))
     }
 
     /// The mountpoints `id` selects: the mount at `id`, and every RAFS mount whose
@@ -686,6 +692,10 @@ pub trait Lifecycle: Send + Sync {
     fn start(&self) -> Result<(), LifecycleError>;
     /// `PUT /api/v1/daemon/exit`: stop serving and exit, leaving the mount for a successor.
     fn exit(&self) -> Result<(), LifecycleError>;
+    /// After `DELETE /api/v1/mount`: the entry `name` of directory `parent` is gone; a
+    /// transport that can tell the kernel (FUSE's notifications) does, so that the directory
+    /// disappears at once instead of when the kernel's entry cache times out.
+    fn unmounted(&self, _parent: u64, _name: &str) {}
 }
 
 /// A daemon: its tree, its identity, its life cycle.

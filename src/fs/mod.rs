@@ -864,6 +864,7 @@ mod tests {
             progress: false,
             io_threads: 0,
             blob_id_sha256: false,
+            node_compat: false,
         };
         build(&BuildSource::Dir(src), &opts).expect("build");
         let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));

@@ -16,7 +16,7 @@ use fuse_backend_rs::transport::{FuseSession, FuseSessionExt};
 use super::FuseError;
 use crate::util::sync::lock;
 
-/// A failed resend notification, in the shape `try_with_writer` wants.
+/// A failed notification, in the shape `try_with_writer` wants.
 struct ResendError(String);
 
 impl From<fuse_backend_rs::transport::Error> for ResendError {
@@ -146,6 +146,17 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             workers.push(h);
         }
         tracing::info!(mountpoint = %self.mountpoint.display(), threads = self.threads, "serving");
+        // The kernel learns the root's attributes (and keeps them as long as the filesystem
+        // says) only when someone asks. Asked now, while this daemon serves, they are at hand
+        // when a later stat of the mountpoint comes while no daemon serves: a successor's
+        // setup after a crash, or a supervisor checking the mount. From a thread of its own,
+        // so that nothing here waits on the answer.
+        let mp = self.mountpoint.clone();
+        let _ = thread::Builder::new()
+            .name("fuse-root-attr".into())
+            .spawn(move || {
+                let _ = std::fs::metadata(&mp);
+            });
         Ok(())
     }
 
@@ -189,6 +200,28 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             })
             .map_err(|e: ResendError| {
                 Self::session_err(&self.mountpoint, format!("notify resend: {}", e.0))
+            })
+    }
+
+    /// Tells the kernel to forget the entry `name` of directory inode `parent`
+    /// (FUSE_NOTIFY_INVAL_ENTRY).
+    pub fn notify_inval_entry(&self, parent: u64, name: &str) -> Result<(), FuseError> {
+        let name = std::ffi::CString::new(name)
+            .map_err(|_| Self::session_err(&self.mountpoint, "a name with NUL".into()))?;
+        let mut g = lock(&self.session);
+        let session = g
+            .as_mut()
+            .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
+        let server = self.server.clone();
+        session
+            .try_with_writer(|w| {
+                server
+                    .notify_inval_entry(w, parent, &name)
+                    .map(drop)
+                    .map_err(|e| ResendError(e.to_string()))
+            })
+            .map_err(|e: ResendError| {
+                Self::session_err(&self.mountpoint, format!("notify inval entry: {}", e.0))
             })
     }
 
