@@ -4,13 +4,15 @@
 #
 #   scripts/registry.sh start [--name N] [--port P] [--addr IP] [--netns NS] [--htpasswd user:pass]
 #                             [--proxy-remote URL [--proxy-auth user:pass]]
+#                             [--notify URL [--notify-auth HEADER]]
 #   scripts/registry.sh stop  [--name N]
 #
 # start prints the address (IP:PORT, default 127.0.0.1:PORT) on stdout once the registry
 # answers. --netns runs it inside an existing network namespace (`ip netns exec`), listening on
 # --addr there (scripts/bench-net.sh: a registry behind a throttled veth). The run directory is
 # $SKIFF_REGISTRY_RUN (default /tmp/skiff-registry)/NAME: config.yml, storage/, htpasswd,
-# registry.log (access and application log), pid.
+# registry.log (access and application log), pid. --notify sends the registry's notifications
+# (the events envelope of pushes and pulls) to URL, with `Authorization: HEADER` if given.
 set -euo pipefail
 
 cmd=${1:-}
@@ -22,6 +24,8 @@ netns=
 htpasswd=
 proxy_remote=
 proxy_auth=
+notify=
+notify_auth=
 while [ $# -gt 0 ]; do
     case "$1" in
     --name) name=$2; shift 2 ;;
@@ -31,6 +35,8 @@ while [ $# -gt 0 ]; do
     --htpasswd) htpasswd=$2; shift 2 ;;
     --proxy-remote) proxy_remote=$2; shift 2 ;;
     --proxy-auth) proxy_auth=$2; shift 2 ;;
+    --notify) notify=$2; shift 2 ;;
+    --notify-auth) notify_auth=$2; shift 2 ;;
     *) echo "registry.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -87,6 +93,21 @@ start)
   password: \"${proxy_auth#*:}\""
         fi
     fi
+    notifications=
+    if [ -n "$notify" ]; then
+        notifications="notifications:
+  endpoints:
+    - name: skiff-accel
+      url: $notify
+      timeout: 5s
+      threshold: 3
+      backoff: 1s"
+        if [ -n "$notify_auth" ]; then
+            notifications="$notifications
+      headers:
+        Authorization: [\"$notify_auth\"]"
+        fi
+    fi
     cat > "$run/config.yml" <<YAML
 version: 0.1
 log:
@@ -106,6 +127,7 @@ http:
   secret: skiff-test-secret
 $auth
 $proxy
+$notifications
 YAML
     : > "$run/registry.log"
     inns=()
@@ -127,5 +149,5 @@ YAML
     exit 1
     ;;
 stop) stop ;;
-*) echo "usage: registry.sh start|stop [--name N] [--port P] [--addr IP] [--netns NS] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]]" >&2; exit 2 ;;
+*) echo "usage: registry.sh start|stop [--name N] [--port P] [--addr IP] [--netns NS] [--htpasswd user:pass] [--proxy-remote URL [--proxy-auth user:pass]] [--notify URL [--notify-auth HEADER]]" >&2; exit 2 ;;
 esac

@@ -15,6 +15,10 @@ cd "$repo"
 "$repo/scripts/install-deps.sh"
 # The local S3 server (moto) of the S3 and cache tests, installed once into a venv.
 "$repo/scripts/s3.sh" install
+# nydus-image 2.2, which makes the Nydus RAFS v6 images the v6 tests read (and nydusd, the
+# benchmarks' peer), built once from crates.io and cached outside the repo (about 7 minutes on
+# 2 cores the first time).
+"$repo/scripts/install-nydus.sh" >/dev/null
 # The microVM's kernel and initramfs, built once and cached outside the repo.
 "$repo/guest/build-initramfs.sh" >/dev/null
 

@@ -13,6 +13,7 @@
 //!
 //! `build` writes what `format` reads; the CLI in `cli` is a thin front end over all of it.
 
+pub mod accel;
 pub mod api;
 pub mod build;
 pub mod check;
@@ -22,6 +23,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod oci;
+pub mod runtime;
 pub mod storage;
 pub mod util;
 pub mod vhost;

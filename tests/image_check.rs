@@ -4,16 +4,19 @@
 //! (a file changed in a rebuild pushed under the same tag, a flipped chunk in the registry's
 //! storage, the config's env, a blob layer missing from the manifest, a wrong blob-id
 //! annotation, a platform missing from an index); `--no-data` fetches no blob; a target that is
-//! not there exits 2.
+//! not there exits 2. A conversion of Debian checks clean (with the figures of check next to
+//! convert in the test's output), and so does a Nydus RAFS v6 target built by nydus-image and
+//! packaged as nydus-snapshotter does, until a modified file is pushed under its tag.
 //!
-//! Prerequisites (docker-registry, skopeo) go through `require`: with `CI=true` a missing one
-//! fails the test. No root, mount or FUSE is needed.
+//! Prerequisites (docker-registry, skopeo, a Debian rootfs, nydus-image) go through `require`:
+//! with `CI=true` a missing one fails the test. No mount or FUSE is needed.
 
 mod common;
 
 use std::path::Path;
 use std::process::Output;
 
+use common::nydus::*;
 use common::oci::*;
 use common::registry::Registry;
 use common::*;
@@ -217,6 +220,21 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
         &check(&layout.display().to_string(), &tgt, t, &[]),
     );
 
+    // A `docker save` archive as the source, converted and checked from the same file.
+    let archive = t.join("saved.tar");
+    let raw: Vec<Vec<u8>> = three_layers(b"new config\n", &big)?
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    write_docker_archive(&archive, &raw.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+    let from_archive = format!("{}/check/app:from-archive", reg.addr);
+    let archive_src = archive.display().to_string();
+    convert(&archive_src, &from_archive, &[]);
+    assert_clean(
+        "archive source",
+        &check(&archive_src, &from_archive, t, &[]),
+    );
+
     // A file changed in the target: a rebuild of a modified tree pushed under the same tag.
     let modified = t.join("modified");
     write_layout(&modified, &three_layers(b"NEW config\n", &big)?)?;
@@ -377,5 +395,270 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
         "--no-data fetched {fetched} bytes of the target"
     );
 
+    Ok(())
+}
+
+/// Debian (debootstrap minbase) as a one-layer OCI image: converted, then checked, with and
+/// without the data rule; the figures (check time and bytes fetched next to convert time) go
+/// to the test's output.
+#[test]
+fn debian_conversion_checks_clean() -> Res {
+    if require("skopeo", have("skopeo")).is_none() {
+        return Ok(());
+    }
+    let Some(rootfs) = require("a Debian rootfs", debian_rootfs("minbase")) else {
+        return Ok(());
+    };
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("check-debian", &["--htpasswd", &creds()]),
+    ) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // The layer as a Debian image's: GNU tar (pax, with xattrs), gzip.
+    let layer_path = t.join("layer.tar.gz");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar --format=posix --numeric-owner --xattrs --xattrs-include='*' -C '{}' -cf - . 2>/dev/null | gzip -1 > '{}'",
+            rootfs.display(),
+            layer_path.display()
+        ))
+        .output()?;
+    assert!(out.status.success(), "tar: {}", output_text(&out));
+    let layout = t.join("layout");
+    write_layout(
+        &layout,
+        &[(
+            std::fs::read(&layer_path)?,
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        )],
+    )?;
+    let src = format!("{}/debian/minbase:12", reg.addr);
+    skopeo_push(&layout, &src, &creds(), false)?;
+    let tgt = format!("{}/debian/minbase:12-skiff", reg.addr);
+    let start = std::time::Instant::now();
+    convert(&src, &tgt, &[]);
+    let convert_s = start.elapsed().as_secs_f64();
+    let full = check(&src, &tgt, t, &[]);
+    assert_clean("Debian", &full);
+    let fast = check(&src, &tgt, t, &["--no-data"]);
+    assert_eq!(fast.0, 0, "{}", fast.1);
+    let mib = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let layer_mib = std::fs::metadata(&layer_path)?.len() as f64 / (1 << 20) as f64;
+    eprintln!(
+        "FIGURES Debian minbase ({layer_mib:.1} MiB gzip layer): convert {convert_s:.2} s; \
+         check {:.2} s, fetching {:.1} MiB source + {:.1} MiB target; \
+         check --no-data {:.2} s, fetching {:.1} MiB source + {:.2} MiB target",
+        full.2["seconds"].as_f64().unwrap_or(0.0),
+        mib(&full.2["source_bytes_fetched"]),
+        mib(&full.2["target_bytes_fetched"]),
+        fast.2["seconds"].as_f64().unwrap_or(0.0),
+        mib(&fast.2["source_bytes_fetched"]),
+        mib(&fast.2["target_bytes_fetched"]),
+    );
+    assert!(
+        full.2["images"][0]["entries_compared"]
+            .as_u64()
+            .unwrap_or(0)
+            > 5000,
+        "{}",
+        full.1
+    );
+    Ok(())
+}
+
+/// A tree for the Nydus test: nested directories, a hard link, a symlink, an empty file, a
+/// file of several chunks; all times whole seconds, as a tar carries them.
+fn nydus_tree(root: &Path, conf: &[u8]) -> Res {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(root.join("etc/deep/er"))?;
+    std::fs::create_dir_all(root.join("usr/bin"))?;
+    std::fs::write(root.join("etc/conf"), conf)?;
+    std::fs::write(root.join("etc/deep/er/empty"), b"")?;
+    std::fs::write(root.join("usr/bin/tool"), noise(2_500_000, 5))?;
+    std::fs::set_permissions(
+        root.join("usr/bin/tool"),
+        std::fs::Permissions::from_mode(0o755),
+    )?;
+    std::fs::hard_link(root.join("usr/bin/tool"), root.join("usr/bin/tool-link"))?;
+    std::os::unix::fs::symlink("../etc/conf", root.join("usr/conf-link"))?;
+    for p in [
+        "etc/conf",
+        "etc/deep/er/empty",
+        "usr/bin/tool",
+        "etc/deep/er",
+        "etc/deep",
+        "etc",
+        "usr/bin",
+        "usr",
+        "",
+    ] {
+        set_mtime(&root.join(p), 1_700_000_000, 0);
+    }
+    Ok(())
+}
+
+/// Pushes a Nydus RAFS v6 image of directory `dir` under `target`, packaged as
+/// nydus-snapshotter does (a blob layer named by its sha256, a gzip tar layer holding
+/// `image/image.boot`, the source's config with `rootfs` rewritten); built by nydus-image.
+fn push_nydus(dir: &Path, opts: BuildOpts, source_config: &[u8], target: &str, t: &Path) -> Res {
+    use skiff::oci::manifest::{Descriptor, OCI_CONFIG};
+    let out_dir = t.join(format!("nydus-{}", opts.name()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let boot = create_dir_rafs(dir, &out_dir, opts);
+    let blob = blobs_in(&out_dir.join("blobs"))
+        .into_iter()
+        .next()
+        .ok_or("no blob")?;
+    let blob_bytes = std::fs::read(&blob)?;
+    let c = client(target);
+    let blob_digest = c
+        .push_blob_bytes(&blob_bytes, t)
+        .map_err(|e| e.to_string())?;
+    assert_eq!(
+        blob_digest[7..],
+        *blob.file_name().and_then(|n| n.to_str()).unwrap_or("")
+    );
+    let mut tb = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    tb.append_data(&mut h, "image/", &[][..])?;
+    let boot_bytes = std::fs::read(&boot)?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o444);
+    h.set_size(boot_bytes.len() as u64);
+    tb.append_data(&mut h, "image/image.boot", boot_bytes.as_slice())?;
+    let boot_tar = tb.into_inner()?;
+    let boot_layer = gzip(&boot_tar)?;
+    let boot_digest = c
+        .push_blob_bytes(&boot_layer, t)
+        .map_err(|e| e.to_string())?;
+    let mut config: serde_json::Value = serde_json::from_slice(source_config)?;
+    config["rootfs"] =
+        serde_json::json!({"type": "layers", "diff_ids": [blob_digest, sha256(&boot_tar)]});
+    if let Some(o) = config.as_object_mut() {
+        o.remove("history");
+    }
+    let config_bytes = serde_json::to_vec(&config)?;
+    let config_digest = c
+        .push_blob_bytes(&config_bytes, t)
+        .map_err(|e| e.to_string())?;
+    let desc = |media_type: &str, digest: &str, size: usize, ann: &[(&str, &str)]| Descriptor {
+        media_type: media_type.into(),
+        digest: digest.into(),
+        size: size as u64,
+        annotations: ann
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        platform: None,
+    };
+    let m = ImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        config: desc(OCI_CONFIG, &config_digest, config_bytes.len(), &[]),
+        layers: vec![
+            desc(
+                "application/vnd.oci.image.layer.nydus.blob.v1",
+                &blob_digest,
+                blob_bytes.len(),
+                &[("containerd.io/snapshot/nydus-blob", "true")],
+            ),
+            desc(
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                &boot_digest,
+                boot_layer.len(),
+                &[
+                    ("containerd.io/snapshot/nydus-bootstrap", "true"),
+                    ("containerd.io/snapshot/nydus-fs-version", "6"),
+                ],
+            ),
+        ],
+        annotations: Default::default(),
+    };
+    let r = Reference::parse(target)?;
+    c.push_manifest(r.manifest_ref(), &serde_json::to_vec(&m)?, OCI_MANIFEST)
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[test]
+fn check_against_a_nydus_v6_target() -> Res {
+    if require("skopeo", have("skopeo")).is_none() {
+        return Ok(());
+    }
+    if require_nydus_image().is_none() {
+        return Ok(());
+    }
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("check-nydus", &["--htpasswd", &creds()]),
+    ) else {
+        return Ok(());
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    // The source: one layer, the tar of the tree nydus-image builds from.
+    let tree = t.join("tree");
+    nydus_tree(&tree, b"config v1\n")?;
+    let out = std::process::Command::new("tar")
+        .args(["--format=posix", "--numeric-owner", "-C"])
+        .arg(&tree)
+        .args(["-cf", "-", "."])
+        .output()?;
+    assert!(out.status.success(), "tar");
+    let layout = t.join("layout");
+    write_layout(
+        &layout,
+        &[(out.stdout, "application/vnd.oci.image.layer.v1.tar")],
+    )?;
+    let src = format!("{}/nydus/app:v1", reg.addr);
+    skopeo_push(&layout, &src, &creds(), false)?;
+    let config = {
+        let c = client(&src);
+        let (m, _, _) = c.get_manifest().map_err(|e| e.to_string())?;
+        c.get_blob_bytes(&m.config.digest, m.config.size, 1 << 20)
+            .map_err(|e| e.to_string())?
+    };
+    // nydus-image's defaults (zstd, blake3, 1 MiB chunks), and sha256 digests with lz4 and
+    // 64 KiB chunks: the source is cut and named as each image is.
+    let tgt = format!("{}/nydus/app:v1-nydus", reg.addr);
+    let defaults = BuildOpts {
+        compressor: "zstd",
+        digester: "blake3",
+        chunk_size: "0x100000",
+    };
+    let sha = BuildOpts {
+        compressor: "lz4_block",
+        digester: "sha256",
+        chunk_size: "0x10000",
+    };
+    for opts in [sha, defaults] {
+        push_nydus(&tree, opts, &config, &tgt, t)?;
+        let r = check(&src, &tgt, t, &[]);
+        assert_clean(&format!("Nydus v6 target ({})", opts.name()), &r);
+        assert_eq!(r.2["images"][0]["format"], "nydus-rafs-v6", "{}", r.1);
+        assert!(
+            r.2["images"][0]["chunks_verified"].as_u64().unwrap_or(0) >= 3,
+            "{}",
+            r.1
+        );
+    }
+
+    // A modified file, rebuilt by nydus-image and pushed under the same tag: caught.
+    let tree2 = t.join("tree2");
+    nydus_tree(&tree2, b"config v2\n")?;
+    push_nydus(&tree2, defaults, &config, &tgt, t)?;
+    let r = check(&src, &tgt, t, &[]);
+    assert_caught(
+        "modified file in a Nydus target",
+        &r,
+        &["PROBLEM /etc/conf:", "content differs"],
+    );
     Ok(())
 }

@@ -2,14 +2,13 @@
 //! the mount to a successor), or its mount going away.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{stop_on_signals, ApiError, ApiServer};
+use super::{ApiError, ApiServer};
 use crate::daemon::host::{self, HostDaemon, HostOptions};
 use crate::daemon::{Daemon, DaemonFs, DaemonState, Layout};
+use crate::runtime::{ExitReason, SignalGuard};
 
 /// What `skiff fuse` serves, and where.
 #[derive(Clone, Debug)]
@@ -32,8 +31,8 @@ pub fn parse_spec(config: &str) -> Result<crate::daemon::RafsSpec, String> {
 /// Runs the host daemon.
 pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signals(&stop)?;
+    let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
+    let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     let fs = Arc::new(DaemonFs::new(Layout::Host));
     let crashed =
         !opts.upgrade && host::predecessor_crashed(&opts.host.mountpoint, &opts.api_socket);
@@ -51,7 +50,7 @@ pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
             )));
         }
     }
-    let hostd = HostDaemon::new(fs.clone(), opts.host.clone(), stop.clone());
+    let hostd = HostDaemon::new(fs.clone(), opts.host.clone(), exit.clone());
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         id: opts.host.id.clone(),
@@ -78,12 +77,15 @@ pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
             "RUNNING"
         );
     }
-    while !stop.load(Ordering::Acquire) && !hostd.should_end() {
-        thread::sleep(Duration::from_millis(50));
-    }
-    tracing::info!("shutting down");
+    // SIGTERM (unmount), `exit` (leave the mount to the successor), the mount going away, or
+    // a panic.
+    exit.wait(None);
+    tracing::info!(reason = ?exit.reason(), "shutting down");
     api.shutdown();
     hostd.shut_down();
     fs.finish();
-    Ok(())
+    match exit.reason() {
+        Some(ExitReason::Fatal(report)) => Err(ApiError::Fatal(report)),
+        _ => Ok(()),
+    }
 }

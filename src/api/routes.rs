@@ -497,7 +497,9 @@ mod tests {
             fs: Arc::new(crate::daemon::DaemonFs::kata()),
             id: None,
             supervisor: None,
-            lifecycle: Arc::new(super::super::VirtiofsLifecycle::default()),
+            lifecycle: Arc::new(super::super::VirtiofsLifecycle::new(
+                crate::runtime::ExitEvent::new().expect("exit event"),
+            )),
         }
     }
 

@@ -29,7 +29,7 @@ use self::tarstream::{show, Entry, Kind, TarStream};
 use super::chunker::Chunker;
 use super::tree::{ChunkLoc, Meta, Node, NodeId, NodeKind, Tree};
 use super::{BuildError, Progress};
-use crate::format::{MAX_NAME_LEN, MAX_SYMLINK_LEN};
+use crate::format::{DigestAlgo, CHUNK_FLAG_SHA256, MAX_NAME_LEN, MAX_SYMLINK_LEN};
 
 /// Prefix of a whiteout name.
 const WHITEOUT: &[u8] = b".wh.";
@@ -82,39 +82,16 @@ impl ContentSink for Chunker {
     }
 }
 
-/// How a [`DigestSink`] names a chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChunkDigester {
-    /// blake3 (Skiff, and Nydus's default).
-    Blake3,
-    /// sha256 (Nydus with `--digester sha256`).
-    Sha256,
-}
-
-impl ChunkDigester {
-    /// The digest of `data`.
-    pub fn digest(self, data: &[u8]) -> [u8; crate::format::DIGEST_LEN] {
-        match self {
-            Self::Blake3 => *blake3::hash(data).as_bytes(),
-            Self::Sha256 => {
-                use sha2::Digest;
-                sha2::Sha256::digest(data).into()
-            }
-        }
-    }
-}
-
 /// A sink that stores nothing: each chunk becomes its digest and size in the tree, so that a
 /// source can be compared with an image chunk by chunk without writing a byte (`skiff check`).
 pub struct DigestSink {
     chunk_size: u32,
-    digester: ChunkDigester,
+    digester: DigestAlgo,
 }
 
 impl DigestSink {
     /// Chunks of `chunk_size` bytes, named by `digester`.
-    pub fn new(chunk_size: u32, digester: ChunkDigester) -> Self {
+    pub fn new(chunk_size: u32, digester: DigestAlgo) -> Self {
         Self {
             chunk_size,
             digester,
@@ -131,7 +108,11 @@ impl ContentSink for DigestSink {
         let loc = ChunkLoc {
             digest: self.digester.digest(&data),
             size: data.len() as u32,
-            flags: 0,
+            flags: if self.digester == DigestAlgo::Sha256 {
+                CHUNK_FLAG_SHA256
+            } else {
+                0
+            },
             blob: 0,
             offset: 0,
             stored_size: 0,

@@ -277,10 +277,21 @@ pub fn compare<T: SourceTree>(b: &Bootstrap, source: &T) -> Vec<Problem> {
                 continue;
             }
         };
-        let Some(img) = image_facts(b, ino, src.facts.size.is_some()) else {
+        let Some(mut img) = image_facts(b, ino, src.facts.size.is_some()) else {
             problems.push(problem(&rel, "inode missing from image"));
             continue;
         };
+        // What the image's format does not hold is not compared (docs/format.md).
+        let kept = b.preserved();
+        if !kept.directory_sizes && src.children.is_some() {
+            img.size = src.facts.size;
+        }
+        if !kept.root_mtime && ino == 0 {
+            img.mtime = src.facts.mtime;
+        }
+        if !kept.owners {
+            (img.uid, img.gid) = (src.facts.uid, src.facts.gid);
+        }
         diff_facts(&rel, &src.facts, &img, &mut problems);
         if src.facts.kind != img.kind {
             continue;

@@ -22,22 +22,27 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Problem, Rule};
-use crate::build::layers::{self, ChunkDigester, DigestSink};
+use crate::build::layers::{self, DigestSink};
 use crate::build::Progress;
-use crate::format::{digest_hex, Bootstrap, ChunkRecord, DIGEST_LEN};
+use crate::format::{digest_hex, Bootstrap, ChunkRecord, DigestAlgo, SourceFormat, DIGEST_LEN};
 use crate::oci::manifest::{
     self, Descriptor, Fetched, ImageManifest, Platform, ANN_BLOB_ID, ANN_NYDUS_BLOB,
     ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_CONFIG,
     OCI_MANIFEST, SKIFF_BLOB, SKIFF_BOOTSTRAP, SKIFF_BOOTSTRAP_ZSTD,
 };
-use crate::oci::registry_backend::{decompress_bootstrap, MAX_BOOTSTRAP_BYTES};
+use crate::oci::registry_backend::{
+    decompress_bootstrap, extract_nydus_bootstrap, MAX_BOOTSTRAP_BYTES,
+};
 use crate::oci::source::{self, platform_name, Platforms, SourceImage};
 use crate::oci::{OciError, Reference, RegistryClient, RegistryOptions};
+use sha2::Digest;
 
 /// Docker's image config media type (a Docker schema 2 manifest's config).
 const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// Nydus's data-blob layer media type.
 const NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
+/// Nydus's annotation of the bootstrap layer's RAFS version.
+const ANN_NYDUS_FS_VERSION: &str = "containerd.io/snapshot/nydus-fs-version";
 /// Bytes read from a blob stream at a time.
 const READ_PIECE: usize = 1 << 20;
 
@@ -319,15 +324,7 @@ impl RuleOutcomes {
         }
         self.0
             .into_iter()
-            .map(|(r, s)| {
-                (
-                    serde_json::to_value(r)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
-                    s,
-                )
-            })
+            .map(|(r, s)| (r.name().to_string(), s))
             .collect()
     }
 }
@@ -357,26 +354,25 @@ fn check_pair(
     rules: &mut RuleOutcomes,
     problems: &mut Vec<Problem>,
 ) -> Result<CheckedImage, CheckError> {
+    // Which format: Skiff's bootstrap layer, or Nydus's (a tar holding image/image.boot).
+    let format = match m.layers.last() {
+        Some(l)
+            if l.media_type != SKIFF_BOOTSTRAP
+                && l.media_type != SKIFF_BOOTSTRAP_ZSTD
+                && l.annotations
+                    .get(ANN_NYDUS_BOOTSTRAP)
+                    .is_some_and(|v| v == "true") =>
+        {
+            TargetFormat::Nydus
+        }
+        _ => TargetFormat::Skiff,
+    };
     let mut out = CheckedImage {
         platform: src.platform.as_ref().map(|p| platform_name(Some(p))),
         manifest_digest,
-        format: "skiff".into(),
+        format: format.name().into(),
         ..CheckedImage::default()
     };
-    // Which format: Skiff's bootstrap layer, or Nydus's.
-    let last = m.layers.last();
-    if last.is_some_and(|l| {
-        l.annotations
-            .get(ANN_NYDUS_BOOTSTRAP)
-            .is_some_and(|v| v == "true")
-            && l.media_type != SKIFF_BOOTSTRAP
-            && l.media_type != SKIFF_BOOTSTRAP_ZSTD
-    }) {
-        return Err(CheckError::Unsupported(format!(
-            "{}: a Nydus image; checking Nydus RAFS v6 targets needs the v6 reader",
-            opts.target
-        )));
-    }
 
     // The manifest rule.
     rules.set(Rule::Manifest, RuleStatus::Passed);
@@ -399,12 +395,11 @@ fn check_pair(
             None
         }
         Some((boot, blobs)) => {
-            check_bootstrap_layer(boot, &mp, problems);
+            let ok = check_bootstrap_layer(format, boot, &mp, problems);
             for (i, l) in blobs.iter().enumerate() {
-                check_blob_layer(i, l, &mp, problems);
+                check_blob_layer(format, i, l, &mp, problems);
             }
-            (boot.media_type == SKIFF_BOOTSTRAP || boot.media_type == SKIFF_BOOTSTRAP_ZSTD)
-                .then_some(boot)
+            ok.then_some(boot)
         }
     };
     let target_config =
@@ -441,7 +436,7 @@ fn check_pair(
             ));
         } else {
             for (i, (id, l)) in ids.iter().zip(&m.layers).enumerate() {
-                if l.media_type == SKIFF_BLOB && id != &l.digest {
+                if (l.media_type == SKIFF_BLOB || l.media_type == NYDUS_BLOB) && id != &l.digest {
                     problems.push(p(
                         Rule::Manifest,
                         prefix,
@@ -475,25 +470,36 @@ fn check_pair(
         }
     };
     fetched.target += raw.len() as u64;
-    let bytes = if boot_layer.media_type == SKIFF_BOOTSTRAP_ZSTD {
-        match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
-            Ok(b) => b,
-            Err(e) => {
-                problems.push(bp(crate::util::error_chain(&e)));
-                return Ok(out);
+    // The diff id of a Nydus layer (its uncompressed tar's sha256), and the bootstrap.
+    let (nydus_diff_id, bytes) = match format {
+        TargetFormat::Skiff if boot_layer.media_type == SKIFF_BOOTSTRAP_ZSTD => {
+            match decompress_bootstrap(&raw, MAX_BOOTSTRAP_BYTES) {
+                Ok(b) => (None, b),
+                Err(e) => {
+                    problems.push(bp(crate::util::error_chain(&e)));
+                    return Ok(out);
+                }
             }
         }
-    } else {
-        raw
+        TargetFormat::Skiff => (None, raw),
+        TargetFormat::Nydus => match nydus_bootstrap(&raw) {
+            Ok((diff_id, boot)) => (Some(diff_id), boot),
+            Err(e) => {
+                problems.push(bp(format!("layer {}: {e}", boot_layer.digest)));
+                return Ok(out);
+            }
+        },
     };
     if let Some(last_id) = diff_ids.as_ref().and_then(|ids| ids.last()) {
-        let got = manifest::sha256_digest(&bytes);
+        let got = nydus_diff_id
+            .clone()
+            .unwrap_or_else(|| manifest::sha256_digest(&bytes));
         if &got != last_id {
             problems.push(p(
                 Rule::Manifest,
                 prefix,
                 "config",
-                format!("rootfs.diff_ids names the bootstrap {last_id}, it is {got}"),
+                format!("rootfs.diff_ids names the bootstrap layer {last_id}, it is {got}"),
             ));
         }
     }
@@ -507,6 +513,18 @@ fn check_pair(
             return Ok(out);
         }
     };
+    let loaded = b.source_format();
+    let expected = match format {
+        TargetFormat::Skiff => SourceFormat::Skiff,
+        TargetFormat::Nydus => SourceFormat::NydusRafsV6,
+    };
+    if loaded != expected {
+        problems.push(bp(format!(
+            "a {} bootstrap in a {} image's layer",
+            loaded.name(),
+            format.name()
+        )));
+    }
     out.root_digest = Some(digest_hex(b.root_digest()));
     out.inodes = b.inode_count() as u64;
     out.blobs = b.blobs().len() as u64;
@@ -518,7 +536,7 @@ fn check_pair(
             )));
         }
     }
-    let layers = blob_layers(&b, &m, prefix, problems);
+    let layers = blob_layers(format, &b, &m, prefix, problems);
 
     // The data rule.
     if opts.data {
@@ -531,7 +549,14 @@ fn check_pair(
     // The filesystem rule.
     rules.set(Rule::Filesystem, RuleStatus::Passed);
     let progress = Progress::new(false);
-    let mut sink = DigestSink::new(b.chunk_size(), ChunkDigester::Blake3);
+    // Cut and named as the image cuts and names its chunks.
+    let digester = b
+        .tables()
+        .chunks
+        .iter()
+        .find(|c| !c.is_zero())
+        .map_or(DigestAlgo::Blake3, |c| c.digest_algo());
+    let mut sink = DigestSink::new(b.chunk_size(), digester);
     let tree = layers::apply_with(&src.layers, &mut sink, &progress, |_, _, _| Ok(()))
         .map_err(CheckError::Layers)?;
     fetched.source += src
@@ -548,50 +573,75 @@ fn check_pair(
     Ok(out)
 }
 
+/// Checks the bootstrap layer's media type and annotations; whether it can be read as one.
 fn check_bootstrap_layer(
+    format: TargetFormat,
     l: &Descriptor,
     mp: &dyn Fn(String) -> Problem,
     problems: &mut Vec<Problem>,
-) {
-    if l.media_type != SKIFF_BOOTSTRAP && l.media_type != SKIFF_BOOTSTRAP_ZSTD {
-        problems.push(mp(format!(
-            "the last layer {} has media type {:?}, not a Skiff bootstrap ({SKIFF_BOOTSTRAP_ZSTD:?})",
-            l.digest, l.media_type
-        )));
-        return;
-    }
+) -> bool {
     if l.annotations.get(ANN_NYDUS_BOOTSTRAP).map(String::as_str) != Some("true") {
         problems.push(mp(format!(
             "the bootstrap layer {} lacks the {ANN_NYDUS_BOOTSTRAP}=true annotation",
             l.digest
         )));
     }
-    match l.annotations.get(ANN_ROOT_DIGEST) {
-        Some(d) if is_hex_digest(d) => {}
-        Some(d) => problems.push(mp(format!(
-            "the bootstrap layer's {ANN_ROOT_DIGEST} {d:?} is not 64 hex digits"
-        ))),
-        None => problems.push(mp(format!(
-            "the bootstrap layer {} lacks the {ANN_ROOT_DIGEST} annotation",
-            l.digest
-        ))),
+    match format {
+        TargetFormat::Nydus => {
+            if !crate::oci::source::is_tar_layer(&l.media_type) {
+                problems.push(mp(format!(
+                    "the Nydus bootstrap layer {} has media type {:?}, not a tar layer",
+                    l.digest, l.media_type
+                )));
+                return false;
+            }
+            if let Some(v) = l.annotations.get(ANN_NYDUS_FS_VERSION) {
+                if v != "6" {
+                    problems.push(mp(format!(
+                        "the bootstrap layer says {ANN_NYDUS_FS_VERSION}={v:?}; only RAFS v6 is read"
+                    )));
+                    return false;
+                }
+            }
+            true
+        }
+        TargetFormat::Skiff => {
+            if l.media_type != SKIFF_BOOTSTRAP && l.media_type != SKIFF_BOOTSTRAP_ZSTD {
+                problems.push(mp(format!(
+                    "the last layer {} has media type {:?}, not a Skiff bootstrap ({SKIFF_BOOTSTRAP_ZSTD:?})",
+                    l.digest, l.media_type
+                )));
+                return false;
+            }
+            match l.annotations.get(ANN_ROOT_DIGEST) {
+                Some(d) if is_hex_digest(d) => {}
+                Some(d) => problems.push(mp(format!(
+                    "the bootstrap layer's {ANN_ROOT_DIGEST} {d:?} is not 64 hex digits"
+                ))),
+                None => problems.push(mp(format!(
+                    "the bootstrap layer {} lacks the {ANN_ROOT_DIGEST} annotation",
+                    l.digest
+                ))),
+            }
+            true
+        }
     }
 }
 
 fn check_blob_layer(
+    format: TargetFormat,
     i: usize,
     l: &Descriptor,
     mp: &dyn Fn(String) -> Problem,
     problems: &mut Vec<Problem>,
 ) {
-    if l.media_type != SKIFF_BLOB {
-        let hint = if l.media_type == NYDUS_BLOB {
-            " (a Nydus blob)"
-        } else {
-            ""
-        };
+    let want = match format {
+        TargetFormat::Skiff => SKIFF_BLOB,
+        TargetFormat::Nydus => NYDUS_BLOB,
+    };
+    if l.media_type != want {
         problems.push(mp(format!(
-            "layer {i} ({}) has media type {:?}{hint}, expected {SKIFF_BLOB:?}",
+            "layer {i} ({}) has media type {:?}, expected {want:?}",
             l.digest, l.media_type
         )));
         return;
@@ -601,6 +651,10 @@ fn check_blob_layer(
             "layer {i} ({}) lacks the {ANN_NYDUS_BLOB}=true annotation",
             l.digest
         )));
+    }
+    if format == TargetFormat::Nydus {
+        // A Nydus blob is named by its sha256: the layer digest is the blob id.
+        return;
     }
     match l.annotations.get(ANN_BLOB_ID) {
         Some(id) if is_hex_digest(id) => {}
@@ -707,15 +761,24 @@ struct BlobLayer {
 
 /// Matches the bootstrap's blob table with the manifest's blob layers, both ways.
 fn blob_layers(
+    format: TargetFormat,
     b: &Bootstrap,
     m: &ImageManifest,
     prefix: &str,
     problems: &mut Vec<Problem>,
 ) -> Vec<BlobLayer> {
     let mut by_id: HashMap<[u8; DIGEST_LEN], &Descriptor> = HashMap::new();
-    for l in m.layers.iter().filter(|l| l.media_type == SKIFF_BLOB) {
-        let Some(hexid) = l.annotations.get(ANN_BLOB_ID) else {
-            continue;
+    let blob_type = match format {
+        TargetFormat::Skiff => SKIFF_BLOB,
+        TargetFormat::Nydus => NYDUS_BLOB,
+    };
+    for l in m.layers.iter().filter(|l| l.media_type == blob_type) {
+        let hexid = match format {
+            TargetFormat::Skiff => match l.annotations.get(ANN_BLOB_ID) {
+                Some(h) => h.as_str(),
+                None => continue,
+            },
+            TargetFormat::Nydus => l.digest.strip_prefix("sha256:").unwrap_or_default(),
         };
         let mut id = [0u8; DIGEST_LEN];
         if hex::decode_to_slice(hexid, &mut id).is_err() {
@@ -957,6 +1020,56 @@ impl BlobStream<'_> {
                 buf.extend_from_slice(&self.piece[..n]);
             }
         }
+        Ok(())
+    }
+}
+
+/// The format of a target image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TargetFormat {
+    /// `skiff convert`'s: a zstd bootstrap layer, Skiff blobs named by blake3.
+    Skiff,
+    /// nydusify's / nydus-snapshotter's: a tar layer holding `image/image.boot` (RAFS v6),
+    /// Nydus blobs named by sha256.
+    Nydus,
+}
+
+impl TargetFormat {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Skiff => "skiff",
+            Self::Nydus => "nydus-rafs-v6",
+        }
+    }
+}
+
+/// The sha256 of a Nydus bootstrap layer's tar (its diff id) and the bootstrap in it, read by
+/// the reader `skiff mount --image` uses.
+fn nydus_bootstrap(layer: &[u8]) -> Result<(String, Vec<u8>), String> {
+    let gzip = layer.starts_with(&[0x1f, 0x8b]);
+    let boot = extract_nydus_bootstrap(layer, gzip, MAX_BOOTSTRAP_BYTES)
+        .map_err(|e| crate::util::error_chain(&e))?;
+    let diff_id = if gzip {
+        let mut h = sha2::Sha256::new();
+        let mut d = flate2::read::MultiGzDecoder::new(layer);
+        std::io::copy(&mut d, &mut Sha256Writer(&mut h)).map_err(|e| format!("gunzip: {e}"))?;
+        format!("sha256:{}", hex::encode(h.finalize()))
+    } else {
+        manifest::sha256_digest(layer)
+    };
+    Ok((diff_id, boot))
+}
+
+/// Feeds what is written to a sha256.
+struct Sha256Writer<'h>(&'h mut sha2::Sha256);
+
+impl std::io::Write for Sha256Writer<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }

@@ -38,6 +38,18 @@ pub enum Rule {
     Filesystem,
 }
 
+impl Rule {
+    /// Its name in output and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Manifest => "manifest",
+            Self::Bootstrap => "bootstrap",
+            Self::Data => "data",
+            Self::Filesystem => "filesystem",
+        }
+    }
+}
+
 /// One problem found, named by what it concerns: a path in the image, or `manifest`, `config`,
 /// `index`, `bootstrap`, `blob …` for the image's parts.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]

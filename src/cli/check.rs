@@ -197,7 +197,10 @@ fn check_registry(a: &CheckArgs, target: &str) -> CmdResult {
             );
         }
         for (rule, status) in &report.rules {
-            println!("rule        {rule:<11} {status:?}");
+            println!(
+                "rule        {rule:<11} {}",
+                format!("{status:?}").to_lowercase()
+            );
         }
         print_problems(&report.problems);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;

@@ -1,5 +1,6 @@
 //! The `skiff` command line: thin front ends over the library.
 
+mod accel;
 mod check;
 mod commands;
 mod image;
@@ -7,6 +8,7 @@ mod nydusd;
 
 use clap::{Parser, Subcommand};
 
+pub use accel::*;
 pub use check::*;
 pub use commands::*;
 pub use image::*;
@@ -48,6 +50,9 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Look after the shared on-disk chunk cache.
     Cache(CacheArgs),
+    /// Convert images as they are pushed (Harbor's webhook, Docker distribution's
+    /// notifications), or manage a running service's tasks.
+    Accel(AccelArgs),
 }
 
 fn init_logging(level: &str) {
@@ -107,6 +112,7 @@ pub fn main() -> i32 {
         Command::Fuse(a) => nydusd::cmd_fuse(a),
         Command::Convert(a) => cmd_convert(a),
         Command::Cache(a) => cmd_cache(a),
+        Command::Accel(a) => cmd_accel(a),
     };
     match result {
         Ok(code) => code,

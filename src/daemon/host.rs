@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::runtime::{ExitEvent, ExitReason};
+
 use base64::Engine;
 use fuse_backend_rs::api::Vfs;
 
@@ -66,8 +68,8 @@ pub struct HostDaemon {
     service: Mutex<Option<FuseService<Arc<Vfs>>>>,
     /// Set by `exit`: end without unmounting.
     exiting: AtomicBool,
-    /// Tells the main loop to end.
-    stop: Arc<AtomicBool>,
+    /// The daemon's exit event: `exit`, and the mount going away, set it.
+    exit: ExitEvent,
 }
 
 /// Whether the mountpoint is still mounted (by /proc/self/mounts: a stat could wait on a
@@ -116,15 +118,15 @@ fn unescape_mount_path(s: &str) -> Vec<u8> {
 }
 
 impl HostDaemon {
-    /// A host daemon over `fs` (a [`super::Layout::Host`] tree), not mounted yet; `stop` ends
-    /// its main loop.
-    pub fn new(fs: Arc<DaemonFs>, opts: HostOptions, stop: Arc<AtomicBool>) -> Arc<Self> {
+    /// A host daemon over `fs` (a [`super::Layout::Host`] tree), not mounted yet, of the
+    /// daemon whose exit event is `exit`.
+    pub fn new(fs: Arc<DaemonFs>, opts: HostOptions, exit: ExitEvent) -> Arc<Self> {
         Arc::new(Self {
             fs,
             opts,
             service: Mutex::new(None),
             exiting: AtomicBool::new(false),
-            stop,
+            exit,
         })
     }
 
@@ -145,6 +147,7 @@ impl HostDaemon {
             self.fs.vfs(),
             self.opts.threads,
             true,
+            Some(self.exit.clone()),
         )
         .map_err(LifecycleError::Fuse)?;
         service.start().map_err(LifecycleError::Fuse)?;
@@ -155,14 +158,6 @@ impl HostDaemon {
 
     fn service_lock(&self) -> std::sync::MutexGuard<'_, Option<FuseService<Arc<Vfs>>>> {
         lock(&self.service)
-    }
-
-    /// Whether the daemon should end: `exit`, or its mount went away.
-    pub fn should_end(&self) -> bool {
-        if self.exiting.load(Ordering::SeqCst) {
-            return true;
-        }
-        self.service_lock().as_ref().is_some_and(|s| s.ended())
     }
 
     /// Ends the daemon: after `exit`, leaving the mount (the successor has the connection);
@@ -285,6 +280,7 @@ impl Lifecycle for HostDaemon {
             self.fs.vfs(),
             file,
             self.opts.threads,
+            Some(self.exit.clone()),
         )
         .map_err(LifecycleError::Fuse)?;
         *self.service_lock() = Some(service);
@@ -338,7 +334,7 @@ impl Lifecycle for HostDaemon {
         }
         self.exiting.store(true, Ordering::SeqCst);
         self.fs.set_state(DaemonState::Stopped);
-        self.stop.store(true, Ordering::SeqCst);
+        self.exit.notify(ExitReason::Requested);
         tracing::info!("exit requested: stopped serving");
         Ok(())
     }

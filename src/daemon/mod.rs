@@ -313,6 +313,13 @@ impl DaemonFs {
         self.layout
     }
 
+    /// Gives each READ of the RAFS images mounted from now on at most `timeout`: then it
+    /// fails with EIO instead of hanging the reader.
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.fs_opts.request_timeout = timeout;
+        self
+    }
+
     /// The filesystem to hand to the transport.
     pub fn vfs(&self) -> Arc<Vfs> {
         self.vfs.clone()

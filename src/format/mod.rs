@@ -36,6 +36,28 @@ impl SourceFormat {
     }
 }
 
+/// Which attributes of the source an image holds, so that a comparison with the source
+/// (`skiff check --source`) compares those and no others. Skiff's format holds everything;
+/// a Nydus v6 image lacks a few (docs/format.md, "Reading Nydus RAFS v6").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Preserved {
+    /// Directories' `st_size` (EROFS directories have the size of their dirent blocks).
+    pub directory_sizes: bool,
+    /// The root directory's mtime (nydus-image stores 0 there).
+    pub root_mtime: bool,
+    /// Owners (v6 images built with `--repeatable` carry none).
+    pub owners: bool,
+}
+
+impl Preserved {
+    /// Everything.
+    pub const ALL: Self = Self {
+        directory_sizes: true,
+        root_mtime: true,
+        owners: true,
+    };
+}
+
 /// Why a bootstrap was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {

@@ -7,13 +7,15 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseSession, FuseSessionExt};
 
 use super::FuseError;
+use crate::runtime::threads::{self as rt_threads, ThreadKind};
+use crate::runtime::{ExitEvent, ExitReason};
 use crate::util::sync::lock;
 
 /// A failed notification, in the shape `try_with_writer` wants.
@@ -35,6 +37,10 @@ pub struct FuseService<F: FileSystem + Send + Sync + 'static> {
     /// Set when a worker ends by itself: the filesystem was unmounted from outside, or the
     /// connection failed.
     ended: Arc<AtomicBool>,
+    /// Set while [`Self::stop`] wakes the workers (their ending is then no news).
+    stopping: Arc<AtomicBool>,
+    /// Told when a worker ends by itself: the daemon has nothing left to serve.
+    exit: Option<ExitEvent>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
@@ -52,6 +58,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         fs: F,
         threads: usize,
         allow_other: bool,
+        exit: Option<ExitEvent>,
     ) -> Result<Self, FuseError> {
         let mut session = FuseSession::new(mountpoint, fsname, "", true)
             .map_err(|e| Self::session_err(mountpoint, e.to_string()))?;
@@ -60,7 +67,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             .mount()
             .map_err(|e| Self::session_err(mountpoint, format!("mount: {e}")))?;
         tracing::info!(mountpoint = %mountpoint.display(), "mounted");
-        Ok(Self::with_session(mountpoint, session, fs, threads))
+        Ok(Self::with_session(mountpoint, session, fs, threads, exit))
     }
 
     /// Takes over the FUSE connection `file` (a `/dev/fuse` descriptor another process
@@ -72,6 +79,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         fs: F,
         file: File,
         threads: usize,
+        exit: Option<ExitEvent>,
     ) -> Result<Self, FuseError> {
         // The descriptor shares its open file description with the predecessor's, which the
         // session opened non-blocking; make sure, since the channels' polling relies on it.
@@ -93,10 +101,16 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         let mut session = FuseSession::new(mountpoint, fsname, "", true)
             .map_err(|e| Self::session_err(mountpoint, e.to_string()))?;
         session.set_fuse_file(file);
-        Ok(Self::with_session(mountpoint, session, fs, threads))
+        Ok(Self::with_session(mountpoint, session, fs, threads, exit))
     }
 
-    fn with_session(mountpoint: &Path, session: FuseSession, fs: F, threads: usize) -> Self {
+    fn with_session(
+        mountpoint: &Path,
+        session: FuseSession,
+        fs: F,
+        threads: usize,
+        exit: Option<ExitEvent>,
+    ) -> Self {
         Self {
             mountpoint: mountpoint.to_owned(),
             session: Mutex::new(Some(session)),
@@ -104,6 +118,8 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             threads: threads.max(1),
             workers: Mutex::new(Vec::new()),
             ended: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            exit,
         }
     }
 
@@ -131,18 +147,28 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             return Ok(());
         }
         self.ended.store(false, Ordering::SeqCst);
+        self.stopping.store(false, Ordering::SeqCst);
         for i in 0..self.threads {
             let channel = session
                 .new_channel()
                 .map_err(|e| Self::session_err(&self.mountpoint, format!("channel: {e}")))?;
-            let (server, ended) = (self.server.clone(), self.ended.clone());
-            let h = thread::Builder::new()
-                .name(format!("fuse-{i}"))
-                .spawn(move || {
-                    super::worker(channel, &server);
+            let (server, ended, stopping, exit) = (
+                self.server.clone(),
+                self.ended.clone(),
+                self.stopping.clone(),
+                self.exit.clone(),
+            );
+            let h = rt_threads::spawn(ThreadKind::Fuse, format!("skiff-fuse-{i}"), move || {
+                super::worker(channel, &server);
+                if !stopping.load(Ordering::SeqCst) {
+                    // Unmounted from outside, or the connection failed.
                     ended.store(true, Ordering::SeqCst);
-                })
-                .map_err(FuseError::Thread)?;
+                    if let Some(e) = &exit {
+                        e.notify(ExitReason::Requested);
+                    }
+                }
+            })
+            .map_err(FuseError::Thread)?;
             workers.push(h);
         }
         tracing::info!(mountpoint = %self.mountpoint.display(), threads = self.threads, "serving");
@@ -152,11 +178,9 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         // setup after a crash, or a supervisor checking the mount. From a thread of its own,
         // so that nothing here waits on the answer.
         let mp = self.mountpoint.clone();
-        let _ = thread::Builder::new()
-            .name("fuse-root-attr".into())
-            .spawn(move || {
-                let _ = std::fs::metadata(&mp);
-            });
+        let _ = rt_threads::spawn(ThreadKind::Housekeeping, "skiff-root-attr", move || {
+            let _ = std::fs::metadata(&mp);
+        });
         Ok(())
     }
 
@@ -172,6 +196,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         if handles.is_empty() {
             return;
         }
+        self.stopping.store(true, Ordering::SeqCst);
         if let Some(s) = lock(&self.session).as_ref() {
             let _ = s.wake();
         }
@@ -180,8 +205,6 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
                 tracing::error!("a FUSE worker panicked");
             }
         }
-        // Waking ended them; that is not the mount going away.
-        self.ended.store(false, Ordering::SeqCst);
     }
 
     /// Asks the kernel to send again the requests a predecessor read but never answered
@@ -227,6 +250,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
 
     /// Stops serving and unmounts.
     pub fn umount(&self) -> Result<(), FuseError> {
+        self.stopping.store(true, Ordering::SeqCst);
         let mut g = lock(&self.session);
         tracing::info!(mountpoint = %self.mountpoint.display(), "unmounting");
         let r = match g.as_mut() {

@@ -14,6 +14,11 @@ use super::manifest::{
     ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, SKIFF_BLOB, SKIFF_BOOTSTRAP,
     SKIFF_BOOTSTRAP_ZSTD,
 };
+
+/// OCI layer media types a Nydus bootstrap layer may have.
+const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 use super::{OciError, RegistryClient};
 use crate::format::{digest_hex, Bootstrap, DIGEST_LEN};
 use crate::storage::cache::BootstrapCache;
@@ -161,19 +166,22 @@ pub fn open_image(
     cache: Option<&BootstrapCache>,
 ) -> Result<RemoteImage, OciError> {
     let (manifest, _, manifest_digest) = client.get_manifest()?;
-    let boot = bootstrap_layer(&manifest).ok_or_else(|| {
+    let (boot, kind) = bootstrap_layer(&manifest).ok_or_else(|| {
         OciError::Invalid(format!(
-            "{} is not a Skiff image: its last layer is not of type {SKIFF_BOOTSTRAP_ZSTD} or {SKIFF_BOOTSTRAP}",
+            "{} is neither a Skiff nor a Nydus image: its last layer is not of type \
+             {SKIFF_BOOTSTRAP_ZSTD} or {SKIFF_BOOTSTRAP}, nor a tar layer annotated \
+             {ANN_NYDUS_BOOTSTRAP}=true",
             client.reference()
         ))
     })?;
     let want_root = boot.annotations.get(ANN_ROOT_DIGEST);
-    let compressed = boot.media_type == SKIFF_BOOTSTRAP_ZSTD;
     let load = |layer: &[u8]| -> Result<Bootstrap, OciError> {
-        let bytes = if compressed {
-            decompress_bootstrap(layer, MAX_BOOTSTRAP_BYTES)?
-        } else {
-            layer.to_vec()
+        let bytes = match kind {
+            BootstrapLayer::SkiffZstd => decompress_bootstrap(layer, MAX_BOOTSTRAP_BYTES)?,
+            BootstrapLayer::Skiff => layer.to_vec(),
+            BootstrapLayer::NydusTar { gzip } => {
+                extract_nydus_bootstrap(layer, gzip, MAX_BOOTSTRAP_BYTES)?
+            }
         };
         let bootstrap = Bootstrap::from_bytes(bytes)?;
         if let Some(want) = want_root {
@@ -329,15 +337,88 @@ pub fn decompress_bootstrap(layer: &[u8], limit: u64) -> Result<Vec<u8>, OciErro
     Ok(out)
 }
 
-/// The bootstrap layer: the last layer, of one of Skiff's bootstrap types (the Nydus annotation
-/// alone is not enough: a Nydus bootstrap is a different format).
-fn bootstrap_layer(m: &ImageManifest) -> Option<&super::manifest::Descriptor> {
-    m.layers.last().filter(|l| {
-        (l.media_type == SKIFF_BOOTSTRAP || l.media_type == SKIFF_BOOTSTRAP_ZSTD)
-            && l.annotations
-                .get(ANN_NYDUS_BOOTSTRAP)
-                .is_none_or(|v| v == "true")
-    })
+/// What the bootstrap layer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BootstrapLayer {
+    /// A Skiff bootstrap, raw.
+    Skiff,
+    /// A Skiff bootstrap, zstd-compressed.
+    SkiffZstd,
+    /// A Nydus image's bootstrap layer: a tar (gzip-compressed as nydusify writes it) holding
+    /// `image/image.boot`.
+    NydusTar {
+        /// Whether the tar is gzip-compressed.
+        gzip: bool,
+    },
+}
+
+/// The bootstrap layer: the last layer, of one of Skiff's bootstrap types, or (a Nydus image) a
+/// tar layer annotated as Nydus's bootstrap. The annotation alone does not make a Skiff
+/// bootstrap, nor a Skiff media type a Nydus one.
+fn bootstrap_layer(m: &ImageManifest) -> Option<(&super::manifest::Descriptor, BootstrapLayer)> {
+    let l = m.layers.last()?;
+    let nydus = l.annotations.get(ANN_NYDUS_BOOTSTRAP).map(String::as_str);
+    let kind = match l.media_type.as_str() {
+        SKIFF_BOOTSTRAP if nydus != Some("false") => BootstrapLayer::Skiff,
+        SKIFF_BOOTSTRAP_ZSTD if nydus != Some("false") => BootstrapLayer::SkiffZstd,
+        OCI_LAYER_GZIP | DOCKER_LAYER_GZIP if nydus == Some("true") => {
+            BootstrapLayer::NydusTar { gzip: true }
+        }
+        OCI_LAYER_TAR if nydus == Some("true") => BootstrapLayer::NydusTar { gzip: false },
+        _ => return None,
+    };
+    Some((l, kind))
+}
+
+/// Where nydusify puts the bootstrap in its bootstrap layer.
+const NYDUS_BOOTSTRAP_PATH: &str = "image/image.boot";
+
+/// The bootstrap inside a Nydus bootstrap layer (a tar, gzip-compressed if `gzip`), read as a
+/// stream: the entry `image/image.boot`, at most `limit` bytes of it, after at most `limit`
+/// bytes of other entries (a layer that would expand without bound is refused, not read on).
+pub fn extract_nydus_bootstrap(layer: &[u8], gzip: bool, limit: u64) -> Result<Vec<u8>, OciError> {
+    let bad = |what: String| OciError::Invalid(format!("Nydus bootstrap layer: {what}"));
+    let reader: Box<dyn std::io::Read + '_> = if gzip {
+        Box::new(flate2::read::GzDecoder::new(layer))
+    } else {
+        Box::new(layer)
+    };
+    // Everything read from the decompressor, entries skipped included, is bounded.
+    let bounded = std::io::Read::take(reader, limit.saturating_mul(2).saturating_add(1 << 20));
+    let mut archive = tar::Archive::new(bounded);
+    let entries = archive
+        .entries()
+        .map_err(|e| bad(format!("not a tar: {e}")))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| bad(format!("reading the tar: {e}")))?;
+        let path = entry
+            .path()
+            .map_err(|e| bad(format!("an entry's name: {e}")))?
+            .into_owned();
+        let name = path.to_string_lossy();
+        if name.trim_start_matches("./") != NYDUS_BOOTSTRAP_PATH {
+            continue;
+        }
+        if !entry.header().entry_type().is_file() {
+            return Err(bad(format!("{NYDUS_BOOTSTRAP_PATH} is not a regular file")));
+        }
+        let size = entry.size();
+        if size > limit {
+            return Err(bad(format!(
+                "{NYDUS_BOOTSTRAP_PATH} is {size} bytes, more than the {limit} allowed"
+            )));
+        }
+        // The header's size is the layer's word, not a fact: the buffer grows with the bytes
+        // that actually arrive.
+        let mut out = Vec::with_capacity(size.min(64 << 20) as usize);
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut entry, size), &mut out)
+            .map_err(|e| bad(format!("reading {NYDUS_BOOTSTRAP_PATH}: {e}")))?;
+        if out.len() as u64 != size {
+            return Err(bad(format!("{NYDUS_BOOTSTRAP_PATH} is cut short")));
+        }
+        return Ok(out);
+    }
+    Err(bad(format!("no {NYDUS_BOOTSTRAP_PATH} in the layer")))
 }
 
 /// Cached bootstrap bytes fit to load: the right size and sha256 (the layer digest the manifest
@@ -379,6 +460,56 @@ mod tests {
             source: std::io::Error::other("disk"),
         };
         assert!(!classify("r@x".into(), local).is_retryable());
+    }
+
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, name, *data).expect("tar");
+        }
+        b.into_inner().expect("tar")
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut g, data).expect("gzip");
+        g.finish().expect("gzip")
+    }
+
+    #[test]
+    fn nydus_bootstrap_layers_are_read_bounded() {
+        let boot = vec![9u8; 10_000];
+        let reg = tar::EntryType::Regular;
+        let layer = tar_of(&[
+            ("image", tar::EntryType::Directory, &[]),
+            ("image/other", reg, &[1; 300]),
+            ("image/image.boot", reg, &boot),
+        ]);
+        assert_eq!(
+            extract_nydus_bootstrap(&gzip(&layer), true, 1 << 20).expect("found"),
+            boot
+        );
+        assert_eq!(
+            extract_nydus_bootstrap(&layer, false, 1 << 20).expect("plain tar"),
+            boot
+        );
+        // Larger than the limit, missing, not a regular file, not a tar, cut short: refused.
+        assert!(extract_nydus_bootstrap(&gzip(&layer), true, 9_999).is_err());
+        let missing = tar_of(&[("image/other", reg, &[1; 10])]);
+        assert!(extract_nydus_bootstrap(&gzip(&missing), true, 1 << 20).is_err());
+        let dir = tar_of(&[("image/image.boot", tar::EntryType::Directory, &[])]);
+        assert!(extract_nydus_bootstrap(&gzip(&dir), true, 1 << 20).is_err());
+        assert!(extract_nydus_bootstrap(&boot, true, 1 << 20).is_err());
+        let z = gzip(&layer);
+        assert!(extract_nydus_bootstrap(&z[..z.len() / 2], true, 1 << 20).is_err());
+        // Many bytes of other entries before it: reading stops at the bound.
+        let big = vec![0u8; 3 << 20];
+        let padded = tar_of(&[("junk", reg, &big), ("image/image.boot", reg, &boot)]);
+        assert!(extract_nydus_bootstrap(&gzip(&padded), true, 1 << 20).is_err());
     }
 
     #[test]

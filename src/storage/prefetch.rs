@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use super::metrics::{add, inc};
 use super::{BlobBackend, CachedChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT, MAX_MERGED_BYTES};
 use crate::format::{Bootstrap, ChunkRecord, InodeKind};
+use crate::runtime::threads::{self, ThreadKind};
 
 /// What to prefetch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -158,10 +159,11 @@ pub fn spawn<B: BlobBackend + 'static>(
             stop.clone(),
             work.clone(),
         );
-        match std::thread::Builder::new()
-            .name(format!("skiff-prefetch-{i}"))
-            .spawn(move || work_loop(&b, &s, &o, &st, &w))
-        {
+        match threads::spawn(
+            ThreadKind::Fetcher,
+            format!("skiff-prefetch-{i}"),
+            move || work_loop(&b, &s, &o, &st, &w),
+        ) {
             Ok(t) => threads.push(t),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a prefetch thread");

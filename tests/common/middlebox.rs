@@ -136,6 +136,13 @@ fn serve_one(mut client: TcpStream, upstream: u16, count: &AtomicU64, decide: &D
     if up.write_all(close_head(&head).as_bytes()).is_err() {
         return;
     }
+    // A request body (an upload) goes along as it is.
+    let len: u64 = header(&text, "Content-Length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if len > 0 && std::io::copy(&mut (&mut client).take(len), &mut up).ok() != Some(len) {
+        return;
+    }
     let mut reply = Vec::new();
     let _ = up.read_to_end(&mut reply);
     let Some(split) = reply

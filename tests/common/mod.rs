@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod middlebox;
+pub mod nydus;
 pub mod oci;
 pub mod registry;
 pub mod snapshotter;
@@ -19,7 +20,8 @@ use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -374,7 +376,8 @@ pub fn make_special_tree(root: &Path) {
 /// - modes: setuid, setgid, sticky, all 12 bits, mode 000 (files); sticky, setgid, 000 (dirs);
 /// - owners above 65535 on a file, a directory and a symlink (lchown);
 /// - names: 255 bytes, non-UTF-8 (`\xff\xfe`), with a newline, with a space;
-/// - symlinks: relative, absolute, dangling, 1000-byte target;
+/// - names that sort before "." (`#hash`, `-dash`, and two in the wide directory);
+/// - symlinks: relative, absolute, dangling, 1000-byte target, 4095-byte target (the maximum);
 /// - a file hard-linked under three names in three directories;
 /// - fifo, Unix socket, character devices (1,3 and one with a large minor), block device (7,0);
 /// - xattrs: user.* empty, user.* binary, a 3000-byte user.* value, trusted.*,
@@ -469,6 +472,17 @@ pub fn make_special_tree_sized(root: &Path, wide: usize, deep: usize) {
     long.extend_from_slice(b"yy");
     assert_eq!(long.len(), 1000);
     symlink(&long, &p(b"link_long"));
+    // The longest target Linux allows: too long to sit inline after an EROFS inode, so a Nydus
+    // v6 image stores it in a block of its own.
+    let mut max = b"m/".repeat(2047);
+    max.push(b'z');
+    assert_eq!(max.len(), 4095);
+    symlink(&max, &p(b"link_max"));
+
+    // Names that sort before "." (0x2e): in an EROFS directory "." and ".." are sorted with
+    // the other names, so these come first, at the top level and in the multi-block "wide".
+    write(&p(b"#hash"), b"sorts before the dot\n");
+    write(&p(b"-dash"), b"sorts before the dot too\n");
 
     // Fifo, socket, devices.
     mkdir(&p(b"special"));
@@ -508,6 +522,8 @@ pub fn make_special_tree_sized(root: &Path, wide: usize, deep: usize) {
 
     // A wide directory and a deep chain.
     mkdir(&p(b"wide"));
+    write(&p(b"wide/#early"), b"before the dot\n");
+    write(&p(b"wide/!earlier"), b"before the dot\n");
     for i in 0..wide {
         let name = format!("entry-{i:05}");
         // Mostly distinct tiny files, with a few empty ones and a few repeated contents.
@@ -801,6 +817,116 @@ pub fn assert_no_diff(what: &str, a: &BTreeMap<Vec<u8>, Facts>, b: &BTreeMap<Vec
         b.len(),
         d.join("\n  ")
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads at odd offsets
+// ---------------------------------------------------------------------------------------------
+
+/// Reads up to `len` bytes at `offset`, looping over short reads, stopping at EOF.
+pub fn read_full_at(f: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Reads of `files` at offsets around chunk boundaries, the hole and EOF, with odd lengths,
+/// through the mount and from the source: the same bytes, and nothing past EOF. Returns the
+/// number of reads compared.
+pub fn check_odd_reads(src: &Path, mnt: &Path, files: &[&str]) -> usize {
+    let c = SPECIAL_CHUNK as u64;
+    let mut reads = 0;
+    for name in files {
+        let s = File::open(src.join(name)).unwrap_or_else(|e| panic!("open source {name}: {e}"));
+        let m = File::open(mnt.join(name)).unwrap_or_else(|e| panic!("open mounted {name}: {e}"));
+        // Less readahead, so that the kernel asks the daemon for the pages we touch.
+        // SAFETY: fadvise only takes the descriptor and numbers; `m` is open.
+        unsafe { libc::posix_fadvise(m.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let size = s.metadata().expect("source size").len();
+        assert_eq!(
+            m.metadata().expect("mounted size").len(),
+            size,
+            "{name}: size"
+        );
+        let mut offsets = vec![
+            0,
+            1,
+            4095,
+            4097,
+            c - 1,
+            c,
+            c + 1,
+            2 * c - 3,
+            3 * c + 5,
+            size / 2 + 1,
+            size.saturating_sub(1),
+            size.saturating_sub(7),
+            size,
+            size + 1,
+            size + c,
+        ];
+        if *name == "sparse" {
+            // Around the end of the first data and the start of the second, inside the hole.
+            offsets.extend([
+                999,
+                1000,
+                1001,
+                1000 + SPARSE_HOLE / 2 + 3,
+                1000 + SPARSE_HOLE - 1,
+                1000 + SPARSE_HOLE + 1,
+            ]);
+        }
+        for &off in &offsets {
+            for len in [
+                1usize,
+                3,
+                4096,
+                5000,
+                SPECIAL_CHUNK,
+                SPECIAL_CHUNK + 3,
+                3 * SPECIAL_CHUNK + 1,
+            ] {
+                let want = read_full_at(&s, off, len)
+                    .unwrap_or_else(|e| panic!("source {name} @{off}+{len}: {e}"));
+                let got = read_full_at(&m, off, len)
+                    .unwrap_or_else(|e| panic!("mounted {name} @{off}+{len}: {e}"));
+                let expect_len = size.saturating_sub(off).min(len as u64) as usize;
+                assert_eq!(want.len(), expect_len, "source {name} @{off}+{len}: length");
+                assert_eq!(
+                    got.len(),
+                    expect_len,
+                    "mounted {name} @{off}+{len}: {} bytes, want {expect_len}",
+                    got.len()
+                );
+                if got != want {
+                    let first = got.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                    panic!("mounted {name} @{off}+{len}: bytes differ from the source, first at +{first}");
+                }
+                reads += 1;
+            }
+        }
+        // A single read past EOF returns 0 bytes, not an error.
+        let mut b = [0u8; 16];
+        assert_eq!(
+            m.read_at(&mut b, size).expect("read at EOF"),
+            0,
+            "{name}: read at EOF"
+        );
+        assert_eq!(
+            m.read_at(&mut b, size + 12345).expect("read past EOF"),
+            0,
+            "{name}: read past EOF"
+        );
+    }
+    reads
 }
 
 // ---------------------------------------------------------------------------------------------

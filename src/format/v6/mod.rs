@@ -87,8 +87,9 @@ pub fn is_v6(data: &[u8]) -> bool {
 }
 
 /// Checks the v6 bootstrap `data` and returns the same image as a Skiff bootstrap's bytes
-/// (not yet validated by the Skiff loader: [`super::Bootstrap::from_bytes`] does that).
-pub fn transcode(data: &[u8], defaults: Defaults) -> Result<Vec<u8>, V6Error> {
+/// (not yet validated by the Skiff loader: [`super::Bootstrap::from_bytes`] does that), and
+/// which source attributes it holds.
+pub fn transcode(data: &[u8], defaults: Defaults) -> Result<(Vec<u8>, super::Preserved), V6Error> {
     let meta = superblock::parse(data)?;
     let chunks = chunks::ChunkTable::parse(data, &meta)?;
     let writer = transcode::walk(data, &meta, &chunks, defaults)?;
@@ -98,7 +99,13 @@ pub fn transcode(data: &[u8], defaults: Defaults) -> Result<Vec<u8>, V6Error> {
         blobs = meta.blobs.len(),
         "RAFS v6 bootstrap transcoded"
     );
-    writer
+    let preserved = super::Preserved {
+        directory_sizes: false,
+        root_mtime: false,
+        owners: meta.explicit_uid_gid(),
+    };
+    let bytes = writer
         .finish(meta.chunk_size)
-        .map_err(|e| V6Error::Transcode(Box::new(e)))
+        .map_err(|e| V6Error::Transcode(Box::new(e)))?;
+    Ok((bytes, preserved))
 }
