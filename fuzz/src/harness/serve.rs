@@ -28,6 +28,8 @@ use skiff::storage::{BlobBackend, CachedChunkSource};
 
 /// The root's FUSE inode number.
 const ROOT: u64 = 1;
+/// The reply buffer of each readdir.
+const READDIR_BUFFER: usize = 512;
 /// The largest read the Linux virtio-fs driver sends.
 const MAX_READ: u64 = 128 << 10;
 
@@ -197,9 +199,10 @@ impl Walk<'_> {
             let mut got = 0;
             let mut last = offset;
             // As the server does: each entry takes its dirent's size of the reply buffer, and
-            // one that does not fit is refused (0), which ends this call.
-            let mut room = 256usize;
-            fs.readdir(ctx, ino, handle, 256, offset, &mut |d| {
+            // one that does not fit is refused (0), which ends this call. The buffer is small,
+            // so that listings resume, but holds the longest entry (24 + 255 bytes).
+            let mut room = READDIR_BUFFER;
+            fs.readdir(ctx, ino, handle, READDIR_BUFFER as u32, offset, &mut |d| {
                 let need = (24 + d.name.len()).next_multiple_of(8);
                 if need > room {
                     return Ok(0);
