@@ -23,6 +23,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod oci;
+pub mod runtime;
 pub mod storage;
 pub mod util;
 pub mod vhost;

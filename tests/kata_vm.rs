@@ -3,6 +3,10 @@
 //! `kataShared` at /run/kata-containers/shared and build each container's rootfs as overlayfs
 //! (lower: the RAFS image, upper and work: the passthrough share, `index=off`). Commands run
 //! from both containers; one container is removed (`DELETE`) while the VM runs.
+//!
+//! One image's blobs sit on a slow disk (tests/kata/stallfs.rs) that stalls one chunk of its
+//! file `cold.bin` for 5 s: a passthrough write and a cached read beside that cold read, on the
+//! device's one request queue, finish well before the stall ends.
 
 mod common;
 mod kata;
@@ -14,7 +18,24 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use kata::stallfs::{Stall, StallMount};
 use kata::*;
+
+/// How long the slow disk stalls the one chunk.
+const STALL: Duration = Duration::from_secs(5);
+
+/// The content of `cold.bin`: 512 KiB that do not repeat.
+fn cold_content() -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..512 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -75,6 +96,7 @@ fn image(dir: &Path, name: &str, busybox: &Path) -> (PathBuf, PathBuf) {
     std::os::unix::fs::symlink("busybox", src.join("bin/sh")).expect("symlink sh");
     fs::write(src.join("etc/image"), format!("image {name}\n")).expect("etc/image");
     fs::write(src.join(format!("never-read-{name}")), format!("{name}\n")).expect("never-read");
+    fs::write(src.join("cold.bin"), cold_content()).expect("cold.bin");
     let bootstrap = dir.join(format!("{name}.boot"));
     let blobs = dir.join(format!("blobs-{name}"));
     build_image(
@@ -116,6 +138,25 @@ for cid in ca cb; do
     /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
     echo END-LOWER-$cid
 done
+# Head-of-line blocking: a cold read whose chunk the host's disk stalls, and beside it, on the
+# same request queue, a write to the passthrough share and a read the daemon has cached.
+up() { cut -d' ' -f1 /proc/uptime; }
+cat $S/rafs/cb/lowerdir/etc/image > /dev/null
+echo 3 > /proc/sys/vm/drop_caches
+t0=$(up)
+( cat $S/rafs/ca/lowerdir/cold.bin > /tmp/cold; echo "cold $t0 $(up)" > /tmp/cold.time ) &
+sleep 1
+t1=$(up)
+echo written > $S/containers/hol-write
+cat $S/rafs/cb/lowerdir/etc/image > /tmp/warm
+t2=$(up)
+wait
+echo BEGIN-HOL
+echo "others $t1 $t2"
+cat /tmp/cold.time
+sha256sum /tmp/cold
+cat /tmp/warm
+echo END-HOL
 # The agent tears the first container down, then the runtime DELETEs its image.
 umount /run/kata-containers/ca/rootfs
 echo done > $S/containers/ca-removed
@@ -150,11 +191,31 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
     let Some(busybox) = require("QEMU microVM and busybox-static", vm_ready()) else {
         return;
     };
+    // The slow disk under image ca's blobs is a FUSE mount.
+    if !require_fuse() {
+        return;
+    }
     let dir = scratch();
     let images = [
         image(dir.path(), "ca", &busybox),
         image(dir.path(), "cb", &busybox),
     ];
+    // Image ca's blobs go on the slow disk, which stalls the first chunk of cold.bin.
+    let (stall, ca_blobs) = {
+        let boot = skiff::format::Bootstrap::load(&images[0].0).expect("load ca");
+        let ino = skiff::storage::prefetch::resolve(&boot, "cold.bin").expect("cold.bin");
+        let first = boot.file_chunks(ino)[0];
+        let offset = first.compressed_offset.get();
+        let blob = boot.blobs()[first.blob_index.get() as usize];
+        let stall = Stall {
+            file: skiff::format::digest_hex(&blob.id),
+            range: offset..offset + u64::from(first.compressed_size.get()),
+            pause: STALL,
+        };
+        let slow = StallMount::start(&images[0].1, &dir.path().join("slow-blobs-ca"), stall);
+        let path = slow.mountpoint.clone();
+        (slow, path)
+    };
     // The sandbox's shared directory, with the snapshotter's upper and work dirs.
     let shared = dir.path().join("shared");
     for cid in ["ca", "cb"] {
@@ -174,6 +235,7 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
     );
     assert_eq!(s, 204, "{b}");
     for (cid, (bootstrap, blobs)) in ["ca", "cb"].iter().zip(&images) {
+        let blobs = if *cid == "ca" { &ca_blobs } else { blobs };
         let (s, b) = mount(
             &d.api,
             &rafs_mountpoint(cid),
@@ -273,6 +335,52 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
             Some("changed\n")
         );
     }
+    // No head-of-line blocking: the write and the cached read, started 1 s into the cold
+    // read, were done well before its stall ended; the cold read took the whole stall, and
+    // every byte is right.
+    let hol = section(&log, "HOL");
+    eprintln!("head-of-line check in the guest: {hol:?}");
+    let times = |prefix: &str| -> (f64, f64) {
+        let line = hol
+            .iter()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in {hol:?}"));
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|t| t.parse().expect("uptime"))
+            .collect();
+        (v[0], v[1])
+    };
+    let (cold_start, cold_end) = times("cold ");
+    let (others_start, others_end) = times("others ");
+    assert!(
+        cold_end - cold_start >= STALL.as_secs_f64() * 0.9,
+        "the cold read did not wait for the stall: {hol:?}"
+    );
+    assert!(
+        others_end - others_start < STALL.as_secs_f64() / 2.5,
+        "the write and the cached read waited behind the cold read: {hol:?}"
+    );
+    assert!(others_end < cold_end, "{hol:?}");
+    let cold_sum = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(cold_content()))
+    };
+    assert!(
+        hol.iter().any(|l| l.starts_with(&cold_sum)),
+        "cold.bin read in the guest differs from its source: {hol:?}"
+    );
+    assert!(hol.iter().any(|l| l == "image cb"), "{hol:?}");
+    assert_eq!(
+        fs::read_to_string(shared.join("hol-write")).ok().as_deref(),
+        Some("written\n")
+    );
+    assert!(
+        stall.stalled.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the slow disk never stalled"
+    );
+
     let after = section(&log, "AFTER");
     eprintln!("after DELETE, the guest saw: {after:?}");
     assert!(

@@ -306,3 +306,48 @@ fn a_flipped_byte_in_a_nydus_blob_fails_exactly_the_files_using_that_chunk() {
         "{out}"
     );
 }
+
+/// The v6 prefetch table (nids, from `--prefetch-policy fs` patterns) becomes the image's
+/// prefetch list of inode indices, in order.
+#[test]
+fn the_v6_prefetch_table_names_the_same_files() {
+    if require_nydus_image().is_none() {
+        return;
+    }
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d/e")).expect("mkdir");
+    for (p, n) in [
+        ("big", 300_000usize),
+        ("d/one", 10),
+        ("d/e/two", 20),
+        ("other", 5),
+    ] {
+        std::fs::write(src.join(p), vec![7u8; n]).expect("write");
+    }
+    let blobs = tmp.path().join("blobs");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let bootstrap = tmp.path().join("bootstrap");
+    run_nydus_image_with_input(
+        &[
+            std::ffi::OsStr::new("create"),
+            "--log-level".as_ref(),
+            "warn".as_ref(),
+            "--prefetch-policy".as_ref(),
+            "fs".as_ref(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            src.as_os_str(),
+        ],
+        b"/big\n/d\n",
+    );
+    let b = Bootstrap::load(&bootstrap).expect("load");
+    let paths = b.paths();
+    let listed: Vec<String> = b
+        .prefetch()
+        .map(|i| String::from_utf8_lossy(&paths[i as usize]).into_owned())
+        .collect();
+    assert_eq!(listed, ["/big", "/d"]);
+}

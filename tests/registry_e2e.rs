@@ -570,3 +570,119 @@ fn registry_faults_are_retried_and_never_served() {
     mnt.unmount();
     eprintln!("{:?} in all", started.elapsed());
 }
+
+/// Error classes and the request deadline, against a proxy that stops answering range reads,
+/// then answers them 404, then 503, then passes them: a read the registry never answers gets
+/// EIO within the deadline (and a log line), the mount serves on, a 404 is not retried, a 503
+/// is retried within the deadline, and once the registry answers the same reads succeed.
+#[test]
+fn a_registry_that_never_answers_gives_eio_within_the_deadline() {
+    if !require_fuse() {
+        return;
+    }
+    let started = Instant::now();
+    let Some(reg) = require("a local registry", Registry::start("e2e-deadline", &[])) else {
+        return;
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    let img = image(t, 6, &format!("{}/test/deadline:v1", reg.addr), None);
+    // 0: never answer, 1: 404, 2: 503, 3: pass. Only range reads: the manifest and the
+    // bootstrap must come for the mount to start.
+    let mode = Arc::new(AtomicU64::new(0));
+    let m = mode.clone();
+    let proxy = Middlebox::start(
+        reg.port,
+        Arc::new(move |_, head: &str| {
+            if header(head, "range").is_none() {
+                return Action::Pass;
+            }
+            match m.load(Ordering::Relaxed) {
+                0 => Action::Stall(Duration::from_secs(600)),
+                1 => Action::Respond(http_response("404 Not Found", &[], b"")),
+                2 => Action::Respond(http_response("503 Service Unavailable", &[], b"")),
+                _ => Action::Pass,
+            }
+        }),
+    );
+    let deadline = Duration::from_secs(3);
+    let mnt = Mount::with_args(
+        &image_args(
+            &format!("{}/test/deadline:v1", proxy.addr()),
+            &t.join("cache"),
+            &t.join("m.json"),
+            &["--request-timeout", "3s"],
+        ),
+        &t.join("mnt"),
+    );
+    let read = |i: usize| -> (Result<Vec<u8>, std::io::Error>, Duration) {
+        let t = Instant::now();
+        (fs::read(mnt.dir.join(&img.files[i].0)), t.elapsed())
+    };
+    let eio = |r: &Result<Vec<u8>, std::io::Error>| {
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::EIO)
+    };
+
+    // Never answered: EIO once the deadline passes, not a hang. (The kernel may ask twice,
+    // readahead then the page itself, each request within its own deadline.)
+    let (r, took) = read(0);
+    assert!(eio(&r), "{r:?}\n{}", mnt.log_text());
+    assert!(
+        took >= deadline && took < deadline * 3,
+        "EIO after {took:?}, the deadline being {deadline:?}"
+    );
+    // The mount serves on meanwhile: the tree is there.
+    let listed = fs::read_dir(mnt.dir.join("d0")).expect("readdir").count();
+    assert_eq!(
+        listed,
+        img.files
+            .iter()
+            .filter(|(p, _)| p.starts_with("d0/"))
+            .count()
+    );
+
+    // 404 is final: EIO at once, without a retry.
+    mode.store(1, Ordering::Relaxed);
+    let (r, took) = read(1);
+    assert!(eio(&r), "{r:?}");
+    assert!(took < deadline / 2, "a 404 took {took:?}");
+    // 503 is retried, within the deadline.
+    mode.store(2, Ordering::Relaxed);
+    let (r, took) = read(2);
+    assert!(eio(&r), "{r:?}");
+    assert!(took < deadline * 2, "a 503 took {took:?}");
+
+    // The registry answers again: the same files read right.
+    mode.store(3, Ordering::Relaxed);
+    for i in 0..3 {
+        let (r, _) = read(i);
+        assert!(
+            r.as_ref().is_ok_and(|b| *b == img.files[i].1),
+            "{}: {:?}",
+            img.files[i].0,
+            r.err()
+        );
+    }
+    let log = mnt.log_text();
+    mnt.unmount();
+    // Each failed request was answered within its deadline, and said so.
+    let late: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("read failed; returning EIO") && l.contains("deadline_passed=true"))
+        .filter_map(|l| l.split(" ms=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!late.is_empty(), "no EIO line names the deadline:\n{log}");
+    for ms in &late {
+        assert!(
+            *ms < deadline.as_millis() as u64 + 1000,
+            "a request answered after {ms} ms"
+        );
+    }
+    let retried = |status: &str| {
+        log.lines()
+            .any(|l| l.contains("retrying") && l.contains(&format!("HTTP {status}")))
+    };
+    assert!(!retried("404"), "a 404 was retried:\n{log}");
+    assert!(retried("503"), "a 503 was not retried:\n{log}");
+    eprintln!("{:?} in all", started.elapsed());
+}

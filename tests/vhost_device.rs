@@ -18,7 +18,7 @@ use std::mem::size_of;
 use std::os::unix::fs::symlink;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -30,7 +30,12 @@ use fuse_backend_rs::abi::fuse_abi::{
 use skiff::build::{build, BuildOptions, BuildSource, Compressor};
 use skiff::format::Bootstrap;
 use skiff::fs::{RafsFs, RafsFsOptions};
-use skiff::storage::{CachedChunkSource, LocalFsBackend};
+use skiff::runtime::{ExitEvent, ExitReason, SocketError};
+use skiff::storage::backend::fault::FaultyBackend;
+use skiff::storage::{
+    CachedChunkSource, ChunkDiskCache, ChunkSource, LocalFsBackend, Metrics, RetryPolicy,
+    RetryingBackend,
+};
 use skiff::vhost::{serve, serve_until, ServeOptions, VhostError};
 use tempfile::TempDir;
 use vhost::vhost_user::message::{
@@ -50,6 +55,21 @@ type FsUnderTest = RafsFs;
 /// Builds an image of the tree made by [`make_tree`] at `root` (next to it) and returns the
 /// filesystem serving it.
 fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
+    filesystem_over(root, RafsFsOptions::default(), |blobs, _| {
+        Arc::new(CachedChunkSource::in_memory(
+            LocalFsBackend::new(blobs),
+            1 << 20,
+        ))
+    })
+}
+
+/// Like [`filesystem_under_test`], reading chunks through the source `source` makes (given
+/// the blob directory and the image).
+fn filesystem_over(
+    root: &Path,
+    fs_opts: RafsFsOptions,
+    source: impl FnOnce(&Path, &Bootstrap) -> Arc<dyn ChunkSource>,
+) -> Arc<FsUnderTest> {
     let out = root.with_file_name("image");
     let opts = BuildOptions {
         bootstrap: out.join("bootstrap"),
@@ -62,12 +82,8 @@ fn filesystem_under_test(root: &Path) -> Arc<FsUnderTest> {
     };
     build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
     let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");
-    let source = CachedChunkSource::in_memory(LocalFsBackend::new(&opts.blob_dir), 1 << 20);
-    Arc::new(RafsFs::new(
-        Arc::new(bootstrap),
-        Arc::new(source),
-        RafsFsOptions::default(),
-    ))
+    let source = source(&opts.blob_dir, &bootstrap);
+    Arc::new(RafsFs::new(Arc::new(bootstrap), source, fs_opts))
 }
 
 const HELLO: &[u8] = b"Hello from skiff, over vhost-user and virtio-fs!\n";
@@ -111,7 +127,7 @@ struct Daemon {
     _dir: TempDir,
     socket: PathBuf,
     threads: usize,
-    stop: Arc<AtomicBool>,
+    exit: ExitEvent,
     thread: Option<JoinHandle<Result<(), VhostError>>>,
 }
 
@@ -122,6 +138,15 @@ impl Daemon {
 
     /// Starts the daemon after `prepare` ran on the socket path.
     fn start_with(threads: usize, prepare: impl FnOnce(&Path)) -> Self {
+        Self::start_serving(threads, prepare, filesystem_under_test)
+    }
+
+    /// Starts the daemon serving the filesystem `make_fs` builds over the test tree.
+    fn start_serving(
+        threads: usize,
+        prepare: impl FnOnce(&Path),
+        make_fs: impl FnOnce(&Path) -> Arc<FsUnderTest>,
+    ) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
@@ -130,19 +155,19 @@ impl Daemon {
         let socket = dir.path().join("vfs.sock");
         prepare(&socket);
 
-        let fs = filesystem_under_test(&root);
+        let fs = make_fs(&root);
         let mut opts = ServeOptions::new(&socket, TAG);
         opts.threads = threads;
         opts.queue_size = 256;
         opts.advertise_config = true;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let thread = thread::spawn(move || serve_until(fs, &opts, stop2));
+        let exit = ExitEvent::new().expect("exit event");
+        let exit2 = exit.clone();
+        let thread = thread::spawn(move || serve_until(fs, &opts, &exit2));
         let daemon = Daemon {
             _dir: dir,
             socket,
             threads,
-            stop,
+            exit,
             thread: Some(thread),
         };
         daemon.wait_for_listener();
@@ -167,7 +192,7 @@ impl Daemon {
 
     /// Stops the daemon and returns what `serve_until` returned.
     fn shutdown(mut self) -> Result<(), VhostError> {
-        self.stop.store(true, Ordering::Release);
+        self.exit.notify(ExitReason::Requested);
         let thread = self.thread.take().expect("daemon thread");
         let deadline = Instant::now() + TIMEOUT;
         while !thread.is_finished() {
@@ -180,7 +205,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.exit.notify(ExitReason::Requested);
     }
 }
 
@@ -402,9 +427,15 @@ impl Guest {
     /// Lays `chains` out in queue `qi`'s descriptor table and data area, makes them available
     /// and kicks the device, without waiting. At most one batch per queue may be in flight.
     fn start(&mut self, qi: usize, chains: &[Chain]) -> Pending {
-        let mut next_desc: u16 = 0;
-        let area = (DATA_END - DATA_BASE) / MAX_QUEUES;
-        let mut data = DATA_BASE + qi as u64 * area;
+        self.start_in(qi, chains, 0)
+    }
+
+    /// Like [`Guest::start`], using half `half` (0 or 1) of the queue's descriptors and data
+    /// area: two batches may then be in flight on one queue at once.
+    fn start_in(&mut self, qi: usize, chains: &[Chain], half: u16) -> Pending {
+        let mut next_desc: u16 = half * (QUEUE_SIZE / 2);
+        let area = (DATA_END - DATA_BASE) / MAX_QUEUES / 2;
+        let mut data = DATA_BASE + (qi as u64 * 2 + u64::from(half)) * area;
         let data_end = data + area;
         let mut alloc = |len: u64| {
             let at = data;
@@ -493,6 +524,18 @@ impl Guest {
 
     /// Waits until the batch started by [`Guest::start`] on queue `qi` is used.
     fn finish(&mut self, qi: usize, pending: Pending) -> (Vec<Completion>, bool) {
+        self.finish_with(qi, pending, Duration::from_secs(2))
+    }
+
+    /// Like [`Guest::finish`], waiting at most `for_signal` for the device's call (after the
+    /// batch is used). A batch that completes after a later one may get none: the used event
+    /// index the guest published is behind by then, as a guest driver that did not re-arm.
+    fn finish_with(
+        &mut self,
+        qi: usize,
+        pending: Pending,
+        for_signal: Duration,
+    ) -> (Vec<Completion>, bool) {
         let Pending { heads, outs } = pending;
         let mem = &self.mem;
         let q = &mut self.queues[qi];
@@ -502,7 +545,8 @@ impl Guest {
             let used_idx: u16 = mem
                 .load(GuestAddress(q.used + 2), Ordering::Acquire)
                 .expect("used idx");
-            if used_idx == target {
+            // At least: another batch in flight on the queue may complete first, or after.
+            if used_idx.wrapping_sub(q.last_used) >= heads.len() as u16 {
                 break;
             }
             assert!(
@@ -523,7 +567,7 @@ impl Guest {
         q.last_used = target;
 
         let mut signalled = false;
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + for_signal;
         while !signalled && Instant::now() < deadline {
             signalled = q.call.read().is_ok();
             if !signalled {
@@ -848,24 +892,25 @@ fn refuses_bad_options_and_foreign_files() {
     fs::create_dir(&root).expect("mkdir");
     make_tree(&root);
     let fs = filesystem_under_test(&root);
-    let stop = Arc::new(AtomicBool::new(true));
+    let stop = ExitEvent::new().expect("exit event");
+    stop.notify(ExitReason::Requested);
     let socket = dir.path().join("s.sock");
 
     let mut opts = ServeOptions::new(&socket, "x".repeat(37));
     assert!(matches!(
-        serve_until(fs.clone(), &opts, stop.clone()),
+        serve_until(fs.clone(), &opts, &stop),
         Err(VhostError::InvalidTag { .. })
     ));
     opts.tag = TAG.to_owned();
     opts.threads = 0;
     assert!(matches!(
-        serve_until(fs.clone(), &opts, stop.clone()),
+        serve_until(fs.clone(), &opts, &stop),
         Err(VhostError::InvalidThreads(0))
     ));
     opts.threads = 1;
     opts.queue_size = 1000;
     assert!(matches!(
-        serve_until(fs.clone(), &opts, stop.clone()),
+        serve_until(fs.clone(), &opts, &stop),
         Err(VhostError::InvalidQueueSize(1000))
     ));
     assert!(!socket.exists(), "nothing created for bad options");
@@ -874,15 +919,15 @@ fn refuses_bad_options_and_foreign_files() {
     opts.queue_size = 1024;
     fs::write(&socket, b"precious").expect("write");
     assert!(matches!(
-        serve_until(fs.clone(), &opts, stop.clone()),
-        Err(VhostError::SocketPathInUse { .. })
+        serve_until(fs.clone(), &opts, &stop),
+        Err(VhostError::Socket(SocketError::NotASocket { .. }))
     ));
     assert_eq!(fs::read(&socket).expect("still there"), b"precious");
 
     // A missing parent directory is a listen error with its cause.
     opts.socket = dir.path().join("missing/s.sock");
-    let err = serve_until(fs, &opts, stop).expect_err("no parent dir");
-    assert!(matches!(err, VhostError::Listen { .. }));
+    let err = serve_until(fs.clone(), &opts, &stop).expect_err("no parent dir");
+    assert!(matches!(err, VhostError::Socket(SocketError::Io { .. })));
     assert!(std::error::Error::source(&err).is_some());
 }
 
@@ -1188,6 +1233,318 @@ fn hiprio_queue_takes_forget_without_reply() {
     let done = guest.submit(HIPRIO_QUEUE, Chain::new(vec![Desc::In(req)]));
     assert_eq!(done.used_len, 0, "FORGET has no reply");
     guest.assert_alive();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests off the queue thread: no head-of-line blocking, deadlines.
+
+/// How long the backend stalls the one slow chunk.
+const STALL: Duration = Duration::from_secs(5);
+
+/// A filesystem over the test image whose chunk source reads the blob through a fault
+/// injector and keeps chunks in a disk cache (as for a remote backend); reads of the first
+/// chunk of `big.bin` stall for `stall`.
+fn stalling_filesystem(root: &Path, stall: Duration, fs_opts: RafsFsOptions) -> Arc<FsUnderTest> {
+    let cache = root.with_file_name("cache");
+    filesystem_over(root, fs_opts, move |blobs, image| {
+        let big = image.lookup(0, b"big.bin").expect("big.bin in the image");
+        let first = image.file_chunks(big)[0].compressed_offset.get();
+        let faulty = FaultyBackend::new(LocalFsBackend::new(blobs));
+        faulty.stall_at(first, stall);
+        let metrics = Arc::new(Metrics::default());
+        let policy = RetryPolicy {
+            attempts: 2,
+            base_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(10),
+            max_in_flight: 8,
+        };
+        let backend = RetryingBackend::new(faulty, policy, metrics.clone());
+        let disk = ChunkDiskCache::open(&cache, 0, metrics.clone()).expect("disk cache");
+        Arc::new(CachedChunkSource::new(
+            backend,
+            1 << 20,
+            Some(disk),
+            metrics,
+        ))
+    })
+}
+
+/// One request chain on queue `qi` in its own half of the queue, started without waiting.
+fn start_one(
+    guest: &mut Guest,
+    half: u16,
+    opcode: Opcode,
+    nodeid: u64,
+    body: &[u8],
+    reply: u32,
+) -> (Pending, u64) {
+    let unique = guest.unique();
+    let req = fuse_request(opcode as u32, nodeid, unique, body);
+    (
+        guest.start_in(REQUEST_QUEUE, &[Chain::request(req, reply)], half),
+        unique,
+    )
+}
+
+#[test]
+fn a_stalled_read_holds_up_no_other_request_on_its_queue() {
+    let daemon = Daemon::start_serving(
+        1,
+        |_| {},
+        |root| stalling_filesystem(root, STALL, RafsFsOptions::default()),
+    );
+    let mut guest = daemon.connect(true);
+    guest.init();
+    let hello = guest.lookup(ROOT, "hello.txt").expect("lookup hello");
+    let big = guest.lookup(ROOT, "big.bin").expect("lookup big");
+    let hello_fh = guest.open(hello.nodeid, Opcode::Open).expect("open").fh;
+    let big_fh = guest.open(big.nodeid, Opcode::Open).expect("open big").fh;
+    // hello.txt is read once: from then on its chunk is in the cache.
+    assert_eq!(
+        guest.read(hello.nodeid, hello_fh, 0, 4096).expect("read"),
+        HELLO
+    );
+
+    // The cold read of big.bin's first chunk waits on the stalled backend...
+    let started = Instant::now();
+    let (stalled, stalled_unique) = start_one(
+        &mut guest,
+        0,
+        Opcode::Read,
+        big.nodeid,
+        Guest::read_in(big_fh, 0, 4096).as_slice(),
+        16 + 4096,
+    );
+    // ...while other requests on the same queue, one after the other, finish at once.
+    let mut others = Vec::new();
+    for _ in 0..3 {
+        let (p, unique) = start_one(
+            &mut guest,
+            1,
+            Opcode::Read,
+            hello.nodeid,
+            Guest::read_in(hello_fh, 0, 4096).as_slice(),
+            16 + 4096,
+        );
+        let (mut done, _) = guest.finish(REQUEST_QUEUE, p);
+        let data = Reply::parse(done.pop().expect("one"), unique).bytes();
+        assert_eq!(
+            data.as_deref(),
+            Ok(HELLO),
+            "cached read beside the stalled one"
+        );
+        let (p, unique) = start_one(
+            &mut guest,
+            1,
+            Opcode::Getattr,
+            ROOT,
+            GetattrIn::default().as_slice(),
+            4096,
+        );
+        let (mut done, _) = guest.finish(REQUEST_QUEUE, p);
+        let attr: AttrOut = Reply::parse(done.pop().expect("one"), unique).ok_obj();
+        assert_eq!(attr.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+        let name = CString::new("subdir").expect("name");
+        let (p, unique) = start_one(
+            &mut guest,
+            1,
+            Opcode::Lookup,
+            ROOT,
+            name.as_bytes_with_nul(),
+            4096,
+        );
+        let (mut done, _) = guest.finish(REQUEST_QUEUE, p);
+        let entry: EntryOut = Reply::parse(done.pop().expect("one"), unique).ok_obj();
+        assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+        others.push(started.elapsed());
+    }
+    let others_done = started.elapsed();
+    assert!(
+        others_done < STALL / 2,
+        "the other requests took {others_done:?} beside a read stalled for {STALL:?}"
+    );
+    // The stalled read itself completes, right, once the backend answers.
+    let (mut done, _) = guest.finish_with(REQUEST_QUEUE, stalled, Duration::ZERO);
+    let data = Reply::parse(done.pop().expect("one"), stalled_unique).bytes();
+    let stalled_done = started.elapsed();
+    assert_eq!(data.as_deref(), Ok(&big_content()[..4096]));
+    assert!(
+        stalled_done >= STALL,
+        "the stall was real: {stalled_done:?}"
+    );
+    eprintln!("other requests done after {others:?}; the stalled read after {stalled_done:?}");
+}
+
+#[test]
+fn a_read_past_its_deadline_gets_eio_and_the_daemon_serves_on() {
+    let timeout = Duration::from_millis(800);
+    let fs_opts = RafsFsOptions {
+        request_timeout: timeout,
+        // Only the guest's own reads: nothing fetches the stalled chunk ahead.
+        readahead: false,
+        ..RafsFsOptions::default()
+    };
+    let daemon = Daemon::start_serving(
+        1,
+        |_| {},
+        |root| stalling_filesystem(root, Duration::from_secs(60), fs_opts),
+    );
+    let mut guest = daemon.connect(true);
+    guest.init();
+    let big = guest.lookup(ROOT, "big.bin").expect("lookup big");
+    let fh = guest.open(big.nodeid, Opcode::Open).expect("open big").fh;
+    let t = Instant::now();
+    assert_eq!(guest.read(big.nodeid, fh, 0, 4096), Err(libc::EIO));
+    let took = t.elapsed();
+    assert!(
+        took >= timeout && took < timeout * 4,
+        "EIO after {took:?}, the deadline being {timeout:?}"
+    );
+    // The daemon serves on: other files, and other parts of the same one.
+    let hello = guest.lookup(ROOT, "hello.txt").expect("lookup after EIO");
+    let hfh = guest.open(hello.nodeid, Opcode::Open).expect("open").fh;
+    assert_eq!(guest.read(hello.nodeid, hfh, 0, 4096).expect("read"), HELLO);
+    let tail = guest
+        .read(big.nodeid, fh, (BIG_LEN - 100) as u64, 100)
+        .expect("tail of big.bin");
+    assert_eq!(tail, &big_content()[BIG_LEN - 100..]);
+    guest.assert_alive();
+}
+
+/// A filesystem whose GETATTR panics: a bug in a request handler.
+struct PanickingFs;
+
+impl fuse_backend_rs::api::filesystem::FileSystem for PanickingFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, _: FsOptions) -> std::io::Result<FsOptions> {
+        Ok(FsOptions::empty())
+    }
+
+    fn getattr(
+        &self,
+        _: &fuse_backend_rs::api::filesystem::Context,
+        _: u64,
+        _: Option<u64>,
+    ) -> std::io::Result<(libc::stat64, Duration)> {
+        panic!("a bug in GETATTR");
+    }
+}
+
+#[test]
+fn a_panicking_request_stops_the_daemon_with_a_report() {
+    init_logging();
+    skiff::runtime::panic::install_hook();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("panic.sock");
+    let mut opts = ServeOptions::new(&socket, TAG);
+    opts.queue_size = QUEUE_SIZE;
+    let exit = ExitEvent::new().expect("exit event");
+    let exit2 = exit.clone();
+    let daemon = thread::spawn(move || serve_until(Arc::new(PanickingFs), &opts, &exit2));
+    let deadline = Instant::now() + TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "daemon did not start listening");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut guest = Guest::connect(&socket, 1, true);
+    guest.init();
+    let _pending = start_one(
+        &mut guest,
+        0,
+        Opcode::Getattr,
+        ROOT,
+        GetattrIn::default().as_slice(),
+        4096,
+    );
+    while !daemon.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon went on after a worker panicked"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    match daemon
+        .join()
+        .expect("serve_until returns, it does not panic")
+    {
+        Err(VhostError::Fatal(report)) => {
+            assert!(report.contains("skiff-worker"), "{report}");
+            assert!(report.contains("a bug in GETATTR"), "{report}");
+        }
+        other => panic!("serve_until returned {other:?}"),
+    }
+    assert!(!socket.exists(), "the socket is removed on the way out");
+    drop(guest);
+}
+
+#[test]
+fn skiff_serve_exits_non_zero_with_a_report_when_a_worker_panics() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    fs::create_dir(&root).expect("mkdir root");
+    make_tree(&root);
+    // Builds the image next to the tree, as every test does.
+    drop(filesystem_under_test(&root));
+    let image = dir.path().join("image");
+    let socket = dir.path().join("serve.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
+        .args(["serve", "--tag", TAG, "--bootstrap"])
+        .arg(image.join("bootstrap"))
+        .arg("--blob-dir")
+        .arg(image.join("blobs"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("SKIFF_INJECT_PANIC", "worker")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start skiff serve");
+    let deadline = Instant::now() + TIMEOUT;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "skiff serve did not start listening"
+        );
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "skiff serve exited early"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut guest = Guest::connect(&socket, 1, true);
+    // FUSE_INIT is the first request a worker answers: it panics.
+    let unique = guest.unique();
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 * 1024,
+        flags: 0,
+    };
+    let req = fuse_request(Opcode::Init as u32, 0, unique, init.as_slice());
+    let _pending = guest.start(REQUEST_QUEUE, &[Chain::request(req, 4096)]);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("skiff serve went on serving after a worker panicked");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "exit status {status}\n{stderr}");
+    assert!(
+        stderr.contains("skiff-worker") && stderr.contains("injected worker panic"),
+        "no report of the panic:\n{stderr}"
+    );
+    assert!(stderr.contains("fatal error"), "{stderr}");
+    assert!(!socket.exists(), "the socket is removed on the way out");
+    drop(guest);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -284,18 +284,19 @@ pub fn run(config: AccelConfig) -> Result<(), AccelError> {
             })?;
         threads.push(t);
     }
-    let term = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, term.clone()).map_err(|e| AccelError::Io {
-            op: "installing a signal handler",
-            path: PathBuf::from("-"),
-            source: e,
-        })?;
-    }
+    // The daemons' one signal setup and exit event (crate::runtime): no polling.
+    let exit = crate::runtime::ExitEvent::new().map_err(|e| AccelError::Io {
+        op: "creating the exit event",
+        path: PathBuf::from("-"),
+        source: e,
+    })?;
+    let _signals = crate::runtime::SignalGuard::install(&exit).map_err(|e| AccelError::Io {
+        op: "installing a signal handler",
+        path: PathBuf::from("-"),
+        source: e,
+    })?;
     tracing::info!(listen = %http.addr(), workers, "accel service running");
-    while !term.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    exit.wait(None);
     tracing::info!("stopping: running conversions finish first");
     service.stop();
     http.shutdown();

@@ -20,23 +20,18 @@ pub mod routes;
 mod server;
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
-
-use signal_hook::consts::{SIGINT, SIGTERM};
+use std::time::Instant;
 
 pub use nydus_config::ConfigError;
 pub use server::{ApiServer, MAX_BODY_BYTES};
 
 use crate::daemon::{DaemonState, MountError, SandboxFs};
-use crate::vhost::{ServeOptions, VhostError};
-
-/// How long the vhost-user socket may take to appear after the device thread started.
-const VHOST_READY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::runtime::threads::{self, ThreadKind};
+use crate::runtime::{ExitEvent, ExitReason, SignalGuard, SocketError};
+use crate::vhost::{ServeOptions, VhostError, VhostListener};
 
 /// Why an API request was refused, or the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -73,10 +68,10 @@ pub enum ApiError {
     /// A mount or unmount was refused or failed.
     #[error(transparent)]
     Mount(#[from] MountError),
-    /// Something that is not a socket exists at the API socket path.
-    #[error("refusing to replace {0}: it exists and is not a socket")]
-    SocketPathInUse(PathBuf),
-    /// The API socket could not be created.
+    /// The API socket could not be set up.
+    #[error("the API socket")]
+    Socket(#[from] SocketError),
+    /// The HTTP server could not be started on the API socket.
     #[error("listening on {path}")]
     Listen {
         /// The socket path.
@@ -91,15 +86,16 @@ pub enum ApiError {
     /// The SIGTERM/SIGINT handlers could not be installed.
     #[error("installing signal handlers")]
     Signal(#[source] io::Error),
+    /// The exit event could not be created.
+    #[error("creating the exit event")]
+    ExitEvent(#[source] io::Error),
     /// The vhost-user-fs device failed.
     #[error("vhost-user-fs device")]
     Vhost(#[from] VhostError),
-    /// The vhost-user socket did not appear in time.
-    #[error("the vhost-user socket {0} did not appear within 10 s")]
-    VhostNotReady(PathBuf),
-    /// The vhost-user thread panicked.
-    #[error("the vhost-user thread panicked")]
-    VhostPanicked,
+    /// The daemon stopped because something it cannot go on without failed (a thread
+    /// panicked).
+    #[error("the daemon stopped on a fatal error: {0}")]
+    Fatal(String),
 }
 
 impl ApiError {
@@ -162,57 +158,47 @@ impl ApiError {
 pub struct VirtiofsOptions {
     /// The API socket (`--apisock`).
     pub api_socket: PathBuf,
-    /// The vhost-user-fs device (`--sock`, the tag, queues).
+    /// The vhost-user-fs device (`--sock`, the tag, queues, workers).
     pub device: ServeOptions,
+    /// How long one READ of a RAFS mount may take (`--request-timeout`).
+    pub request_timeout: std::time::Duration,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT: the vhost-user-fs device on
 /// `opts.device.socket` serving an (initially empty) [`SandboxFs`], and the API on
-/// `opts.api_socket`. Both sockets are removed on the way out.
+/// `opts.api_socket`. Both sockets are removed on the way out. A panic in any of its threads
+/// stops the daemon with [`ApiError::Fatal`].
 pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
-    let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGTERM, SIGINT] {
-        // A second signal while shutting down terminates at once.
-        signal_hook::flag::register_conditional_default(signal, stop.clone())
-            .map_err(ApiError::Signal)?;
-        signal_hook::flag::register(signal, stop.clone()).map_err(ApiError::Signal)?;
-    }
-    let fs = Arc::new(SandboxFs::new());
+    let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
+    let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
+    run_until(opts, &exit)
+}
 
-    // A socket left by an earlier run is replaced, so the new one is known by its existence.
-    if socket_id(&opts.device.socket).is_some() {
-        tracing::info!(socket = %opts.device.socket.display(), "removing stale vhost-user socket");
-        std::fs::remove_file(&opts.device.socket).map_err(|source| ApiError::Listen {
-            path: opts.device.socket.clone(),
-            source,
-        })?;
-    }
+/// Runs the daemon until `exit` is set; see [`run`].
+pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiError> {
+    let started = Instant::now();
+    let fs = Arc::new(SandboxFs::new().with_request_timeout(opts.request_timeout));
+    // Kata boots the VM as soon as the daemon says RUNNING: the device socket listens first.
+    let vhost = VhostListener::bind(&opts.device)?;
     let device = {
-        let (vfs, device_opts, stop) = (fs.vfs(), opts.device.clone(), stop.clone());
-        thread::Builder::new()
-            .name("skiff-vhost".to_owned())
-            .spawn(move || crate::vhost::serve_until(vfs, &device_opts, stop))
-            .map_err(ApiError::SpawnThread)?
+        let (vfs, exit) = (fs.vfs(), exit.clone());
+        threads::spawn(ThreadKind::Vhost, "skiff-vhost", move || {
+            let served = vhost.serve(vfs, &exit);
+            if let Err(e) = &served {
+                // The device is the daemon's reason to be: without it, stop.
+                exit.notify(ExitReason::Fatal(format!(
+                    "the vhost-user-fs device stopped: {}",
+                    crate::util::error_chain(e)
+                )));
+            }
+            served
+        })
+        .map_err(ApiError::SpawnThread)?
     };
-    // Kata boots the VM as soon as the daemon says RUNNING: the device socket must exist.
-    while socket_id(&opts.device.socket).is_none() {
-        if device.is_finished() {
-            return Err(join_device(device)
-                .err()
-                .unwrap_or(ApiError::VhostNotReady(opts.device.socket.clone())));
-        }
-        if started.elapsed() > VHOST_READY_TIMEOUT {
-            stop.store(true, Ordering::Release);
-            let _ = join_device(device);
-            return Err(ApiError::VhostNotReady(opts.device.socket.clone()));
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
     let api = match ApiServer::start(&opts.api_socket, fs.clone()) {
         Ok(api) => api,
         Err(e) => {
-            stop.store(true, Ordering::Release);
+            exit.notify(ExitReason::Requested);
             let _ = join_device(device);
             return Err(e);
         }
@@ -225,27 +211,21 @@ pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
         "RUNNING"
     );
 
-    while !stop.load(Ordering::Acquire) && !device.is_finished() {
-        thread::sleep(Duration::from_millis(50));
-    }
+    exit.wait(None);
     fs.set_state(DaemonState::Stopping);
-    tracing::info!("shutting down");
+    tracing::info!(reason = ?exit.reason(), "shutting down");
     api.shutdown();
-    stop.store(true, Ordering::Release);
-    join_device(device)
+    let device = join_device(device);
+    match exit.reason() {
+        Some(ExitReason::Fatal(report)) if device.is_ok() => Err(ApiError::Fatal(report)),
+        _ => device,
+    }
 }
 
 fn join_device(device: thread::JoinHandle<Result<(), VhostError>>) -> Result<(), ApiError> {
     match device.join() {
         Ok(r) => r.map_err(ApiError::Vhost),
-        Err(_) => Err(ApiError::VhostPanicked),
+        // Reported by the panic hook, which also set the exit event.
+        Err(_) => Err(ApiError::Fatal("the vhost-user-fs thread panicked".into())),
     }
-}
-
-/// Device and inode of the socket at `path`, if a socket is there.
-fn socket_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .filter(|m| m.file_type().is_socket())
-        .map(|m| (m.dev(), m.ino()))
 }

@@ -1,63 +1,69 @@
-//! The transport: HTTP/1.1 on a Unix socket (mode 0600), served by `tiny_http` on one thread.
-//! Requests are read here (with a size limit) and answered by [`super::routes::handle`].
+//! The transport: HTTP/1.1 on a Unix socket (mode 0600), served by `tiny_http`. Requests are
+//! read here (with a size limit) and answered by [`super::routes::handle`], on one thread of
+//! kind [`ThreadKind::Api`] (tiny_http's own accept and connection threads start from it).
 
-use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::thread::JoinHandle;
 
 use super::routes::{self, ApiRequest, ApiResponse};
 use super::ApiError;
 use crate::daemon::SandboxFs;
+use crate::runtime::threads::{self, ThreadKind};
+use crate::runtime::UnixSocketFile;
 
 /// Largest request body accepted (a mount request with its nydusd config is a few KiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 20;
 
-/// How often the serving thread checks whether it should stop.
-const POLL_INTERVAL: Duration = Duration::from_millis(50);
-
 /// The API server: a thread answering requests on a Unix socket until [`ApiServer::shutdown`]
 /// or drop, which also remove the socket file.
 pub struct ApiServer {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
+    server: Arc<tiny_http::Server>,
+    stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Declared last: dropped after the server, it wakes tiny_http's accept thread and
+    /// removes the socket file.
+    socket: UnixSocketFile,
 }
 
 impl ApiServer {
-    /// Creates the socket at `path` (replacing a stale socket, refusing any other file),
-    /// restricts it to its owner and starts answering requests against `fs`.
+    /// Creates the socket at `path` (replacing a stale socket, refusing a live one or any
+    /// other file), restricts it to its owner and starts answering requests against `fs`.
     pub fn start(path: &Path, fs: Arc<SandboxFs>) -> Result<ApiServer, ApiError> {
-        let listener = bind(path)?;
-        let server =
-            tiny_http::Server::from_listener(listener, None).map_err(|e| ApiError::Listen {
-                path: path.to_owned(),
-                source: io::Error::other(e.to_string()),
-            })?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let mut socket = UnixSocketFile::bind(path, Some(0o600))?;
+        let listen_err = |e: String| ApiError::Listen {
+            path: path.to_owned(),
+            source: io::Error::other(e),
+        };
+        let listener = socket
+            .take_listener()
+            .ok_or_else(|| listen_err("the socket has no listener".into()))?;
+        let server = Arc::new(
+            tiny_http::Server::from_listener(listener, None)
+                .map_err(|e| listen_err(e.to_string()))?,
+        );
+        let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
-            let stop = stop.clone();
-            thread::Builder::new()
-                .name("skiff-api".to_owned())
-                .spawn(move || serve(&server, &fs, &stop))
-                .map_err(ApiError::SpawnThread)?
+            let (server, stopping) = (server.clone(), stopping.clone());
+            threads::spawn(ThreadKind::Api, "skiff-api", move || {
+                serve(&server, &fs, &stopping)
+            })
+            .map_err(ApiError::SpawnThread)?
         };
         tracing::info!(socket = %path.display(), "API listening");
         Ok(ApiServer {
-            path: path.to_owned(),
-            stop,
+            server,
+            stopping,
             thread: Some(thread),
+            socket,
         })
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
 
     /// Stops answering, waits for the serving thread and removes the socket.
@@ -66,7 +72,8 @@ impl ApiServer {
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        self.stopping.store(true, Ordering::Release);
+        self.server.unblock();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("the API thread panicked");
@@ -77,43 +84,16 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        // Dropping tiny_http's server (in the thread) removes the socket file.
         self.stop_and_join();
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            tracing::info!(socket = %path.display(), "removing stale API socket");
-            fs::remove_file(path).map_err(|source| ApiError::Listen {
-                path: path.to_owned(),
-                source,
-            })?;
-        }
-        Ok(_) => return Err(ApiError::SocketPathInUse(path.to_owned())),
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(|source| ApiError::Listen {
-        path: path.to_owned(),
-        source,
-    })?;
-    // Connecting needs write permission: with the usual umask nobody else has it already;
-    // 0600 makes it so whatever the umask.
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).map_err(|source| {
-        ApiError::Listen {
-            path: path.to_owned(),
-            source,
-        }
-    })?;
-    Ok(listener)
-}
-
-fn serve(server: &tiny_http::Server, fs: &SandboxFs, stop: &AtomicBool) {
-    while !stop.load(Ordering::Acquire) {
-        let mut request = match server.recv_timeout(POLL_INTERVAL) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
+/// Answers requests until [`ApiServer::shutdown`] unblocks it.
+fn serve(server: &tiny_http::Server, fs: &SandboxFs, stopping: &AtomicBool) {
+    loop {
+        let mut request = match server.recv() {
+            Ok(r) => r,
+            Err(_) if stopping.load(Ordering::Acquire) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "API connection failed");
                 continue;

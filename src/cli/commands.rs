@@ -8,7 +8,7 @@ use clap::Args;
 use crate::build::{self, BuildOptions, BuildSource, Compressor};
 use crate::check;
 use crate::format::{digest_hex, Bootstrap, InodeKind, DEFAULT_CHUNK_SIZE};
-use crate::util::{parse_size, write_atomically};
+use crate::util::{parse_duration, parse_size, write_atomically};
 
 /// A command's outcome: an exit code, or an error printed as one line.
 pub type CmdResult = Result<i32, Box<dyn std::error::Error>>;
@@ -230,6 +230,10 @@ pub struct ImageArgs {
     /// Backend, cache, prefetch and metrics options (src/cli/image.rs).
     #[command(flatten)]
     pub storage: super::image::StorageArgs,
+    /// How long one read may take, network retries included (e.g. 30s, 500ms): then it
+    /// fails with EIO and a log line instead of hanging the reader.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub request_timeout: std::time::Duration,
 }
 
 /// Arguments of `skiff convert`.
@@ -403,13 +407,17 @@ fn tune_allocator() {
 /// `skiff mount`.
 pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
+    // Before the storage starts its threads, so that they belong to the daemon.
+    let exit = crate::runtime::start_daemon()?;
     let (fs, storage) = a.image.open_with_storage()?;
-    let served = crate::fuse::mount_and_serve(
+    let _signals = crate::runtime::SignalGuard::install(&exit)?;
+    let served = crate::fuse::serve_until(
         fs,
         &crate::fuse::MountOptions {
             mountpoint: a.mountpoint,
             threads: a.threads,
         },
+        &exit,
     );
     storage.finish();
     served?;
@@ -428,9 +436,13 @@ pub struct ServeArgs {
     /// The virtio-fs tag the guest mounts.
     #[arg(long, default_value = "skiff")]
     pub tag: String,
-    /// Request queues / worker threads.
+    /// Request queues offered to the VMM, each with its own queue thread.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Most worker threads answering requests: how many may be in flight at once (e.g.
+    /// waiting on the network) before another waits for a worker. Started on demand.
+    #[arg(long, default_value_t = crate::vhost::DEFAULT_WORKERS)]
+    pub thread_num: usize,
     /// Offer the virtio config space (the tag) to the VMM. Off by default: QEMU 7.1 to 8.0
     /// abort when a vhost-user-fs device offers it.
     #[arg(long)]
@@ -440,11 +452,15 @@ pub struct ServeArgs {
 /// `skiff serve`.
 pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     tune_allocator();
+    // Before the storage starts its threads, so that they belong to the daemon.
+    let exit = crate::runtime::start_daemon()?;
     let (fs, storage) = a.image.open_with_storage()?;
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
+    opts.workers = a.thread_num;
     opts.advertise_config = a.advertise_config;
-    let served = crate::vhost::serve(Arc::new(fs), &opts);
+    let _signals = crate::runtime::SignalGuard::install(&exit)?;
+    let served = crate::vhost::serve_until(Arc::new(fs), &opts, &exit);
     storage.finish();
     served?;
     Ok(0)
@@ -463,9 +479,16 @@ pub struct VirtiofsArgs {
     /// --advertise-config).
     #[arg(long, default_value = "kataShared")]
     pub tag: String,
-    /// Request queues / worker threads.
+    /// Request queues offered to the VMM, each with its own queue thread.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Most worker threads answering requests (see `skiff serve --help`).
+    #[arg(long, default_value_t = crate::vhost::DEFAULT_WORKERS)]
+    pub thread_num: usize,
+    /// How long one read of a RAFS mount may take, network retries included: then it fails
+    /// with EIO and a log line instead of hanging the guest's reader.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub request_timeout: std::time::Duration,
     /// Offer the virtio config space (the tag) to the VMM (see `skiff serve --help`).
     #[arg(long)]
     pub advertise_config: bool,
@@ -474,7 +497,8 @@ pub struct VirtiofsArgs {
     #[arg(long)]
     pub hybrid_mode: bool,
     /// virtiofsd's worker pool size, from Kata's default `virtio_fs_extra_args`. Accepted
-    /// and not used: Skiff runs one worker per request queue (--threads).
+    /// and not used: virtiofsd sizes its pool for local I/O, and Kata's default of 1 would put
+    /// every request behind one waiting on the network; Skiff's pool is --thread-num.
     #[arg(long, value_name = "N")]
     pub thread_pool_size: Option<usize>,
     /// virtiofsd's option, from Kata's default `virtio_fs_extra_args`. Accepted and not
@@ -492,7 +516,8 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
     if let Some(n) = a.thread_pool_size {
         tracing::info!(
             n,
-            "--thread-pool-size is virtiofsd's; ignored (Skiff: one worker per queue, --threads)"
+            workers = a.thread_num,
+            "--thread-pool-size is virtiofsd's; ignored (Skiff's worker pool is --thread-num)"
         );
     }
     if a.announce_submounts {
@@ -502,10 +527,12 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
     }
     let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
     device.threads = a.threads;
+    device.workers = a.thread_num;
     device.advertise_config = a.advertise_config;
     crate::api::run(&crate::api::VirtiofsOptions {
         api_socket: a.api_socket,
         device,
+        request_timeout: a.request_timeout,
     })?;
     Ok(0)
 }

@@ -178,6 +178,7 @@ impl ImageArgs {
         let fs_opts = RafsFsOptions {
             // `mount` and `serve` give the image a connection of its own.
             zero_message_open: true,
+            request_timeout: self.request_timeout,
             ..RafsFsOptions::default()
         };
         let config = self.storage.config(self.blob_dir.as_ref())?;

@@ -162,6 +162,8 @@ pub struct SandboxFs {
     mounts: Mutex<BTreeMap<String, MountedFs>>,
     state: AtomicU8,
     counters: Counters,
+    /// How long a READ of a RAFS mount may take ([`RafsFsOptions::request_timeout`]).
+    request_timeout: std::time::Duration,
 }
 
 impl Default for SandboxFs {
@@ -191,7 +193,15 @@ impl SandboxFs {
             mounts: Mutex::new(BTreeMap::new()),
             state: AtomicU8::new(DaemonState::Init as u8),
             counters: Counters::default(),
+            request_timeout: crate::storage::DEFAULT_REQUEST_TIMEOUT,
         }
+    }
+
+    /// Gives each READ of the RAFS images mounted from now on at most `timeout`: then it
+    /// fails with EIO instead of hanging the guest's reader.
+    pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// The filesystem to hand to the vhost-user device.
@@ -278,7 +288,11 @@ impl SandboxFs {
         let root_digest = digest_hex(image.root_digest());
         let memcache = crate::storage::default_memory_cache(image.chunk_size());
         let source = CachedChunkSource::in_memory(LocalFsBackend::new(&blob_dir), memcache);
-        let fs = RafsFs::new(Arc::new(image), Arc::new(source), RafsFsOptions::default());
+        let opts = RafsFsOptions {
+            request_timeout: self.request_timeout,
+            ..RafsFsOptions::default()
+        };
+        let fs = RafsFs::new(Arc::new(image), Arc::new(source), opts);
         self.vfs_mount(Box::new(fs), mountpoint)?;
         tracing::info!(
             mountpoint,

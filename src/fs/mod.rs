@@ -23,6 +23,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::api::BackendFileSystem;
 
 use crate::format::{BlobRecord, Bootstrap, ChunkRecord, InodeKind, InodeRecord};
+use crate::runtime::threads::{self, ThreadKind};
 use crate::storage::{ChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT};
 
 /// How long the kernel may cache entries and attributes. The image never changes under a
@@ -106,15 +107,13 @@ fn spawn_readahead(
     timeout: Duration,
 ) -> Option<SyncSender<(BlobRecord, ChunkRecord)>> {
     let (tx, rx) = sync_channel::<(BlobRecord, ChunkRecord)>(4);
-    let spawned = std::thread::Builder::new()
-        .name("skiff-readahead".into())
-        .spawn(move || {
-            while let Ok((blob, chunk)) = rx.recv() {
-                // A failure is reported by the read that needs the chunk, not here.
-                let deadline = Deadline::after(timeout).background();
-                let _ = source.read_chunk(&blob, &chunk, &deadline);
-            }
-        });
+    let spawned = threads::spawn(ThreadKind::Fetcher, "skiff-readahead", move || {
+        while let Ok((blob, chunk)) = rx.recv() {
+            // A failure is reported by the read that needs the chunk, not here.
+            let deadline = Deadline::after(timeout).background();
+            let _ = source.read_chunk(&blob, &chunk, &deadline);
+        }
+    });
     match spawned {
         Ok(_) => Some(tx),
         Err(e) => {

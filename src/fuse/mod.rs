@@ -1,14 +1,14 @@
 //! Serving a filesystem over `/dev/fuse` on the host (`skiff mount`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
-use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseChannel, FuseSession};
+
+use crate::runtime::threads::{self, ThreadKind};
+use crate::runtime::{ExitEvent, ExitReason, SignalGuard};
 
 /// Why a FUSE mount failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,12 @@ pub enum FuseError {
     /// Installing the signal handlers failed.
     #[error("installing signal handlers")]
     Signal(#[source] std::io::Error),
+    /// The exit event could not be created.
+    #[error("creating the exit event")]
+    ExitEvent(#[source] std::io::Error),
+    /// Serving stopped because a thread panicked.
+    #[error("the daemon stopped on a fatal error: {0}")]
+    Fatal(String),
 }
 
 /// Options of a FUSE mount.
@@ -39,20 +45,19 @@ pub struct MountOptions {
 }
 
 /// Mounts `fs` read-only at the mountpoint and serves it until SIGINT or SIGTERM (or until it is
-/// unmounted from outside), then unmounts.
+/// unmounted from outside), then unmounts. A panic in any of its threads stops it with
+/// [`FuseError::Fatal`].
 pub fn mount_and_serve<F>(fs: F, opts: &MountOptions) -> Result<(), FuseError>
 where
     F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
 {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).map_err(FuseError::Signal)?;
-    }
-    serve_until(fs, opts, stop)
+    let exit = crate::runtime::start_daemon().map_err(FuseError::ExitEvent)?;
+    let _signals = SignalGuard::install(&exit).map_err(FuseError::Signal)?;
+    serve_until(fs, opts, &exit)
 }
 
-/// Like [`mount_and_serve`], stopping when `stop` becomes true.
-pub fn serve_until<F>(fs: F, opts: &MountOptions, stop: Arc<AtomicBool>) -> Result<(), FuseError>
+/// Like [`mount_and_serve`], stopping when `exit` is set.
+pub fn serve_until<F>(fs: F, opts: &MountOptions, exit: &ExitEvent) -> Result<(), FuseError>
 where
     F: FileSystem<Inode = u64, Handle = u64> + Send + Sync + 'static,
 {
@@ -68,32 +73,30 @@ where
         .map_err(|e| session_err(format!("mount: {e}")))?;
     tracing::info!(mountpoint = %opts.mountpoint.display(), "mounted");
     let server = Arc::new(Server::new(fs));
-    let done = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for i in 0..opts.threads.max(1) {
         let channel = session
             .new_channel()
             .map_err(|e| session_err(format!("channel: {e}")))?;
-        let server = server.clone();
-        let done = done.clone();
-        let h = thread::Builder::new()
-            .name(format!("fuse-{i}"))
-            .spawn(move || {
-                worker(channel, &server);
-                done.store(true, Ordering::SeqCst);
-            })
-            .map_err(FuseError::Thread)?;
+        let (server, exit) = (server.clone(), exit.clone());
+        let h = threads::spawn(ThreadKind::Fuse, format!("skiff-fuse-{i}"), move || {
+            worker(channel, &server);
+            // The channel closed: unmounted from outside (or the session is ending).
+            exit.notify(ExitReason::Requested);
+        })
+        .map_err(FuseError::Thread)?;
         workers.push(h);
     }
-    // Wait for a signal, or for a worker to see the mount go away (umount from outside).
-    while !stop.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
-        thread::sleep(Duration::from_millis(50));
-    }
-    tracing::info!(mountpoint = %opts.mountpoint.display(), "unmounting");
+    // A signal, an unmount from outside (a worker sees the mount go away), or a panic.
+    exit.wait(None);
+    tracing::info!(mountpoint = %opts.mountpoint.display(), reason = ?exit.reason(), "unmounting");
     let umount = session.umount();
     let _ = session.wake();
     for w in workers {
         let _ = w.join();
+    }
+    if let Some(ExitReason::Fatal(report)) = exit.reason() {
+        return Err(FuseError::Fatal(report));
     }
     umount.map_err(|e| session_err(format!("umount: {e}")))
 }

@@ -307,6 +307,19 @@ impl Authenticator {
         www_authenticate: Option<&str>,
         scope: &str,
     ) -> Result<bool, OciError> {
+        self.challenged_within(http, host, www_authenticate, scope, None)
+    }
+
+    /// Like [`Self::challenged`], a token fetch taking at most `timeout` (the client's own
+    /// timeout with `None`): what is left of the read it is made for.
+    pub fn challenged_within(
+        &self,
+        http: &reqwest::blocking::Client,
+        host: &str,
+        www_authenticate: Option<&str>,
+        scope: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<bool, OciError> {
         let Some(ch) = www_authenticate.and_then(parse_challenge) else {
             return Ok(false);
         };
@@ -324,7 +337,7 @@ impl Authenticator {
                     OciError::Auth(format!("{host}: bearer challenge without realm"))
                 })?;
                 let service = ch.params.get("service").cloned();
-                self.refresh(http, host, &realm, service.as_deref(), scope)?;
+                self.refresh(http, host, &realm, service.as_deref(), scope, timeout)?;
                 let mut hosts = self.lock();
                 let st = hosts.entry(host.to_string()).or_default();
                 st.scheme = Scheme::Bearer { realm, service };
@@ -344,6 +357,17 @@ impl Authenticator {
         host: &str,
         scope: &str,
     ) -> Result<(), OciError> {
+        self.refresh_known_within(http, host, scope, None)
+    }
+
+    /// Like [`Self::refresh_known`], the token fetch taking at most `timeout`.
+    pub fn refresh_known_within(
+        &self,
+        http: &reqwest::blocking::Client,
+        host: &str,
+        scope: &str,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(), OciError> {
         let known = {
             let hosts = self.lock();
             match hosts.get(host).map(|s| &s.scheme) {
@@ -352,7 +376,7 @@ impl Authenticator {
             }
         };
         if let Some((realm, service)) = known {
-            self.refresh(http, host, &realm, service.as_deref(), scope)?;
+            self.refresh(http, host, &realm, service.as_deref(), scope, timeout)?;
         }
         Ok(())
     }
@@ -368,6 +392,7 @@ impl Authenticator {
         realm: &str,
         service: Option<&str>,
         scope: &str,
+        timeout: Option<std::time::Duration>,
     ) -> Result<(), OciError> {
         let mut url = reqwest::Url::parse(realm)
             .map_err(|e| OciError::Auth(format!("{host}: token realm {realm:?}: {e}")))?;
@@ -381,6 +406,9 @@ impl Authenticator {
             }
         }
         let mut req = http.get(url);
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Some(c) = &self.credentials {
             req = req.header(reqwest::header::AUTHORIZATION, c.basic_header());
         }

@@ -151,11 +151,39 @@ impl RegistryClient {
         what: &str,
         make: &dyn Fn() -> RequestBuilder,
     ) -> Result<Response, OciError> {
+        self.send_until(ep, scope, what, make, None)
+    }
+
+    /// Like [`Self::send`], every request it makes (the token fetches too) answered by `until`:
+    /// each one's timeout is what is left (or the client's, if that is less), and none is
+    /// sent once it has passed.
+    fn send_until(
+        &self,
+        ep: &Endpoint,
+        scope: &str,
+        what: &str,
+        make: &dyn Fn() -> RequestBuilder,
+        until: Option<std::time::Instant>,
+    ) -> Result<Response, OciError> {
+        let left = || -> Result<Option<Duration>, OciError> {
+            let Some(until) = until else {
+                return Ok(None);
+            };
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(OciError::DeadlinePassed(what.to_string()));
+            }
+            Ok(Some(self.timeout.map_or(left, |c| c.min(left))))
+        };
         if self.auth.needs_refresh(&ep.host, scope) {
-            self.auth.refresh_known(&self.http, &ep.host, scope)?;
+            self.auth
+                .refresh_known_within(&self.http, &ep.host, scope, left()?)?;
         }
         for attempt in 0..2 {
             let mut req = make();
+            if let Some(t) = left()? {
+                req = req.timeout(t);
+            }
             if let Some(h) = self.auth.header(&ep.host, scope) {
                 req = req.header(AUTHORIZATION, h);
             }
@@ -171,10 +199,13 @@ impl RegistryClient {
                 .get(reqwest::header::WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            if !self
-                .auth
-                .challenged(&self.http, &ep.host, challenge.as_deref(), scope)?
-            {
+            if !self.auth.challenged_within(
+                &self.http,
+                &ep.host,
+                challenge.as_deref(),
+                scope,
+                left()?,
+            )? {
                 return Ok(resp);
             }
         }
@@ -407,13 +438,19 @@ impl RegistryClient {
                     Some(self.timeout.map_or(left, |c| c.min(left)))
                 }
             };
-            let resp = self.send(ep, &self.pull_scope(), &what, &|| {
-                let req = self.http.get(&url).header(RANGE, &range);
-                match timeout {
-                    Some(t) => req.timeout(t),
-                    None => req,
-                }
-            })?;
+            let resp = self.send_until(
+                ep,
+                &self.pull_scope(),
+                &what,
+                &|| {
+                    let req = self.http.get(&url).header(RANGE, &range);
+                    match timeout {
+                        Some(t) => req.timeout(t),
+                        None => req,
+                    }
+                },
+                until,
+            )?;
             let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
             if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
                 let want = format!("bytes {offset}-{last}/");
@@ -695,5 +732,52 @@ mod tests {
             endpoint("127.0.0.1:5000", false).base,
             "http://127.0.0.1:5000"
         );
+    }
+
+    /// A registry on loopback that answers every request 401 with a bearer challenge whose
+    /// token server accepts connections and never answers: a range read with a deadline must
+    /// give up by then (the token fetch included), not after the client's own timeout.
+    #[test]
+    fn a_token_server_that_never_answers_is_bounded_by_the_deadline() {
+        use std::io::{BufRead, BufReader};
+        use std::net::TcpListener;
+        let tokens = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let token_port = tokens.local_addr().expect("addr").port();
+        let registry = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = registry.local_addr().expect("addr").port();
+        // Accepted and held open, never answered.
+        let held = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for c in tokens.incoming().take(2).flatten() {
+                conns.push(c);
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        std::thread::spawn(move || {
+            for mut c in registry.incoming().take(4).flatten() {
+                let mut line = String::new();
+                let mut r = BufReader::new(c.try_clone().expect("clone"));
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:{token_port}/token\",service=\"r\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        let reference = Reference::parse(&format!("127.0.0.1:{port}/test/img:v1")).expect("ref");
+        let opts = RegistryOptions {
+            timeout: Some(Duration::from_secs(60)),
+            ..RegistryOptions::default()
+        };
+        let client = RegistryClient::new(&reference, &opts).expect("client");
+        let start = std::time::Instant::now();
+        let until = start + Duration::from_millis(700);
+        let r = client.get_blob_range("sha256:00", 0, 10, Some(until));
+        let took = start.elapsed();
+        assert!(r.is_err());
+        assert!(took < Duration::from_secs(3), "gave up after {took:?}");
+        drop(held);
     }
 }

@@ -13,6 +13,7 @@ use super::{
 
 pub use super::cache::TAKEOVER_AFTER;
 use crate::format::{digest_hex, BlobRecord, ChunkDigest, ChunkRecord};
+use crate::runtime::threads::{self, ThreadKind};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
 /// the read fails.
@@ -111,17 +112,18 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             let rx = rx.clone();
             // Weak: the workers must not keep the source (and its queue's sender) alive.
             let source = Arc::downgrade(self);
-            let spawned = std::thread::Builder::new()
-                .name(format!("skiff-ahead-{i}"))
-                .spawn(move || loop {
-                    let job = crate::util::sync::lock(&rx).recv();
-                    let Ok((blob, chunks)) = job else { return };
-                    let Some(source) = source.upgrade() else {
-                        return;
-                    };
-                    // Failures are reported by the reads that need the chunks, not here.
-                    let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
-                    let _ = source.fetch_chunks(&blob, &chunks, true, &deadline);
+            let spawned =
+                threads::spawn(ThreadKind::Fetcher, format!("skiff-ahead-{i}"), move || {
+                    loop {
+                        let job = crate::util::sync::lock(&rx).recv();
+                        let Ok((blob, chunks)) = job else { return };
+                        let Some(source) = source.upgrade() else {
+                            return;
+                        };
+                        // Failures are reported by the reads that need the chunks, not here.
+                        let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
+                        let _ = source.fetch_chunks(&blob, &chunks, true, &deadline);
+                    }
                 });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "no fetch-ahead worker");

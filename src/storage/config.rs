@@ -4,7 +4,7 @@
 //! Unknown keys are errors: a setting that was misspelt must not be silently ignored.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,6 +15,7 @@ use super::{
     RetryingBackend, S3Backend, S3Config, DEFAULT_CACHE_DIR,
 };
 use crate::format::Bootstrap;
+use crate::runtime::threads::{self, ThreadKind};
 
 /// Threads fetching ahead of the reads from a remote backend: each holds one request in
 /// flight, beside the requests of the reads themselves.
@@ -371,7 +372,8 @@ impl StorageStack {
 
 /// Writes the metrics JSON to a file every second and at the end (atomically, by rename).
 struct MetricsWriter {
-    stop: Arc<AtomicBool>,
+    /// Dropping it wakes the thread at once, to stop.
+    stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     path: PathBuf,
     metrics: Arc<Metrics>,
@@ -387,24 +389,20 @@ fn write_metrics(path: &Path, metrics: &Metrics, backend: &str) {
 
 impl MetricsWriter {
     fn start(path: PathBuf, metrics: Arc<Metrics>, backend: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (s, p, m) = (stop.clone(), path.clone(), metrics.clone());
-        let thread = std::thread::Builder::new()
-            .name("skiff-metrics".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
-                    write_metrics(&p, &m, backend);
-                    for _ in 0..10 {
-                        if s.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            })
-            .ok();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (p, m) = (path.clone(), metrics.clone());
+        let thread = threads::spawn(ThreadKind::Housekeeping, "skiff-metrics", move || {
+            // Every second, until the sender is dropped.
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(Duration::from_secs(1))
+            {
+                write_metrics(&p, &m, backend);
+            }
+        })
+        .map_err(|e| tracing::warn!(error = %e, "no metrics file writer"))
+        .ok();
+        write_metrics(&path, &metrics, backend);
         Self {
-            stop,
+            stop: Some(stop),
             thread,
             path,
             metrics,
@@ -413,7 +411,7 @@ impl MetricsWriter {
     }
 
     fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use super::metrics::{add, inc};
 use super::{BlobBackend, CachedChunkSource, Deadline, DEFAULT_REQUEST_TIMEOUT, MAX_MERGED_BYTES};
 use crate::format::{Bootstrap, ChunkRecord, InodeKind};
+use crate::runtime::threads::{self, ThreadKind};
 
 /// What to prefetch.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -131,11 +132,11 @@ pub fn spawn<B: BlobBackend + 'static>(
 ) -> PrefetchHandle {
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("skiff-prefetch".into())
-        .spawn(move || run(&bootstrap, &source, &opts, &stop2))
-        .map_err(|e| tracing::error!(error = %e, "cannot start the prefetch thread"))
-        .ok();
+    let thread = threads::spawn(ThreadKind::Fetcher, "skiff-prefetch", move || {
+        run(&bootstrap, &source, &opts, &stop2)
+    })
+    .map_err(|e| tracing::error!(error = %e, "cannot start the prefetch thread"))
+    .ok();
     PrefetchHandle { stop, thread }
 }
 

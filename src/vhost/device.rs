@@ -18,8 +18,11 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::queue::process_queue;
+use super::pool::{WorkerPool, DEFAULT_WORKERS};
+use super::queue::{answer, process_queue};
 use super::VhostError;
+use crate::runtime::threads::{self, ThreadKind};
+use crate::runtime::ExitEvent;
 use crate::util::sync::{read, write};
 
 /// Length of the `tag` field of the virtio-fs config space (not NUL-terminated when full).
@@ -39,10 +42,16 @@ pub const MAX_REQUEST_QUEUES: usize = 64 - NUM_HIPRIO_QUEUES;
 /// A virtio-fs device serving the FUSE filesystem `F` over vhost-user.
 ///
 /// Queue 0 is the high-priority queue; queues `1..=num_request_queues` are request queues.
-/// Each request queue is processed by its own worker thread, the high-priority queue shares
-/// the first one's thread.
+/// Each request queue has its own queue thread, the high-priority queue shares the first
+/// one's. A queue thread only pops chains: requests run on the device's worker pool and
+/// complete in any order, so that one waiting on the network holds up no other. The
+/// high-priority queue's requests (FORGET, INTERRUPT) never wait, and are answered on its
+/// queue thread.
 pub struct VirtioFsDevice<F: FileSystem + Send + Sync + 'static> {
-    server: Server<Arc<F>>,
+    server: Arc<Server<Arc<F>>>,
+    pool: Arc<WorkerPool>,
+    /// The exit event of the daemon serving the device, for the queue threads' panic reports.
+    exit: Option<ExitEvent>,
     config: [u8; VIRTIO_FS_CONFIG_SIZE],
     num_request_queues: usize,
     queue_size: u16,
@@ -82,7 +91,9 @@ where
         config[VIRTIO_FS_TAG_LEN..].copy_from_slice(&nrq.to_le_bytes());
 
         Ok(VirtioFsDevice {
-            server: Server::new(fs),
+            server: Arc::new(Server::new(fs)),
+            pool: Arc::new(WorkerPool::new(DEFAULT_WORKERS)),
+            exit: None,
             config,
             num_request_queues,
             queue_size,
@@ -90,6 +101,14 @@ where
             mem: RwLock::new(GuestMemoryAtomic::new(GuestMemoryMmap::new())),
             advertise_config: false,
         })
+    }
+
+    /// Runs requests on `pool` (shared by the devices of successive connections), in a daemon
+    /// whose exit event is `exit`.
+    pub(crate) fn with_runtime(mut self, pool: Arc<WorkerPool>, exit: ExitEvent) -> Self {
+        self.pool = pool;
+        self.exit = Some(exit);
+        self
     }
 
     /// Offers `VHOST_USER_PROTOCOL_F_CONFIG`, so that the VMM can read the tag from the device.
@@ -222,7 +241,9 @@ where
         vrings: &[VringRwLock],
         thread_id: usize,
     ) -> io::Result<()> {
-        // Returning an error here would kill the worker thread: everything the guest can
+        // This runs on a queue thread, which the vhost-user library starts.
+        threads::enter(ThreadKind::Queue, self.exit.as_ref());
+        // Returning an error here would kill the queue thread: everything the guest can
         // cause is logged and swallowed instead.
         let queue = Self::queue_index(thread_id, device_event);
         if evset != EventSet::IN {
@@ -239,7 +260,16 @@ where
         };
         let mem = read(&self.mem).memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
-        if let Err(e) = process_queue(&self.server, &mem, vring, event_idx) {
+        let dispatched = process_queue(&mem, vring, event_idx, |chain, ring| {
+            if queue < NUM_HIPRIO_QUEUES {
+                answer(&self.server, chain, vring, ring);
+                return;
+            }
+            let (server, vring) = (self.server.clone(), vring.clone());
+            self.pool
+                .submit(move || answer(&server, chain, &vring, ring));
+        });
+        if let Err(e) = dispatched {
             tracing::warn!(queue, error = %e, "processing virtqueue failed");
         }
         Ok(())

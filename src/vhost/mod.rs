@@ -5,11 +5,13 @@
 //!
 //! * [`device`](VirtioFsDevice): the virtio-fs device model, implementing
 //!   `vhost_user_backend::VhostUserBackend` (features, queues, config space with the tag);
-//! * `queue`: processing one virtqueue, turning descriptor chains into FUSE requests and
-//!   replies;
-//! * `daemon`: the socket lifecycle ([`serve`], [`serve_until`]): stale socket removal,
-//!   accepting a VMM, serving it until it disconnects, accepting the next one, and a clean
-//!   shutdown on SIGTERM/SIGINT.
+//! * `queue`: processing one virtqueue: the queue thread pops descriptor chains, a worker
+//!   turns each into a FUSE request and its reply and returns it to the guest;
+//! * `pool`: the worker threads, started on demand up to [`ServeOptions::workers`], so that
+//!   a request waiting on the network never holds up one whose data is cached or local;
+//! * `daemon`: the socket lifecycle ([`serve`], [`serve_until`], [`VhostListener`]): accepting
+//!   a VMM, serving it until it disconnects, accepting the next one, and a clean shutdown when
+//!   the daemon's exit event is set (SIGTERM/SIGINT, or a fatal error).
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -27,16 +29,17 @@
 
 mod daemon;
 mod device;
+mod pool;
 mod queue;
 
 use std::io;
-use std::path::PathBuf;
 
-pub use daemon::{serve, serve_until, ServeOptions};
+pub use daemon::{serve, serve_until, ServeOptions, VhostListener};
 pub use device::{
     VirtioFsDevice, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, MAX_REQUEST_QUEUES, NUM_HIPRIO_QUEUES,
     VIRTIO_FS_CONFIG_SIZE, VIRTIO_FS_TAG_LEN,
 };
+pub use pool::{DEFAULT_WORKERS, MAX_WORKERS};
 
 /// A boxed error from the vhost-user libraries, whose own error types do not all implement
 /// [`std::error::Error`].
@@ -51,39 +54,24 @@ pub enum VhostError {
         /// The rejected tag.
         tag: String,
     },
-    /// The number of request queues (worker threads) is out of range.
+    /// The number of request queues (queue threads) is out of range.
     #[error("invalid number of request queues {0}: must be 1 to {MAX_REQUEST_QUEUES}")]
     InvalidThreads(usize),
+    /// The worker pool size is out of range.
+    #[error("invalid number of worker threads {0}: must be 1 to {MAX_WORKERS}")]
+    InvalidWorkers(usize),
     /// The queue size is not a power of two in range.
     #[error("invalid queue size {0}: must be a power of two from 2 to {MAX_QUEUE_SIZE}")]
     InvalidQueueSize(u16),
-    /// Something that is not a socket already exists at the socket path.
-    #[error("refusing to replace {path}: it exists and is not a socket")]
-    SocketPathInUse {
-        /// The socket path.
-        path: PathBuf,
-    },
-    /// A stale socket file could not be removed.
-    #[error("removing stale socket {path}")]
-    RemoveStaleSocket {
-        /// The socket path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// The listening socket could not be created.
-    #[error("listening on {path}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
-    /// Waiting for a VMM connection failed.
+    /// The vhost-user socket could not be set up.
+    #[error("the vhost-user socket")]
+    Socket(#[from] crate::runtime::SocketError),
+    /// Waiting for a VMM connection, or for it to end, failed.
     #[error("waiting for a VMM connection")]
     Poll(#[source] io::Error),
+    /// The exit event could not be created.
+    #[error("creating the exit event")]
+    ExitEvent(#[source] io::Error),
     /// The SIGTERM/SIGINT handlers could not be installed.
     #[error("installing signal handlers")]
     Signal(#[source] io::Error),
@@ -93,6 +81,10 @@ pub enum VhostError {
     /// A thread could not be spawned.
     #[error("spawning a thread")]
     SpawnThread(#[source] io::Error),
+    /// The daemon stopped because something it cannot go on without failed (a thread
+    /// panicked).
+    #[error("the daemon stopped on a fatal error: {0}")]
+    Fatal(String),
 }
 
 /// Converts the vhost-user-backend daemon error (which does not implement

@@ -1,5 +1,11 @@
 //! Processing one virtqueue: descriptor chains in, FUSE replies out.
 //!
+//! The queue thread only moves chains: [`process_queue`] pops every available chain and hands
+//! it on (to a worker, see `pool`); [`answer`] then runs the request and returns the chain to
+//! the guest, in whatever order requests finish. Completing takes the ring's lock for the used
+//! ring entry and the notification decision together, which is what EVENT_IDX needs when
+//! several workers complete at once.
+//!
 //! Everything here handles guest-controlled data. A malformed chain or request never stops
 //! the queue: the chain is answered with a FUSE error when its header could be read, or
 //! returned to the guest with a used length of 0 when not, and processing goes on with the
@@ -13,33 +19,58 @@ use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryLoadGuard, GuestMemoryMmap};
 
-/// A descriptor chain over the guest memory snapshot taken for one pass over the queue.
-type Chain<'m> = DescriptorChain<&'m GuestMemoryMmap>;
+/// The guest memory as mapped when a chain was popped; a chain keeps it mapped until it is
+/// answered, even if the VMM replaces the memory table meanwhile.
+pub(crate) type GuestMem = GuestMemoryLoadGuard<GuestMemoryMmap>;
 
-/// Processes every available descriptor chain of `vring`, replying through `server`.
+/// A descriptor chain that owns its view of guest memory, so that it can go to a worker.
+pub(crate) type Chain = DescriptorChain<GuestMem>;
+
+/// Which ring a chain was popped from: the queue's state at that moment. A chain answered
+/// after the ring was stopped (`GET_VRING_BASE`, a device reset) or set up again elsewhere is
+/// not written to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingId {
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl RingId {
+    fn of(state: &VringState<vm_memory::GuestMemoryAtomic<GuestMemoryMmap>>) -> Self {
+        let q = state.get_queue();
+        RingId {
+            ready: q.ready(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+        }
+    }
+}
+
+/// Pops every available descriptor chain of `vring` and hands each to `dispatch`, with the
+/// identity of the ring it came from.
 ///
 /// With `event_idx`, guest notifications are suppressed while the queue is drained and
 /// re-enabled afterwards, re-checking for chains that arrived in between so none is missed.
 /// Errors are returned only for failures to access the ring itself (which the guest can
 /// cause by pointing it at unmapped memory); they are logged by the caller.
-pub(crate) fn process_queue<F>(
-    server: &Server<Arc<F>>,
-    mem: &GuestMemoryMmap,
+pub(crate) fn process_queue(
+    mem: &GuestMem,
     vring: &VringRwLock,
     event_idx: bool,
-) -> io::Result<()>
-where
-    F: FileSystem + Send + Sync + 'static,
-{
+    mut dispatch: impl FnMut(Chain, RingId),
+) -> io::Result<()> {
     loop {
         if event_idx {
             vring.disable_notification().map_err(io::Error::other)?;
         }
-        let handled = drain(server, mem, vring)?;
+        let handled = drain(mem, vring, &mut dispatch);
         if !event_idx {
             return Ok(());
         }
@@ -56,38 +87,68 @@ where
     }
 }
 
-/// Pops and answers chains until the available ring is empty; returns how many were handled.
-fn drain<F>(
-    server: &Server<Arc<F>>,
-    mem: &GuestMemoryMmap,
-    vring: &VringRwLock,
-) -> io::Result<usize>
+/// Pops chains until the available ring is empty; returns how many were popped.
+fn drain(mem: &GuestMem, vring: &VringRwLock, dispatch: &mut impl FnMut(Chain, RingId)) -> usize {
+    let mut handled = 0;
+    loop {
+        // Hold the ring's lock only to pop, never while a request runs.
+        let popped = {
+            let mut state = vring.get_mut();
+            let ring = RingId::of(&state);
+            state
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+                .map(|chain| (chain, ring))
+        };
+        let Some((chain, ring)) = popped else {
+            return handled;
+        };
+        handled += 1;
+        dispatch(chain, ring);
+    }
+}
+
+/// Runs the request in `chain` and returns the chain to the guest through `vring`, signalling
+/// the guest if it asked to be.
+pub(crate) fn answer<F>(server: &Server<Arc<F>>, chain: Chain, vring: &VringRwLock, ring: RingId)
 where
     F: FileSystem + Send + Sync + 'static,
 {
-    let mut handled = 0;
-    loop {
-        // Hold the vring lock only to pop, not while the filesystem works.
-        let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-        let Some(chain) = chain else {
-            return Ok(handled);
-        };
-        handled += 1;
-        let head = chain.head_index();
-        let used_len = handle_chain(server, mem, chain);
-        if let Err(e) = vring.add_used(head, used_len) {
-            // Only a head index outside the queue or an unmapped used ring get here.
-            tracing::warn!(head, error = %e, "cannot return descriptor chain to the guest");
-            continue;
+    let head = chain.head_index();
+    let mem = chain.memory().clone();
+    let used_len = handle_chain(server, &mem, chain);
+    complete(vring, ring, head, used_len);
+}
+
+/// Puts `head` in the used ring and notifies the guest if needed, under one hold of the ring's
+/// lock (the used index and the EVENT_IDX decision must agree).
+fn complete(vring: &VringRwLock, ring: RingId, head: u16, used_len: u32) {
+    let mut state = vring.get_mut();
+    if RingId::of(&state) != ring {
+        tracing::debug!(
+            head,
+            "the queue was stopped or set up again while the request ran; its answer is dropped"
+        );
+        return;
+    }
+    if let Err(e) = state.add_used(head, used_len) {
+        // Only a head index outside the queue or an unmapped used ring get here.
+        tracing::warn!(head, error = %e, "cannot return descriptor chain to the guest");
+        return;
+    }
+    match state.needs_notification() {
+        Ok(true) => {
+            if let Err(e) = state.signal_used_queue() {
+                tracing::warn!(head, error = %e, "cannot notify the guest");
+            }
         }
-        if vring.needs_notification().map_err(io::Error::other)? {
-            vring.signal_used_queue()?;
-        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(head, error = %e, "cannot read the guest's used event index"),
     }
 }
 
 /// Answers one chain and returns the number of bytes written into its writable part.
-fn handle_chain<F>(server: &Server<Arc<F>>, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32
+fn handle_chain<F>(server: &Server<Arc<F>>, mem: &GuestMemoryMmap, chain: Chain) -> u32
 where
     F: FileSystem + Send + Sync + 'static,
 {
@@ -170,7 +231,7 @@ fn errno_for(e: &fuse_backend_rs::Error) -> i32 {
 
 /// Writes a bare FUSE reply header (`error` is 0 or a negative errno) and returns its length,
 /// or 0 when the chain has no room for it.
-fn write_reply_header(mem: &GuestMemoryMmap, chain: Chain<'_>, unique: u64, error: i32) -> u32 {
+fn write_reply_header(mem: &GuestMemoryMmap, chain: Chain, unique: u64, error: i32) -> u32 {
     let out = OutHeader {
         len: size_of::<OutHeader>() as u32,
         error,
@@ -207,7 +268,7 @@ struct ReplySlot {
 }
 
 impl ReplySlot {
-    fn find(mem: &GuestMemoryMmap, chain: &Chain<'_>) -> Option<Self> {
+    fn find(mem: &GuestMemoryMmap, chain: &Chain) -> Option<Self> {
         let desc = chain.clone().writable().next()?;
         if (desc.len() as usize) < size_of::<OutHeader>() {
             return None;

@@ -55,11 +55,24 @@ pub fn require_nydus_image() -> Option<PathBuf> {
 
 /// Runs `nydus-image ARGS`, failing the test with its output unless it exits 0.
 pub fn run_nydus_image<S: AsRef<OsStr>>(args: &[S]) -> String {
+    run_nydus_image_with_input(args, b"")
+}
+
+/// [`run_nydus_image`] with `input` on its stdin (prefetch patterns).
+pub fn run_nydus_image_with_input<S: AsRef<OsStr>>(args: &[S], input: &[u8]) -> String {
     let bin = nydus_image().expect("nydus-image");
-    let out = Command::new(&bin)
+    let mut child = Command::new(&bin)
         .args(args)
-        .stdin(Stdio::null())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, input).expect("stdin");
+    }
+    let out = child
+        .wait_with_output()
         .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
     let text = format!(
         "{}{}",

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use crate::common::skiff;
 
+pub mod stallfs;
+
 /// Kata's readiness polling: `GET /api/v1/daemon` up to 20 times, 20 ms apart.
 pub const READY_TRIES: u32 = 20;
 /// The pause between two readiness polls.

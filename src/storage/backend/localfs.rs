@@ -91,10 +91,11 @@ impl BlobFile {
             me.advise(end, 0);
             me.advise(0, offset);
         };
-        if let Err(e) = std::thread::Builder::new()
-            .name("skiff-blob-ra".into())
-            .spawn(run)
-        {
+        if let Err(e) = crate::runtime::threads::spawn(
+            crate::runtime::ThreadKind::Fetcher,
+            "skiff-blob-ra",
+            run,
+        ) {
             tracing::debug!(error = %e, "no blob read-ahead thread");
         }
     }

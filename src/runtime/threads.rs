@@ -1,0 +1,145 @@
+//! Every thread a daemon starts, by kind.
+//!
+//! Each kind of thread is started in one place, through [`spawn`], with a name that says what
+//! it does (`skiff-worker-3`, `skiff-ahead-0`, ...), and takes on its kind with [`enter`]
+//! before it runs anything else. `enter` is the one hook a sandbox needs: the system call
+//! filter of a kind is applied there, once per thread, by one call. Threads that libraries
+//! start for Skiff (the vhost-user queue threads) call [`enter`] themselves on their first
+//! event.
+//!
+//! A thread also inherits its spawner's [`ExitEvent`], so that a panic anywhere is reported to
+//! the daemon it belongs to ([`super::panic`]).
+
+use std::cell::RefCell;
+use std::io;
+use std::thread::JoinHandle;
+
+use super::ExitEvent;
+
+/// What a thread does, which decides what it may do (its system calls).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The process's first thread: setup, then waiting for the exit event.
+    Main,
+    /// Accepts a VMM on the vhost-user socket and answers its vhost-user messages (maps guest
+    /// memory); the library thread reading those messages starts from it.
+    Vhost,
+    /// Owns a virtqueue: pops descriptor chains and hands them to the workers.
+    Queue,
+    /// Answers FUSE requests: the filesystem work, reading chunks (from the caches, local
+    /// blobs, or the network), completing chains.
+    Worker,
+    /// Background fetching: fetch-ahead, read-ahead, prefetch, local blob read-ahead.
+    Fetcher,
+    /// Answers the HTTP API on its Unix socket.
+    Api,
+    /// Reads and answers requests from `/dev/fuse` (`skiff mount`).
+    Fuse,
+    /// Periodic bookkeeping: the metrics file.
+    Housekeeping,
+}
+
+impl ThreadKind {
+    /// A short name for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Vhost => "vhost",
+            ThreadKind::Queue => "queue",
+            ThreadKind::Worker => "worker",
+            ThreadKind::Fetcher => "fetcher",
+            ThreadKind::Api => "api",
+            ThreadKind::Fuse => "fuse",
+            ThreadKind::Housekeeping => "housekeeping",
+        }
+    }
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone)]
+struct Context {
+    kind: ThreadKind,
+    exit: Option<ExitEvent>,
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<Context>> = const { RefCell::new(None) };
+}
+
+/// Makes the calling thread a thread of `kind`, belonging to the daemon whose exit event is
+/// `exit` (`None`: keep the one it has, if any). Called first thing by every thread
+/// [`spawn`] starts; call it on threads other code starts. Entering the kind the thread
+/// already has does nothing, so it is cheap to call on every event.
+pub fn enter(kind: ThreadKind, exit: Option<&ExitEvent>) {
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
+        // Already a thread of this kind, of a daemon: nothing to do (the common case of a
+        // queue thread entering on every event).
+        if c.as_ref()
+            .is_some_and(|ctx| ctx.kind == kind && (exit.is_none() || ctx.exit.is_some()))
+        {
+            return;
+        }
+        let exit = exit
+            .cloned()
+            .or_else(|| c.as_ref().and_then(|ctx| ctx.exit.clone()));
+        // The place for a sandbox's per-kind filter: applied here, once per thread.
+        *c = Some(Context { kind, exit });
+    });
+}
+
+/// The calling thread's kind, if it entered one.
+pub fn current() -> Option<ThreadKind> {
+    CONTEXT.with(|c| c.borrow().as_ref().map(|ctx| ctx.kind))
+}
+
+/// The exit event of the daemon the calling thread belongs to.
+pub fn current_exit() -> Option<ExitEvent> {
+    CONTEXT.with(|c| c.borrow().as_ref().and_then(|ctx| ctx.exit.clone()))
+}
+
+/// Starts a thread named `name` that enters `kind` and runs `f`. It belongs to the same
+/// daemon as the calling thread.
+pub fn spawn<F, T>(kind: ThreadKind, name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let exit = current_exit();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            enter(kind, exit.as_ref());
+            f()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_take_their_kind_and_inherit_the_daemon() {
+        let exit = ExitEvent::new().expect("eventfd");
+        let e2 = exit.clone();
+        let h = std::thread::spawn(move || {
+            enter(ThreadKind::Main, Some(&e2));
+            let inner = spawn(ThreadKind::Fetcher, "skiff-test-fetcher", || {
+                let name = std::thread::current().name().map(str::to_owned);
+                (current(), current_exit().is_some(), name)
+            })
+            .expect("spawn");
+            inner.join().expect("join")
+        });
+        let (kind, has_exit, name) = h.join().expect("join");
+        assert_eq!(kind, Some(ThreadKind::Fetcher));
+        assert!(has_exit);
+        assert_eq!(name.as_deref(), Some("skiff-test-fetcher"));
+        assert_eq!(current(), None, "the test thread entered nothing");
+    }
+}
