@@ -103,9 +103,11 @@ summarize() {
     local log=$1 t runs cov ft crashes
     t=$(basename "$log" | sed 's/-[0-9]\{8\}-[0-9]\{6\}\.log$//')
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | awk '{s+=$2} END {print s+0}')
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | awk '{print $2+0}')
-    ft=$(grep -o 'ft: [0-9]*' "$log" | tail -1 | awk '{print $2+0}')
-    crashes=$(grep -c -E 'ERROR: libFuzzer|panicked at' "$log" || true)
+    # The last status line: edges covered (cov) and features (ft: edges with hit counts).
+    cov=$(grep -E '^#[0-9]+' "$log" | grep -o 'cov: [0-9]*' | tail -1 | awk '{print $2+0}')
+    ft=$(grep -E '^#[0-9]+' "$log" | grep -o 'ft: [0-9]*' | tail -1 | awk '{print $2+0}')
+    # Crashes, hangs and out-of-memory inputs each write one test unit.
+    crashes=$(grep -c 'Test unit written to' "$log" || true)
     printf '%-14s %12s inputs  cov %6s  ft %6s  crashes %s  (%s)\n' \
         "$t" "$runs" "${cov:-?}" "${ft:-?}" "$crashes" "$(basename "$log")"
 }
