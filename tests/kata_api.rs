@@ -1,6 +1,7 @@
 //! Kata Containers' conversation with its virtio-fs daemon, replayed against `skiff virtiofs`
 //! without a VM: both runtimes' command lines, the readiness polling, the mounts of the
-//! shared directory and of two containers' images, an unmount, bad input, and SIGTERM.
+//! shared directory and of two containers' images (one a Nydus RAFS v6 image built by
+//! nydus-image), an unmount, bad input, and SIGTERM.
 
 mod common;
 mod kata;
@@ -14,13 +15,29 @@ use std::time::Duration;
 use common::*;
 use kata::*;
 
-/// Two small images, built with `skiff build`: (bootstrap, blob dir) each.
+/// Two small images: (bootstrap, blob dir) each. "a" is built with `skiff build`; "b" is the
+/// Nydus RAFS v6 image nydus-image 2.2 builds, as nydus-snapshotter hands Kata (where
+/// nydus-image is missing outside CI, `skiff build` too, said loudly).
 fn two_images(dir: &Path) -> [(PathBuf, PathBuf); 2] {
+    let nydus = common::nydus::require_nydus_image().is_some();
     ["a", "b"].map(|name| {
         let src = dir.join(format!("src-{name}"));
         fs::create_dir_all(src.join("etc")).expect("mkdir");
         fs::write(src.join("etc/image"), format!("image {name}\n")).expect("write");
         fs::write(src.join(format!("only-in-{name}")), name.repeat(5000)).expect("write");
+        if name == "b" && nydus {
+            let out = dir.join("nydus-b");
+            let bootstrap = common::nydus::create_dir_rafs(
+                &src,
+                &out,
+                common::nydus::BuildOpts {
+                    compressor: "zstd",
+                    digester: "blake3",
+                    chunk_size: "0x10000",
+                },
+            );
+            return (bootstrap, out.join("blobs"));
+        }
         let bootstrap = dir.join(format!("{name}.boot"));
         let blobs = dir.join(format!("blobs-{name}"));
         build_image(

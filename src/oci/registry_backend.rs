@@ -372,7 +372,9 @@ pub fn extract_nydus_bootstrap(layer: &[u8], gzip: bool, limit: u64) -> Result<V
                 "{NYDUS_BOOTSTRAP_PATH} is {size} bytes, more than the {limit} allowed"
             )));
         }
-        let mut out = Vec::with_capacity(size as usize);
+        // The header's size is the layer's word, not a fact: the buffer grows with the bytes
+        // that actually arrive.
+        let mut out = Vec::with_capacity(size.min(64 << 20) as usize);
         std::io::Read::read_to_end(&mut std::io::Read::take(&mut entry, size), &mut out)
             .map_err(|e| bad(format!("reading {NYDUS_BOOTSTRAP_PATH}: {e}")))?;
         if out.len() as u64 != size {
