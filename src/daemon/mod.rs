@@ -286,6 +286,7 @@ impl SandboxFs {
         })?;
         let blob_dir = blob_dir_for(&image, bootstrap, blobs)?;
         let root_digest = digest_hex(image.root_digest());
+        let format = image.source_format().name();
         let memcache = crate::storage::default_memory_cache(image.chunk_size());
         let source = CachedChunkSource::in_memory(LocalFsBackend::new(&blob_dir), memcache);
         let opts = RafsFsOptions {
@@ -298,6 +299,7 @@ impl SandboxFs {
             mountpoint,
             bootstrap = %bootstrap.display(),
             blob_dir = %blob_dir.display(),
+            format,
             root = %root_digest,
             "rafs mounted"
         );
