@@ -422,6 +422,7 @@ impl DaemonFs {
             bootstrap = %req.source.display(),
             backend = req.spec.backend.kind(),
             id = req.spec.id.as_deref().unwrap_or(""),
+            format = opened.format,
             root = %opened.root_digest,
             cache = %opened.cache_dir.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
             "rafs mounted"

@@ -36,6 +36,8 @@ pub struct OpenedRafs {
     pub client: Option<Arc<RegistryClient>>,
     /// The image's Merkle root (hex).
     pub root_digest: String,
+    /// The image's on-disk format, for the logs.
+    pub format: &'static str,
     /// The blob directory of a localfs image.
     pub blob_dir: Option<PathBuf>,
     /// Skiff's cache directory, if any.
@@ -71,6 +73,7 @@ pub fn open(
         })?,
     );
     let root_digest = digest_hex(image.root_digest());
+    let format = image.source_format().name();
     let backend_err = |what: String| MountError::Backend {
         bootstrap: bootstrap.to_owned(),
         what,
@@ -126,6 +129,7 @@ pub fn open(
         stack,
         client,
         root_digest,
+        format,
         blob_dir,
         cache_dir,
     })
