@@ -446,6 +446,7 @@ pub fn run(fixture: &Fixture, data: &[u8]) -> Outcome {
                     _ => {
                         // A head naming another chain's descriptor, or the middle of this one.
                         head = input.u16() % QUEUE_SIZE;
+                        valid_head = true;
                     }
                 }
             }
@@ -530,11 +531,22 @@ pub fn run(fixture: &Fixture, data: &[u8]) -> Outcome {
                 .load(GuestAddress(q.used + 2), Ordering::Acquire)
                 .expect("used idx");
             let done = idx.wrapping_sub(q.last_used);
-            assert!(
-                done <= want[qi],
-                "queue {qi}: the device used {done} chains of {} it could",
-                want[qi]
-            );
+            if done > want[qi] {
+                let ids: Vec<(u32, u32)> = (0..done)
+                    .map(|i| {
+                        let elem =
+                            q.used + 4 + 8 * u64::from(q.last_used.wrapping_add(i) % QUEUE_SIZE);
+                        let id: u32 = g.mem.read_obj(GuestAddress(elem)).unwrap_or(u32::MAX);
+                        let len: u32 = g.mem.read_obj(GuestAddress(elem + 4)).unwrap_or(u32::MAX);
+                        (id, len)
+                    })
+                    .collect();
+                panic!(
+                    "queue {qi}: the device used {done} chains of {} it could: made available \
+                     {:?}, used (id, len) {ids:?}",
+                    want[qi], heads[qi]
+                );
+            }
             if done == want[qi] {
                 break;
             }
