@@ -568,21 +568,20 @@ pub fn run(fixture: &Fixture, data: &[u8]) -> Outcome {
             used[qi].push((id as u16, len));
         }
     }
-    for qi in 0..queues {
-        let q = &mut g.queues[qi];
-        q.last_used = q.last_used.wrapping_add(want[qi]);
+    for (q, n) in g.queues.iter_mut().zip(&want) {
+        q.last_used = q.last_used.wrapping_add(*n);
         // The call for this batch, if any: the next INIT waits for its own.
         let _ = q.call.read();
     }
 
     // Every used element names a chain that was made available there, once per time it was.
-    for qi in 0..queues {
+    for (qi, done) in used.iter().enumerate() {
         let mut expect: Vec<u16> = laid
             .iter()
             .filter(|l| l.queue == qi && l.valid_head)
             .map(|l| l.head)
             .collect();
-        let mut got: Vec<u16> = used[qi].iter().map(|u| u.0).collect();
+        let mut got: Vec<u16> = done.iter().map(|u| u.0).collect();
         expect.sort_unstable();
         got.sort_unstable();
         assert_eq!(
@@ -868,7 +867,7 @@ pub fn seeds(fixture: &Fixture) -> Vec<Vec<u8>> {
             &[le(&[1, 0, 0], &[8, 4, 4]), cstr(b"a"), cstr(b"b")].concat(),
             64,
         );
-        chain(&mut o, 0, op::SETATTR, file, &vec![0; 88], 128);
+        chain(&mut o, 0, op::SETATTR, file, &[0; 88], 128);
         chain(
             &mut o,
             0,
@@ -879,7 +878,7 @@ pub fn seeds(fixture: &Fixture) -> Vec<Vec<u8>> {
         );
         chain(&mut o, 0, op::REMOVEXATTR, file, &cstr(b"user.skiff"), 64);
         chain(&mut o, 0, op::FSYNC, file, &le(&[0, 0, 0], &[8, 4, 4]), 64);
-        chain(&mut o, 0, op::GETLK, file, &vec![0; 48], 64);
+        chain(&mut o, 0, op::GETLK, file, &[0; 48], 64);
         chain(
             &mut o,
             0,
@@ -888,8 +887,8 @@ pub fn seeds(fixture: &Fixture) -> Vec<Vec<u8>> {
             &le(&[0, 4096, 0], &[8, 4, 4]),
             64,
         );
-        chain(&mut o, 0, op::IOCTL, file, &vec![0; 32], 64);
-        chain(&mut o, 0, op::POLL, file, &vec![0; 24], 64);
+        chain(&mut o, 0, op::IOCTL, file, &[0; 32], 64);
+        chain(&mut o, 0, op::POLL, file, &[0; 24], 64);
         chain(
             &mut o,
             0,
@@ -898,8 +897,8 @@ pub fn seeds(fixture: &Fixture) -> Vec<Vec<u8>> {
             &le(&[0, 0, 4096, 0, 0], &[8, 8, 8, 4, 4]),
             64,
         );
-        chain(&mut o, 0, op::COPY_FILE_RANGE, file, &vec![0; 56], 64);
-        chain(&mut o, 0, op::SETUPMAPPING, file, &vec![0; 40], 64);
+        chain(&mut o, 0, op::COPY_FILE_RANGE, file, &[0; 56], 64);
+        chain(&mut o, 0, op::SETUPMAPPING, file, &[0; 40], 64);
         chain(
             &mut o,
             0,
