@@ -126,7 +126,13 @@ fn push_nydus_image(reg: &Registry, work: &Path) -> Pushed {
         let tar = work.join(format!("layer{i}.tar"));
         fs::write(&tar, layer(ents, MTIME).expect("tar")).expect("write tar");
         let blob = work.join(format!("layer{i}.blob"));
-        create_layer_blob(&tar, &blob, None);
+        // nydus-image's defaults for the first layer (zstd, blake3); lz4_block and sha256 for
+        // the second: one image whose blobs differ in both, and sha256 chunks in the cache.
+        let (compressor, digester) = match i {
+            0 => (None, None),
+            _ => (Some("lz4_block"), Some("sha256")),
+        };
+        create_layer_blob(&tar, &blob, compressor, digester);
         blobs.push(layer_blob(&blob, work));
     }
     let merged = work.join("merged.boot");
@@ -143,6 +149,9 @@ fn push_nydus_image(reg: &Registry, work: &Path) -> Pushed {
         .map(|c| u64::from(c.compressed_size.get()))
         .sum();
     assert_eq!(b.blobs().len(), 2);
+    let algos: std::collections::BTreeSet<_> =
+        b.tables().chunks.iter().map(|c| c.digest_algo()).collect();
+    assert_eq!(algos.len(), 2, "blake3 and sha256 chunks: {algos:?}");
     for (rec, l) in b.blobs().iter().zip(&blobs) {
         assert_eq!(format!("sha256:{}", hex::encode(rec.id)), l.digest);
         assert_eq!(rec.size.get(), l.size, "merge recorded the blob's size");
@@ -317,4 +326,35 @@ fn nydus_image_from_a_registry() {
         pushed.bootstrap_layer_size + pushed.chunk_bytes,
         "the bootstrap layer once and each chunk once"
     );
+    // The second layer's sha256 chunks went to their own place in the shared cache.
+    let stat = skiff_ok([
+        OsStr::new("cache"),
+        OsStr::new("stat"),
+        OsStr::new("--json"),
+        OsStr::new("--cache-dir"),
+        cache.as_os_str(),
+    ]);
+    let stat: serde_json::Value = serde_json::from_slice(&stat.stdout).expect("stat JSON");
+    let sha256_files = walk_files(&cache.join("chunks-sha256"));
+    assert!(sha256_files > 0, "no sha256 chunk in the cache");
+    assert_eq!(
+        stat["chunks"].as_u64(),
+        Some((walk_files(&cache.join("chunks")) + sha256_files) as u64),
+        "cache stat counts both kinds: {stat}"
+    );
+}
+
+/// Regular files under `dir`, recursively (0 when it does not exist).
+fn walk_files(dir: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(dir) else { return 0 };
+    rd.flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walk_files(&p)
+            } else {
+                usize::from(p.is_file())
+            }
+        })
+        .sum()
 }

@@ -118,6 +118,8 @@ impl StorageArgs {
                         secret_access_key: None,
                         session_token: None,
                         timeout_secs: None,
+                        connect_timeout_secs: None,
+                        skip_verify: false,
                     },
                 };
                 if let Some(e) = &self.s3_endpoint {
@@ -199,7 +201,7 @@ impl ImageArgs {
             };
             let img = crate::oci::open_image(client, boot_cache.as_ref())?;
             let b = Arc::new(img.bootstrap);
-            tracing::info!(image = %r, root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
+            tracing::info!(image = %r, format = b.source_format().name(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;
             let fs_opts = RafsFsOptions {
                 demand: Some(stack.metrics.clone()),
@@ -216,6 +218,7 @@ impl ImageArgs {
         let b = Arc::new(Bootstrap::load(bootstrap)?);
         tracing::info!(
             bootstrap = %bootstrap.display(),
+            format = b.source_format().name(),
             root = %digest_hex(b.root_digest()),
             inodes = b.inode_count(),
             load_ms = format_args!("{:.1}", start.elapsed().as_secs_f64() * 1000.0),

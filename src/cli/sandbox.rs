@@ -50,18 +50,27 @@ fn parent(file: &Path) -> PathBuf {
 }
 
 /// `skiff virtiofs`: its two sockets' directories, Kata's and the snapshotter's directories
-/// (if they exist), `--sandbox-path`; the passthrough's capabilities.
+/// (if they exist), the default chunk cache, name resolution, `--sandbox-path`; the
+/// passthrough's capabilities.
 pub fn virtiofs_options(
     args: &SandboxArgs,
     api_socket: &Path,
     socket: &Path,
 ) -> std::io::Result<SandboxOptions> {
-    let reach = vec![
+    // The default chunk cache of registry and S3 mounts without a work_dir: made now, since
+    // it cannot be made inside.
+    let cache = Path::new(crate::storage::cache::DEFAULT_CACHE_DIR);
+    let mut reach = vec![
         Reach::write(parent(api_socket)),
         Reach::write(parent(socket)),
         Reach::write(KATA_SHARED_DIRS).if_exists(),
         Reach::read(SNAPSHOTTER_ROOT).if_exists(),
     ];
+    if args.sandbox != SandboxMode::None && std::fs::create_dir_all(cache).is_ok() {
+        reach.push(Reach::write(cache));
+    }
+    // RAFS mounts may name registries and S3 endpoints by host name.
+    reach.extend(Reach::name_resolution());
     args.options(reach, CapabilitySet::passthrough())
 }
 

@@ -133,7 +133,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 
     /// Whether `chunk` is in the memory or disk cache.
     fn is_cached(&self, chunk: &ChunkRecord) -> bool {
-        self.memcache.get(&chunk.chunk_digest()).is_some()
+        self.memory_copy(chunk).is_some()
             || self
                 .disk
                 .as_ref()
@@ -155,8 +155,16 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         &self.metrics
     }
 
+    /// The memory cache's copy of `chunk`: its digest and its size must both match.
+    fn memory_copy(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
+        self.memcache.get(
+            &chunk.chunk_digest(),
+            chunk.uncompressed_size.get() as usize,
+        )
+    }
+
     fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        let hit = self.memcache.get(&chunk.chunk_digest());
+        let hit = self.memory_copy(chunk);
         inc(if hit.is_some() {
             &self.metrics.mem_hits
         } else {
@@ -356,7 +364,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         let mut theirs: Vec<ChunkRecord> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for c in chunks.iter().filter(|c| !c.is_zero()) {
-            if !seen.insert(c.chunk_digest()) || self.memcache.get(&c.chunk_digest()).is_some() {
+            if !seen.insert(c.chunk_digest()) || self.memory_copy(c).is_some() {
                 continue;
             }
             if let Some(d) = &self.disk {
@@ -479,7 +487,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             }
         };
         // Whoever held the right before may have cached the chunk.
-        if let Some(d) = self.memcache.get(&chunk.chunk_digest()) {
+        if let Some(d) = self.memory_copy(chunk) {
             right.done();
             return Ok(d);
         }
@@ -675,6 +683,45 @@ mod tests {
             src.read_chunk(&blob(), &chunks[0], &Deadline::none()),
             Err(StorageError::Backend { .. })
         ));
+    }
+
+    /// Found by the `bootstrap` fuzz target: a crafted record with a cached chunk's digest and
+    /// a smaller size got the cached chunk's bytes, cut to its size: bytes served under a
+    /// digest they do not have. Such a record names no chunk; it must fail, from memory or
+    /// from disk.
+    #[test]
+    fn a_cached_digest_with_another_size_is_not_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for disk in [None, Some(dir.path())] {
+            let (b, chunks) = image(2, 1000);
+            let (src, _) = source(b, disk);
+            let real = src
+                .read_chunk(&blob(), &chunks[0], &Deadline::none())
+                .expect("the real chunk");
+            assert_eq!(real.len(), 1000);
+            // The digest of chunk 0, the place and size of chunk 1's first 5 bytes.
+            let mut forged = chunks[1];
+            forged.digest = chunks[0].digest;
+            forged.compressed_size = U32::new(5);
+            forged.uncompressed_size = U32::new(5);
+            for read in [
+                Src::read_chunk as fn(&Src, &_, &_, &_) -> _,
+                Src::read_chunk_once,
+            ] {
+                match read(&src, &blob(), &forged, &Deadline::none()) {
+                    Err(StorageError::Corrupt { .. }) => {}
+                    Ok(d) => panic!("served {} bytes for a chunk that does not exist", d.len()),
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+            let results = src.read_chunks(&blob(), &[chunks[0], forged], &Deadline::none());
+            assert!(results[0].is_ok() && results[1].is_err(), "read_chunks");
+            // The real chunk is still there, from the caches.
+            let again = src
+                .read_chunk(&blob(), &chunks[0], &Deadline::none())
+                .expect("the real chunk again");
+            assert_eq!(again, real);
+        }
     }
 
     #[test]

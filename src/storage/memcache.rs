@@ -30,12 +30,20 @@ impl ChunkMemCache {
         }
     }
 
-    /// The chunk with `digest`, if cached.
-    pub fn get(&self, digest: &ChunkDigest) -> Option<ChunkData> {
+    /// The chunk with `digest` and `len` bytes, if cached.
+    ///
+    /// The length is part of what a chunk record says: a record giving a cached chunk's digest
+    /// with another size names no chunk that exists (a crafted bootstrap can), and serving the
+    /// cached bytes for it would serve bytes under a digest and size they do not have. Such a
+    /// lookup misses, and the fetch that follows fails verification.
+    pub fn get(&self, digest: &ChunkDigest, len: usize) -> Option<ChunkData> {
         let mut g = lock(&self.inner);
         g.tick += 1;
         let tick = g.tick;
         let e = g.map.get_mut(digest)?;
+        if e.1.len() != len {
+            return None;
+        }
         e.0 = tick;
         Some(e.1.clone())
     }

@@ -39,6 +39,27 @@ pub enum VerifyError {
     },
 }
 
+thread_local! {
+    /// One zstd decompression context per thread, reused: creating one per chunk costs an
+    /// allocation of its window for every small file.
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses the zstd frame `stored` into at most `capacity` bytes.
+fn zstd_decompress(stored: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    ZSTD.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(stored, capacity),
+            None => zstd::bulk::decompress(stored, capacity),
+        }
+    })
+}
+
 /// Decompresses `stored` as described by `chunk` (lz4 block, zstd frame or none) into exactly
 /// its uncompressed size, and checks its digest with the chunk's algorithm (blake3 or sha256).
 pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>, VerifyError> {
@@ -67,11 +88,10 @@ pub fn decode_chunk(stored: &[u8], chunk: &ChunkRecord) -> Result<Vec<u8>, Verif
         Compression::Zstd => {
             // The capacity is the bound: a frame that expands beyond the chunk is an error,
             // never a larger allocation.
-            let out =
-                zstd::bulk::decompress(stored, size).map_err(|e| VerifyError::Decompress {
-                    algo: "zstd",
-                    reason: e.to_string(),
-                })?;
+            let out = zstd_decompress(stored, size).map_err(|e| VerifyError::Decompress {
+                algo: "zstd",
+                reason: e.to_string(),
+            })?;
             if out.len() != size {
                 return Err(VerifyError::DecompressedLength {
                     got: out.len(),

@@ -218,8 +218,13 @@ pub fn inline_bootstrap(blob: &[u8]) -> Vec<u8> {
 }
 
 /// `nydus-image create` of one layer tar into `blob`, exactly as nydus-snapshotter's converter
-/// (v0.6, nydus-image >= 2.2) runs it, with `--compressor compressor` when given.
-pub fn create_layer_blob(tar: &Path, blob: &Path, compressor: Option<&str>) {
+/// (v0.6, nydus-image >= 2.2) runs it, with `--compressor` and `--digester` when given.
+pub fn create_layer_blob(
+    tar: &Path,
+    blob: &Path,
+    compressor: Option<&str>,
+    digester: Option<&str>,
+) {
     let mut args: Vec<&OsStr> = [
         "create",
         "--log-level",
@@ -242,6 +247,10 @@ pub fn create_layer_blob(tar: &Path, blob: &Path, compressor: Option<&str>) {
     if let Some(c) = compressor {
         args.push(OsStr::new("--compressor"));
         args.push(OsStr::new(c));
+    }
+    if let Some(d) = digester {
+        args.push(OsStr::new("--digester"));
+        args.push(OsStr::new(d));
     }
     args.push(OsStr::new("--blob"));
     args.push(blob.as_os_str());
