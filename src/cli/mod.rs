@@ -13,8 +13,8 @@ pub use accel::*;
 pub use check::*;
 pub use commands::*;
 pub use image::*;
-pub use sandbox::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
+pub use sandbox::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]

@@ -64,7 +64,8 @@ pub fn open(
         return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
     }
     // Inside the sandbox only the reachable directories exist: say so, not "missing".
-    let reachable = |p: &Path| crate::sandbox::check_reachable(p).map_err(MountError::OutsideSandbox);
+    let reachable =
+        |p: &Path| crate::sandbox::check_reachable(p).map_err(MountError::OutsideSandbox);
     reachable(bootstrap)?;
     if let BackendSpec::Localfs(BlobLocation::Dir(p) | BlobLocation::File(p)) = &spec.backend {
         reachable(p)?;
