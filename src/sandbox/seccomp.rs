@@ -91,6 +91,8 @@ const BASE: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // A panic's report and backtrace name files relative to the working directory.
+    libc::SYS_getcwd,
 ];
 
 /// Waiting on several descriptors (epoll, eventfds).
