@@ -377,6 +377,10 @@ pub struct MountArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Record the files read, in first-read order, into this prefetch list (written at
+    /// start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// Threshold above which glibc serves an allocation with its own mmap (and returns it to the
@@ -394,7 +398,7 @@ const MMAP_THRESHOLD: i32 = 128 << 10;
 ///   next to decompressing and hashing it.
 /// - At most two arenas. glibc gives threads up to 8 per core, each keeping its own freed
 ///   memory; the daemon's threads allocate little besides the chunk buffers above.
-fn tune_allocator() {
+pub(super) fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; it is called before the daemon starts
     // its threads, and a refused setting (return 0) leaves glibc's default in place.
@@ -409,7 +413,11 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
         fs,
@@ -420,7 +428,9 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
         &exit,
     );
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
 }
 
@@ -447,6 +457,10 @@ pub struct ServeArgs {
     /// abort when a vhost-user-fs device offers it.
     #[arg(long)]
     pub advertise_config: bool,
+    /// Record the files the guest reads, in first-read order, into this prefetch list
+    /// (written at start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// `skiff serve`.
@@ -454,7 +468,11 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
     opts.workers = a.thread_num;
@@ -462,7 +480,9 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::vhost::serve_until(Arc::new(fs), &opts, &exit);
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
 }
 

@@ -4,6 +4,7 @@ mod accel;
 mod check;
 mod commands;
 mod image;
+mod record;
 
 use clap::{Parser, Subcommand};
 
@@ -11,6 +12,7 @@ pub use accel::*;
 pub use check::*;
 pub use commands::*;
 pub use image::*;
+pub use record::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -35,6 +37,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Serve an image read-only over /dev/fuse until SIGINT/SIGTERM.
     Mount(MountArgs),
+    /// Mount an image, run a workload on it, and write the files it read (in first-read
+    /// order) as a prefetch list for `build`/`convert --prefetch-list` and `--prefetch-files`.
+    Record(RecordArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
     /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
@@ -69,6 +74,7 @@ pub fn main() -> i32 {
         Command::Check(a) => cmd_check(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
+        Command::Record(a) => cmd_record(a),
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
         Command::Convert(a) => cmd_convert(a),

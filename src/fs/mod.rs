@@ -5,6 +5,9 @@
 //! state: the image is immutable, so an inode number (table index + 1) is all a request needs.
 
 mod attr;
+pub mod record;
+
+pub use record::{AccessRecorder, RecordError, RecordedList};
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -50,6 +53,8 @@ pub struct RafsFsOptions {
     /// Where to count the distinct chunks file reads ask for (the workload's own chunks, as
     /// opposed to read-ahead and prefetch), if anywhere.
     pub demand: Option<Arc<crate::storage::Metrics>>,
+    /// Where to record the files reads touch, in first-read order (`--record`), if anywhere.
+    pub record: Option<Arc<AccessRecorder>>,
     /// How long one READ may take, waits for the network and retries included: then it fails
     /// with EIO (and a log line) instead of hanging the guest's reader.
     pub request_timeout: Duration,
@@ -62,6 +67,7 @@ impl Default for RafsFsOptions {
             zero_message_open: false,
             readahead: true,
             demand: None,
+            record: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
@@ -148,6 +154,11 @@ impl RafsFs {
     /// The image being served.
     pub fn bootstrap(&self) -> &Arc<Bootstrap> {
         &self.bootstrap
+    }
+
+    /// What records the files read, if anything does ([`RafsFsOptions::record`]).
+    pub fn recorder(&self) -> Option<&Arc<AccessRecorder>> {
+        self.opts.record.as_ref()
     }
 
     /// Maps a FUSE inode number to a table index and its record, refusing numbers the image
@@ -548,7 +559,12 @@ impl FileSystem for RafsFs {
     ) -> io::Result<usize> {
         let (index, rec) = self.inode(ino)?;
         match rec.kind() {
-            Some(InodeKind::Regular) => self.read_file(index, rec, w, size, offset),
+            Some(InodeKind::Regular) => {
+                if let Some(r) = &self.opts.record {
+                    r.note(index);
+                }
+                self.read_file(index, rec, w, size, offset)
+            }
             Some(InodeKind::Directory) => Err(err(libc::EISDIR)),
             _ => Err(err(libc::EINVAL)),
         }
