@@ -188,3 +188,161 @@ fn mount_record_writes_the_list_while_running_and_at_exit() {
     m.unmount();
     assert_eq!(lines(&list), ["/other/x", "/statonly", "/a", "/d/e/c"]);
 }
+
+/// An integer field of a `--metrics-file`.
+fn metric(path: &Path, field: &str) -> u64 {
+    let v: serde_json::Value = fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    v[field]
+        .as_u64()
+        .or_else(|| v[field].as_bool().map(u64::from))
+        .unwrap_or(0)
+}
+
+/// The files of a two-layer image: (path, bytes), all incompressible, each one chunk.
+fn layer_files(layer: u64) -> Vec<(String, Vec<u8>)> {
+    (0..24)
+        .map(|i| {
+            let len = 20_000 + (i * 37_717 + layer as usize * 5_003) % 300_000;
+            (
+                format!("l{layer}/f{i:02}"),
+                oci::noise(len, 100 * layer + i as u64),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn convert_prefetch_list_is_stored_and_fetched_first_in_one_request() {
+    if !require_fuse() {
+        return;
+    }
+    let Some(reg) = require(
+        "Debian's docker-registry",
+        registry::Registry::start("record", &[]),
+    ) else {
+        return;
+    };
+    let t = scratch();
+    let (f1, f2) = (layer_files(1), layer_files(2));
+    let tar_of = |dir: &str, files: &[(String, Vec<u8>)]| {
+        let mut ents = vec![oci::Ent::Dir(dir, 0o755)];
+        ents.extend(
+            files
+                .iter()
+                .map(|(p, d)| oci::Ent::File(p.as_str(), 0o644, d.clone())),
+        );
+        oci::layer(&ents, 1_700_000_000).expect("layer")
+    };
+    let layout = t.path().join("layout");
+    oci::write_layout(
+        &layout,
+        &[
+            (tar_of("l1", &f1), "application/vnd.oci.image.layer.v1.tar"),
+            (tar_of("l2", &f2), "application/vnd.oci.image.layer.v1.tar"),
+        ],
+    )
+    .expect("layout");
+    // Startup files from both layers, out of their blob order.
+    let listed = ["/l2/f05", "/l1/f17", "/l1/f02", "/l2/f20"];
+    let list = t.path().join("list.txt");
+    fs::write(&list, listed.join("\n") + "\n").expect("list");
+    let target = format!("{}/record/app:latest", reg.addr);
+    let out = skiff_ok([
+        OsStr::new("convert"),
+        OsStr::new("--source"),
+        layout.as_os_str(),
+        OsStr::new("--target"),
+        OsStr::new(&target),
+        OsStr::new("--prefetch-list"),
+        list.as_os_str(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("prefetch"), "{text}");
+    let size_of = |p: &str| -> u64 {
+        let p = p.trim_start_matches('/');
+        f1.iter()
+            .chain(&f2)
+            .find(|(q, _)| q == p)
+            .map(|(_, d)| d.len() as u64)
+            .expect("listed file")
+    };
+    let want_bytes: u64 = listed.iter().map(|p| size_of(p)).sum();
+
+    // The conversion is faithful with its prefetch blob (every rule, data included).
+    skiff_ok([
+        OsStr::new("check"),
+        OsStr::new("--source"),
+        layout.as_os_str(),
+        OsStr::new("--target"),
+        OsStr::new(&target),
+    ]);
+
+    let cache = t.path().join("cache");
+    let metrics = t.path().join("metrics.json");
+    let mark = reg.log_len();
+    let mnt = t.path().join("mnt");
+    let m = Mount::with_args(
+        &[
+            OsStr::new("--image"),
+            OsStr::new(&target),
+            OsStr::new("--cache-dir"),
+            cache.as_os_str(),
+            OsStr::new("--metrics-file"),
+            metrics.as_os_str(),
+        ],
+        &mnt,
+    );
+    let start = Instant::now();
+    while metric(&metrics, "prefetch_complete") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "prefetch did not finish\n{}",
+            m.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(metric(&metrics, "prefetch_errors"), 0, "{}", m.log_text());
+    assert_eq!(metric(&metrics, "prefetch_bytes"), want_bytes);
+    // What went over the wire before any read: the bootstrap, then range requests of one
+    // blob (the prefetch blob) adding up to exactly the listed files.
+    let gets = reg.blob_gets(mark);
+    let ranges: Vec<_> = gets.iter().filter(|g| g.status == 206).collect();
+    assert!(!ranges.is_empty(), "no range request");
+    assert!(
+        ranges.len() <= 2,
+        "{} range requests for 4 adjacent chunks",
+        ranges.len()
+    );
+    assert!(
+        ranges.iter().all(|g| g.path == ranges[0].path),
+        "prefetch read more than one blob: {:?}",
+        ranges.iter().map(|g| &g.path).collect::<Vec<_>>()
+    );
+    assert_eq!(ranges.iter().map(|g| g.bytes).sum::<u64>(), want_bytes);
+
+    // The listed files are served from the cache, byte for byte, without another request.
+    let before = reg.blob_gets(mark).len();
+    for p in listed {
+        let want = f1
+            .iter()
+            .chain(&f2)
+            .find(|(q, _)| q == p.trim_start_matches('/'))
+            .map(|(_, d)| d.clone())
+            .expect("listed");
+        assert_eq!(fs::read(mnt.join(&p[1..])).expect("read"), want, "{p}");
+    }
+    assert_eq!(
+        reg.blob_gets(mark).len(),
+        before,
+        "a listed file was fetched again"
+    );
+    // Another file comes from its layer's blob, on demand.
+    assert_eq!(fs::read(mnt.join("l1/f09")).expect("read"), f1[9].1);
+    let after = reg.blob_gets(mark);
+    assert_eq!(after.len(), before + 1);
+    assert_ne!(after[before].path, ranges[0].path);
+    m.unmount();
+}

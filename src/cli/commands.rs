@@ -42,10 +42,15 @@ pub struct BuildArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Image paths, one per line in access order, whose chunks a daemon fetches first
-    /// (the bootstrap's prefetch table).
+    /// Image paths, one per line in access order (as `skiff record` writes them), whose
+    /// chunks a daemon fetches first: the bootstrap's prefetch table. Their chunks are also
+    /// stored in a blob of their own, in that order, so that they come in one or two requests.
     #[arg(long)]
     pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: keep the listed files' chunks only where they are (no prefetch
+    /// blob).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
     /// Threads reading a source directory (and walking it). Reads of many files at once keep
     /// a cold disk busy; the image is the same for any number. 0 picks the default.
     #[arg(long, default_value_t = build::dir::DEFAULT_IO_THREADS)]
@@ -64,9 +69,12 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         progress: true,
         io_threads: a.io_threads,
     };
-    let prefetch = match &a.prefetch_list {
-        Some(p) => super::image::read_path_list(p)?,
-        None => Vec::new(),
+    let prefetch = build::PrefetchLayout {
+        paths: match &a.prefetch_list {
+            Some(p) => super::image::read_path_list(p)?,
+            None => Vec::new(),
+        },
+        own_blob: !a.no_prefetch_blob,
     };
     let summary = build::build_with_prefetch(&source, &opts, &prefetch)?;
     println!("{summary}");
@@ -271,6 +279,15 @@ pub struct ConvertArgs {
     /// manifests (default: linux/amd64 only, pushed as one manifest).
     #[arg(long)]
     pub all_platforms: bool,
+    /// Image paths, one per line in access order (as `skiff record` writes them): stored as
+    /// the image's prefetch table, and their chunks once more in a prefetch blob of their own
+    /// (a layer after the others), in that order, so that a daemon fetches them in one or two
+    /// range requests.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: no prefetch blob (the table only).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
 }
 
 /// `skiff convert`.
@@ -301,6 +318,13 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         chunk_size: a.chunk_size,
         compressor: a.compressor,
         progress: true,
+        prefetch: crate::build::PrefetchLayout {
+            paths: match &a.prefetch_list {
+                Some(p) => super::image::read_path_list(p)?,
+                None => Vec::new(),
+            },
+            own_blob: !a.no_prefetch_blob,
+        },
         platforms: if a.all_platforms {
             crate::oci::Platforms::All
         } else {
@@ -318,9 +342,14 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
             }
         }
         for b in &summary.blobs {
+            let what = if b.prefetch {
+                "prefetch   ".to_string()
+            } else {
+                format!("layer {:<5}", b.layer)
+            };
             println!(
-                "layer {:<5} blob {} as {} ({} bytes)",
-                b.layer, b.blob_id, b.digest, b.size
+                "{what} blob {} as {} ({} bytes)",
+                b.blob_id, b.digest, b.size
             );
         }
         println!(

@@ -19,6 +19,8 @@ use crate::format::Bootstrap;
 pub struct AccessRecorder {
     /// One bit per inode: read at least once.
     seen: Vec<AtomicU64>,
+    /// Inodes in the image.
+    inodes: usize,
     /// Inode indices in the order of their first read.
     order: Mutex<Vec<u32>>,
 }
@@ -56,6 +58,7 @@ impl AccessRecorder {
             seen: (0..inode_count.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            inodes: inode_count,
             order: Mutex::new(Vec::new()),
         }
     }
@@ -63,6 +66,9 @@ impl AccessRecorder {
     /// Notes a read of inode `index`; the first one puts the file on the list.
     #[inline]
     pub fn note(&self, index: u32) {
+        if index as usize >= self.inodes {
+            return;
+        }
         let Some(word) = self.seen.get(index as usize / 64) else {
             return;
         };
