@@ -20,11 +20,12 @@ work="${SKIFF_FUZZ_DIR:-/var/cache/skiff/fuzz}"
 triple=x86_64-unknown-linux-gnu
 bin_dir="$work/target/$triple/release"
 
-all_targets=(bootstrap tar)
+all_targets=(bootstrap tar fuse)
 # Inputs per target for a full campaign, chosen by their speed (the cheap parsers get more).
-declare -A default_runs=([bootstrap]=4000000 [tar]=4000000)
-# Largest input per target, in bytes: a bootstrap or tar seed with room to grow.
-declare -A max_len=([bootstrap]=65536 [tar]=65536)
+declare -A default_runs=([bootstrap]=4000000 [tar]=3000000 [fuse]=2000000)
+# Largest input per target, in bytes: a bootstrap or tar seed with room to grow; a batch of
+# FUSE chains.
+declare -A max_len=([bootstrap]=65536 [tar]=65536 [fuse]=16384)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 

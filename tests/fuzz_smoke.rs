@@ -15,6 +15,7 @@ mod harness;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::{Mutex, Once};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -112,14 +113,45 @@ fn failure_path(target: &str, name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fuzz-smoke-{target}-{name}"))
 }
 
+/// Messages of the panics of any thread since the last [`take_panics`].
+static PANICS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn take_panics() -> Vec<String> {
+    std::mem::take(&mut *PANICS.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Records every panic, in any thread (the daemons' workers too), then reports it as before.
+fn record_panics() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let place = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let thread = std::thread::current()
+                .name()
+                .unwrap_or("unnamed")
+                .to_string();
+            PANICS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("thread {thread} at {place}: {msg}"));
+            previous(info);
+        }));
+    });
+}
+
 /// Runs `run` on every seed and regression, then on `iters()` mutations (1 to 4 stacked) of
-/// random seeds. Fails with the first panic, naming the input and where it was saved.
-fn smoke(target: &str, run: &dyn Fn(&[u8]) -> Outcome) {
-    let seeds = harness::seeds(target);
-    assert!(
-        !seeds.is_empty(),
-        "no seeds for {target} in fuzz/seeds/{target}"
-    );
+/// random seeds. Fails with the first panic, in the harness or in any thread of Skiff's,
+/// naming the input and where it was saved.
+fn smoke(target: &str, seeds: Vec<(String, Vec<u8>)>, run: &dyn Fn(&[u8]) -> Outcome) {
+    record_panics();
+    assert!(!seeds.is_empty(), "no seeds for {target}");
     let mut inputs: Vec<(String, Vec<u8>)> = seeds.clone();
     inputs.extend(
         regressions(target)
@@ -136,40 +168,28 @@ fn smoke(target: &str, run: &dyn Fn(&[u8]) -> Outcome) {
         }
         inputs.push((format!("mutation {i} of {name}"), input));
     }
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let mut failure = None;
+    let _ = take_panics();
     let (mut served, mut served_mutations, mut bytes) = (0, 0, 0);
     for (name, input) in &inputs {
-        match catch_unwind(AssertUnwindSafe(|| run(input))) {
-            Ok(Outcome::Rejected) => {}
-            Ok(Outcome::Served(n)) => {
-                served += 1;
-                bytes += n;
-                if name.starts_with("mutation") {
-                    served_mutations += 1;
-                }
-            }
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                let path = failure_path(target, &name.replace([' ', '/'], "-"));
-                let _ = std::fs::write(&path, input);
-                failure = Some(format!(
-                    "{target}: {name} panicked: {msg}\n(input saved as {}; replay it with \
-                     scripts/fuzz.sh replay {target} FILE)",
-                    path.display()
-                ));
-                break;
+        let outcome = catch_unwind(AssertUnwindSafe(|| run(input)));
+        let panics = take_panics();
+        if outcome.is_err() || !panics.is_empty() {
+            let path = failure_path(target, &name.replace([' ', '/'], "-"));
+            let _ = std::fs::write(&path, input);
+            panic!(
+                "{target}: {name} panicked:\n{}\n(input saved as {}; replay it with \
+                 scripts/fuzz.sh replay {target} FILE)",
+                panics.join("\n"),
+                path.display()
+            );
+        }
+        if let Ok(Outcome::Served(n)) = outcome {
+            served += 1;
+            bytes += n;
+            if name.starts_with("mutation") {
+                served_mutations += 1;
             }
         }
-    }
-    std::panic::set_hook(hook);
-    if let Some(f) = failure {
-        panic!("{f}");
     }
     eprintln!(
         "{target}: {} inputs, {served} accepted and served ({served_mutations} of them \
@@ -195,7 +215,9 @@ fn bootstrap_seeds_load() {
 #[test]
 fn bootstrap() {
     let fixture = harness::bootstrap::Fixture::load();
-    smoke("bootstrap", &|data| harness::bootstrap::run(&fixture, data));
+    smoke("bootstrap", harness::seeds("bootstrap"), &|data| {
+        harness::bootstrap::run(&fixture, data)
+    });
 }
 
 #[test]
@@ -209,5 +231,16 @@ fn tar_seeds_apply() {
 
 #[test]
 fn tar() {
-    smoke("tar", &harness::tar::run);
+    smoke("tar", harness::seeds("tar"), &harness::tar::run);
+}
+
+#[test]
+fn fuse() {
+    let fixture = harness::fuse::Fixture::start();
+    let seeds = harness::fuse::seeds(&fixture)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| (format!("seed {i}"), s))
+        .collect();
+    smoke("fuse", seeds, &|data| harness::fuse::run(&fixture, data));
 }

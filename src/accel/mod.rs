@@ -206,6 +206,7 @@ impl Service {
             } else {
                 Platforms::Default
             },
+            layout: crate::oci::ImageLayout::Node,
         });
         let _ = std::fs::remove_dir_all(&work);
         let report = result?;

@@ -35,14 +35,16 @@ pub struct PrefetchBlob {
 }
 
 /// Copies the chunks of `files` (in order, each distinct chunk once) from their blobs in
-/// `blob_dir` into a new blob there, appends it to `blobs`, and points every chunk reference in
-/// `tree` with a moved digest at the copy. Returns `None` (and changes nothing) when the files
-/// hold no stored chunk.
+/// `blob_dir` into a new blob there (named by its sha256 with `sha256_id`, else by its
+/// blake3, as the build names its other blobs), appends it to `blobs`, and points every chunk
+/// reference in `tree` with a moved digest at the copy. Returns `None` (and changes nothing)
+/// when the files hold no stored chunk.
 pub fn write(
     tree: &mut Tree,
     blobs: &mut Vec<BlobRecord>,
     files: &[NodeId],
     blob_dir: &Path,
+    sha256_id: bool,
 ) -> Result<Option<PrefetchBlob>, BuildError> {
     let new_index =
         u32::try_from(blobs.len()).map_err(|_| BuildError::Invalid("too many blobs".into()))?;
@@ -66,7 +68,7 @@ pub fn write(
     }
 
     let tmp = blob_dir.join(format!(".skiff-prefetch-blob-{}.tmp", std::process::id()));
-    let result = copy_chunks(&order, blobs, blob_dir, &tmp, new_index);
+    let result = copy_chunks(&order, blobs, blob_dir, &tmp, new_index, sha256_id);
     let (id, size, new_locs) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -79,6 +81,9 @@ pub fn write(
     let mut record = BlobRecord::new_zeroed();
     record.id = id;
     record.size = U64::new(size);
+    if sha256_id {
+        record.flags = crate::format::BLOB_FLAG_SHA256_ID.into();
+    }
     // The same bytes as a blob the image has already (a list covering a whole blob in its
     // order): that blob is the prefetch blob, with the same offsets.
     let existing = blobs.iter().position(|b| b.id == id);
@@ -125,10 +130,11 @@ fn copy_chunks(
     blob_dir: &Path,
     tmp: &Path,
     new_index: u32,
+    sha256_id: bool,
 ) -> Result<([u8; DIGEST_LEN], u64, Vec<ChunkLoc>), BuildError> {
     let f = File::create(tmp).map_err(|e| BuildError::io("creating", tmp, e))?;
     let mut out = BufWriter::with_capacity(1 << 20, f);
-    let mut hasher = blake3::Hasher::new();
+    let mut hasher = super::chunker::BlobHasher::new(sha256_id);
     let mut sources: HashMap<u32, File> = HashMap::new();
     let mut offset = 0u64;
     let mut locs = Vec::with_capacity(order.len());
@@ -162,5 +168,5 @@ fn copy_chunks(
         .map_err(|e| BuildError::io("writing", tmp, e.into_error()))?;
     f.sync_all()
         .map_err(|e| BuildError::io("syncing", tmp, e))?;
-    Ok((*hasher.finalize().as_bytes(), offset, locs))
+    Ok((hasher.finalize(), offset, locs))
 }

@@ -68,6 +68,8 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         chunk_dicts: a.chunk_dicts,
         progress: true,
         io_threads: a.io_threads,
+        blob_id_sha256: false,
+        node_compat: false,
     };
     let prefetch = build::PrefetchLayout {
         paths: match &a.prefetch_list {
@@ -208,13 +210,18 @@ impl RegistryArgs {
     ) -> Result<crate::oci::RegistryOptions, crate::oci::OciError> {
         Ok(crate::oci::RegistryOptions {
             insecure: insecure || self.insecure,
-            mirrors: self.mirrors.clone(),
+            mirrors: self
+                .mirrors
+                .iter()
+                .map(|m| crate::oci::registry::Mirror::plain(m))
+                .collect(),
             proxy: self.proxy.clone(),
             credentials: crate::oci::auth::find_credentials(
                 self.registry_auth.as_deref(),
                 registry,
             )?,
             timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
         })
     }
 }
@@ -288,6 +295,11 @@ pub struct ConvertArgs {
     /// With --prefetch-list: no prefetch blob (the table only).
     #[arg(long, requires = "prefetch_list")]
     pub no_prefetch_blob: bool,
+    /// How the image is laid out in the registry: `node` (what containerd with
+    /// nydus-snapshotter pulls: blobs named by sha256, the bootstrap in a gzip tar layer) or
+    /// `skiff` (the earlier layout, blobs named by blake3).
+    #[arg(long, value_enum, default_value_t = crate::oci::ImageLayout::Node)]
+    pub layout: crate::oci::ImageLayout,
 }
 
 /// `skiff convert`.
@@ -330,6 +342,7 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         } else {
             crate::oci::Platforms::Default
         },
+        layout: a.layout,
     })?;
     for summary in report.images() {
         if let Some(p) = &summary.platform {
@@ -427,7 +440,7 @@ const MMAP_THRESHOLD: i32 = 128 << 10;
 ///   next to decompressing and hashing it.
 /// - At most two arenas. glibc gives threads up to 8 per core, each keeping its own freed
 ///   memory; the daemon's threads allocate little besides the chunk buffers above.
-pub(super) fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; it is called before the daemon starts
     // its threads, and a refused setting (return 0) leaves glibc's default in place.
@@ -578,7 +591,7 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
     device.threads = a.threads;
     device.workers = a.thread_num;
     device.advertise_config = a.advertise_config;
-    crate::api::run(&crate::api::VirtiofsOptions {
+    crate::api::run_virtiofs(&crate::api::VirtiofsOptions {
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,

@@ -55,6 +55,12 @@ pub struct RafsFsOptions {
     pub demand: Option<Arc<crate::storage::Metrics>>,
     /// Where to record the files reads touch, in first-read order (`--record`), if anywhere.
     pub record: Option<Arc<AccessRecorder>>,
+    /// Chunks of a file past the last one a read touched that are given to
+    /// [`ChunkSource::fetch_ahead`] (0: none). nydusd's `amplify_io` sets it.
+    pub fetch_ahead_chunks: u64,
+    /// Where to count reads and the bytes they return (`fs_reads`, `fs_read_bytes`), if
+    /// anywhere: two relaxed atomic additions per read.
+    pub reads: Option<Arc<crate::storage::Metrics>>,
     /// How long one READ may take, waits for the network and retries included: then it fails
     /// with EIO (and a log line) instead of hanging the guest's reader.
     pub request_timeout: Duration,
@@ -68,6 +74,8 @@ impl Default for RafsFsOptions {
             readahead: true,
             demand: None,
             record: None,
+            fetch_ahead_chunks: FETCH_AHEAD_CHUNKS,
+            reads: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
@@ -93,7 +101,7 @@ pub struct RafsFs {
 /// Chunks past the last one a read touched that are given to [`ChunkSource::fetch_ahead`]. A
 /// program reads its binary and libraries by page faults all over them: with 8 chunks (8 MiB
 /// at the default chunk size), a typical executable is on its way after its first read.
-const FETCH_AHEAD_CHUNKS: u64 = 8;
+pub const FETCH_AHEAD_CHUNKS: u64 = 8;
 
 /// Files remembered in [`RafsFs::ahead_marks`].
 const AHEAD_MARKS: usize = 64;
@@ -331,13 +339,13 @@ impl RafsFs {
     }
 
     /// Gives the source the chunks of file `index` after chunk `last` (up to
-    /// [`FETCH_AHEAD_CHUNKS`]) that it was not given yet.
+    /// [`RafsFsOptions::fetch_ahead_chunks`]) that it was not given yet.
     fn fetch_ahead(&self, index: u32, chunks: &[ChunkRecord], blobs: &[BlobRecord], last: u64) {
-        if !self.source.fetches_ahead() {
+        if self.opts.fetch_ahead_chunks == 0 || !self.source.fetches_ahead() {
             return;
         }
         let n = chunks.len() as u64;
-        let end = last.saturating_add(1 + FETCH_AHEAD_CHUNKS).min(n);
+        let end = last.saturating_add(1 + self.opts.fetch_ahead_chunks).min(n);
         let mut start = last + 1;
         if start >= end {
             return;
@@ -563,7 +571,12 @@ impl FileSystem for RafsFs {
                 if let Some(r) = &self.opts.record {
                     r.note(index);
                 }
-                self.read_file(index, rec, w, size, offset)
+                let n = self.read_file(index, rec, w, size, offset)?;
+                if let Some(m) = &self.opts.reads {
+                    crate::storage::metrics::inc(&m.fs_reads);
+                    crate::storage::metrics::add(&m.fs_read_bytes, n as u64);
+                }
+                Ok(n)
             }
             Some(InodeKind::Directory) => Err(err(libc::EISDIR)),
             _ => Err(err(libc::EINVAL)),
@@ -863,6 +876,8 @@ mod tests {
             chunk_dicts: Vec::new(),
             progress: false,
             io_threads: 0,
+            blob_id_sha256: false,
+            node_compat: false,
         };
         build(&BuildSource::Dir(src), &opts).expect("build");
         let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));

@@ -10,6 +10,7 @@
 //! it uses only crates that Skiff itself depends on.
 
 pub mod bootstrap;
+pub mod fuse;
 pub mod input;
 pub mod mem;
 pub mod serve;
