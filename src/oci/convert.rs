@@ -378,7 +378,7 @@ fn convert_image(
 }
 
 /// The node layout's bootstrap layer, uncompressed: a tar holding the directory `image` and
-/// the bootstrap as `image/image.boot`, owned by root, dated 0 (the same bytes for the same
+/// the bootstrap as `image/image.boot` (0444), owned by root, dated 0 (the same bytes for the same
 /// bootstrap).
 fn bootstrap_tar(boot: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
@@ -390,7 +390,8 @@ fn bootstrap_tar(boot: &[u8]) -> std::io::Result<Vec<u8>> {
     b.append_data(&mut dir, "image", &[][..])?;
     let mut f = tar::Header::new_ustar();
     f.set_entry_type(tar::EntryType::Regular);
-    f.set_mode(0o644);
+    // Read-only, as nydusify writes it.
+    f.set_mode(0o444);
     f.set_size(boot.len() as u64);
     f.set_mtime(0);
     b.append_data(&mut f, NODE_BOOTSTRAP_PATH, boot)?;
