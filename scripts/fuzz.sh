@@ -7,6 +7,7 @@
 #   scripts/fuzz.sh smoke              every target for a few seconds (a check of the set-up)
 #   scripts/fuzz.sh replay TARGET FILE...  run inputs (a crash, say) once, with a backtrace
 #   scripts/fuzz.sh report             inputs, coverage and crashes of every campaign so far
+#   scripts/fuzz.sh coverage [TARGET...]  edges each corpus reaches, by Skiff source file
 #   scripts/fuzz.sh seeds              regenerate the checked-in seeds (root, nydus-image)
 #
 # Environment: FUZZ_RUNS (inputs per target; defaults below add up to over 10 million),
@@ -131,6 +132,51 @@ report() {
     done
 }
 
+# Edge coverage of each target's corpus by source file: the target runs its corpus once,
+# writing which SanitizerCoverage edges it reached (fuzz/src/coverage.rs); llvm-symbolizer
+# names the edges' addresses; the edges in Skiff's own files are summed per directory.
+coverage() {
+    local t bin edges
+    local targets=("$@")
+    [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
+    command -v llvm-symbolizer >/dev/null || apt-get install -y --no-install-recommends llvm >&2
+    mkdir -p "$work/coverage"
+    for t in "${targets[@]}"; do
+        bin=$(target_bin "$t")
+        edges="$work/coverage/$t.edges"
+        rm -f "$edges"
+        (cd "$work/artifacts/$t" && SKIFF_FUZZ_COVERAGE_OUT="$edges" nice -n 19 "$bin" -runs=0 \
+            -max_len="${max_len[$t]}" "$work/corpus/$t" >/dev/null 2>&1) || true
+        [[ -s $edges ]] || { echo "$t: no coverage written" >&2; continue; }
+        echo "== $t ($(find "$work/corpus/$t" -type f | wc -l) corpus inputs): edges reached / instrumented"
+        awk '{print $1}' "$edges" | llvm-symbolizer --obj="$bin" --functions=none \
+            | python3 -c '
+import sys, collections
+repo, edges = sys.argv[1], sys.argv[2]
+hits = [line.split()[1] == "1" for line in open(edges)]
+locs, cur, first = [], None, True
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if not line:
+        locs.append(cur); cur, first = None, True
+    elif first:
+        cur, first = line.rsplit(":", 2)[0], False
+tot, cov = collections.Counter(), collections.Counter()
+for hit, f in zip(hits, locs):
+    if f and f.startswith(repo + "/src/"):
+        d = f[len(repo) + 1:]
+        d = d.rsplit("/", 1)[0] if d.count("/") > 1 else d
+        tot[d] += 1; cov[d] += hit
+for d in sorted(tot):
+    if cov[d]:
+        print(f"  {d:32} {cov[d]:6} / {tot[d]:6}  {100 * cov[d] / tot[d]:5.1f} %")
+c, n = sum(cov.values()), sum(tot.values())
+label = "src/ (all linked in)"
+print(f"  {label:32} {c:6} / {n:6}  {100 * c / max(1, n):5.1f} %")
+' "$repo" "$edges" | tee "$work/coverage/$t.txt"
+    done
+}
+
 # The seeds: small images built by skiff and by nydus-image from one special tree, and GNU tar
 # archives of it in every format, with whiteout layers. Needs root (devices, owners, trusted
 # xattrs) and nydus-image (scripts/install-nydus.sh).
@@ -248,6 +294,7 @@ case "$cmd" in
     build) build ;;
     seeds) seeds ;;
     report) report ;;
+    coverage) shift; coverage "$@" ;;
     replay)
         shift
         t=${1:?usage: fuzz.sh replay TARGET FILE...}
