@@ -288,26 +288,39 @@ make_tree() {
     touch -h -d '2001-02-03 04:05:06.123456789' "$d/link" "$d/dir/sub/deep.txt" "$d/hello.txt"
 }
 
-cmd=${1:-run}
-case "$cmd" in
-    -h|--help|help) usage ;;
-    build) build ;;
-    seeds) seeds ;;
-    report) report ;;
-    coverage) shift; coverage "$@" ;;
-    replay)
-        shift
-        t=${1:?usage: fuzz.sh replay TARGET FILE...}
-        shift
-        RUST_BACKTRACE=1 "$(target_bin "$t")" "$@" ;;
-    smoke)
-        build
-        for t in "${all_targets[@]}"; do FUZZ_SECONDS=${FUZZ_SECONDS:-10} campaign "$t"; done ;;
-    run|*)
-        [[ $cmd == run ]] && shift
-        targets=("$@")
-        [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
-        build
-        for t in "${targets[@]}"; do campaign "$t"; done
-        report ;;
-esac
+# Everything runs from this function, so that the whole file is read before any of it runs
+# (a campaign takes hours, and the script may be edited meanwhile).
+main() {
+    local cmd=${1:-run} t targets
+    case "$cmd" in
+        -h|--help|help) usage ;;
+        build) build ;;
+        seeds) seeds ;;
+        report) report ;;
+        coverage) shift; coverage "$@" ;;
+        replay)
+            shift
+            t=${1:?usage: fuzz.sh replay TARGET FILE...}
+            shift
+            RUST_BACKTRACE=1 "$(target_bin "$t")" "$@" ;;
+        smoke)
+            build
+            local failed=0
+            for t in "${all_targets[@]}"; do
+                FUZZ_SECONDS=${FUZZ_SECONDS:-10} campaign "$t" || failed=1
+            done
+            return $failed ;;
+        run|*)
+            [[ $cmd == run ]] && shift
+            targets=("$@")
+            [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
+            build
+            # Every target runs even when one crashes; the exit code says whether any did.
+            local failed=0
+            for t in "${targets[@]}"; do campaign "$t" || failed=1; done
+            report
+            return $failed ;;
+    esac
+}
+
+main "$@"; exit $?
