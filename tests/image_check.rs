@@ -31,6 +31,17 @@ fn creds() -> String {
     format!("{USER}:{PASS}")
 }
 
+/// The blob id a blob layer of either layout carries: the blob-id annotation (Skiff layout)
+/// or the digest (node layout, blobs named by sha256).
+fn blob_id(l: &skiff::oci::manifest::Descriptor) -> String {
+    l.annotations.get(ANN_BLOB_ID).cloned().unwrap_or_else(|| {
+        l.digest
+            .strip_prefix("sha256:")
+            .unwrap_or(&l.digest)
+            .to_string()
+    })
+}
+
 /// A library client for `reference`, for tampering with what convert pushed.
 fn client(reference: &str) -> RegistryClient {
     let r = Reference::parse(reference).expect("reference");
@@ -280,8 +291,9 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
         &tgt,
         &missing,
         |m, _, _| {
+            // The node layout (convert's default) names a blob by its layer digest.
             let l = m.layers.remove(0);
-            dropped_id = l.annotations[ANN_BLOB_ID].clone();
+            dropped_id = blob_id(&l);
         },
         t,
     );
@@ -294,11 +306,15 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
         ],
     );
 
-    // A wrong blob-id annotation.
+    // The Skiff layout (blobs named by blake3 in an annotation) passes too; a wrong blob-id
+    // annotation is caught.
+    let skiff_layout = format!("{}/check/app:v1-skiff-layout", reg.addr);
+    convert(&src, &skiff_layout, &["--layout", "skiff"]);
+    assert_clean("skiff layout", &check(&src, &skiff_layout, t, &[]));
     let wrong = format!("{}/check/app:wrong-id", reg.addr);
     let bogus = "ab".repeat(32);
     push_edited(
-        &tgt,
+        &skiff_layout,
         &wrong,
         |m, _, _| {
             m.layers[0]
@@ -379,10 +395,7 @@ fn check_passes_clean_conversions_and_names_each_tamper() -> Res {
     assert_caught(
         "flipped chunk, the blob",
         &r,
-        &[
-            &format!("PROBLEM blob {}", first.annotations[ANN_BLOB_ID]),
-            "digest",
-        ],
+        &[&format!("PROBLEM blob {}", blob_id(first)), "digest"],
     );
     assert_eq!(r.2["rules"]["data"], "failed", "{}", r.1);
     let fast = check(&src, &flipped, t, &["--no-data"]);

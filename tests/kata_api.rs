@@ -191,6 +191,7 @@ fn bad_requests_get_clear_errors_and_the_daemon_keeps_serving() {
     };
     let missing = dir.path().join("no-such.boot");
     let registry = r#"{"device":{"backend":{"type":"registry","config":{"host":"example.invalid","repo":"r"}}}}"#;
+    let localdisk = r#"{"device":{"backend":{"type":"localdisk","config":{}}}}"#;
     let cases: Vec<(&str, String, Vec<u8>, u16, &str)> = vec![
         (
             "outside the two forms",
@@ -277,17 +278,24 @@ fn bad_requests_get_clear_errors_and_the_daemon_keeps_serving() {
             "INVALID_CONFIG",
         ),
         (
-            "registry backend",
+            "registry backend for an image named by blake3 ids",
             rafs_mountpoint("x"),
             mount_body("rafs", boot, registry),
-            501,
+            400,
+            "INVALID_BACKEND",
+        ),
+        (
+            "a backend Skiff refuses",
+            rafs_mountpoint("x"),
+            mount_body("rafs", boot, localdisk),
+            400,
             "UNSUPPORTED_CONFIG",
         ),
         (
             "passthrough with a config",
             "/containers".into(),
             mount_body("passthrough_fs", &shared, r#"{"cache":"always"}"#),
-            501,
+            400,
             "UNSUPPORTED_CONFIG",
         ),
         (
@@ -322,8 +330,8 @@ fn bad_requests_get_clear_errors_and_the_daemon_keeps_serving() {
             &mount_body("rafs", boot, registry)
         )
         .1
-        .contains("registry"),
-        "the refusal names what is unsupported"
+        .contains("blake3"),
+        "the refusal says why"
     );
     // Unmounting what is not mounted, no mountpoint, unknown paths and methods.
     let (s, b) = umount(&d.api, &rafs_mountpoint("never"));

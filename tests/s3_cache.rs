@@ -86,6 +86,8 @@ fn s3_config(endpoint: &str) -> S3Config {
         secret_access_key: Some("testing".into()),
         session_token: None,
         timeout_secs: Some(2),
+        connect_timeout_secs: None,
+        skip_verify: false,
     }
 }
 

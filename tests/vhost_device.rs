@@ -79,6 +79,8 @@ fn filesystem_over(
         chunk_dicts: Vec::new(),
         progress: false,
         io_threads: 0,
+        blob_id_sha256: false,
+        node_compat: false,
     };
     build(&BuildSource::Dir(root.to_path_buf()), &opts).expect("build image");
     let bootstrap = Bootstrap::load(&opts.bootstrap).expect("load image");

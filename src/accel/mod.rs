@@ -205,6 +205,7 @@ impl Service {
             } else {
                 Platforms::Default
             },
+            layout: crate::oci::ImageLayout::Node,
         });
         let _ = std::fs::remove_dir_all(&work);
         let report = result?;

@@ -1,17 +1,17 @@
-//! The Kata transport: Skiff as a drop-in for nydusd in Kata Containers'
-//! `shared_fs = "virtio-fs-nydus"` mode.
+//! The nydusd API transport, for Skiff's nydusd-compatible daemons:
 //!
-//! Kata starts `skiff virtiofs --apisock A --sock S ...`, waits for `GET /api/v1/daemon` to
-//! say `RUNNING`, mounts the host's shared directory at `/containers` and each container's
-//! image at `/rafs/<cid>/lowerdir` over an HTTP API on socket `A`, and boots the VM against
-//! the vhost-user-fs socket `S`, whose one device serves all of it (a
-//! [`SandboxFs`](crate::daemon::SandboxFs)).
+//! * Kata Containers' sandbox daemon (`shared_fs = "virtio-fs-nydus"`): Kata starts
+//!   `skiff virtiofs --apisock A --sock S ...`, waits for `GET /api/v1/daemon` to say
+//!   `RUNNING`, mounts the host's shared directory at `/containers` and each container's image
+//!   at `/rafs/<cid>/lowerdir` over the API on socket `A`, and boots the VM against the
+//!   vhost-user-fs socket `S`, whose one device serves all of it ([`run_virtiofs`]);
+//! * nydus-snapshotter's host daemon: `skiff fuse --mountpoint M --apisock A ...` serves images
+//!   over `/dev/fuse` at `M`, one (`--bootstrap`) or many (mounted over the API), and hands
+//!   its connection over to a successor for failover and hot upgrade ([`run_fuse`]).
 //!
 //! * `server`: HTTP/1.1 on the Unix socket ([`ApiServer`]);
 //! * `routes`: the endpoints and their answers ([`routes::handle`]);
-//! * `nydus_config`: what nydusd's per-image JSON configuration means for Skiff.
-//!
-//! [`run`] wires the API, the mount table and the vhost-user device together.
+//! * `nydus_config`: what nydusd's JSON configuration means for Skiff.
 
 #![warn(missing_docs)]
 
@@ -19,16 +19,22 @@ pub mod nydus_config;
 pub mod routes;
 mod server;
 
+mod fuse_daemon;
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
+pub use fuse_daemon::{parse_spec, run_fuse, FuseDaemonOptions};
 pub use nydus_config::ConfigError;
 pub use server::{ApiServer, MAX_BODY_BYTES};
 
-use crate::daemon::{DaemonState, MountError, SandboxFs};
+use crate::daemon::{
+    upgrade::UpgradeError, Daemon, DaemonFs, DaemonState, Lifecycle, LifecycleError, MountError,
+    RenewError,
+};
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::{ExitEvent, ExitReason, SignalGuard, SocketError};
 use crate::vhost::{ServeOptions, VhostError, VhostListener};
@@ -68,6 +74,12 @@ pub enum ApiError {
     /// A mount or unmount was refused or failed.
     #[error(transparent)]
     Mount(#[from] MountError),
+    /// Credentials could not be renewed.
+    #[error(transparent)]
+    Renew(RenewError),
+    /// A life-cycle request (sendfd, takeover, start, exit) was refused or failed.
+    #[error(transparent)]
+    Lifecycle(LifecycleError),
     /// The API socket could not be set up.
     #[error("the API socket")]
     Socket(#[from] SocketError),
@@ -96,31 +108,40 @@ pub enum ApiError {
     /// panicked).
     #[error("the daemon stopped on a fatal error: {0}")]
     Fatal(String),
+    /// The FUSE host daemon could not start.
+    #[error("the FUSE daemon")]
+    FuseDaemon(#[source] LifecycleError),
 }
 
 impl ApiError {
-    /// The HTTP status this error is answered with.
+    /// The HTTP status this error is answered with: 4xx when the request is at fault (every
+    /// refused key, path, body or state), 5xx when the daemon is.
     pub fn status(&self) -> u16 {
         match self {
             ApiError::BadJson(_)
             | ApiError::BadRequest(_)
             | ApiError::ReadBody(_)
-            | ApiError::UnsupportedFsType(_) => 400,
+            | ApiError::UnsupportedFsType(_)
+            | ApiError::Config(_) => 400,
             ApiError::NoRoute(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
             ApiError::BodyTooLarge(_) => 413,
-            ApiError::Config(ConfigError::Unsupported(_)) => 501,
-            ApiError::Config(_) => 400,
             ApiError::Mount(e) => match e {
-                MountError::InvalidMountpoint { .. }
-                | MountError::SharedDir { .. }
-                | MountError::BootstrapMissing(_)
-                | MountError::Bootstrap { .. }
-                | MountError::BlobMissing { .. }
-                | MountError::BlobFileMismatch { .. } => 400,
                 MountError::NotMounted(_) => 404,
                 MountError::Busy(_) => 409,
-                MountError::Passthrough { .. } | MountError::Vfs(_) => 500,
+                e if e.is_client_error() => 400,
+                _ => 500,
+            },
+            ApiError::Renew(e) => match e {
+                RenewError::NoSuchId(_) => 404,
+                RenewError::NotRegistry(_) => 400,
+            },
+            ApiError::Lifecycle(e) => match e {
+                LifecycleError::NotSupported(_) | LifecycleError::NoSupervisor => 400,
+                LifecycleError::WrongState { .. } => 409,
+                LifecycleError::Upgrade(UpgradeError::Socket { .. }) => 503,
+                LifecycleError::Upgrade(_) => 400,
+                LifecycleError::Fuse(_) | LifecycleError::Restore { .. } => 500,
             },
             _ => 500,
         }
@@ -135,7 +156,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
             ApiError::BodyTooLarge(_) => "PAYLOAD_TOO_LARGE",
             ApiError::UnsupportedFsType(_) => "UNSUPPORTED_FS_TYPE",
-            ApiError::Config(ConfigError::Unsupported(_)) => "UNSUPPORTED_CONFIG",
+            ApiError::Config(ConfigError::Unsupported { .. }) => "UNSUPPORTED_CONFIG",
             ApiError::Config(_) => "INVALID_CONFIG",
             ApiError::Mount(e) => match e {
                 MountError::InvalidMountpoint { .. } => "INVALID_MOUNTPOINT",
@@ -144,9 +165,24 @@ impl ApiError {
                 MountError::BlobMissing { .. } | MountError::BlobFileMismatch { .. } => {
                     "BLOB_NOT_FOUND"
                 }
+                MountError::Backend { .. } => "INVALID_BACKEND",
+                MountError::Storage { .. } | MountError::Prefetch(_) => "INVALID_STORAGE",
                 MountError::NotMounted(_) => "NOT_MOUNTED",
                 MountError::Busy(_) => "MOUNTPOINT_BUSY",
                 MountError::Passthrough { .. } | MountError::Vfs(_) => "MOUNT_FAILED",
+            },
+            ApiError::Renew(e) => match e {
+                RenewError::NoSuchId(_) => "NOT_MOUNTED",
+                RenewError::NotRegistry(_) => "NOT_REGISTRY",
+            },
+            ApiError::Lifecycle(e) => match e {
+                LifecycleError::NotSupported(_) => "NOT_SUPPORTED",
+                LifecycleError::NoSupervisor => "NO_SUPERVISOR",
+                LifecycleError::WrongState { .. } => "WRONG_STATE",
+                LifecycleError::Upgrade(UpgradeError::Socket { .. }) => "SUPERVISOR_UNAVAILABLE",
+                LifecycleError::Upgrade(_) => "INVALID_STATE",
+                LifecycleError::Fuse(_) => "FUSE_FAILED",
+                LifecycleError::Restore { .. } => "RESTORE_FAILED",
             },
             _ => "INTERNAL",
         }
@@ -164,20 +200,67 @@ pub struct VirtiofsOptions {
     pub request_timeout: std::time::Duration,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT: the vhost-user-fs device on
-/// `opts.device.socket` serving an (initially empty) [`SandboxFs`], and the API on
-/// `opts.api_socket`. Both sockets are removed on the way out. A panic in any of its threads
-/// stops the daemon with [`ApiError::Fatal`].
-pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
+/// The life cycle of Kata's sandbox daemon: `exit` ends it (as SIGTERM does); a virtio-fs
+/// daemon has no `/dev/fuse` connection to hand over (nydusd neither).
+pub struct VirtiofsLifecycle {
+    exit: ExitEvent,
+}
+
+impl VirtiofsLifecycle {
+    /// The life cycle of the daemon whose exit event is `exit`.
+    pub fn new(exit: ExitEvent) -> Self {
+        Self { exit }
+    }
+}
+
+const NO_HANDOVER: &str = "a virtio-fs daemon has no /dev/fuse connection to hand over (nor has \
+                           nydusd's): a new VM gets a new daemon";
+
+impl Lifecycle for VirtiofsLifecycle {
+    fn send_fd(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn takeover(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn start(&self) -> Result<(), LifecycleError> {
+        Err(LifecycleError::NotSupported(NO_HANDOVER))
+    }
+
+    fn exit(&self) -> Result<(), LifecycleError> {
+        tracing::info!("exit requested over the API");
+        self.exit.notify(ExitReason::Requested);
+        Ok(())
+    }
+}
+
+/// Runs Kata's sandbox daemon until SIGTERM, SIGINT or `PUT /api/v1/daemon/exit`: the
+/// vhost-user-fs device on `opts.device.socket` serving an (initially empty) sandbox tree, and
+/// the API on `opts.api_socket`. Both sockets are removed on the way out. A panic in any of
+/// its threads stops the daemon with [`ApiError::Fatal`].
+pub fn run_virtiofs(opts: &VirtiofsOptions) -> Result<(), ApiError> {
     let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
     let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     run_until(opts, &exit)
 }
 
-/// Runs the daemon until `exit` is set; see [`run`].
+/// [`run_virtiofs`], under its earlier name.
+pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
+    run_virtiofs(opts)
+}
+
+/// Runs Kata's sandbox daemon until `exit` is set; see [`run_virtiofs`].
 pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiError> {
     let started = Instant::now();
-    let fs = Arc::new(SandboxFs::new().with_request_timeout(opts.request_timeout));
+    let fs = Arc::new(DaemonFs::kata().with_request_timeout(opts.request_timeout));
+    let daemon = Arc::new(Daemon {
+        fs: fs.clone(),
+        id: None,
+        supervisor: None,
+        lifecycle: Arc::new(VirtiofsLifecycle::new(exit.clone())),
+    });
     // Kata boots the VM as soon as the daemon says RUNNING: the device socket listens first.
     let vhost = VhostListener::bind(&opts.device)?;
     let device = {
@@ -195,7 +278,7 @@ pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiErro
         })
         .map_err(ApiError::SpawnThread)?
     };
-    let api = match ApiServer::start(&opts.api_socket, fs.clone()) {
+    let api = match ApiServer::start(&opts.api_socket, daemon) {
         Ok(api) => api,
         Err(e) => {
             exit.notify(ExitReason::Requested);
@@ -212,10 +295,11 @@ pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiErro
     );
 
     exit.wait(None);
-    fs.set_state(DaemonState::Stopping);
+    fs.set_state(DaemonState::Stopped);
     tracing::info!(reason = ?exit.reason(), "shutting down");
     api.shutdown();
     let device = join_device(device);
+    fs.finish();
     match exit.reason() {
         Some(ExitReason::Fatal(report)) if device.is_ok() => Err(ApiError::Fatal(report)),
         _ => device,

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use super::routes::{self, ApiRequest, ApiResponse};
 use super::ApiError;
-use crate::daemon::SandboxFs;
+use crate::daemon::Daemon;
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::UnixSocketFile;
 
@@ -30,8 +30,8 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Creates the socket at `path` (replacing a stale socket, refusing a live one or any
-    /// other file), restricts it to its owner and starts answering requests against `fs`.
-    pub fn start(path: &Path, fs: Arc<SandboxFs>) -> Result<ApiServer, ApiError> {
+    /// other file), restricts it to its owner and starts answering requests for `daemon`.
+    pub fn start(path: &Path, daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
         let mut socket = UnixSocketFile::bind(path, Some(0o600))?;
         let listen_err = |e: String| ApiError::Listen {
             path: path.to_owned(),
@@ -48,7 +48,7 @@ impl ApiServer {
         let thread = {
             let (server, stopping) = (server.clone(), stopping.clone());
             threads::spawn(ThreadKind::Api, "skiff-api", move || {
-                serve(&server, &fs, &stopping)
+                serve(&server, &daemon, &stopping)
             })
             .map_err(ApiError::SpawnThread)?
         };
@@ -89,7 +89,7 @@ impl Drop for ApiServer {
 }
 
 /// Answers requests until [`ApiServer::shutdown`] unblocks it.
-fn serve(server: &tiny_http::Server, fs: &SandboxFs, stopping: &AtomicBool) {
+fn serve(server: &tiny_http::Server, daemon: &Daemon, stopping: &AtomicBool) {
     loop {
         let mut request = match server.recv() {
             Ok(r) => r,
@@ -101,7 +101,7 @@ fn serve(server: &tiny_http::Server, fs: &SandboxFs, stopping: &AtomicBool) {
         };
         let response = match read_body(&mut request) {
             Ok(body) => routes::handle(
-                fs,
+                daemon,
                 &ApiRequest {
                     method: request.method().as_str().to_owned(),
                     url: request.url().to_owned(),
@@ -109,7 +109,7 @@ fn serve(server: &tiny_http::Server, fs: &SandboxFs, stopping: &AtomicBool) {
                 },
             ),
             Err(e) => {
-                fs.counters().api_request(true);
+                daemon.fs.counters().api_request(true);
                 ApiResponse::error(&e)
             }
         };

@@ -118,6 +118,42 @@ impl EncodedChunk {
 /// finds little left to write.
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
+/// The digest naming the blob being written.
+enum BlobHasher {
+    Blake3(Box<blake3::Hasher>),
+    Sha256(sha2::Sha256),
+}
+
+impl BlobHasher {
+    fn new(sha256: bool) -> Self {
+        if sha256 {
+            BlobHasher::Sha256(<sha2::Sha256 as sha2::Digest>::new())
+        } else {
+            BlobHasher::Blake3(Box::default())
+        }
+    }
+
+    fn is_sha256(&self) -> bool {
+        matches!(self, BlobHasher::Sha256(_))
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            BlobHasher::Blake3(h) => {
+                h.update(bytes);
+            }
+            BlobHasher::Sha256(h) => sha2::Digest::update(h, bytes),
+        }
+    }
+
+    fn finalize(self) -> [u8; DIGEST_LEN] {
+        match self {
+            BlobHasher::Blake3(h) => *h.finalize().as_bytes(),
+            BlobHasher::Sha256(h) => sha2::Digest::finalize(h).into(),
+        }
+    }
+}
+
 /// Batch size: enough to keep both cores busy, small enough to bound memory.
 const BATCH_BYTES: usize = 64 << 20;
 
@@ -128,7 +164,7 @@ pub struct Chunker {
     blob_dir: PathBuf,
     tmp_path: PathBuf,
     out: Option<BufWriter<File>>,
-    hasher: blake3::Hasher,
+    hasher: BlobHasher,
     offset: u64,
     /// `offset` when writeback was last started.
     writeback_at: u64,
@@ -144,11 +180,13 @@ pub struct Chunker {
 }
 
 impl Chunker {
-    /// A chunker writing its new blob into `blob_dir`.
+    /// A chunker writing its new blob into `blob_dir`, naming blobs by their blake3 (or their
+    /// sha256 with `sha256_ids`, see [`crate::format::BLOB_FLAG_SHA256_ID`]).
     pub fn new(
         chunk_size: u32,
         compressor: Compressor,
         blob_dir: &Path,
+        sha256_ids: bool,
     ) -> Result<Self, BuildError> {
         std::fs::create_dir_all(blob_dir).map_err(|e| BuildError::io("creating", blob_dir, e))?;
         let tmp_path = blob_dir.join(format!(".skiff-blob-{}.tmp", std::process::id()));
@@ -158,7 +196,7 @@ impl Chunker {
             blob_dir: blob_dir.to_path_buf(),
             tmp_path,
             out: None,
-            hasher: blake3::Hasher::new(),
+            hasher: BlobHasher::new(sha256_ids),
             offset: 0,
             writeback_at: 0,
             blobs: Vec::new(),
@@ -344,13 +382,17 @@ impl Chunker {
             .map_err(|e| BuildError::io("writing", &self.tmp_path, e.into_error()))?;
         f.sync_all()
             .map_err(|e| BuildError::io("syncing", &self.tmp_path, e))?;
-        let hasher = std::mem::take(&mut self.hasher);
-        let id = *hasher.finalize().as_bytes();
+        let sha256 = self.hasher.is_sha256();
+        let hasher = std::mem::replace(&mut self.hasher, BlobHasher::new(sha256));
+        let id = hasher.finalize();
         let dest = self.blob_dir.join(digest_hex(&id));
         std::fs::rename(&self.tmp_path, &dest).map_err(|e| BuildError::io("renaming", &dest, e))?;
         let mut r = BlobRecord::new_zeroed();
         r.id = id;
         r.size = U64::new(self.offset);
+        if sha256 {
+            r.flags = crate::format::BLOB_FLAG_SHA256_ID.into();
+        }
         self.offset = 0;
         self.writeback_at = 0;
         let slot = self

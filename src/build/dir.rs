@@ -712,7 +712,7 @@ mod tests {
     /// Scans `root` and returns the bootstrap bytes and the blob's bytes.
     fn image(root: &Path, out: &Path, threads: usize, budget: u64) -> (Vec<u8>, Vec<u8>) {
         let cs = 64 * 1024;
-        let mut chunker = Chunker::new(cs, Compressor::Lz4, out).expect("chunker");
+        let mut chunker = Chunker::new(cs, Compressor::Lz4, out, false).expect("chunker");
         let progress = Progress::new(false);
         let mut tree = scan_with(root, &mut chunker, &progress, threads, budget).expect("scan");
         let (blobs, id, _) = chunker.finish(&mut tree).expect("finish");

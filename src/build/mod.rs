@@ -132,6 +132,12 @@ pub struct BuildOptions {
     /// Threads reading a source directory (0: [`dir::DEFAULT_IO_THREADS`]). More keep more
     /// reads in flight on a cold disk; the image does not depend on it.
     pub io_threads: usize,
+    /// Name new blobs by their sha256 instead of their blake3
+    /// ([`crate::format::BLOB_FLAG_SHA256_ID`]), as images for registries do.
+    pub blob_id_sha256: bool,
+    /// Write the node compatibility header ([`crate::format::SB_FLAG_NODE_COMPAT`]) that
+    /// nydus-snapshotter's checks of a bootstrap accept.
+    pub node_compat: bool,
 }
 
 /// What a build did, shown at the end and written with `--json`.
@@ -300,7 +306,8 @@ fn build_inner(
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
         return Err(BuildError::ChunkSize(cs));
     }
-    let mut chunker = chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir)?;
+    let mut chunker =
+        chunker::Chunker::new(cs, opts.compressor, &opts.blob_dir, opts.blob_id_sha256)?;
     for d in &opts.chunk_dicts {
         let dict = Bootstrap::load(d).map_err(|source| BuildError::Dict {
             path: d.display().to_string(),
@@ -327,7 +334,7 @@ fn build_inner(
     let nblobs = blobs.len();
     let prefetch_nodes = resolve_prefetch(&tree, prefetch)?;
     let writer = emit::emit(&tree, blobs, &prefetch_nodes)?;
-    let bytes = writer.finish(cs)?;
+    let bytes = writer.finish_with(cs, opts.node_compat)?;
     // Load what was written before anyone else can: a bootstrap that does not validate is a bug
     // here, and must not reach a user.
     let loaded = Bootstrap::from_bytes(bytes.clone())?;

@@ -363,7 +363,15 @@ fn check_pair(
                     .get(ANN_NYDUS_BOOTSTRAP)
                     .is_some_and(|v| v == "true") =>
         {
-            TargetFormat::Nydus
+            // `skiff convert`'s node layout has Nydus's shape around a Skiff bootstrap.
+            if l.annotations
+                .get(crate::oci::manifest::ANN_BOOTSTRAP_FORMAT)
+                .is_some_and(|v| v == "skiff-v1")
+            {
+                TargetFormat::SkiffNode
+            } else {
+                TargetFormat::Nydus
+            }
         }
         _ => TargetFormat::Skiff,
     };
@@ -482,7 +490,7 @@ fn check_pair(
             }
         }
         TargetFormat::Skiff => (None, raw),
-        TargetFormat::Nydus => match nydus_bootstrap(&raw) {
+        TargetFormat::Nydus | TargetFormat::SkiffNode => match nydus_bootstrap(&raw) {
             Ok((diff_id, boot)) => (Some(diff_id), boot),
             Err(e) => {
                 problems.push(bp(format!("layer {}: {e}", boot_layer.digest)));
@@ -515,7 +523,7 @@ fn check_pair(
     };
     let loaded = b.source_format();
     let expected = match format {
-        TargetFormat::Skiff => SourceFormat::Skiff,
+        TargetFormat::Skiff | TargetFormat::SkiffNode => SourceFormat::Skiff,
         TargetFormat::Nydus => SourceFormat::NydusRafsV6,
     };
     if loaded != expected {
@@ -524,6 +532,13 @@ fn check_pair(
             loaded.name(),
             format.name()
         )));
+    }
+    if format == TargetFormat::SkiffNode && !b.node_compat() {
+        problems.push(bp(
+            "the bootstrap lacks the node compatibility header: nydus-snapshotter refuses it \
+             (\"unknown file system header\")"
+                .to_string(),
+        ));
     }
     out.root_digest = Some(digest_hex(b.root_digest()));
     out.inodes = b.inode_count() as u64;
@@ -587,7 +602,7 @@ fn check_bootstrap_layer(
         )));
     }
     match format {
-        TargetFormat::Nydus => {
+        TargetFormat::Nydus | TargetFormat::SkiffNode => {
             if !crate::oci::source::is_tar_layer(&l.media_type) {
                 problems.push(mp(format!(
                     "the Nydus bootstrap layer {} has media type {:?}, not a tar layer",
@@ -637,7 +652,7 @@ fn check_blob_layer(
 ) {
     let want = match format {
         TargetFormat::Skiff => SKIFF_BLOB,
-        TargetFormat::Nydus => NYDUS_BLOB,
+        TargetFormat::Nydus | TargetFormat::SkiffNode => NYDUS_BLOB,
     };
     if l.media_type != want {
         problems.push(mp(format!(
@@ -652,8 +667,9 @@ fn check_blob_layer(
             l.digest
         )));
     }
-    if format == TargetFormat::Nydus {
-        // A Nydus blob is named by its sha256: the layer digest is the blob id.
+    if format != TargetFormat::Skiff {
+        // A Nydus blob (and one of the node layout) is named by its sha256: the layer digest
+        // is the blob id.
         return;
     }
     match l.annotations.get(ANN_BLOB_ID) {
@@ -770,7 +786,7 @@ fn blob_layers(
     let mut by_id: HashMap<[u8; DIGEST_LEN], &Descriptor> = HashMap::new();
     let blob_type = match format {
         TargetFormat::Skiff => SKIFF_BLOB,
-        TargetFormat::Nydus => NYDUS_BLOB,
+        TargetFormat::Nydus | TargetFormat::SkiffNode => NYDUS_BLOB,
     };
     for l in m.layers.iter().filter(|l| l.media_type == blob_type) {
         let hexid = match format {
@@ -778,7 +794,9 @@ fn blob_layers(
                 Some(h) => h.as_str(),
                 None => continue,
             },
-            TargetFormat::Nydus => l.digest.strip_prefix("sha256:").unwrap_or_default(),
+            TargetFormat::Nydus | TargetFormat::SkiffNode => {
+                l.digest.strip_prefix("sha256:").unwrap_or_default()
+            }
         };
         let mut id = [0u8; DIGEST_LEN];
         if hex::decode_to_slice(hexid, &mut id).is_err() {
@@ -1032,6 +1050,9 @@ enum TargetFormat {
     /// nydusify's / nydus-snapshotter's: a tar layer holding `image/image.boot` (RAFS v6),
     /// Nydus blobs named by sha256.
     Nydus,
+    /// `skiff convert`'s node layout: Nydus's shape, a Skiff bootstrap (with the node
+    /// compatibility header) as `image/image.boot`, blobs named by sha256.
+    SkiffNode,
 }
 
 impl TargetFormat {
@@ -1039,6 +1060,7 @@ impl TargetFormat {
         match self {
             Self::Skiff => "skiff",
             Self::Nydus => "nydus-rafs-v6",
+            Self::SkiffNode => "skiff-node",
         }
     }
 }

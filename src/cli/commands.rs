@@ -63,6 +63,8 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         chunk_dicts: a.chunk_dicts,
         progress: true,
         io_threads: a.io_threads,
+        blob_id_sha256: false,
+        node_compat: false,
     };
     let prefetch = match &a.prefetch_list {
         Some(p) => super::image::read_path_list(p)?,
@@ -200,13 +202,18 @@ impl RegistryArgs {
     ) -> Result<crate::oci::RegistryOptions, crate::oci::OciError> {
         Ok(crate::oci::RegistryOptions {
             insecure: insecure || self.insecure,
-            mirrors: self.mirrors.clone(),
+            mirrors: self
+                .mirrors
+                .iter()
+                .map(|m| crate::oci::registry::Mirror::plain(m))
+                .collect(),
             proxy: self.proxy.clone(),
             credentials: crate::oci::auth::find_credentials(
                 self.registry_auth.as_deref(),
                 registry,
             )?,
             timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
         })
     }
 }
@@ -271,6 +278,11 @@ pub struct ConvertArgs {
     /// manifests (default: linux/amd64 only, pushed as one manifest).
     #[arg(long)]
     pub all_platforms: bool,
+    /// How the image is laid out in the registry: `node` (what containerd with
+    /// nydus-snapshotter pulls: blobs named by sha256, the bootstrap in a gzip tar layer) or
+    /// `skiff` (the earlier layout, blobs named by blake3).
+    #[arg(long, value_enum, default_value_t = crate::oci::ImageLayout::Node)]
+    pub layout: crate::oci::ImageLayout,
 }
 
 /// `skiff convert`.
@@ -306,6 +318,7 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         } else {
             crate::oci::Platforms::Default
         },
+        layout: a.layout,
     })?;
     for summary in report.images() {
         if let Some(p) = &summary.platform {
@@ -394,7 +407,7 @@ const MMAP_THRESHOLD: i32 = 128 << 10;
 ///   next to decompressing and hashing it.
 /// - At most two arenas. glibc gives threads up to 8 per core, each keeping its own freed
 ///   memory; the daemon's threads allocate little besides the chunk buffers above.
-fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets allocator parameters; it is called before the daemon starts
     // its threads, and a refused setting (return 0) leaves glibc's default in place.
@@ -529,7 +542,7 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
     device.threads = a.threads;
     device.workers = a.thread_num;
     device.advertise_config = a.advertise_config;
-    crate::api::run(&crate::api::VirtiofsOptions {
+    crate::api::run_virtiofs(&crate::api::VirtiofsOptions {
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,

@@ -118,6 +118,8 @@ impl StorageArgs {
                         secret_access_key: None,
                         session_token: None,
                         timeout_secs: None,
+                        connect_timeout_secs: None,
+                        skip_verify: false,
                     },
                 };
                 if let Some(e) = &self.s3_endpoint {

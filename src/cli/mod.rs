@@ -4,6 +4,7 @@ mod accel;
 mod check;
 mod commands;
 mod image;
+mod nydusd;
 
 use clap::{Parser, Subcommand};
 
@@ -11,6 +12,7 @@ pub use accel::*;
 pub use check::*;
 pub use commands::*;
 pub use image::*;
+pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -40,6 +42,10 @@ pub enum Command {
     /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
     /// device whose mounts (the shared directory, container images) are driven over an API.
     Virtiofs(VirtiofsArgs),
+    /// Run as nydus-snapshotter's host daemon (a drop-in for `nydusd fuse`): images served
+    /// over /dev/fuse, one (--bootstrap) or many (mounted over the API), with failover and
+    /// hot upgrade through the supervisor.
+    Fuse(nydusd::FuseArgs),
     /// Convert an OCI image into a Skiff image in a registry (one blob per layer).
     Convert(ConvertArgs),
     /// Look after the shared on-disk chunk cache.
@@ -60,10 +66,42 @@ fn init_logging(level: &str) {
         .try_init();
 }
 
+/// Whether the program was started under the name `nydusd` (a symlink to skiff).
+fn invoked_as_nydusd() -> bool {
+    std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_owned()))
+        .is_some_and(|n| n == "nydusd")
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let cli = if invoked_as_nydusd() {
+        match nydusd::nydusd_argv(std::env::args_os().collect()) {
+            Ok(args) => Cli::parse_from(args),
+            Err((text, code)) => {
+                if code == 0 {
+                    print!("{text}");
+                } else {
+                    eprint!("nydusd (skiff): {text}");
+                }
+                return code;
+            }
+        }
+    } else {
+        Cli::parse()
+    };
+    match &cli.command {
+        Command::Fuse(a) if a.log_file.is_some() => {
+            let file = a.log_file.clone().unwrap_or_default();
+            if let Err(e) = nydusd::init_file_logging(&cli.log_level, &file, a.log_rotation_size) {
+                eprintln!("skiff: {e}");
+                return 1;
+            }
+        }
+        _ => init_logging(&cli.log_level),
+    }
     let result = match cli.command {
         Command::Build(a) => cmd_build(a),
         Command::Check(a) => cmd_check(a),
@@ -71,6 +109,7 @@ pub fn main() -> i32 {
         Command::Mount(a) => cmd_mount(a),
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
+        Command::Fuse(a) => nydusd::cmd_fuse(a),
         Command::Convert(a) => cmd_convert(a),
         Command::Cache(a) => cmd_cache(a),
         Command::Accel(a) => cmd_accel(a),
@@ -78,7 +117,9 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("skiff: {}", crate::util::error_chain(e.as_ref()));
+            let msg = crate::util::error_chain(e.as_ref());
+            tracing::error!("{msg}");
+            eprintln!("skiff: {msg}");
             1
         }
     }

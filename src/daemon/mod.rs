@@ -1,17 +1,26 @@
-//! The filesystem tree one virtio-fs device serves to a Kata sandbox: a pseudo root in which
-//! the host's shared directory (a writable passthrough) and any number of RAFS images are
-//! mounted and unmounted while the guest runs.
+//! The filesystem trees Skiff's nydusd-compatible daemons serve, and their mount tables:
 //!
-//! Kata's layout is fixed: the passthrough tree sits at `/containers` and the image of
-//! container `<cid>` at `/rafs/<cid>/lowerdir`. [`SandboxFs`] enforces it, keeps the table of
-//! what is mounted where, and owns the fuse-backend-rs [`Vfs`] that the vhost-user device
-//! serves (the Vfs implements `FileSystem`, so [`crate::vhost`] needs nothing new).
+//! * Kata's sandbox daemon (`skiff virtiofs`): a pseudo root in which the host's shared
+//!   directory (a writable passthrough, at `/containers`) and any number of RAFS images (at
+//!   `/rafs/<cid>/lowerdir`) are mounted and unmounted while the guest runs;
+//! * nydus-snapshotter's host daemon (`skiff fuse`): RAFS images at `/` (dedicated: one image)
+//!   or at `/<snapshot id>` (shared: one daemon, many images), served over `/dev/fuse`.
 //!
-//! Nothing here speaks HTTP: [`crate::api`] turns Kata's requests into these calls.
+//! [`DaemonFs`] enforces the layout, keeps the table of what is mounted where (with each
+//! mount's storage: metrics, credentials, prefetch), and owns the fuse-backend-rs [`Vfs`] the
+//! transport serves (the Vfs implements `FileSystem`, so the transports need nothing new).
+//! [`Daemon`] adds the daemon's identity and its life cycle (state, failover hand-over).
+//!
+//! Nothing here speaks HTTP: [`crate::api`] turns requests into these calls.
 
 #![warn(missing_docs)]
 
+pub mod host;
+mod layout;
 mod metrics;
+pub mod rafs;
+pub mod spec;
+pub mod upgrade;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -19,25 +28,25 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsOptions};
+use fuse_backend_rs::api::{BackFileSystem, Vfs, VfsIndex, VfsOptions};
 use fuse_backend_rs::passthrough::{self, PassthroughFs};
 
-use crate::format::{digest_hex, Bootstrap, FormatError};
-use crate::fs::{RafsFs, RafsFsOptions};
-use crate::storage::{CachedChunkSource, LocalFsBackend};
+use crate::format::FormatError;
+use crate::fs::RafsFsOptions;
+use crate::oci::auth::Credentials;
+use crate::oci::RegistryClient;
+use crate::storage::config::StorageStack;
+use crate::storage::MetricsSnapshot;
 
+pub use layout::{check_rafs_mountpoint, Layout, PASSTHROUGH_MOUNTPOINT};
 pub use metrics::{Counters, Sample, SampleKind};
-
-/// Where Kata mounts the host's shared directory.
-pub const PASSTHROUGH_MOUNTPOINT: &str = "/containers";
-
-/// Longest container id accepted in a RAFS mountpoint (a name component).
-const MAX_CONTAINER_ID_LEN: usize = 255;
+pub use rafs::SKIFF_CACHE_SUBDIR;
+pub use spec::{BlobLocation, RafsSpec};
 
 /// Why a mount or unmount was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    /// The mountpoint is not one of Kata's two forms, or does not fit the filesystem type.
+    /// The mountpoint does not fit the daemon's layout or the filesystem type.
     #[error("invalid mountpoint {mountpoint:?}: {reason}")]
     InvalidMountpoint {
         /// The rejected mountpoint.
@@ -68,8 +77,8 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
-    /// The bootstrap does not exist.
-    #[error("bootstrap {0} does not exist")]
+    /// The bootstrap does not exist (or is not an absolute path).
+    #[error("bootstrap {0} does not exist (an absolute path is needed)")]
     BootstrapMissing(PathBuf),
     /// The bootstrap could not be loaded or is invalid.
     #[error("loading bootstrap {path}")]
@@ -100,21 +109,39 @@ pub enum MountError {
         /// Why.
         reason: String,
     },
+    /// The backend the configuration names cannot serve this image.
+    #[error("backend of image {bootstrap}: {what}")]
+    Backend {
+        /// The image.
+        bootstrap: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The storage stack could not be set up (cache directory, prefetch list).
+    #[error("storage of image {bootstrap}")]
+    Storage {
+        /// The image.
+        bootstrap: PathBuf,
+        /// The cause.
+        #[source]
+        source: crate::storage::config::ConfigError,
+    },
+    /// The prefetch request cannot be honoured.
+    #[error("prefetch: {0}")]
+    Prefetch(String),
     /// The Vfs refused the mount or unmount.
     #[error("virtual filesystem: {0}")]
     Vfs(String),
 }
 
-/// Where the blobs of a RAFS image are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BlobLocation {
-    /// A directory holding blobs named by their id (Skiff's `--blob-dir`).
-    Dir(PathBuf),
-    /// One blob file: the image must have exactly this one blob, named by its id.
-    File(PathBuf),
+impl MountError {
+    /// Whether the error is the request's fault (a 4xx), not the daemon's.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, MountError::Passthrough { .. } | MountError::Vfs(_))
+    }
 }
 
-/// What is mounted at a mountpoint.
+/// What is mounted at a mountpoint, as `GET /api/v1/daemon` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "fs_type", rename_all = "snake_case")]
 pub enum MountedFs {
@@ -127,84 +154,173 @@ pub enum MountedFs {
     Rafs {
         /// The image's bootstrap.
         source: PathBuf,
-        /// Its blob directory.
-        blob_dir: PathBuf,
+        /// The configuration's id (`device.id`), if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        /// `localfs`, `registry` or `s3`.
+        backend: &'static str,
+        /// Its blob directory (localfs).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        blob_dir: Option<PathBuf>,
+        /// Skiff's cache directory (remote backends).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cache_dir: Option<PathBuf>,
         /// The image's Merkle root (hex).
         root_digest: String,
     },
 }
 
-/// The daemon's life cycle, as reported to Kata (`GET /api/v1/daemon`).
+/// A RAFS mount request: the bootstrap, the configuration as given (kept for hand-over to a
+/// new daemon) and what it means.
+#[derive(Clone, Debug)]
+pub struct RafsRequest {
+    /// The bootstrap's path.
+    pub source: PathBuf,
+    /// nydusd's JSON configuration, as given.
+    pub config: String,
+    /// What it means.
+    pub spec: RafsSpec,
+    /// Image paths to prefetch first.
+    pub prefetch_files: Vec<String>,
+}
+
+/// A mounted RAFS image's running parts.
+struct RafsRuntime {
+    request: RafsRequest,
+    stack: Option<StorageStack>,
+    client: Option<Arc<RegistryClient>>,
+    vfs_index: VfsIndex,
+}
+
+struct Entry {
+    info: MountedFs,
+    rafs: Option<RafsRuntime>,
+}
+
+/// One RAFS mount, as handed to a new daemon in a takeover.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedMount {
+    /// Where it is mounted.
+    pub mountpoint: String,
+    /// Its index in the Vfs (inode numbers depend on it).
+    pub vfs_index: VfsIndex,
+    /// The bootstrap.
+    pub source: PathBuf,
+    /// nydusd's configuration, as given.
+    pub config: String,
+    /// Image paths prefetched first.
+    pub prefetch_files: Vec<String>,
+}
+
+/// The daemon's life cycle, with nydusd's names (the snapshotter and Kata wait for `RUNNING`,
+/// a takeover for `INIT` then `READY`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DaemonState {
-    /// Starting: the sockets are not all listening yet.
+    /// Starting, or waiting for a takeover.
     Init,
-    /// Serving: both sockets listen; mounts are accepted.
+    /// Filesystems ready (mounted or taken over), not serving yet.
+    Ready,
+    /// Serving.
     Running,
-    /// Shutting down after SIGTERM.
-    Stopping,
+    /// Stopped serving: exiting.
+    Stopped,
 }
 
 impl DaemonState {
-    /// The name nydusd uses for this state; Kata waits for `RUNNING`.
+    /// The name nydusd uses for this state.
     pub fn as_str(self) -> &'static str {
         match self {
             DaemonState::Init => "INIT",
+            DaemonState::Ready => "READY",
             DaemonState::Running => "RUNNING",
-            DaemonState::Stopping => "STOPPING",
+            DaemonState::Stopped => "STOPPED",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => DaemonState::Ready,
+            2 => DaemonState::Running,
+            3 => DaemonState::Stopped,
+            _ => DaemonState::Init,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            DaemonState::Init => 0,
+            DaemonState::Ready => 1,
+            DaemonState::Running => 2,
+            DaemonState::Stopped => 3,
         }
     }
 }
 
-/// The pseudo-root tree of one sandbox, its mount table, state and counters.
-pub struct SandboxFs {
+/// A daemon's filesystem tree, its mount table, state and counters.
+pub struct DaemonFs {
+    layout: Layout,
     vfs: Arc<Vfs>,
-    mounts: Mutex<BTreeMap<String, MountedFs>>,
+    mounts: Mutex<BTreeMap<String, Entry>>,
     state: AtomicU8,
     counters: Counters,
-    /// How long a READ of a RAFS mount may take ([`RafsFsOptions::request_timeout`]).
-    request_timeout: std::time::Duration,
+    /// Filesystem options of RAFS mounts.
+    fs_opts: RafsFsOptions,
 }
 
-impl Default for SandboxFs {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// Kata's sandbox tree (the name it had before the host daemon existed).
+pub type SandboxFs = DaemonFs;
 
-impl SandboxFs {
-    /// An empty pseudo root, in state [`DaemonState::Init`].
-    pub fn new() -> Self {
-        // The Vfs negotiates one set of options for every mount, and ignores what each
-        // filesystem's init returns. Without a writeback cache the guest's writes reach the
-        // daemon synchronously: a write to a RAFS file fails with EROFS at write(2), instead of
-        // landing in the guest's page cache and failing only at writeback. (virtiofsd's default
-        // too; the passthrough share stays correct either way.)
-        let opts = VfsOptions {
-            no_writeback: true,
-            ..VfsOptions::default()
+impl DaemonFs {
+    /// An empty tree with `layout`, in state [`DaemonState::Init`].
+    pub fn new(layout: Layout) -> Self {
+        let opts = match layout {
+            // The Vfs negotiates one set of options for every mount, and ignores what each
+            // filesystem's init returns. Without a writeback cache the guest's writes reach
+            // the daemon synchronously: a write to a RAFS file fails with EROFS at write(2),
+            // instead of landing in the guest's page cache and failing only at writeback.
+            // (virtiofsd's default too; the passthrough share stays correct either way.)
+            Layout::Kata => VfsOptions {
+                no_writeback: true,
+                ..VfsOptions::default()
+            },
+            // The images are read-only, and a write must fail at write(2).
+            Layout::Host => VfsOptions {
+                no_writeback: true,
+                ..VfsOptions::default()
+            },
         };
         let mut vfs = Vfs::new(opts);
-        // After an unmount the mountpoint disappears from the guest's view, instead of
-        // staying behind as an empty directory.
+        // After an unmount the mountpoint disappears from the guest's (or host's) view,
+        // instead of staying behind as an empty directory.
         vfs.set_remove_pseudo_root();
-        SandboxFs {
+        DaemonFs {
+            layout,
             vfs: Arc::new(vfs),
             mounts: Mutex::new(BTreeMap::new()),
-            state: AtomicU8::new(DaemonState::Init as u8),
+            state: AtomicU8::new(DaemonState::Init.to_u8()),
             counters: Counters::default(),
-            request_timeout: crate::storage::DEFAULT_REQUEST_TIMEOUT,
+            fs_opts: RafsFsOptions::default(),
         }
+    }
+
+    /// Kata's sandbox tree.
+    pub fn kata() -> Self {
+        Self::new(Layout::Kata)
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Gives each READ of the RAFS images mounted from now on at most `timeout`: then it
-    /// fails with EIO instead of hanging the guest's reader.
+    /// fails with EIO instead of hanging the reader.
     pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.request_timeout = timeout;
+        self.fs_opts.request_timeout = timeout;
         self
     }
 
-    /// The filesystem to hand to the vhost-user device.
+    /// The filesystem to hand to the transport.
     pub fn vfs(&self) -> Arc<Vfs> {
         self.vfs.clone()
     }
@@ -216,36 +332,30 @@ impl SandboxFs {
 
     /// The current state.
     pub fn state(&self) -> DaemonState {
-        match self.state.load(Ordering::Acquire) {
-            x if x == DaemonState::Running as u8 => DaemonState::Running,
-            x if x == DaemonState::Stopping as u8 => DaemonState::Stopping,
-            _ => DaemonState::Init,
-        }
+        DaemonState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// Moves to `state`.
     pub fn set_state(&self, state: DaemonState) {
-        self.state.store(state as u8, Ordering::Release);
+        self.state.store(state.to_u8(), Ordering::Release);
     }
 
     /// What is mounted where, by mountpoint.
     pub fn mounts(&self) -> Result<BTreeMap<String, MountedFs>, MountError> {
-        Ok(self.table().clone())
+        Ok(self
+            .table()
+            .iter()
+            .map(|(k, e)| (k.clone(), e.info.clone()))
+            .collect())
     }
 
-    fn table(&self) -> MutexGuard<'_, BTreeMap<String, MountedFs>> {
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
         crate::util::sync::lock(&self.mounts)
     }
 
-    /// Mounts a writable passthrough of the host directory `dir` at `mountpoint`, which must
-    /// be [`PASSTHROUGH_MOUNTPOINT`].
+    /// Mounts a writable passthrough of the host directory `dir` at `mountpoint`.
     pub fn mount_passthrough(&self, mountpoint: &str, dir: &Path) -> Result<(), MountError> {
-        if mountpoint != PASSTHROUGH_MOUNTPOINT {
-            return Err(MountError::InvalidMountpoint {
-                mountpoint: mountpoint.to_owned(),
-                reason: "a passthrough_fs mount goes at /containers",
-            });
-        }
+        self.layout.check_passthrough(mountpoint)?;
         let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
@@ -255,8 +365,11 @@ impl SandboxFs {
         self.vfs_mount(Box::new(fs), mountpoint)?;
         table.insert(
             mountpoint.to_owned(),
-            MountedFs::PassthroughFs {
-                source: dir.to_owned(),
+            Entry {
+                info: MountedFs::PassthroughFs {
+                    source: dir.to_owned(),
+                },
+                rafs: None,
             },
         );
         self.counters.mounted();
@@ -264,70 +377,201 @@ impl SandboxFs {
         Ok(())
     }
 
-    /// Mounts the RAFS image `bootstrap`, blobs at `blobs`, read-only at `mountpoint`, which
-    /// must be `/rafs/<container id>/lowerdir`.
-    pub fn mount_rafs(
+    /// Mounts the RAFS image `req` describes, read-only, at `mountpoint`.
+    pub fn mount_rafs(&self, mountpoint: &str, req: RafsRequest) -> Result<(), MountError> {
+        self.mount_rafs_at(mountpoint, req, None)
+    }
+
+    /// Mounts a RAFS image again at the Vfs index it had in the daemon it is taken over from,
+    /// so that the inode numbers the kernel holds stay valid.
+    pub fn restore_rafs(&self, saved: &SavedMount, req: RafsRequest) -> Result<(), MountError> {
+        self.mount_rafs_at(&saved.mountpoint, req, Some(saved.vfs_index))
+    }
+
+    fn mount_rafs_at(
         &self,
         mountpoint: &str,
-        bootstrap: &Path,
-        blobs: &BlobLocation,
+        req: RafsRequest,
+        index: Option<VfsIndex>,
     ) -> Result<(), MountError> {
-        check_rafs_mountpoint(mountpoint)?;
+        self.layout.check_rafs(mountpoint)?;
         let mut table = self.table();
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
-        if !bootstrap.exists() {
-            return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
-        }
-        let image = Bootstrap::load(bootstrap).map_err(|source| MountError::Bootstrap {
-            path: bootstrap.to_owned(),
-            source,
-        })?;
-        let blob_dir = blob_dir_for(&image, bootstrap, blobs)?;
-        let root_digest = digest_hex(image.root_digest());
-        let format = image.source_format().name();
-        let memcache = crate::storage::default_memory_cache(image.chunk_size());
-        let source = CachedChunkSource::in_memory(LocalFsBackend::new(&blob_dir), memcache);
-        let opts = RafsFsOptions {
-            request_timeout: self.request_timeout,
-            ..RafsFsOptions::default()
+        let opened = rafs::open(
+            &req.source,
+            &req.spec,
+            &req.prefetch_files,
+            self.fs_opts.clone(),
+        )?;
+        let vfs_index = match index {
+            None => self
+                .vfs
+                .mount(Box::new(opened.fs), mountpoint)
+                .map_err(|e| MountError::Vfs(format!("{e:?}")))?,
+            Some(i) => {
+                self.vfs
+                    .restore_mount(Box::new(opened.fs), i, mountpoint)
+                    .map_err(|e| MountError::Vfs(format!("restoring at index {i}: {e}")))?;
+                i
+            }
         };
-        let fs = RafsFs::new(Arc::new(image), Arc::new(source), opts);
-        self.vfs_mount(Box::new(fs), mountpoint)?;
         tracing::info!(
             mountpoint,
-            bootstrap = %bootstrap.display(),
-            blob_dir = %blob_dir.display(),
-            format,
-            root = %root_digest,
+            bootstrap = %req.source.display(),
+            backend = req.spec.backend.kind(),
+            id = req.spec.id.as_deref().unwrap_or(""),
+            format = opened.format,
+            root = %opened.root_digest,
+            cache = %opened.cache_dir.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
             "rafs mounted"
         );
+        let info = MountedFs::Rafs {
+            source: req.source.clone(),
+            id: req.spec.id.clone(),
+            backend: req.spec.backend.kind(),
+            blob_dir: opened.blob_dir,
+            cache_dir: opened.cache_dir,
+            root_digest: opened.root_digest,
+        };
         table.insert(
             mountpoint.to_owned(),
-            MountedFs::Rafs {
-                source: bootstrap.to_owned(),
-                blob_dir,
-                root_digest,
+            Entry {
+                info,
+                rafs: Some(RafsRuntime {
+                    request: req,
+                    stack: Some(opened.stack),
+                    client: opened.client,
+                    vfs_index,
+                }),
             },
         );
         self.counters.mounted();
         Ok(())
     }
 
-    /// Unmounts whatever is mounted at `mountpoint`.
-    pub fn umount(&self, mountpoint: &str) -> Result<MountedFs, MountError> {
+    /// Unmounts whatever is mounted at `mountpoint`. Returns what was there and the inode
+    /// number of the directory that held it (for the kernel to forget the entry).
+    pub fn umount(&self, mountpoint: &str) -> Result<(MountedFs, u64), MountError> {
         let mut table = self.table();
-        let Some(fs) = table.get(mountpoint).cloned() else {
+        if !table.contains_key(mountpoint) {
             return Err(MountError::NotMounted(mountpoint.to_owned()));
-        };
-        self.vfs
+        }
+        let (_, parent) = self
+            .vfs
             .umount(mountpoint)
             .map_err(|e| MountError::Vfs(format!("{e:?}")))?;
-        table.remove(mountpoint);
+        let Some(mut entry) = table.remove(mountpoint) else {
+            return Err(MountError::NotMounted(mountpoint.to_owned()));
+        };
+        drop(table);
+        if let Some(stack) = entry.rafs.as_mut().and_then(|r| r.stack.take()) {
+            stack.finish();
+        }
         self.counters.unmounted();
         tracing::info!(mountpoint, "unmounted");
-        Ok(fs)
+        Ok((entry.info, parent))
+    }
+
+    /// The mountpoints `id` selects: the mount at `id`, and every RAFS mount whose
+    /// configuration's id is `id` (nydus-snapshotter's `/<snapshot id>`, which is also a
+    /// shared host daemon's mountpoint).
+    fn selected<'a>(table: &'a BTreeMap<String, Entry>, id: &str) -> Vec<(&'a String, &'a Entry)> {
+        table
+            .iter()
+            .filter(|(mp, e)| {
+                mp.as_str() == id
+                    || matches!(&e.info, MountedFs::Rafs { id: Some(i), .. } if i == id)
+            })
+            .collect()
+    }
+
+    /// Replaces the registry credentials of every RAFS mount `id` selects, without a
+    /// remount: reads that need the registry from now on use them. Returns the mountpoints
+    /// renewed; an `id` that selects no registry mount is an error.
+    pub fn renew_credentials(
+        &self,
+        id: &str,
+        credentials: &Credentials,
+    ) -> Result<Vec<String>, RenewError> {
+        let mut table = self.table();
+        let mut renewed = Vec::new();
+        let mut found = false;
+        let mps: Vec<String> = Self::selected(&table, id)
+            .into_iter()
+            .map(|(mp, _)| mp.clone())
+            .collect();
+        for mp in mps {
+            found = true;
+            let Some(r) = table.get_mut(&mp).and_then(|e| e.rafs.as_mut()) else {
+                continue;
+            };
+            let Some(client) = &r.client else { continue };
+            client.set_credentials(Some(credentials.clone()));
+            // A hand-over to a new daemon carries the new credentials too.
+            r.request.spec = with_credentials(&r.request.spec, credentials);
+            r.request.config = config_with_auth(&r.request.config, credentials);
+            renewed.push(mp);
+        }
+        if !found {
+            return Err(RenewError::NoSuchId(id.to_owned()));
+        }
+        if renewed.is_empty() {
+            return Err(RenewError::NotRegistry(id.to_owned()));
+        }
+        tracing::info!(id, mounts = ?renewed, user = %credentials.username, "registry credentials renewed");
+        Ok(renewed)
+    }
+
+    /// The storage metrics of the RAFS mount `id` selects (the first one, if several), or of
+    /// every RAFS mount added up when `id` is `None`.
+    pub fn storage_metrics(
+        &self,
+        id: Option<&str>,
+    ) -> Result<Vec<(String, MetricsSnapshot, MountedFs)>, MountError> {
+        let table = self.table();
+        let pick: Vec<(&String, &Entry)> = match id {
+            Some(id) => Self::selected(&table, id),
+            None => table.iter().collect(),
+        };
+        Ok(pick
+            .into_iter()
+            .filter_map(|(mp, e)| {
+                let stack = e.rafs.as_ref()?.stack.as_ref()?;
+                Some((mp.clone(), stack.snapshot(), e.info.clone()))
+            })
+            .collect())
+    }
+
+    /// What a new daemon needs to mount the same images at the same Vfs indices.
+    pub fn saved_mounts(&self) -> Result<Vec<SavedMount>, MountError> {
+        let table = self.table();
+        Ok(table
+            .iter()
+            .filter_map(|(mp, e)| {
+                let r = e.rafs.as_ref()?;
+                Some(SavedMount {
+                    mountpoint: mp.clone(),
+                    vfs_index: r.vfs_index,
+                    source: r.request.source.clone(),
+                    config: r.request.config.clone(),
+                    prefetch_files: r.request.prefetch_files.clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// Stops every mount's background work and writes its storage totals to the log.
+    pub fn finish(&self) {
+        let stacks: Vec<StorageStack> = self
+            .table()
+            .values_mut()
+            .filter_map(|e| e.rafs.as_mut().and_then(|r| r.stack.take()))
+            .collect();
+        for stack in stacks {
+            stack.finish();
+        }
     }
 
     fn vfs_mount(&self, fs: BackFileSystem, mountpoint: &str) -> Result<(), MountError> {
@@ -338,29 +582,42 @@ impl SandboxFs {
     }
 }
 
-/// Checks that `mountpoint` is exactly `/rafs/<cid>/lowerdir`, `<cid>` a name made of
-/// letters, digits, `_`, `+`, `-` and `.` (as Kata checks it), other than `.` and `..`.
-pub fn check_rafs_mountpoint(mountpoint: &str) -> Result<(), MountError> {
-    let invalid = |reason| MountError::InvalidMountpoint {
-        mountpoint: mountpoint.to_owned(),
-        reason,
+/// Why credentials could not be renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// No mount has this id or mountpoint.
+    #[error("no mount has id or mountpoint {0:?}")]
+    NoSuchId(String),
+    /// The mounts `id` selects read no registry.
+    #[error("the mounts of {0:?} read no registry: they have no registry credentials")]
+    NotRegistry(String),
+}
+
+fn with_credentials(spec: &RafsSpec, c: &Credentials) -> RafsSpec {
+    let mut s = spec.clone();
+    if let spec::BackendSpec::Registry(r) = &mut s.backend {
+        r.credentials = Some(c.clone());
+    }
+    s
+}
+
+/// `config` (nydusd's JSON) with its registry `auth` replaced by `c`'s.
+fn config_with_auth(config: &str, c: &Credentials) -> String {
+    use base64::Engine;
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(config) else {
+        return config.to_owned();
     };
-    let cid = mountpoint
-        .strip_prefix("/rafs/")
-        .and_then(|rest| rest.strip_suffix("/lowerdir"))
-        .ok_or_else(|| invalid("a rafs mount goes at /rafs/<container id>/lowerdir"))?;
-    if cid.is_empty() || cid.len() > MAX_CONTAINER_ID_LEN || cid == "." || cid == ".." {
-        return Err(invalid(
-            "the container id must be 1 to 255 characters, not . or ..",
-        ));
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", c.username, c.password));
+    let slot = if v.get("version").and_then(serde_json::Value::as_u64) == Some(2) {
+        v.pointer_mut("/backend/registry")
+    } else {
+        v.pointer_mut("/device/backend/config")
+    };
+    if let Some(serde_json::Value::Object(o)) = slot {
+        o.insert("auth".into(), auth.into());
     }
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.');
-    if !cid.chars().all(allowed) {
-        return Err(invalid(
-            "the container id may only contain letters, digits, _ + - and .",
-        ));
-    }
-    Ok(())
+    v.to_string()
 }
 
 fn check_shared_dir(dir: &Path) -> Result<(), MountError> {
@@ -399,47 +656,66 @@ fn passthrough_fs(dir: &Path) -> Result<PassthroughFs, MountError> {
     Ok(fs)
 }
 
-/// The directory whose blobs `image` reads, after checking that every blob it names is there.
-fn blob_dir_for(
-    image: &Bootstrap,
-    bootstrap: &Path,
-    blobs: &BlobLocation,
-) -> Result<PathBuf, MountError> {
-    let dir = match blobs {
-        BlobLocation::Dir(dir) => dir.clone(),
-        BlobLocation::File(file) => {
-            let mismatch = |reason: String| MountError::BlobFileMismatch {
-                file: file.clone(),
-                bootstrap: bootstrap.to_owned(),
-                reason,
-            };
-            let [only] = image.blobs() else {
-                return Err(mismatch(format!(
-                    "the image has {} blobs; name a blob directory instead",
-                    image.blobs().len()
-                )));
-            };
-            let want = digest_hex(&only.id);
-            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name != want {
-                return Err(mismatch(format!(
-                    "Skiff blobs are named by their id; expected a file named {want}"
-                )));
-            }
-            file.parent().unwrap_or(Path::new("/")).to_owned()
-        }
-    };
-    let backend = LocalFsBackend::new(&dir);
-    for blob in image.blobs() {
-        if !backend.blob_path(&blob.id).is_file() {
-            return Err(MountError::BlobMissing {
-                bootstrap: bootstrap.to_owned(),
-                blob: digest_hex(&blob.id),
-                dir,
-            });
-        }
-    }
-    Ok(dir)
+/// Why a life-cycle request was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// This daemon does not do that (a virtio-fs daemon hands nothing over).
+    #[error("{0}")]
+    NotSupported(&'static str),
+    /// The daemon is not in a state that allows it.
+    #[error("the daemon is {state}: {what}")]
+    WrongState {
+        /// The current state.
+        state: &'static str,
+        /// What was asked.
+        what: &'static str,
+    },
+    /// The daemon was started without `--supervisor`.
+    #[error("no supervisor socket: the daemon was started without --supervisor and --id")]
+    NoSupervisor,
+    /// The hand-over failed.
+    #[error("hand-over with the supervisor")]
+    Upgrade(#[from] upgrade::UpgradeError),
+    /// Serving could not be started or stopped.
+    #[error("FUSE session")]
+    Fuse(#[source] crate::fuse::FuseError),
+    /// A mount could not be restored.
+    #[error("restoring mount {mountpoint}")]
+    Restore {
+        /// The mountpoint.
+        mountpoint: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// The life-cycle requests of nydusd's API, which each kind of daemon answers its own way.
+pub trait Lifecycle: Send + Sync {
+    /// `PUT /api/v1/daemon/fuse/sendfd`: send state and the `/dev/fuse` fd to the supervisor.
+    fn send_fd(&self) -> Result<(), LifecycleError>;
+    /// `PUT /api/v1/daemon/fuse/takeover`: take state and fd over from the supervisor.
+    fn takeover(&self) -> Result<(), LifecycleError>;
+    /// `PUT /api/v1/daemon/start`: start serving what was taken over.
+    fn start(&self) -> Result<(), LifecycleError>;
+    /// `PUT /api/v1/daemon/exit`: stop serving and exit, leaving the mount for a successor.
+    fn exit(&self) -> Result<(), LifecycleError>;
+    /// After `DELETE /api/v1/mount`: the entry `name` of directory `parent` is gone; a
+    /// transport that can tell the kernel (FUSE's notifications) does, so that the directory
+    /// disappears at once instead of when the kernel's entry cache times out.
+    fn unmounted(&self, _parent: u64, _name: &str) {}
+}
+
+/// A daemon: its tree, its identity, its life cycle.
+pub struct Daemon {
+    /// The tree and mount table.
+    pub fs: Arc<DaemonFs>,
+    /// `--id`.
+    pub id: Option<String>,
+    /// `--supervisor`.
+    pub supervisor: Option<PathBuf>,
+    /// The life-cycle requests.
+    pub lifecycle: Arc<dyn Lifecycle>,
 }
 
 #[cfg(test)]
@@ -447,33 +723,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rafs_mountpoints_follow_kata_form() {
-        for ok in [
-            "/rafs/abc/lowerdir",
-            "/rafs/a.b-c_d+e/lowerdir",
-            "/rafs/0/lowerdir",
-        ] {
-            assert!(check_rafs_mountpoint(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "/rafs//lowerdir",
-            "/rafs/../lowerdir",
-            "/rafs/./lowerdir",
-            "/rafs/a/b/lowerdir",
-            "/rafs/a/lowerdir/",
-            "/rafs/a/upperdir",
-            "rafs/a/lowerdir",
-            "/containers",
-            "/",
-            "/rafs/a b/lowerdir",
-        ] {
-            assert!(check_rafs_mountpoint(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn passthrough_only_at_containers() {
-        let fs = SandboxFs::new();
+        let fs = DaemonFs::kata();
         let r = fs.mount_passthrough("/other", Path::new("/tmp"));
         assert!(matches!(r, Err(MountError::InvalidMountpoint { .. })));
         let r = fs.mount_passthrough("/containers", Path::new("relative"));
@@ -482,5 +733,23 @@ mod tests {
             fs.umount("/containers"),
             Err(MountError::NotMounted(_))
         ));
+        let host = DaemonFs::new(Layout::Host);
+        let r = host.mount_passthrough("/containers", Path::new("/tmp"));
+        assert!(matches!(r, Err(MountError::InvalidMountpoint { .. })));
+    }
+
+    #[test]
+    fn renewed_auth_goes_into_the_saved_config() {
+        let c = Credentials::parse("new:secret").expect("creds");
+        let v1 = r#"{"device":{"backend":{"type":"registry","config":{"host":"h","repo":"r","auth":"old"}}}}"#;
+        let out: serde_json::Value = serde_json::from_str(&config_with_auth(v1, &c)).expect("json");
+        assert_eq!(
+            out["device"]["backend"]["config"]["auth"],
+            "bmV3OnNlY3JldA=="
+        );
+        let v2 =
+            r#"{"version":2,"backend":{"type":"registry","registry":{"host":"h","repo":"r"}}}"#;
+        let out: serde_json::Value = serde_json::from_str(&config_with_auth(v2, &c)).expect("json");
+        assert_eq!(out["backend"]["registry"]["auth"], "bmV3OnNlY3JldA==");
     }
 }

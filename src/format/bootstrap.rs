@@ -19,6 +19,7 @@ pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
 pub struct Bootstrap {
     data: Vec<u8>,
     format: SourceFormat,
+    node_compat: bool,
     preserved: Preserved,
     chunk_size: u32,
     root_digest: [u8; DIGEST_LEN],
@@ -154,9 +155,12 @@ impl Bootstrap {
         if *h.finalize().as_bytes() != sb.file_digest {
             return Err(FormatError::FileDigestMismatch);
         }
-        if sb.flags.get() != 0 || sb.reserved0.get() != 0 || sb.reserved != [0; 56] {
+        if sb.flags.get() & !SB_FLAGS_KNOWN != 0
+            || sb.reserved0.get() != 0
+            || sb.reserved != [0; 56]
+        {
             return Err(FormatError::Invalid(
-                "reserved superblock fields are not zero".into(),
+                "reserved superblock fields or unknown superblock flags are not zero".into(),
             ));
         }
         let chunk_size = sb.chunk_size.get();
@@ -167,6 +171,7 @@ impl Bootstrap {
         let len = data.len();
         let b = Bootstrap {
             format,
+            node_compat: sb.flags.get() & SB_FLAG_NODE_COMPAT != 0,
             preserved: Preserved::ALL,
             chunk_size,
             root_digest: sb.root_digest,
@@ -200,6 +205,11 @@ impl Bootstrap {
     /// The on-disk format the bootstrap was loaded from.
     pub fn source_format(&self) -> SourceFormat {
         self.format
+    }
+
+    /// Whether the bootstrap carries the node compatibility header ([`SB_FLAG_NODE_COMPAT`]).
+    pub fn node_compat(&self) -> bool {
+        self.node_compat
     }
 
     /// Which attributes of the source the image holds.
@@ -347,7 +357,33 @@ impl Bootstrap {
             ("prefetch", &sb.prefetch, &self.prefetch),
             ("strings", &sb.strings, &self.strings),
         ];
+        let compat = sb.flags.get() & SB_FLAG_NODE_COMPAT != 0;
         let mut end = SUPERBLOCK_SIZE;
+        if compat {
+            let area = self
+                .data
+                .get(SUPERBLOCK_SIZE..COMPAT_HEADER_SIZE)
+                .ok_or_else(|| FormatError::Invalid("compatibility header truncated".into()))?;
+            let at = |o: usize| o - SUPERBLOCK_SIZE;
+            let ok = area.iter().enumerate().all(|(i, &b)| {
+                let magic = &COMPAT_EROFS_MAGIC.to_le_bytes();
+                match i {
+                    i if (at(COMPAT_MAGIC_OFFSET)..at(COMPAT_MAGIC_OFFSET) + 4).contains(&i) => {
+                        b == magic[i - at(COMPAT_MAGIC_OFFSET)]
+                    }
+                    i if i == at(COMPAT_BLOCK_BITS_OFFSET) => b == COMPAT_BLOCK_BITS,
+                    _ => b == 0,
+                }
+            });
+            if !ok {
+                return Err(FormatError::Invalid(
+                    "the compatibility header is not exactly the EROFS magic and block size \
+                     bits on zeroes"
+                        .into(),
+                ));
+            }
+            end = COMPAT_HEADER_SIZE;
+        }
         for (name, desc, range) in order {
             let start = end.next_multiple_of(8);
             if desc.offset.get() != start as u64 {
@@ -367,10 +403,21 @@ impl Bootstrap {
             }
             end = range.end;
         }
-        if end != self.data.len() {
+        let file_end = if compat {
+            end.next_multiple_of(COMPAT_HEADER_SIZE)
+        } else {
+            end
+        };
+        if file_end != self.data.len()
+            || self
+                .data
+                .get(end..file_end)
+                .is_none_or(|pad| pad.iter().any(|&b| b != 0))
+        {
             return Err(FormatError::Invalid(format!(
-                "{} bytes after the last table",
-                self.data.len().saturating_sub(end)
+                "{} bytes after the last table, expected {} of zeroes",
+                self.data.len().saturating_sub(end),
+                file_end - end
             )));
         }
         Ok(())

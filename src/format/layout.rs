@@ -47,6 +47,27 @@ pub const BLOB_FLAG_SHA256_ID: u32 = 1;
 /// All blob flags this version knows.
 pub const BLOB_FLAGS_KNOWN: u32 = BLOB_FLAG_SHA256_ID;
 
+/// Superblock flag: the bootstrap carries the node compatibility header, so that
+/// nydus-snapshotter's checks of a bootstrap's first bytes accept it (see
+/// [`COMPAT_HEADER_SIZE`] and docs/format.md, "The node compatibility header").
+pub const SB_FLAG_NODE_COMPAT: u32 = 1;
+/// All superblock flags this version knows.
+pub const SB_FLAGS_KNOWN: u32 = SB_FLAG_NODE_COMPAT;
+/// With [`SB_FLAG_NODE_COMPAT`], tables start here, after the superblock and a zero area that
+/// holds only [`COMPAT_EROFS_MAGIC`] at [`COMPAT_MAGIC_OFFSET`] and
+/// [`COMPAT_BLOCK_BITS`] at [`COMPAT_BLOCK_BITS_OFFSET`]; the file is zero-padded to a
+/// multiple of this size.
+pub const COMPAT_HEADER_SIZE: usize = 4096;
+/// Where nydus-snapshotter (`pkg/layout` `DetectFsVersion`) looks for the EROFS magic.
+pub const COMPAT_MAGIC_OFFSET: usize = 1024;
+/// The EROFS superblock magic, little-endian at [`COMPAT_MAGIC_OFFSET`].
+pub const COMPAT_EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+/// Where nydus-snapshotter reads the block size bits of a v6 bootstrap (whose size must be a
+/// multiple of the block size).
+pub const COMPAT_BLOCK_BITS_OFFSET: usize = 1024 + 12;
+/// The block size bits written there: 4096-byte blocks.
+pub const COMPAT_BLOCK_BITS: u8 = 12;
+
 /// Where a table lives in the bootstrap: its byte offset and its number of records
 /// (bytes, for the string heap).
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -324,6 +345,13 @@ impl BlobRecord {
         } else {
             DigestAlgo::Blake3
         }
+    }
+
+    /// The registry digest of the layer holding this blob (`sha256:<hex id>`), when its id is
+    /// its sha256: a registry names the layer by the same digest, so no manifest is needed
+    /// to find it.
+    pub fn layer_digest(&self) -> Option<String> {
+        (self.id_algo() == DigestAlgo::Sha256).then(|| format!("sha256:{}", digest_hex(&self.id)))
     }
 }
 

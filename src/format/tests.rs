@@ -232,3 +232,60 @@ fn the_magic_chooses_the_format_and_rafs_v5_is_named() {
     let e = Bootstrap::from_bytes(v6).expect_err("not a whole v6 image");
     assert!(matches!(e, FormatError::V6(_)), "{e}");
 }
+
+/// nydus-snapshotter's checks of a bootstrap's head (`pkg/layout` `DetectFsVersion` and the
+/// readiness check of `pkg/filesystem/bootstrap.go`), restated: RAFS v5 magic and version at
+/// 0, or the EROFS magic at 1024 with block size bits 9 or 12 at 1036 and a size that is a
+/// multiple of the block size.
+fn snapshotter_accepts(file: &[u8]) -> bool {
+    let head = &file[..file.len().min(8192)];
+    let le32 = |o: usize| u32::from_le_bytes([head[o], head[o + 1], head[o + 2], head[o + 3]]);
+    if head.len() >= 8 && le32(0) == 0x5241_4653 && le32(4) == 0x500 {
+        return true;
+    }
+    if head.len() < 1024 + 128 + 256 || le32(1024) != 0xE0F5_E1E2 {
+        return false;
+    }
+    let block = match head[1024 + 12] {
+        9 => 512,
+        12 => 4096,
+        _ => return false,
+    };
+    file.len().is_multiple_of(block)
+}
+
+#[test]
+fn the_node_compatibility_header_passes_the_snapshotters_checks_and_changes_nothing_else() {
+    let plain = sample().finish(DEFAULT_CHUNK_SIZE).expect("writes");
+    let compat = sample()
+        .finish_with(DEFAULT_CHUNK_SIZE, true)
+        .expect("writes");
+    assert!(!snapshotter_accepts(&plain));
+    assert!(snapshotter_accepts(&compat));
+    assert_eq!(compat.len() % COMPAT_HEADER_SIZE, 0);
+    let (a, b) = (
+        Bootstrap::from_bytes(plain).expect("plain"),
+        Bootstrap::from_bytes(compat.clone()).expect("compat"),
+    );
+    assert!(!a.node_compat() && b.node_compat());
+    assert_eq!(a.root_digest(), b.root_digest(), "same tree, same identity");
+    assert_eq!(b.lookup(0, b"d"), Some(1));
+    // No byte of the header or the padding is free: each change is refused.
+    for at in [
+        300,
+        COMPAT_MAGIC_OFFSET,
+        COMPAT_BLOCK_BITS_OFFSET,
+        2000,
+        compat.len() - 1,
+    ] {
+        let mut m = compat.clone();
+        m[at] ^= 0x40;
+        assert!(Bootstrap::from_bytes(reseal(m)).is_err(), "byte {at}");
+    }
+    let mut short = compat.clone();
+    short.truncate(compat.len() - 8);
+    assert!(Bootstrap::from_bytes(reseal(short)).is_err());
+    let mut long = compat;
+    long.extend_from_slice(&[0; COMPAT_HEADER_SIZE]);
+    assert!(Bootstrap::from_bytes(reseal(long)).is_err());
+}

@@ -57,7 +57,17 @@ impl BootstrapWriter {
     }
 
     /// Computes every digest and returns the bootstrap's bytes.
-    pub fn finish(mut self, chunk_size: u32) -> Result<Vec<u8>, FormatError> {
+    pub fn finish(self, chunk_size: u32) -> Result<Vec<u8>, FormatError> {
+        self.finish_with(chunk_size, false)
+    }
+
+    /// Like [`Self::finish`]; with `node_compat`, the bootstrap carries the node compatibility
+    /// header ([`SB_FLAG_NODE_COMPAT`]).
+    pub fn finish_with(
+        mut self,
+        chunk_size: u32,
+        node_compat: bool,
+    ) -> Result<Vec<u8>, FormatError> {
         // Non-directories first (they depend on nothing), then directories from the last to
         // the first, so that every child's digest is final before its parent is hashed.
         let order: Vec<usize> = (0..self.inodes.len())
@@ -87,6 +97,13 @@ impl BootstrapWriter {
         sb.chunk_size = U32::new(chunk_size);
         sb.root_digest = root_digest;
         let mut out = vec![0u8; SUPERBLOCK_SIZE];
+        if node_compat {
+            sb.flags = U32::new(SB_FLAG_NODE_COMPAT);
+            out.resize(COMPAT_HEADER_SIZE, 0);
+            out[COMPAT_MAGIC_OFFSET..COMPAT_MAGIC_OFFSET + 4]
+                .copy_from_slice(&COMPAT_EROFS_MAGIC.to_le_bytes());
+            out[COMPAT_BLOCK_BITS_OFFSET] = COMPAT_BLOCK_BITS;
+        }
         let put = |out: &mut Vec<u8>, bytes: &[u8], count: usize| {
             // Tables start 8-byte aligned (see docs/format.md: the layout is canonical).
             out.resize(out.len().next_multiple_of(8), 0);
@@ -104,6 +121,9 @@ impl BootstrapWriter {
         sb.blobs = put(&mut out, self.blobs.as_bytes(), self.blobs.len());
         sb.prefetch = put(&mut out, self.prefetch.as_bytes(), self.prefetch.len());
         sb.strings = put(&mut out, &self.strings, self.strings.len());
+        if node_compat {
+            out.resize(out.len().next_multiple_of(COMPAT_HEADER_SIZE), 0);
+        }
 
         let mut h = blake3::Hasher::new();
         h.update(sb.as_bytes());

@@ -50,6 +50,12 @@ pub struct RafsFsOptions {
     /// Where to count the distinct chunks file reads ask for (the workload's own chunks, as
     /// opposed to read-ahead and prefetch), if anywhere.
     pub demand: Option<Arc<crate::storage::Metrics>>,
+    /// Chunks of a file past the last one a read touched that are given to
+    /// [`ChunkSource::fetch_ahead`] (0: none). nydusd's `amplify_io` sets it.
+    pub fetch_ahead_chunks: u64,
+    /// Where to count reads and the bytes they return (`fs_reads`, `fs_read_bytes`), if
+    /// anywhere: two relaxed atomic additions per read.
+    pub reads: Option<Arc<crate::storage::Metrics>>,
     /// How long one READ may take, waits for the network and retries included: then it fails
     /// with EIO (and a log line) instead of hanging the guest's reader.
     pub request_timeout: Duration,
@@ -62,6 +68,8 @@ impl Default for RafsFsOptions {
             zero_message_open: false,
             readahead: true,
             demand: None,
+            fetch_ahead_chunks: FETCH_AHEAD_CHUNKS,
+            reads: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
@@ -87,7 +95,7 @@ pub struct RafsFs {
 /// Chunks past the last one a read touched that are given to [`ChunkSource::fetch_ahead`]. A
 /// program reads its binary and libraries by page faults all over them: with 8 chunks (8 MiB
 /// at the default chunk size), a typical executable is on its way after its first read.
-const FETCH_AHEAD_CHUNKS: u64 = 8;
+pub const FETCH_AHEAD_CHUNKS: u64 = 8;
 
 /// Files remembered in [`RafsFs::ahead_marks`].
 const AHEAD_MARKS: usize = 64;
@@ -320,13 +328,13 @@ impl RafsFs {
     }
 
     /// Gives the source the chunks of file `index` after chunk `last` (up to
-    /// [`FETCH_AHEAD_CHUNKS`]) that it was not given yet.
+    /// [`RafsFsOptions::fetch_ahead_chunks`]) that it was not given yet.
     fn fetch_ahead(&self, index: u32, chunks: &[ChunkRecord], blobs: &[BlobRecord], last: u64) {
-        if !self.source.fetches_ahead() {
+        if self.opts.fetch_ahead_chunks == 0 || !self.source.fetches_ahead() {
             return;
         }
         let n = chunks.len() as u64;
-        let end = last.saturating_add(1 + FETCH_AHEAD_CHUNKS).min(n);
+        let end = last.saturating_add(1 + self.opts.fetch_ahead_chunks).min(n);
         let mut start = last + 1;
         if start >= end {
             return;
@@ -548,7 +556,14 @@ impl FileSystem for RafsFs {
     ) -> io::Result<usize> {
         let (index, rec) = self.inode(ino)?;
         match rec.kind() {
-            Some(InodeKind::Regular) => self.read_file(index, rec, w, size, offset),
+            Some(InodeKind::Regular) => {
+                let n = self.read_file(index, rec, w, size, offset)?;
+                if let Some(m) = &self.opts.reads {
+                    crate::storage::metrics::inc(&m.fs_reads);
+                    crate::storage::metrics::add(&m.fs_read_bytes, n as u64);
+                }
+                Ok(n)
+            }
             Some(InodeKind::Directory) => Err(err(libc::EISDIR)),
             _ => Err(err(libc::EINVAL)),
         }
@@ -847,6 +862,8 @@ mod tests {
             chunk_dicts: Vec::new(),
             progress: false,
             io_threads: 0,
+            blob_id_sha256: false,
+            node_compat: false,
         };
         build(&BuildSource::Dir(src), &opts).expect("build");
         let boot = Arc::new(Bootstrap::load(&opts.bootstrap).expect("load"));

@@ -10,6 +10,10 @@ use fuse_backend_rs::transport::{FuseChannel, FuseSession};
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::{ExitEvent, ExitReason, SignalGuard};
 
+mod service;
+
+pub use service::FuseService;
+
 /// Why a FUSE mount failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -101,9 +105,10 @@ where
     umount.map_err(|e| session_err(format!("umount: {e}")))
 }
 
-fn worker<F>(mut channel: FuseChannel, server: &Server<F>)
+/// Serves requests from `channel` until it is woken to stop or the mount goes away.
+pub(crate) fn worker<F>(mut channel: FuseChannel, server: &Server<F>)
 where
-    F: FileSystem<Inode = u64, Handle = u64> + Send + Sync,
+    F: FileSystem + Send + Sync,
 {
     loop {
         match channel.get_request() {

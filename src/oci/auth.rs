@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -248,8 +248,13 @@ struct HostState {
 }
 
 /// Authenticates requests to the registry hosts one client talks to (origin and mirrors).
+///
+/// Credentials can be replaced while requests are in flight ([`Self::set_credentials`]): a
+/// daemon gets renewed credentials over its API without remounting anything.
 pub struct Authenticator {
-    credentials: Option<Credentials>,
+    credentials: RwLock<Option<Credentials>>,
+    /// A bearer token given with the configuration, sent before any challenge.
+    bearer_token: RwLock<Option<String>>,
     hosts: Mutex<HashMap<String, HostState>>,
 }
 
@@ -257,26 +262,49 @@ impl Authenticator {
     /// An authenticator using `credentials` (anonymous when `None`).
     pub fn new(credentials: Option<Credentials>) -> Self {
         Self {
-            credentials,
+            credentials: RwLock::new(credentials),
+            bearer_token: RwLock::new(None),
             hosts: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn credentials(&self) -> Option<Credentials> {
+        crate::util::sync::read(&self.credentials).clone()
+    }
+
+    /// Replaces the credentials. What was learnt with the old ones (schemes, tokens) is
+    /// dropped, so that the next request to each host proves the new ones.
+    pub fn set_credentials(&self, credentials: Option<Credentials>) {
+        *crate::util::sync::write(&self.credentials) = credentials;
+        self.lock().clear();
+    }
+
+    /// Sets the bearer token sent to a host before it asks for another (nydusd's
+    /// `registry_token`).
+    pub fn set_bearer_token(&self, token: Option<String>) {
+        *crate::util::sync::write(&self.bearer_token) = token;
+        self.lock().clear();
     }
 
     /// The `Authorization` header for a request to `host` needing `scope`, if one is known and
     /// still fresh. A bearer token about to expire is not returned: the request then fails
     /// with 401 and [`Self::challenged`] fetches a new one.
     ///
-    /// A host not heard from yet gets the basic credentials, if there are any: a registry
-    /// with basic auth then answers the first request instead of a 401 and a second round
-    /// trip, and one with token auth answers 401 with its challenge as it would anyway.
+    /// A host not heard from yet gets the configured bearer token, else the basic credentials,
+    /// if there are any: a registry with basic auth then answers the first request instead of
+    /// a 401 and a second round trip, and one with token auth answers 401 with its challenge
+    /// as it would anyway.
     pub fn header(&self, host: &str, scope: &str) -> Option<String> {
         let hosts = self.lock();
         let Some(st) = hosts.get(host) else {
-            return self.credentials.as_ref().map(Credentials::basic_header);
+            if let Some(t) = crate::util::sync::read(&self.bearer_token).clone() {
+                return Some(format!("Bearer {t}"));
+            }
+            return self.credentials().as_ref().map(Credentials::basic_header);
         };
         match &st.scheme {
             Scheme::Unknown => None,
-            Scheme::Basic => self.credentials.as_ref().map(Credentials::basic_header),
+            Scheme::Basic => self.credentials().as_ref().map(Credentials::basic_header),
             Scheme::Bearer { .. } => st
                 .tokens
                 .get(scope)
@@ -330,7 +358,7 @@ impl Authenticator {
                 let was_basic = matches!(st.scheme, Scheme::Basic);
                 st.scheme = Scheme::Basic;
                 // Retrying helps only if credentials exist and were not just refused.
-                Ok(self.credentials.is_some() && !was_basic)
+                Ok(self.credentials().is_some() && !was_basic)
             }
             "bearer" => {
                 let realm = ch.params.get("realm").cloned().ok_or_else(|| {
@@ -409,7 +437,7 @@ impl Authenticator {
         if let Some(t) = timeout {
             req = req.timeout(t);
         }
-        if let Some(c) = &self.credentials {
+        if let Some(c) = self.credentials() {
             req = req.header(reqwest::header::AUTHORIZATION, c.basic_header());
         }
         let resp = req
@@ -417,8 +445,20 @@ impl Authenticator {
             .map_err(|e| OciError::Auth(format!("{host}: token request to {realm}: {e}")))?;
         let status = resp.status();
         if !status.is_success() {
+            let hint = if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                if self.credentials().is_some() {
+                    " (the credentials were refused: renew them, e.g. with PUT /api/v1/config \
+                     and registry_auth)"
+                } else {
+                    " (no credentials were given)"
+                }
+            } else {
+                ""
+            };
             return Err(OciError::Auth(format!(
-                "{host}: token request to {realm}: HTTP {status}"
+                "{host}: token request to {realm}: HTTP {status}{hint}"
             )));
         }
         let mut body = Vec::new();

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::manifest::{
-    self, Descriptor, ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BLOB, ANN_NYDUS_BOOTSTRAP,
-    ANN_ROOT_DIGEST, ANN_SOURCE, OCI_CONFIG, OCI_INDEX, OCI_MANIFEST, SKIFF_BLOB,
-    SKIFF_BOOTSTRAP_ZSTD,
+    self, Descriptor, ImageManifest, ANN_BLOB_ID, ANN_BOOTSTRAP_FORMAT, ANN_NYDUS_BLOB,
+    ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, ANN_SOURCE, NODE_BOOTSTRAP_PATH, NYDUS_BLOB, OCI_CONFIG,
+    OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, SKIFF_BLOB, SKIFF_BOOTSTRAP_ZSTD,
 };
 use super::source::{self, sha256_file, Platforms, SourceImage};
 use super::{OciError, Reference, RegistryClient, RegistryOptions};
@@ -43,6 +43,24 @@ pub struct ConvertOptions {
     /// Which platforms of an index source to convert: linux/amd64 into one manifest, or every
     /// platform into an index of converted manifests.
     pub platforms: Platforms,
+    /// How the image is laid out in the registry.
+    pub layout: ImageLayout,
+}
+
+/// How a converted image is laid out in the registry (docs/format.md, "Images in OCI
+/// registries").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageLayout {
+    /// What a node with containerd and nydus-snapshotter pulls (the default): blobs named by
+    /// their sha256 in layers of Nydus's blob media type, the bootstrap (with the node
+    /// compatibility header) as `image/image.boot` in a gzip tar layer annotated
+    /// `containerd.io/snapshot/nydus-bootstrap`. A daemon finds every blob from the registry
+    /// host, the repository and the bootstrap alone.
+    Node,
+    /// Skiff's earlier layout: blobs named by their blake3 in layers of Skiff's media type,
+    /// mapped by annotations; the bootstrap zstd-compressed in a layer of its own type.
+    Skiff,
 }
 
 /// One pushed Skiff blob.
@@ -50,7 +68,7 @@ pub struct ConvertOptions {
 pub struct PushedBlob {
     /// Index of the source layer it holds the new chunks of.
     pub layer: usize,
-    /// Skiff blob id (blake3 hex).
+    /// Skiff blob id (hex: the sha256 in the node layout, the blake3 in Skiff's).
     pub blob_id: String,
     /// Registry digest.
     pub digest: String,
@@ -220,6 +238,8 @@ fn convert_image(
         chunk_dicts: Vec::new(),
         progress: opts.progress,
         io_threads: 0,
+        blob_id_sha256: opts.layout == ImageLayout::Node,
+        node_compat: opts.layout == ImageLayout::Node,
     };
     let (summary, per_layer) = build::build_blob_per_layer(&layer_paths, &build_opts)?;
 
@@ -235,14 +255,31 @@ fn convert_image(
         let bar = bar(&bars, size, format!("push blob {}", i + 1));
         target.push_blob_file(&path, &digest, size, &|n| bar.inc(n))?;
         bar.finish();
+        let (media_type, annotations) = match opts.layout {
+            ImageLayout::Node => {
+                if digest != format!("sha256:{hexid}") {
+                    return Err(OciError::Invalid(format!(
+                        "internal: blob {hexid} is not named by its sha256 {digest}"
+                    )));
+                }
+                (
+                    NYDUS_BLOB,
+                    BTreeMap::from([(ANN_NYDUS_BLOB.to_string(), "true".to_string())]),
+                )
+            }
+            ImageLayout::Skiff => (
+                SKIFF_BLOB,
+                BTreeMap::from([
+                    (ANN_BLOB_ID.to_string(), hexid.clone()),
+                    (ANN_NYDUS_BLOB.to_string(), "true".to_string()),
+                ]),
+            ),
+        };
         layers.push(Descriptor {
-            media_type: SKIFF_BLOB.to_string(),
+            media_type: media_type.to_string(),
             digest: digest.clone(),
             size,
-            annotations: BTreeMap::from([
-                (ANN_BLOB_ID.to_string(), hexid.clone()),
-                (ANN_NYDUS_BLOB.to_string(), "true".to_string()),
-            ]),
+            annotations,
             platform: None,
         });
         pushed.push(PushedBlob {
@@ -254,20 +291,37 @@ fn convert_image(
     }
     let boot =
         std::fs::read(&bootstrap_path).map_err(|e| OciError::io("reading", &bootstrap_path, e))?;
-    let boot_diff_id = manifest::sha256_digest(&boot);
-    let boot_zstd = zstd::bulk::compress(&boot, BOOTSTRAP_ZSTD_LEVEL)
-        .map_err(|e| OciError::io("compressing", &bootstrap_path, e))?;
-    let boot_digest = target.push_blob_bytes(&boot_zstd, work)?;
+    let (boot_layer, boot_diff_id, boot_type, mut boot_ann) = match opts.layout {
+        ImageLayout::Node => {
+            let tar =
+                bootstrap_tar(&boot).map_err(|e| OciError::io("archiving", &bootstrap_path, e))?;
+            let diff_id = manifest::sha256_digest(&tar);
+            let gz = gzip(&tar).map_err(|e| OciError::io("compressing", &bootstrap_path, e))?;
+            (
+                gz,
+                diff_id,
+                OCI_LAYER_GZIP,
+                BTreeMap::from([(ANN_BOOTSTRAP_FORMAT.to_string(), "skiff-v1".to_string())]),
+            )
+        }
+        ImageLayout::Skiff => (
+            zstd::bulk::compress(&boot, BOOTSTRAP_ZSTD_LEVEL)
+                .map_err(|e| OciError::io("compressing", &bootstrap_path, e))?,
+            manifest::sha256_digest(&boot),
+            SKIFF_BOOTSTRAP_ZSTD,
+            BTreeMap::new(),
+        ),
+    };
+    let boot_digest = target.push_blob_bytes(&boot_layer, work)?;
     let mut diff_ids: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
     diff_ids.push(boot_diff_id);
+    boot_ann.insert(ANN_NYDUS_BOOTSTRAP.to_string(), "true".to_string());
+    boot_ann.insert(ANN_ROOT_DIGEST.to_string(), summary.root_digest.clone());
     layers.push(Descriptor {
-        media_type: SKIFF_BOOTSTRAP_ZSTD.to_string(),
+        media_type: boot_type.to_string(),
         digest: boot_digest.clone(),
-        size: boot_zstd.len() as u64,
-        annotations: BTreeMap::from([
-            (ANN_NYDUS_BOOTSTRAP.to_string(), "true".to_string()),
-            (ANN_ROOT_DIGEST.to_string(), summary.root_digest.clone()),
-        ]),
+        size: boot_layer.len() as u64,
+        annotations: boot_ann,
         platform: None,
     });
 
@@ -303,10 +357,36 @@ fn convert_image(
         manifest_bytes: mbytes.len() as u64,
         blobs: pushed,
         bootstrap_digest: boot_digest,
-        bootstrap_bytes: boot_zstd.len() as u64,
+        bootstrap_bytes: boot_layer.len() as u64,
         bootstrap_uncompressed_bytes: boot.len() as u64,
         build: summary,
     })
+}
+
+/// The node layout's bootstrap layer, uncompressed: a tar holding the directory `image` and
+/// the bootstrap as `image/image.boot`, owned by root, dated 0 (the same bytes for the same
+/// bootstrap).
+fn bootstrap_tar(boot: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = tar::Header::new_ustar();
+    dir.set_entry_type(tar::EntryType::Directory);
+    dir.set_mode(0o755);
+    dir.set_size(0);
+    dir.set_mtime(0);
+    b.append_data(&mut dir, "image", &[][..])?;
+    let mut f = tar::Header::new_ustar();
+    f.set_entry_type(tar::EntryType::Regular);
+    f.set_mode(0o644);
+    f.set_size(boot.len() as u64);
+    f.set_mtime(0);
+    b.append_data(&mut f, NODE_BOOTSTRAP_PATH, boot)?;
+    b.into_inner()
+}
+
+fn gzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    std::io::Write::write_all(&mut g, data)?;
+    g.finish()
 }
 
 /// The source's config with `rootfs.diff_ids` naming the new layers (which are stored
@@ -410,6 +490,8 @@ mod tests {
             chunk_dicts: Vec::new(),
             progress: false,
             io_threads: 0,
+            blob_id_sha256: false,
+            node_compat: false,
         };
         let (summary, per_layer) = build::build_blob_per_layer(&paths, &opts).expect("build");
         let sizes: Vec<Option<u64>> = per_layer.iter().map(|r| r.map(|r| r.size.get())).collect();

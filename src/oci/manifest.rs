@@ -28,6 +28,17 @@ pub const SKIFF_BOOTSTRAP: &str = "application/vnd.skiff.rafs.bootstrap.v1";
 /// because a bootstrap (names, digests, tables) shrinks to about 40 % and is fetched whole
 /// before an image can start.
 pub const SKIFF_BOOTSTRAP_ZSTD: &str = "application/vnd.skiff.rafs.bootstrap.v1+zstd";
+/// Nydus's media type of a data-blob layer, which Skiff images in the node layout use too
+/// (blobs named by their sha256: the layer digest is the blob id).
+pub const NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
+/// The media type of the node layout's bootstrap layer (a gzip tar holding
+/// `image/image.boot`, as Nydus images have it).
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// Where the node layout's bootstrap layer holds the bootstrap.
+pub const NODE_BOOTSTRAP_PATH: &str = "image/image.boot";
+/// Annotation on the node layout's bootstrap layer: which bootstrap format `image/image.boot`
+/// is (`skiff-v1`), since the layer's shape is Nydus's.
+pub const ANN_BOOTSTRAP_FORMAT: &str = "io.skiff.rafs.bootstrap-format";
 /// Annotation on a blob layer: the Skiff blob id (blake3, hex).
 pub const ANN_BLOB_ID: &str = "io.skiff.rafs.blob-id";
 /// Annotation on the bootstrap layer: the image's root Merkle digest (blake3, hex).

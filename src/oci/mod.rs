@@ -12,7 +12,7 @@ pub mod registry;
 pub mod registry_backend;
 pub mod source;
 
-pub use convert::{convert, ConvertOptions, ConvertReport, ConvertSummary};
+pub use convert::{convert, ConvertOptions, ConvertReport, ConvertSummary, ImageLayout};
 pub use reference::Reference;
 pub use registry::{RegistryClient, RegistryOptions};
 pub use registry_backend::{open_image, RegistryBackend, RemoteImage};

@@ -7,6 +7,36 @@ pub const DOCKER_HUB: &str = "docker.io";
 /// Where Docker Hub's API actually lives.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
+/// Whether `host` is a registry host as references name it: `name[:port]`, letters, digits,
+/// `.`, `-`, `:` and the brackets of an IPv6 address, at most 255 bytes.
+pub fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+}
+
+/// Checks a repository path (`library/debian`): components of lower-case letters, digits, `.`,
+/// `_` and `-`, each starting and ending with a letter or digit.
+pub fn check_repository(repo: &str) -> Result<(), String> {
+    if repo.is_empty() || repo.len() > 2048 {
+        return Err("no repository, or one too long".into());
+    }
+    for comp in repo.split('/') {
+        let ok = !comp.is_empty()
+            && comp
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+            && comp.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && comp.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !ok {
+            return Err(format!("invalid repository component {comp:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// A parsed image reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reference {
@@ -65,25 +95,8 @@ impl Reference {
                 return Err(bad("invalid tag"));
             }
         }
-        if repo.is_empty() {
-            return Err(bad("no repository"));
-        }
-        for comp in repo.split('/') {
-            let ok = !comp.is_empty()
-                && comp
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-                && comp.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && comp.ends_with(|c: char| c.is_ascii_alphanumeric());
-            if !ok {
-                return Err(bad(&format!("invalid repository component {comp:?}")));
-            }
-        }
-        if host.is_empty()
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        {
+        check_repository(repo).map_err(|w| bad(&w))?;
+        if !valid_host(&host) {
             return Err(bad("invalid registry host"));
         }
         let repository = if host == DOCKER_HUB && !repo.contains('/') {
@@ -101,6 +114,25 @@ impl Reference {
             repository,
             tag,
             digest,
+        })
+    }
+
+    /// The repository `repo` of registry `host`, as nydusd's config names them (no tag, no
+    /// digest), validated as [`Self::parse`] validates them.
+    pub fn from_parts(host: &str, repo: &str) -> Result<Self, OciError> {
+        let bad = |why: String| OciError::Reference {
+            reference: format!("{host}/{repo}"),
+            why,
+        };
+        if !valid_host(host) {
+            return Err(bad("invalid registry host".into()));
+        }
+        check_repository(repo).map_err(bad)?;
+        Ok(Self {
+            registry: host.to_string(),
+            repository: repo.to_string(),
+            tag: None,
+            digest: None,
         })
     }
 

@@ -8,7 +8,8 @@
 use std::io::{Read, Write};
 use std::net::IpAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, LOCATION, RANGE};
@@ -26,42 +27,155 @@ const ERROR_BODY_QUOTE: u64 = 512;
 const MONOLITHIC_MAX: u64 = 16 << 20;
 /// Chunk size of chunked uploads.
 const UPLOAD_CHUNK: usize = 16 << 20;
-/// How long a mirror that failed is skipped before it is tried again.
-const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
+/// How long a mirror that failed is skipped before it is tried again (mirrors of the command
+/// line; nydusd configurations give their own interval).
+pub const MIRROR_COOLDOWN: Duration = Duration::from_secs(30);
+/// Timeout of a mirror's health check.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Redirects followed by hand (with `blob_redirected_host`), as reqwest's policy otherwise.
+const MAX_REDIRECTS: usize = 5;
+
+/// `http` or `https`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A pull mirror (or a P2P proxy such as Dragonfly's), tried before the registry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    /// `host[:port]`.
+    pub host: String,
+    /// The scheme; `None`: plain HTTP if the client is insecure or the host is loopback.
+    pub scheme: Option<Scheme>,
+    /// A URL whose GET answers 2xx when the mirror is healthy: checked before a mirror that
+    /// failed is used again.
+    pub ping_url: Option<String>,
+    /// How long a mirror that failed `failure_limit` times in a row is left alone.
+    pub cooldown: Duration,
+    /// Consecutive failures before the cooldown (at least 1).
+    pub failure_limit: u32,
+    /// Extra headers of every request to it.
+    pub headers: Vec<(String, String)>,
+    /// Whether the registry credentials (and tokens) go to it too.
+    pub auth_through: bool,
+}
+
+impl Mirror {
+    /// A mirror as `--mirror HOST` gives it: credentials go to it, 30 s cooldown after one
+    /// failure, no health check.
+    pub fn plain(host: &str) -> Self {
+        Self {
+            host: host.to_string(),
+            scheme: None,
+            ping_url: None,
+            cooldown: MIRROR_COOLDOWN,
+            failure_limit: 1,
+            headers: Vec::new(),
+            auth_through: true,
+        }
+    }
+}
 
 /// How to reach a registry.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RegistryOptions {
     /// Use plain HTTP even for hosts other than `localhost` and `127.0.0.0/8`.
     pub insecure: bool,
-    /// Hosts (`host[:port]`) tried, in order, before the origin for pulls.
-    pub mirrors: Vec<String>,
+    /// The origin's scheme, when it must be this one whatever the host (nydusd's `scheme`).
+    pub scheme: Option<Scheme>,
+    /// Mirrors tried, in order, before the origin for pulls.
+    pub mirrors: Vec<Mirror>,
+    /// Whether the origin is tried when every mirror failed (pulls).
+    pub fallback_to_origin: bool,
     /// An HTTP proxy URL for all requests.
     pub proxy: Option<String>,
     /// Credentials; anonymous when `None`.
     pub credentials: Option<Credentials>,
+    /// A bearer token sent with requests until the registry asks for another.
+    pub bearer_token: Option<String>,
     /// Timeout of one request (connect and read); none when `None`.
     pub timeout: Option<Duration>,
+    /// Connect timeout, when it differs from `timeout`.
+    pub connect_timeout: Option<Duration>,
+    /// Do not verify TLS certificates.
+    pub skip_verify: bool,
+    /// Extra CA certificates (PEM).
+    pub ca_certs: Vec<Vec<u8>>,
+    /// Blob redirects go to this host instead of the one the registry named.
+    pub blob_redirected_host: Option<String>,
+    /// The scheme of redirected blob URLs.
+    pub blob_url_scheme: Option<Scheme>,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            scheme: None,
+            mirrors: Vec::new(),
+            fallback_to_origin: true,
+            proxy: None,
+            credentials: None,
+            bearer_token: None,
+            timeout: None,
+            connect_timeout: None,
+            skip_verify: false,
+            ca_certs: Vec::new(),
+            blob_redirected_host: None,
+            blob_url_scheme: None,
+        }
+    }
 }
 
 /// One registry endpoint (the origin or a mirror).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Endpoint {
     /// `host[:port]`, the key of its authentication state.
     host: String,
     /// `http://host` or `https://host`.
     base: String,
+    /// Whether requests to it carry credentials.
+    auth: bool,
+    /// Extra headers.
+    headers: Vec<(String, String)>,
+    /// A mirror's health rules (`None` for the origin).
+    health: Option<MirrorHealth>,
+}
+
+#[derive(Debug)]
+struct MirrorHealth {
+    ping_url: Option<String>,
+    cooldown: Duration,
+    failure_limit: u32,
+    /// Consecutive failures and the time of the last one.
+    state: Mutex<(u32, Option<Instant>)>,
 }
 
 /// A client for one repository of one registry.
 pub struct RegistryClient {
     http: Client,
+    /// The same, following no redirect: blob reads with `blob_redirected_host` follow them by
+    /// hand, to rewrite the host.
+    http_manual: Option<Client>,
+    blob_redirect: Option<(String, Option<Scheme>)>,
     auth: Authenticator,
     reference: Reference,
     origin: Endpoint,
     mirrors: Vec<Endpoint>,
-    /// When each mirror (by index) last failed.
-    mirror_failed: std::sync::Mutex<Vec<Option<std::time::Instant>>>,
+    fallback_to_origin: bool,
     /// Timeout of one request, if any (what a deadline's remainder is capped by).
     timeout: Option<Duration>,
 }
@@ -72,55 +186,110 @@ pub fn is_loopback_host(host: &str) -> bool {
     h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+#[cfg(test)]
 fn endpoint(host: &str, insecure: bool) -> Endpoint {
-    let scheme = if insecure || is_loopback_host(host) {
-        "http"
+    endpoint_with(host, None, insecure)
+}
+
+fn endpoint_with(host: &str, scheme: Option<Scheme>, insecure: bool) -> Endpoint {
+    let scheme = scheme.unwrap_or(if insecure || is_loopback_host(host) {
+        Scheme::Http
     } else {
-        "https"
-    };
+        Scheme::Https
+    });
     Endpoint {
         host: host.to_string(),
-        base: format!("{scheme}://{host}"),
+        base: format!("{}://{host}", scheme.as_str()),
+        auth: true,
+        headers: Vec::new(),
+        health: None,
     }
+}
+
+fn build_http(opts: &RegistryOptions, follow_redirects: bool) -> Result<Client, OciError> {
+    let mut b = Client::builder()
+        .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
+        .redirect(if follow_redirects {
+            reqwest::redirect::Policy::limited(MAX_REDIRECTS)
+        } else {
+            reqwest::redirect::Policy::none()
+        });
+    if let Some(t) = opts.timeout {
+        b = b
+            .timeout(t)
+            .connect_timeout(opts.connect_timeout.unwrap_or(t));
+    } else {
+        b = b.timeout(None);
+        if let Some(c) = opts.connect_timeout {
+            b = b.connect_timeout(c);
+        }
+    }
+    if opts.skip_verify {
+        b = b.danger_accept_invalid_certs(true);
+    }
+    for pem in &opts.ca_certs {
+        let cert = reqwest::Certificate::from_pem(pem).map_err(|source| OciError::Http {
+            what: "reading a CA certificate".into(),
+            source,
+        })?;
+        b = b.add_root_certificate(cert);
+    }
+    match &opts.proxy {
+        Some(p) => {
+            let proxy = reqwest::Proxy::all(p).map_err(|source| OciError::Http {
+                what: format!("proxy {p}"),
+                source,
+            })?;
+            b = b.proxy(proxy);
+        }
+        // Configuration flows in as values: no proxy unless one is given.
+        None => b = b.no_proxy(),
+    }
+    b.build().map_err(|source| OciError::Http {
+        what: "creating the HTTP client".into(),
+        source,
+    })
 }
 
 impl RegistryClient {
     /// A client for `reference`'s repository.
     pub fn new(reference: &Reference, opts: &RegistryOptions) -> Result<Self, OciError> {
-        let mut b = Client::builder()
-            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(5));
-        if let Some(t) = opts.timeout {
-            b = b.timeout(t).connect_timeout(t);
-        } else {
-            b = b.timeout(None);
+        let http = build_http(opts, true)?;
+        let http_manual = match &opts.blob_redirected_host {
+            Some(_) => Some(build_http(opts, false)?),
+            None => None,
+        };
+        let mirrors = opts
+            .mirrors
+            .iter()
+            .map(|m| Endpoint {
+                headers: m.headers.clone(),
+                auth: m.auth_through,
+                health: Some(MirrorHealth {
+                    ping_url: m.ping_url.clone(),
+                    cooldown: m.cooldown,
+                    failure_limit: m.failure_limit.max(1),
+                    state: Mutex::new((0, None)),
+                }),
+                ..endpoint_with(&m.host, m.scheme, opts.insecure)
+            })
+            .collect();
+        let auth = Authenticator::new(opts.credentials.clone());
+        if let Some(t) = &opts.bearer_token {
+            auth.set_bearer_token(Some(t.clone()));
         }
-        match &opts.proxy {
-            Some(p) => {
-                let proxy = reqwest::Proxy::all(p).map_err(|source| OciError::Http {
-                    what: format!("proxy {p}"),
-                    source,
-                })?;
-                b = b.proxy(proxy);
-            }
-            // Configuration flows in as values: no proxy unless one is given.
-            None => b = b.no_proxy(),
-        }
-        let http = b.build().map_err(|source| OciError::Http {
-            what: "creating the HTTP client".into(),
-            source,
-        })?;
         Ok(Self {
             http,
-            auth: Authenticator::new(opts.credentials.clone()),
+            http_manual,
+            blob_redirect: opts
+                .blob_redirected_host
+                .clone()
+                .map(|h| (h, opts.blob_url_scheme)),
+            auth,
             reference: reference.clone(),
-            origin: endpoint(reference.api_host(), opts.insecure),
-            mirrors: opts
-                .mirrors
-                .iter()
-                .map(|m| endpoint(m, opts.insecure))
-                .collect(),
-            mirror_failed: std::sync::Mutex::new(vec![None; opts.mirrors.len()]),
+            origin: endpoint_with(reference.api_host(), opts.scheme, opts.insecure),
+            mirrors,
+            fallback_to_origin: opts.fallback_to_origin || opts.mirrors.is_empty(),
             timeout: opts.timeout,
         })
     }
@@ -128,6 +297,17 @@ impl RegistryClient {
     /// The reference this client was made for.
     pub fn reference(&self) -> &Reference {
         &self.reference
+    }
+
+    /// Replaces the credentials (nydusd's `PUT /api/v1/config` with `registry_auth`): tokens
+    /// fetched with the old ones are dropped, so that the next request proves the new ones.
+    pub fn set_credentials(&self, credentials: Option<Credentials>) {
+        self.auth.set_credentials(credentials);
+    }
+
+    /// Replaces the bearer token sent before any challenge (nydusd's `registry_token`).
+    pub fn set_bearer_token(&self, token: Option<String>) {
+        self.auth.set_bearer_token(token);
     }
 
     fn pull_scope(&self) -> String {
@@ -175,7 +355,7 @@ impl RegistryClient {
             }
             Ok(Some(self.timeout.map_or(left, |c| c.min(left))))
         };
-        if self.auth.needs_refresh(&ep.host, scope) {
+        if ep.auth && self.auth.needs_refresh(&ep.host, scope) {
             self.auth
                 .refresh_known_within(&self.http, &ep.host, scope, left()?)?;
         }
@@ -184,14 +364,19 @@ impl RegistryClient {
             if let Some(t) = left()? {
                 req = req.timeout(t);
             }
-            if let Some(h) = self.auth.header(&ep.host, scope) {
-                req = req.header(AUTHORIZATION, h);
+            for (k, v) in &ep.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            if ep.auth {
+                if let Some(h) = self.auth.header(&ep.host, scope) {
+                    req = req.header(AUTHORIZATION, h);
+                }
             }
             let resp = req.send().map_err(|source| OciError::Http {
                 what: what.to_string(),
                 source,
             })?;
-            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 || !ep.auth {
                 return Ok(resp);
             }
             let challenge = resp
@@ -212,34 +397,81 @@ impl RegistryClient {
         Err(OciError::Auth(format!("{what}: unauthorized")))
     }
 
-    /// Tries `f` on each mirror, then on the origin; returns the first success, or the origin's
-    /// error.
+    /// Whether a mirror may be tried now: not in its cooldown, and (after one) answering its
+    /// health check.
+    fn mirror_usable(&self, m: &Endpoint) -> bool {
+        let Some(h) = &m.health else { return true };
+        let (failures, last) = *lock(&h.state);
+        let Some(last) = last.filter(|_| failures >= h.failure_limit) else {
+            return true;
+        };
+        if last.elapsed() < h.cooldown {
+            return false;
+        }
+        let Some(ping) = &h.ping_url else { return true };
+        let healthy = self
+            .http
+            .get(ping)
+            .timeout(PING_TIMEOUT)
+            .send()
+            .is_ok_and(|r| r.status().is_success());
+        *lock(&h.state) = if healthy {
+            (0, None)
+        } else {
+            (failures, Some(Instant::now()))
+        };
+        if !healthy {
+            tracing::warn!(mirror = %m.host, ping, "mirror still unhealthy");
+        }
+        healthy
+    }
+
+    fn mirror_result(&self, m: &Endpoint, ok: bool) {
+        let Some(h) = &m.health else { return };
+        let mut g = lock(&h.state);
+        *g = if ok {
+            (0, None)
+        } else {
+            (g.0.saturating_add(1), Some(Instant::now()))
+        };
+    }
+
+    /// Tries `f` on each mirror, then on the origin (unless mirrors are all it may use);
+    /// returns the first success, or the last error.
     fn pull<T>(
         &self,
         what: &str,
         f: &dyn Fn(&Endpoint) -> Result<T, OciError>,
     ) -> Result<T, OciError> {
-        for (i, m) in self.mirrors.iter().enumerate() {
-            let cooling = lock(&self.mirror_failed).get(i).copied().flatten();
-            if cooling.is_some_and(|t| t.elapsed() < MIRROR_COOLDOWN) {
+        let mut last_err = None;
+        for m in &self.mirrors {
+            if !self.mirror_usable(m) {
                 continue;
             }
             match f(m) {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.mirror_result(m, true);
+                    return Ok(v);
+                }
                 Err(e) => {
                     tracing::warn!(
                         mirror = %m.host,
                         error = %crate::util::error_chain(&e),
-                        "{what}: mirror failed, trying the next one (skipped for {}s)",
-                        MIRROR_COOLDOWN.as_secs()
+                        "{what}: mirror failed, trying the next one"
                     );
-                    if let Some(slot) = lock(&self.mirror_failed).get_mut(i) {
-                        *slot = Some(std::time::Instant::now());
-                    }
+                    self.mirror_result(m, false);
+                    last_err = Some(e);
                 }
             }
         }
-        f(&self.origin)
+        if self.fallback_to_origin {
+            return f(&self.origin);
+        }
+        Err(last_err.unwrap_or_else(|| {
+            OciError::Invalid(format!(
+                "{what}: every mirror is unhealthy and falling back to the registry is off"
+            ))
+        }))
     }
 
     /// Fetches the image manifest, resolving an index to its linux/amd64 manifest. Returns the
@@ -438,19 +670,25 @@ impl RegistryClient {
                     Some(self.timeout.map_or(left, |c| c.min(left)))
                 }
             };
-            let resp = self.send_until(
-                ep,
-                &self.pull_scope(),
-                &what,
-                &|| {
-                    let req = self.http.get(&url).header(RANGE, &range);
-                    match timeout {
-                        Some(t) => req.timeout(t),
-                        None => req,
-                    }
-                },
-                until,
-            )?;
+            let resp = match (&self.http_manual, &self.blob_redirect) {
+                (Some(manual), Some(_)) => {
+                    let resp = self.send_until(
+                        ep,
+                        &self.pull_scope(),
+                        &what,
+                        &|| manual.get(&url).header(RANGE, &range),
+                        until,
+                    )?;
+                    self.follow_redirects(manual, resp, &range, &what, timeout)?
+                }
+                _ => self.send_until(
+                    ep,
+                    &self.pull_scope(),
+                    &what,
+                    &|| self.http.get(&url).header(RANGE, &range),
+                    until,
+                )?,
+            };
             let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
             if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
                 let want = format!("bytes {offset}-{last}/");
@@ -469,6 +707,56 @@ impl RegistryClient {
             }
             Ok(bytes)
         })
+    }
+
+    /// Follows the redirects of a blob read by hand, sending each to `host` (and `scheme`)
+    /// instead of the host the registry named (nydusd's `blob_redirected_host`). No
+    /// credentials go to the redirect target, as with reqwest's own redirects across hosts.
+    fn follow_redirects(
+        &self,
+        http: &Client,
+        mut resp: Response,
+        range: &str,
+        what: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Response, OciError> {
+        let Some((host, scheme)) = &self.blob_redirect else {
+            return Ok(resp);
+        };
+        for _ in 0..MAX_REDIRECTS {
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let loc = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| OciError::Invalid(format!("{what}: redirect without Location")))?;
+            let mut url = resp
+                .url()
+                .join(loc)
+                .map_err(|e| OciError::Invalid(format!("{what}: redirect to {loc:?}: {e}")))?;
+            let (h, port) = split_host_port(host);
+            url.set_host(Some(h)).map_err(|e| {
+                OciError::Invalid(format!("{what}: blob_redirected_host {host:?}: {e}"))
+            })?;
+            let _ = url.set_port(port);
+            if let Some(s) = scheme {
+                let _ = url.set_scheme(s.as_str());
+            }
+            tracing::debug!(%url, "following a blob redirect to the configured host");
+            let mut req = http.get(url).header(RANGE, range);
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
+            resp = req.send().map_err(|source| OciError::Http {
+                what: format!("{what} (redirected)"),
+                source,
+            })?;
+        }
+        Err(OciError::Invalid(format!(
+            "{what}: more than {MAX_REDIRECTS} redirects"
+        )))
     }
 
     /// Whether the origin has blob `digest`.
@@ -589,6 +877,22 @@ impl RegistryClient {
         base.join(loc)
             .map(|u| u.to_string())
             .map_err(|e| OciError::Invalid(format!("{what}: Location {loc:?}: {e}")))
+    }
+}
+
+/// `host[:port]` split; an IPv6 literal keeps its brackets (`[::1]:5000` → `[::1]`, 5000).
+fn split_host_port(host: &str) -> (&str, Option<u16>) {
+    let colon = if host.starts_with('[') {
+        host.find("]:").map(|i| i + 1)
+    } else {
+        host.rfind(':')
+    };
+    match colon {
+        Some(i) => match host[i + 1..].parse::<u16>() {
+            Ok(p) => (&host[..i], Some(p)),
+            Err(_) => (host, None),
+        },
+        None => (host, None),
     }
 }
 

@@ -1,12 +1,14 @@
 //! [`RegistryBackend`]: Skiff blobs read by range from the layers of an image in a registry.
 //!
-//! A Skiff blob is named by its blake3 id; in the registry it is a layer named by its sha256
-//! digest. The map between the two comes from the layers' `io.skiff.rafs.blob-id` annotations,
-//! checked against the bootstrap's blob table (id and size) when the image is opened. A blob
-//! whose id *is* its sha256 (every Nydus blob) needs no annotation: it is fetched as
-//! `sha256:<id>`.
+//! A blob is a layer of the image. A blob whose id is its sha256 (images converted for
+//! registries, and Nydus images) is the layer `sha256:<id>`: no manifest is needed to find it,
+//! which is how a daemon given only host, repository and bootstrap reads it
+//! ([`RegistryBackend::for_bootstrap`]). A blob named by its blake3 (earlier converts) is
+//! found through the layers' `io.skiff.rafs.blob-id` annotations, checked against the
+//! bootstrap's blob table (id and size) when the image is opened.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use super::manifest::{
     ImageManifest, ANN_BLOB_ID, ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, SKIFF_BLOB, SKIFF_BOOTSTRAP,
@@ -35,11 +37,42 @@ struct LayerLoc {
 /// Reads Skiff blobs from a registry, one range request per read. Unverified, like every
 /// backend: [`crate::storage::CachedChunkSource`] checks each chunk.
 pub struct RegistryBackend {
-    client: RegistryClient,
+    client: Arc<RegistryClient>,
     layers: HashMap<[u8; DIGEST_LEN], LayerLoc>,
 }
 
 impl RegistryBackend {
+    /// A backend for the blobs of `bootstrap` in `client`'s repository, each the layer named
+    /// by its id: every blob must be named by its sha256 (a blob named by its blake3 can only
+    /// be found through the manifest's annotations: use [`open_image`]).
+    pub fn for_bootstrap(
+        client: Arc<RegistryClient>,
+        bootstrap: &Bootstrap,
+    ) -> Result<Self, OciError> {
+        let mut layers = HashMap::new();
+        for b in bootstrap.blobs() {
+            let Some(digest) = b.layer_digest() else {
+                return Err(OciError::Invalid(format!(
+                    "blob {} is named by its blake3, so the registry layer holding it cannot                      be found without the image's manifest: convert the image again with                      `skiff convert` (which names blobs by their sha256), or mount it with                      --image",
+                    digest_hex(&b.id)
+                )));
+            };
+            layers.insert(
+                b.id,
+                LayerLoc {
+                    digest,
+                    size: b.size.get(),
+                },
+            );
+        }
+        Ok(Self { client, layers })
+    }
+
+    /// The client, to renew its credentials.
+    pub fn client(&self) -> &Arc<RegistryClient> {
+        &self.client
+    }
+
     /// The layer digest holding blob `id`, if the image has it.
     pub fn layer_digest(&self, id: &[u8; DIGEST_LEN]) -> Option<&str> {
         self.layers.get(id).map(|l| l.digest.as_str())
@@ -280,7 +313,10 @@ pub fn open_image(
     );
     Ok(RemoteImage {
         bootstrap,
-        backend: RegistryBackend { client, layers },
+        backend: RegistryBackend {
+            client: Arc::new(client),
+            layers,
+        },
         manifest_digest,
     })
 }

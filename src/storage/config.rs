@@ -87,6 +87,16 @@ pub struct PrefetchConfig {
     /// Use the bootstrap's prefetch table (default true).
     #[serde(default)]
     pub use_image_list: Option<bool>,
+    /// Image paths fetched first (after the bootstrap's table and `files`); a directory
+    /// stands for every file under it. A path missing from the image is an error.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Worker threads (default 1: one backend request at a time).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Largest merged request (default 8M).
+    #[serde(default)]
+    pub merge: Option<ByteSize>,
 }
 
 /// Backend request retries and concurrency.
@@ -263,6 +273,11 @@ impl StorageConfig {
         if let Some(f) = &self.prefetch.files {
             first.extend(read_prefetch_list(bootstrap, f)?);
         }
+        first.extend(resolve_prefetch_paths(
+            bootstrap,
+            &self.prefetch.paths,
+            "prefetch path",
+        )?);
         let opts = PrefetchOptions {
             first,
             all: self.prefetch.all,
@@ -270,12 +285,16 @@ impl StorageConfig {
                 Some(b) => Some(b.get()?),
                 None => None,
             },
+            threads: self.prefetch.threads.unwrap_or(1).clamp(1, 1024),
+            merge_bytes: match &self.prefetch.merge {
+                Some(m) => m.get()?,
+                None => 0,
+            },
         };
         let wants_prefetch = !opts.first.is_empty() || opts.all;
-        if wants_prefetch
-            && cache_dir.is_none()
-            && (self.prefetch.all || self.prefetch.files.is_some())
-        {
+        let asked =
+            self.prefetch.all || self.prefetch.files.is_some() || !self.prefetch.paths.is_empty();
+        if wants_prefetch && cache_dir.is_none() && asked {
             return Err(ConfigError::Invalid(
                 "prefetch needs a disk cache to fetch into (give --cache-dir)".into(),
             ));
@@ -304,18 +323,30 @@ pub fn read_prefetch_list(bootstrap: &Bootstrap, path: &Path) -> Result<Vec<u32>
         path: path.display().to_string(),
         source,
     })?;
-    let mut out = Vec::new();
-    for line in text
+    let lines: Vec<String> = text
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let ino = prefetch::resolve(bootstrap, line).ok_or_else(|| {
-            ConfigError::Invalid(format!(
-                "prefetch list {}: {line}: not in the image",
-                path.display()
-            ))
-        })?;
+        .map(str::to_owned)
+        .collect();
+    resolve_prefetch_paths(
+        bootstrap,
+        &lines,
+        &format!("prefetch list {}", path.display()),
+    )
+}
+
+/// The files at or under each of `paths` in the image, in order (`what` names the list in
+/// errors). A path missing from the image is an error.
+pub fn resolve_prefetch_paths(
+    bootstrap: &Bootstrap,
+    paths: &[String],
+    what: &str,
+) -> Result<Vec<u32>, ConfigError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let ino = prefetch::resolve(bootstrap, p)
+            .ok_or_else(|| ConfigError::Invalid(format!("{what}: {p}: not in the image")))?;
         prefetch::files_under(bootstrap, ino, &mut out);
     }
     Ok(out)

@@ -61,6 +61,10 @@ pub struct Metrics {
     /// Stored (compressed) bytes of those chunks: what a fetcher that knew the workload in
     /// advance would have had to fetch, the yardstick for `backend_bytes`.
     pub demand_stored_bytes: AtomicU64,
+    /// Reads served by the filesystem (where it counts them, see `RafsFsOptions::reads`).
+    pub fs_reads: AtomicU64,
+    /// Bytes those reads returned.
+    pub fs_read_bytes: AtomicU64,
     /// Digests counted in `demand_chunks`, so that each chunk counts once.
     demand_seen: Mutex<HashSet<crate::format::ChunkDigest>>,
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
@@ -143,6 +147,8 @@ impl Metrics {
             prefetch_complete: g(&self.prefetch_complete) != 0,
             demand_chunks: g(&self.demand_chunks),
             demand_stored_bytes: g(&self.demand_stored_bytes),
+            fs_reads: g(&self.fs_reads),
+            fs_read_bytes: g(&self.fs_read_bytes),
             fetch_latency: buckets,
             fetch_latency_sum_seconds: g(&self.latency_sum_us) as f64 / 1e6,
         }
@@ -186,6 +192,10 @@ pub struct MetricsSnapshot {
     pub demand_chunks: u64,
     #[serde(default)]
     pub demand_stored_bytes: u64,
+    #[serde(default)]
+    pub fs_reads: u64,
+    #[serde(default)]
+    pub fs_read_bytes: u64,
     pub fetch_latency: Vec<LatencyBucket>,
     pub fetch_latency_sum_seconds: f64,
 }

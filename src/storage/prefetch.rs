@@ -2,13 +2,14 @@
 //! runtime list) into the disk cache first, then, if asked, every chunk of the image, so that
 //! the container stops needing the network.
 //!
-//! The worker is one thread making one backend request at a time (merged runs of adjacent
+//! By default one worker thread makes one backend request at a time (merged runs of adjacent
 //! chunks), so it holds at most one of the backend's request slots: foreground reads never
-//! queue behind it. An optional bandwidth cap spaces its requests out. Chunks go to the disk
-//! cache only, not the memory cache, so prefetch does not push out what readers are using.
+//! queue behind it. More workers (nydusd's `threads_count`) each hold one. An optional
+//! bandwidth cap, shared by the workers, spaces the requests out. Chunks go to the disk cache
+//! only, not the memory cache, so prefetch does not push out what readers are using.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -25,8 +26,12 @@ pub struct PrefetchOptions {
     pub first: Vec<u32>,
     /// Then every chunk of the image.
     pub all: bool,
-    /// Bytes per second the worker may fetch (None: no cap).
+    /// Bytes per second the workers may fetch together (None: no cap).
     pub bandwidth: Option<u64>,
+    /// Worker threads (0 is taken as 1).
+    pub threads: usize,
+    /// Largest merged request in bytes (0: [`MAX_MERGED_BYTES`]).
+    pub merge_bytes: u64,
 }
 
 /// One backend request's worth of chunks: a blob index and chunks of it.
@@ -61,8 +66,12 @@ pub fn files_under(bootstrap: &Bootstrap, ino: u32, out: &mut Vec<u32>) {
 
 /// Orders the work: the chunks of `opts.first` files in order, then with `opts.all` every other
 /// chunk by blob and offset; each chunk once, zero chunks never, cut into batches of adjacent
-/// chunks of at most [`MAX_MERGED_BYTES`].
+/// chunks of at most `opts.merge_bytes` ([`MAX_MERGED_BYTES`] by default).
 pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
+    let max_merge = match opts.merge_bytes {
+        0 => MAX_MERGED_BYTES,
+        n => n,
+    };
     let mut seen = HashSet::new();
     let mut batches: Vec<Batch> = Vec::new();
     let mut push = |c: &ChunkRecord, batches: &mut Vec<Batch>| {
@@ -77,7 +86,7 @@ pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
             let first = last.first().map_or(0, |f| f.compressed_offset.get());
             if *b == blob
                 && end == Some(c.compressed_offset.get())
-                && end.unwrap_or(0) + u64::from(c.compressed_size.get()) - first <= MAX_MERGED_BYTES
+                && end.unwrap_or(0) + u64::from(c.compressed_size.get()) - first <= max_merge
             {
                 last.push(*c);
                 return;
@@ -100,65 +109,128 @@ pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
     batches
 }
 
-/// A running prefetch worker.
+/// Running prefetch workers.
 pub struct PrefetchHandle {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl PrefetchHandle {
-    /// Asks the worker to stop after its current request and waits for it.
-    pub fn stop(mut self) {
+    /// Asks the workers to stop after their current request and waits for them.
+    pub fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.join();
     }
 
-    /// Waits for the worker to finish its list.
+    /// Waits for the workers to finish the list.
     pub fn join(mut self) {
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// Starts the worker over `source`, which must have a disk cache to be useful (without one, the
-/// chunks would only pass through the memory cache).
+/// The work shared by the workers: the batches, the next one to take, the bytes fetched so far
+/// (for the bandwidth cap) and when prefetch started.
+struct Work {
+    batches: Vec<Batch>,
+    next: AtomicU64,
+    bytes: AtomicU64,
+    workers_left: AtomicU64,
+    start: Instant,
+}
+
+/// Starts the workers over `source`, which must have a disk cache to be useful (without one,
+/// the chunks would only pass through the memory cache).
 pub fn spawn<B: BlobBackend + 'static>(
     bootstrap: Arc<Bootstrap>,
     source: Arc<CachedChunkSource<B>>,
     opts: PrefetchOptions,
 ) -> PrefetchHandle {
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = threads::spawn(ThreadKind::Fetcher, "skiff-prefetch", move || {
-        run(&bootstrap, &source, &opts, &stop2)
-    })
-    .map_err(|e| tracing::error!(error = %e, "cannot start the prefetch thread"))
-    .ok();
-    PrefetchHandle { stop, thread }
+    let work = Arc::new(start_work(&bootstrap, &source, &opts));
+    let n = opts.threads.max(1);
+    let mut threads = Vec::with_capacity(n);
+    for i in 0..n {
+        let (b, s, o, st, w) = (
+            bootstrap.clone(),
+            source.clone(),
+            opts.clone(),
+            stop.clone(),
+            work.clone(),
+        );
+        match threads::spawn(
+            ThreadKind::Fetcher,
+            format!("skiff-prefetch-{i}"),
+            move || work_loop(&b, &s, &o, &st, &w),
+        ) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a prefetch thread");
+                work.workers_left.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+    PrefetchHandle { stop, threads }
 }
 
-/// The worker's loop (public so tests can run it in the foreground).
+fn start_work<B: BlobBackend>(
+    bootstrap: &Bootstrap,
+    source: &CachedChunkSource<B>,
+    opts: &PrefetchOptions,
+) -> Work {
+    let batches = plan(bootstrap, opts);
+    let total: u64 = batches.iter().map(|(_, b)| b.len() as u64).sum();
+    add(&source.metrics().prefetch_chunks_total, total);
+    tracing::info!(
+        chunks = total,
+        requests = batches.len(),
+        threads = opts.threads.max(1),
+        bandwidth = ?opts.bandwidth,
+        "prefetch started"
+    );
+    Work {
+        batches,
+        next: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        workers_left: AtomicU64::new(opts.threads.max(1) as u64),
+        start: Instant::now(),
+    }
+}
+
+/// The workers' loop, run in the foreground by one thread (public for tests).
 pub fn run<B: BlobBackend>(
     bootstrap: &Bootstrap,
     source: &CachedChunkSource<B>,
     opts: &PrefetchOptions,
     stop: &AtomicBool,
 ) {
+    let one = PrefetchOptions {
+        threads: 1,
+        ..opts.clone()
+    };
+    let work = start_work(bootstrap, source, &one);
+    work_loop(bootstrap, source, &one, stop, &work);
+}
+
+fn work_loop<B: BlobBackend>(
+    bootstrap: &Bootstrap,
+    source: &CachedChunkSource<B>,
+    opts: &PrefetchOptions,
+    stop: &AtomicBool,
+    work: &Work,
+) {
     let m = source.metrics().clone();
-    let batches = plan(bootstrap, opts);
-    let total: u64 = batches.iter().map(|(_, b)| b.len() as u64).sum();
-    add(&m.prefetch_chunks_total, total);
-    tracing::info!(chunks = total, requests = batches.len(), bandwidth = ?opts.bandwidth, "prefetch started");
-    let start = Instant::now();
-    let mut bytes = 0u64;
-    for (blob_index, chunks) in &batches {
+    loop {
         if stop.load(Ordering::Relaxed) {
             tracing::info!("prefetch stopped");
             return;
         }
+        let i = work.next.fetch_add(1, Ordering::Relaxed);
+        let Some((blob_index, chunks)) = usize::try_from(i).ok().and_then(|i| work.batches.get(i))
+        else {
+            break;
+        };
         let Some(blob) = bootstrap.blobs().get(*blob_index as usize) else {
             add(&m.prefetch_errors, chunks.len() as u64);
             continue;
@@ -171,20 +243,23 @@ pub fn run<B: BlobBackend>(
         add(&m.prefetch_errors, errors.len() as u64);
         add(&m.prefetch_bytes, fetched);
         add(&m.prefetch_chunks_done, chunks.len() as u64);
-        bytes += fetched;
+        let bytes = work.bytes.fetch_add(fetched, Ordering::Relaxed) + fetched;
         if let Some(bw) = opts.bandwidth.filter(|b| *b > 0) {
             let due = Duration::from_secs_f64(bytes as f64 / bw as f64);
-            let elapsed = start.elapsed();
+            let elapsed = work.start.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);
             }
         }
     }
-    inc(&m.prefetch_complete);
-    tracing::info!(
-        bytes,
-        seconds = start.elapsed().as_secs_f64(),
-        errors = m.prefetch_errors.load(Ordering::Relaxed),
-        "prefetch finished"
-    );
+    // The last worker to finish reports the end.
+    if work.workers_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+        inc(&m.prefetch_complete);
+        tracing::info!(
+            bytes = work.bytes.load(Ordering::Relaxed),
+            seconds = work.start.elapsed().as_secs_f64(),
+            errors = m.prefetch_errors.load(Ordering::Relaxed),
+            "prefetch finished"
+        );
+    }
 }

@@ -11,6 +11,9 @@ pub mod middlebox;
 pub mod nydus;
 pub mod oci;
 pub mod registry;
+pub mod snapshotter;
+pub mod token_gate;
+pub mod unix_http;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr, OsString};
@@ -1119,4 +1122,36 @@ impl Drop for Mount {
         self.stop();
         self.force_unmount();
     }
+}
+
+/// Aborts the FUSE connection mounted at `path` (through fusectl), so that whatever waits on a
+/// daemon that is gone fails instead of hanging: the last resort of a test that failed.
+pub fn abort_fuse(path: &Path) {
+    let want = path.to_string_lossy().into_owned();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(minor) = info.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&want.as_str()))
+            .then(|| {
+                f.get(2)
+                    .and_then(|d| d.split_once(':'))
+                    .map(|(_, m)| m.to_string())
+            })
+            .flatten()
+    }) else {
+        return;
+    };
+    let ctl = Path::new("/sys/fs/fuse/connections");
+    if fs::read_dir(ctl)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        let _ = Command::new("mount")
+            .args(["-t", "fusectl", "none"])
+            .arg(ctl)
+            .status();
+    }
+    eprintln!("aborting the FUSE connection {minor} of {}", path.display());
+    let _ = fs::write(ctl.join(&minor).join("abort"), b"1");
+    let _ = Command::new("umount").arg("-l").arg(path).status();
 }

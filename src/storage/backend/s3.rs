@@ -52,6 +52,12 @@ pub struct S3Config {
     /// Timeout of one request in seconds, body included (default 30).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Connect timeout in seconds (default 5).
+    #[serde(default)]
+    pub connect_timeout_secs: Option<u64>,
+    /// Do not verify the endpoint's TLS certificate.
+    #[serde(default)]
+    pub skip_verify: bool,
 }
 
 /// Blobs in an S3 bucket.
@@ -106,8 +112,9 @@ impl S3Backend {
         };
         let timeout = Duration::from_secs(cfg.timeout_secs.unwrap_or(30));
         let client = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs.unwrap_or(5)))
             .timeout(timeout)
+            .danger_accept_invalid_certs(cfg.skip_verify)
             .build()
             .map_err(|e| BackendError::Config(format!("s3 http client: {e}")))?;
         Ok(Self {
