@@ -21,12 +21,14 @@ work="${SKIFF_FUZZ_DIR:-/var/cache/skiff/fuzz}"
 triple=x86_64-unknown-linux-gnu
 bin_dir="$work/target/$triple/release"
 
-all_targets=(bootstrap tar fuse)
+all_targets=(bootstrap tar fuse nydus_config api)
 # Inputs per target for a full campaign, chosen by their speed (the cheap parsers get more).
-declare -A default_runs=([bootstrap]=4000000 [tar]=3000000 [fuse]=2000000)
+declare -A default_runs=([bootstrap]=4000000 [tar]=2500000 [fuse]=1500000 [nydus_config]=2000000
+    [api]=500000)
 # Largest input per target, in bytes: a bootstrap or tar seed with room to grow; a batch of
 # FUSE chains.
-declare -A max_len=([bootstrap]=65536 [tar]=65536 [fuse]=16384)
+declare -A max_len=([bootstrap]=65536 [tar]=65536 [fuse]=16384 [nydus_config]=8192
+    [api]=8192)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
