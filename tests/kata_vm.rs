@@ -4,6 +4,14 @@
 //! (lower: the RAFS image, upper and work: the passthrough share, `index=off`). Commands run
 //! from both containers; one container is removed (`DELETE`) while the VM runs.
 //!
+//! Two more containers come from a containerd + nydus-snapshotter node (tests/kata/node.rs):
+//! Debian minbase in a registry as Skiff's node layout and as Nydus RAFS v6, which the
+//! snapshotter's host daemon (`skiff fuse` as `nydusd`) has mounted and read whole on the host.
+//! The sandbox daemon gets the same config in `POST /api/v1/mount`; in the guest, `dpkg-query
+//! -W` and the listing of each equal the host's, a write lands in the upper dir, and the
+//! registry's access log shows that the sandbox daemon fetched 0 bytes: the host daemon's
+//! chunks in the node's shared cache served it all.
+//!
 //! One image's blobs sit on a slow disk (tests/kata/stallfs.rs) that stalls one chunk of its
 //! file `cold.bin` for 5 s: a passthrough write and a cached read beside that cold read, on the
 //! device's one request queue, finish well before the stall ends.
@@ -138,6 +146,24 @@ for cid in ca cb; do
     /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
     echo END-LOWER-$cid
 done
+# The node's Debian containers: the image's userland runs, the lower layer lists as the
+# host's rootfs, a write goes to the upper dir.
+debian() {
+    R=/run/kata-containers/$1/rootfs
+    mkdir -p $R
+    mount -t overlay overlay \
+        -o lowerdir=$S/rafs/$1/lowerdir,upperdir=$S/containers/$1/snapshotdir/fs,workdir=$S/containers/$1/snapshotdir/work,index=off \
+        $R || { echo "overlay $1 failed"; dmesg | tail -n 5; exit 1; }
+    echo BEGIN-DPKG-$1
+    chroot $R /usr/bin/dpkg-query -W
+    echo END-DPKG-$1
+    chroot $R /bin/bash -c "echo written by $1 > /root/from-the-container"
+    echo BEGIN-LISTING-$1
+    /lister $S/rafs/$1/lowerdir
+    echo END-LISTING-$1
+    umount $R
+}
+#DEBIAN#
 # Head-of-line blocking: a cold read whose chunk the host's disk stalls, and beside it, on the
 # same request queue, a write to the passthrough share and a read the daemon has cached.
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -174,6 +200,28 @@ echo END-AFTER
 umount /run/kata-containers/cb/rootfs
 umount $S
 "#;
+
+/// The lines of a section as printed (a lister line may end in a tab).
+fn raw_section(log: &str, name: &str) -> Vec<String> {
+    let begin = format!("BEGIN-{name}");
+    let end = format!("END-{name}");
+    log.lines()
+        .skip_while(|l| l.trim() != begin)
+        .skip(1)
+        .take_while(|l| l.trim() != end)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What the node side needs (a Debian rootfs, the lister, nydus-image, skopeo), or `None`
+/// (a failure under CI) with the reason printed.
+fn node_ready() -> Option<(PathBuf, PathBuf)> {
+    require("skopeo", common::oci::have("skopeo"))?;
+    common::nydus::require_nydus_image()?;
+    let lister = require("the tree lister", common::listing::lister())?;
+    let rootfs = require("Debian minbase rootfs", debian_rootfs("minbase"))?;
+    Some((rootfs, lister))
+}
 
 fn section(log: &str, name: &str) -> Vec<String> {
     let begin = format!("BEGIN-{name}");
@@ -225,6 +273,19 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         }
     }
 
+    // The node: Debian in a registry, mounted and read whole by the host daemon.
+    let node = node_ready().map(|(rootfs, lister)| {
+        let side = kata::node::start(&dir.path().join("n"), &rootfs, &lister);
+        for img in &side.images {
+            for sub in ["fs", "work"] {
+                fs::create_dir_all(shared.join(img.cid).join("snapshotdir").join(sub))
+                    .expect("snapshotdir");
+            }
+        }
+        (side, rootfs, lister)
+    });
+    let sandbox_from = node.as_ref().map(|(n, _, _)| n.reg.log_len());
+
     let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
     let ready = d.wait_running();
     eprintln!("time to RUNNING: {ready:?}");
@@ -243,10 +304,24 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         );
         assert_eq!(s, 204, "{cid}: {b}");
     }
+    // The node's images: the bootstrap the snapshotter unpacked and the config it wrote.
+    for img in node.iter().flat_map(|(n, _, _)| &n.images) {
+        let (s, b) = mount(
+            &d.api,
+            &rafs_mountpoint(img.cid),
+            &mount_body("rafs", &img.bootstrap, &img.config),
+        );
+        assert_eq!(s, 204, "{}: {b}\n{}", img.cid, d.log_text());
+    }
 
     // Boot the VM in the background; the host plays the runtime meanwhile.
     let script = dir.path().join("guest.sh");
-    fs::write(&script, GUEST).expect("guest script");
+    let debian_calls: String = node
+        .iter()
+        .flat_map(|(n, _, _)| &n.images)
+        .map(|img| format!("debian {}\n", img.cid))
+        .collect();
+    fs::write(&script, GUEST.replace("#DEBIAN#\n", &debian_calls)).expect("guest script");
     let serial = dir.path().join("serial.log");
     let mut vm = Command::new(repo().join("scripts/vm-run.sh"))
         .arg("--socket")
@@ -264,6 +339,11 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         .arg(&script)
         .arg("--serial-log")
         .arg(&serial)
+        .args(node.iter().flat_map(|(_, _, lister)| {
+            let mut spec = lister.as_os_str().to_owned();
+            spec.push(":/lister");
+            [OsStr::new("--guest-file").to_owned(), spec]
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -395,7 +475,100 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         after.ends_with(&["cb".to_string(), "written by cb".to_string()]),
         "cb stopped working after ca was removed: {after:?}"
     );
+    if let Some((side, rootfs, lister)) = node {
+        check_node_containers(&log, side, &rootfs, &lister, &shared, sandbox_from, &d);
+    }
     assert_running_and_stop(d);
+}
+
+/// The node's Debian containers in the guest: their package lists and listings equal the
+/// host's rootfs, their writes are in the upper dirs, the sandbox daemon fetched nothing from
+/// the registry, and it takes `PUT /api/v1/config` with new credentials for their id.
+fn check_node_containers(
+    log: &str,
+    side: kata::node::NodeSide,
+    rootfs: &Path,
+    lister: &Path,
+    shared: &Path,
+    sandbox_from: Option<usize>,
+    d: &KataDaemon,
+) {
+    let host = Command::new("dpkg-query")
+        .arg(format!("--admindir={}/var/lib/dpkg", rootfs.display()))
+        .arg("-W")
+        .output()
+        .expect("dpkg-query on the host");
+    let host: Vec<String> = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(host.len() > 50, "{} packages on the host", host.len());
+    let host_list = common::listing::host_listing(lister, rootfs);
+    for img in &side.images {
+        assert_eq!(
+            section(log, &format!("DPKG-{}", img.cid)),
+            host,
+            "{}: dpkg-query -W in the container",
+            img.cid
+        );
+        let guest = raw_section(log, &format!("LISTING-{}", img.cid));
+        if img.v6 {
+            use common::listing::without_unpreserved_v6_tar_fields as v6;
+            common::listing::assert_same_listing(&v6(&host_list), &v6(&guest));
+        } else {
+            // Converted from a tar layer, which carries no directory sizes.
+            use common::listing::without_dir_sizes as tar;
+            common::listing::assert_same_listing(&tar(&host_list), &tar(&guest));
+        }
+        let upper = shared.join(img.cid).join("snapshotdir/fs");
+        assert_eq!(
+            fs::read_to_string(upper.join("root/from-the-container"))
+                .ok()
+                .as_deref(),
+            Some(format!("written by {}\n", img.cid).as_str()),
+            "the container's write is in its upper dir"
+        );
+    }
+    let gets = side.reg.blob_gets(sandbox_from.unwrap_or(0));
+    let sandbox_bytes: u64 = gets.iter().map(|g| g.bytes).sum();
+    eprintln!(
+        "node: the host daemon fetched {} bytes in {} blob GETs; the sandbox daemon {sandbox_bytes} \
+         bytes in {} GETs for the same two images",
+        side.host_bytes,
+        side.host_gets,
+        gets.len()
+    );
+    assert!(side.host_bytes > 10 << 20, "{}", side.host_bytes);
+    assert_eq!(
+        sandbox_bytes,
+        0,
+        "chunks in the node's cache cost the sandbox daemon registry bytes\n{}",
+        d.log_text()
+    );
+    // Credential renewal on the sandbox daemon: by the config's id, for each image.
+    let renewed = serde_json::json!({"registry_auth": kata::node::auth_of("kata:rotated-pw")});
+    for img in &side.images {
+        let (s, b) = http(
+            &d.api,
+            "PUT",
+            &format!("/api/v1/config?id=%2F{}", img.sid),
+            Some(renewed.to_string().as_bytes()),
+        )
+        .expect("PUT config");
+        assert_eq!(s, 204, "{}", String::from_utf8_lossy(&b));
+    }
+    let (s, b) = http(
+        &d.api,
+        "PUT",
+        "/api/v1/config?id=%2Fnot-mounted",
+        Some(renewed.to_string().as_bytes()),
+    )
+    .expect("PUT config");
+    assert_eq!(s, 404, "{}", String::from_utf8_lossy(&b));
+    let mut host = side.host;
+    let log = host.log_text();
+    let st = host.terminate();
+    assert!(st.success(), "host daemon: {st}\n{log}");
 }
 
 fn assert_running_and_stop(d: KataDaemon) {

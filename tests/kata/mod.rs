@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::skiff;
 
+pub mod node;
 pub mod stallfs;
 
 /// Kata's readiness polling: `GET /api/v1/daemon` up to 20 times, 20 ms apart.
