@@ -42,10 +42,15 @@ pub struct BuildArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Image paths, one per line in access order, whose chunks a daemon fetches first
-    /// (the bootstrap's prefetch table).
+    /// Image paths, one per line in access order (as `skiff record` writes them), whose
+    /// chunks a daemon fetches first: the bootstrap's prefetch table. Their chunks are also
+    /// stored in a blob of their own, in that order, so that they come in one or two requests.
     #[arg(long)]
     pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: keep the listed files' chunks only where they are (no prefetch
+    /// blob).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
     /// Threads reading a source directory (and walking it). Reads of many files at once keep
     /// a cold disk busy; the image is the same for any number. 0 picks the default.
     #[arg(long, default_value_t = build::dir::DEFAULT_IO_THREADS)]
@@ -66,9 +71,12 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         blob_id_sha256: false,
         node_compat: false,
     };
-    let prefetch = match &a.prefetch_list {
-        Some(p) => super::image::read_path_list(p)?,
-        None => Vec::new(),
+    let prefetch = build::PrefetchLayout {
+        paths: match &a.prefetch_list {
+            Some(p) => super::image::read_path_list(p)?,
+            None => Vec::new(),
+        },
+        own_blob: !a.no_prefetch_blob,
     };
     let summary = build::build_with_prefetch(&source, &opts, &prefetch)?;
     println!("{summary}");
@@ -278,6 +286,15 @@ pub struct ConvertArgs {
     /// manifests (default: linux/amd64 only, pushed as one manifest).
     #[arg(long)]
     pub all_platforms: bool,
+    /// Image paths, one per line in access order (as `skiff record` writes them): stored as
+    /// the image's prefetch table, and their chunks once more in a prefetch blob of their own
+    /// (a layer after the others), in that order, so that a daemon fetches them in one or two
+    /// range requests.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: no prefetch blob (the table only).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
     /// How the image is laid out in the registry: `node` (what containerd with
     /// nydus-snapshotter pulls: blobs named by sha256, the bootstrap in a gzip tar layer) or
     /// `skiff` (the earlier layout, blobs named by blake3).
@@ -313,6 +330,13 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         chunk_size: a.chunk_size,
         compressor: a.compressor,
         progress: true,
+        prefetch: crate::build::PrefetchLayout {
+            paths: match &a.prefetch_list {
+                Some(p) => super::image::read_path_list(p)?,
+                None => Vec::new(),
+            },
+            own_blob: !a.no_prefetch_blob,
+        },
         platforms: if a.all_platforms {
             crate::oci::Platforms::All
         } else {
@@ -331,9 +355,14 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
             }
         }
         for b in &summary.blobs {
+            let what = if b.prefetch {
+                "prefetch   ".to_string()
+            } else {
+                format!("layer {:<5}", b.layer)
+            };
             println!(
-                "layer {:<5} blob {} as {} ({} bytes)",
-                b.layer, b.blob_id, b.digest, b.size
+                "{what} blob {} as {} ({} bytes)",
+                b.blob_id, b.digest, b.size
             );
         }
         let packed = match a.layout {
@@ -394,6 +423,10 @@ pub struct MountArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Record the files read, in first-read order, into this prefetch list (written at
+    /// start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// Threshold above which glibc serves an allocation with its own mmap (and returns it to the
@@ -426,7 +459,11 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
         fs,
@@ -437,7 +474,9 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
         &exit,
     );
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
 }
 
@@ -464,6 +503,10 @@ pub struct ServeArgs {
     /// abort when a vhost-user-fs device offers it.
     #[arg(long)]
     pub advertise_config: bool,
+    /// Record the files the guest reads, in first-read order, into this prefetch list
+    /// (written at start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// `skiff serve`.
@@ -471,7 +514,11 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
     opts.workers = a.thread_num;
@@ -479,7 +526,9 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::vhost::serve_until(Arc::new(fs), &opts, &exit);
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
 }
 

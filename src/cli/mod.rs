@@ -5,6 +5,7 @@ mod check;
 mod commands;
 mod image;
 mod nydusd;
+mod record;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +14,7 @@ pub use check::*;
 pub use commands::*;
 pub use image::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
+pub use record::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -37,6 +39,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Serve an image read-only over /dev/fuse until SIGINT/SIGTERM.
     Mount(MountArgs),
+    /// Mount an image, run a workload on it, and write the files it read (in first-read
+    /// order) as a prefetch list for `build`/`convert --prefetch-list` and `--prefetch-files`.
+    Record(RecordArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
     /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
@@ -107,6 +112,7 @@ pub fn main() -> i32 {
         Command::Check(a) => cmd_check(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
+        Command::Record(a) => cmd_record(a),
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
         Command::Fuse(a) => nydusd::cmd_fuse(a),

@@ -5,6 +5,9 @@
 //! state: the image is immutable, so an inode number (table index + 1) is all a request needs.
 
 mod attr;
+pub mod record;
+
+pub use record::{AccessRecorder, RecordError, RecordedList};
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -50,6 +53,8 @@ pub struct RafsFsOptions {
     /// Where to count the distinct chunks file reads ask for (the workload's own chunks, as
     /// opposed to read-ahead and prefetch), if anywhere.
     pub demand: Option<Arc<crate::storage::Metrics>>,
+    /// Where to record the files reads touch, in first-read order (`--record`), if anywhere.
+    pub record: Option<Arc<AccessRecorder>>,
     /// Chunks of a file past the last one a read touched that are given to
     /// [`ChunkSource::fetch_ahead`] (0: none). nydusd's `amplify_io` sets it.
     pub fetch_ahead_chunks: u64,
@@ -68,6 +73,7 @@ impl Default for RafsFsOptions {
             zero_message_open: false,
             readahead: true,
             demand: None,
+            record: None,
             fetch_ahead_chunks: FETCH_AHEAD_CHUNKS,
             reads: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -156,6 +162,11 @@ impl RafsFs {
     /// The image being served.
     pub fn bootstrap(&self) -> &Arc<Bootstrap> {
         &self.bootstrap
+    }
+
+    /// What records the files read, if anything does ([`RafsFsOptions::record`]).
+    pub fn recorder(&self) -> Option<&Arc<AccessRecorder>> {
+        self.opts.record.as_ref()
     }
 
     /// Maps a FUSE inode number to a table index and its record, refusing numbers the image
@@ -557,6 +568,9 @@ impl FileSystem for RafsFs {
         let (index, rec) = self.inode(ino)?;
         match rec.kind() {
             Some(InodeKind::Regular) => {
+                if let Some(r) = &self.opts.record {
+                    r.note(index);
+                }
                 let n = self.read_file(index, rec, w, size, offset)?;
                 if let Some(m) = &self.opts.reads {
                     crate::storage::metrics::inc(&m.fs_reads);
