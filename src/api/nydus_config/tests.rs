@@ -429,8 +429,10 @@ fn every_refusal_of_the_table_names_its_key() {
     };
     let mut cases: Vec<(Value, String, keys::Allowed, keys::Ty)> = Vec::new();
     for (kind, table) in keys::BACKENDS {
-        let v1 = serde_json::json!({"device": {"backend": {"type": kind, "config": required(kind)}}});
-        let v2 = serde_json::json!({"version": 2, "backend": {"type": kind, *kind: required(kind)}});
+        let v1 =
+            serde_json::json!({"device": {"backend": {"type": kind, "config": required(kind)}}});
+        let v2 =
+            serde_json::json!({"version": 2, "backend": {"type": kind, *kind: required(kind)}});
         let mut found = Vec::new();
         only_keys(table, "device.backend.config", &mut found);
         cases.extend(found.into_iter().map(|(p, a, t)| (v1.clone(), p, a, t)));
