@@ -6,6 +6,7 @@ mod commands;
 mod image;
 mod nydusd;
 mod record;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,7 @@ pub use commands::*;
 pub use image::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
 pub use record::*;
+pub use sandbox::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
