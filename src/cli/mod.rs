@@ -99,6 +99,9 @@ pub fn main() -> i32 {
     } else {
         Cli::parse()
     };
+    // With --log-file the operator reads the log, not stderr: the final error goes to both.
+    // Otherwise the log already is stderr, and the one line below is the whole report.
+    let logs_to_file = matches!(&cli.command, Command::Fuse(a) if a.log_file.is_some());
     match &cli.command {
         Command::Fuse(a) if a.log_file.is_some() => {
             let file = a.log_file.clone().unwrap_or_default();
@@ -126,7 +129,9 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let msg = crate::util::error_chain(e.as_ref());
-            tracing::error!("{msg}");
+            if logs_to_file {
+                tracing::error!("{msg}");
+            }
             eprintln!("skiff: {msg}");
             1
         }
