@@ -653,51 +653,8 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let last = offset
-            .checked_add(len as u64 - 1)
-            .ok_or_else(|| OciError::Invalid("range overflows".into()))?;
         self.pull(&format!("blob {digest} range"), &|ep| {
-            let url = self.url(ep, &format!("blobs/{digest}"));
-            let what = format!("GET {url} bytes={offset}-{last}");
-            let range = format!("bytes={offset}-{last}");
-            let timeout = match until {
-                None => self.timeout,
-                Some(t) => {
-                    let left = t.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        return Err(OciError::DeadlinePassed(what.clone()));
-                    }
-                    Some(self.timeout.map_or(left, |c| c.min(left)))
-                }
-            };
-            let resp = match (&self.http_manual, &self.blob_redirect) {
-                (Some(manual), Some(_)) => {
-                    let resp = self.send_until(
-                        ep,
-                        &self.pull_scope(),
-                        &what,
-                        &|| manual.get(&url).header(RANGE, &range),
-                        until,
-                    )?;
-                    self.follow_redirects(manual, resp, &range, &what, timeout)?
-                }
-                _ => self.send_until(
-                    ep,
-                    &self.pull_scope(),
-                    &what,
-                    &|| self.http.get(&url).header(RANGE, &range),
-                    until,
-                )?,
-            };
-            let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
-            if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
-                let want = format!("bytes {offset}-{last}/");
-                if !cr.to_str().is_ok_and(|s| s.starts_with(&want)) {
-                    return Err(OciError::Invalid(format!(
-                        "{what}: answered with Content-Range {cr:?}"
-                    )));
-                }
-            }
+            let (resp, what) = self.blob_range_response(ep, digest, offset, len, until)?;
             let bytes = read_bounded(resp, len as u64, &what)?;
             if bytes.len() != len {
                 return Err(OciError::Invalid(format!(
@@ -707,6 +664,119 @@ impl RegistryClient {
             }
             Ok(bytes)
         })
+    }
+
+    /// Like [`Self::get_blob_range`], handing the body to `sink` as it arrives (pieces of up
+    /// to 64 KiB), so that the caller can use the first bytes before the last have come. A
+    /// mirror that fails part-way is followed by the next endpoint for the rest only: no byte
+    /// is handed over twice. On an error, what was handed over stays handed over.
+    pub fn get_blob_range_streaming(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: usize,
+        until: Option<std::time::Instant>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), OciError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let got = std::cell::Cell::new(0usize);
+        let sink = std::cell::RefCell::new(sink);
+        self.pull(&format!("blob {digest} range"), &|ep| {
+            let done = got.get();
+            let want = len - done;
+            let (mut resp, what) =
+                self.blob_range_response(ep, digest, offset + done as u64, want, until)?;
+            if let Some(n) = resp.content_length() {
+                if n != want as u64 {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: {n} bytes announced instead of {want}"
+                    )));
+                }
+            }
+            let mut buf = vec![0u8; STREAM_PIECE.min(want)];
+            let mut read = 0usize;
+            while read < want {
+                let room = (want - read).min(buf.len());
+                let n = match resp.read(&mut buf[..room]) {
+                    Ok(0) => {
+                        return Err(OciError::Invalid(format!(
+                            "{what}: the body ended after {read} of {want} bytes"
+                        )))
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(OciError::Invalid(format!(
+                            "{what}: reading the body after {read} bytes: {e}"
+                        )))
+                    }
+                };
+                read += n;
+                got.set(done + read);
+                (sink.borrow_mut())(&buf[..n]);
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends the range request for `len` bytes of blob `digest` at `offset` to `ep` and checks
+    /// the answer's status and `Content-Range`; returns the response (its body unread) and the
+    /// request's description for messages.
+    fn blob_range_response(
+        &self,
+        ep: &Endpoint,
+        digest: &str,
+        offset: u64,
+        len: usize,
+        until: Option<std::time::Instant>,
+    ) -> Result<(Response, String), OciError> {
+        let last = offset
+            .checked_add((len as u64).saturating_sub(1))
+            .ok_or_else(|| OciError::Invalid("range overflows".into()))?;
+        let url = self.url(ep, &format!("blobs/{digest}"));
+        let what = format!("GET {url} bytes={offset}-{last}");
+        let range = format!("bytes={offset}-{last}");
+        let timeout = match until {
+            None => self.timeout,
+            Some(t) => {
+                let left = t.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(OciError::DeadlinePassed(what.clone()));
+                }
+                Some(self.timeout.map_or(left, |c| c.min(left)))
+            }
+        };
+        let resp = match (&self.http_manual, &self.blob_redirect) {
+            (Some(manual), Some(_)) => {
+                let resp = self.send_until(
+                    ep,
+                    &self.pull_scope(),
+                    &what,
+                    &|| manual.get(&url).header(RANGE, &range),
+                    until,
+                )?;
+                self.follow_redirects(manual, resp, &range, &what, timeout)?
+            }
+            _ => self.send_until(
+                ep,
+                &self.pull_scope(),
+                &what,
+                &|| self.http.get(&url).header(RANGE, &range),
+                until,
+            )?,
+        };
+        let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
+        if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
+            let want = format!("bytes {offset}-{last}/");
+            if !cr.to_str().is_ok_and(|s| s.starts_with(&want)) {
+                return Err(OciError::Invalid(format!(
+                    "{what}: answered with Content-Range {cr:?}"
+                )));
+            }
+        }
+        Ok((resp, what))
     }
 
     /// Follows the redirects of a blob read by hand, sending each to `host` (and `scheme`)
@@ -998,6 +1068,9 @@ fn expect_status(resp: Response, what: &str, ok: &[StatusCode]) -> Result<Respon
 }
 
 /// Reads at most `max` bytes of a body; more is an error.
+/// The largest piece of a streamed body handed over at once.
+const STREAM_PIECE: usize = 64 << 10;
+
 fn read_bounded(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, OciError> {
     if let Some(n) = resp.content_length() {
         if n > max {

@@ -410,42 +410,67 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 j += 1;
             }
             let run: Vec<(ChunkRecord, FetchRight<'_>)> = mine.drain(i..j).collect();
-            let reply = if run.len() > 1 {
-                self.backend
-                    .read_range(&blob.id, start, (end - start) as usize, deadline)
-                    .ok()
-                    .filter(|r| r.len() as u64 == end - start)
-            } else {
-                None
-            };
-            for (c, right) in run {
-                let offset = (c.compressed_offset.get() - start) as usize;
-                let stored = reply
-                    .as_ref()
-                    .and_then(|r| r.get(offset..offset + c.compressed_size.get() as usize));
-                let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
-                    Some(d) => {
-                        if let Some(disk) = &self.disk {
-                            disk.put(&c.chunk_digest(), &d);
-                        }
-                        right.done();
-                        Ok(d)
-                    }
-                    // Not merged, or the merged reply failed: this chunk on its own.
-                    None => self.fetch_and_store(blob, &c, right, deadline),
-                };
-                match data {
-                    Ok(d) => {
-                        fetched += u64::from(c.compressed_size.get());
-                        if keep_in_memory {
-                            self.memcache.insert(c.chunk_digest(), Arc::new(d));
-                        }
-                    }
-                    Err(e) => {
-                        inc(&self.metrics.read_errors);
-                        errors.push((c.chunk_digest(), e));
+            // What a chunk's fetch came to: counted, kept, or its error noted.
+            let mut settle = |c: &ChunkRecord, data: Result<Vec<u8>, StorageError>| match data {
+                Ok(d) => {
+                    fetched += u64::from(c.compressed_size.get());
+                    if keep_in_memory {
+                        self.memcache.insert(c.chunk_digest(), Arc::new(d));
                     }
                 }
+                Err(e) => {
+                    inc(&self.metrics.read_errors);
+                    errors.push((c.chunk_digest(), e));
+                }
+            };
+            // A run of several chunks is one request, streamed: each chunk is verified, stored
+            // and handed to whoever waits for it as soon as its bytes are in, not when the
+            // last byte of the run is, and only one chunk's bytes are held at a time.
+            let mut left: std::collections::VecDeque<(ChunkRecord, FetchRight<'_>)> = run.into();
+            let mut retry: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
+            if left.len() > 1 {
+                let mut buf: Vec<u8> = Vec::new();
+                let _ = self.backend.read_range_streaming(
+                    &blob.id,
+                    start,
+                    (end - start) as usize,
+                    deadline,
+                    &mut |mut bytes: &[u8]| {
+                        while !bytes.is_empty() {
+                            let Some(want) =
+                                left.front().map(|(c, _)| c.compressed_size.get() as usize)
+                            else {
+                                return;
+                            };
+                            let take = (want - buf.len()).min(bytes.len());
+                            buf.extend_from_slice(&bytes[..take]);
+                            bytes = &bytes[take..];
+                            if buf.len() < want {
+                                continue;
+                            }
+                            let Some((c, right)) = left.pop_front() else {
+                                return;
+                            };
+                            match self.verify(&buf, blob, &c) {
+                                Some(d) => {
+                                    if let Some(disk) = &self.disk {
+                                        disk.put(&c.chunk_digest(), &d);
+                                    }
+                                    right.done();
+                                    settle(&c, Ok(d));
+                                }
+                                None => retry.push((c, right)),
+                            }
+                            buf.clear();
+                        }
+                    },
+                );
+            }
+            // A single chunk, a chunk that failed verification, or what a failed run did not
+            // deliver: each on its own.
+            for (c, right) in retry.into_iter().chain(left) {
+                let data = self.fetch_and_store(blob, &c, right, deadline);
+                settle(&c, data);
             }
         }
         for c in theirs {
@@ -924,5 +949,110 @@ mod tests {
             t.elapsed()
         );
         assert!(first.join().expect("first reader"));
+    }
+
+    /// Streams a blob in pieces of one chunk, stopping before the piece at `pause_at` until
+    /// `go` is sent; a flipped byte in the chunk at `flip`, if any.
+    struct PausingBlob {
+        data: Vec<u8>,
+        piece: usize,
+        pause_at: u64,
+        flip: Option<usize>,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+        streams: std::sync::atomic::AtomicU64,
+    }
+
+    impl BlobBackend for PausingBlob {
+        fn read_range(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+        ) -> Result<Vec<u8>, BackendError> {
+            Ok(self.data[o as usize..o as usize + l].to_vec())
+        }
+
+        fn read_range_streaming(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+            sink: &mut dyn FnMut(&[u8]),
+        ) -> Result<(), BackendError> {
+            self.streams.fetch_add(1, Ordering::Relaxed);
+            let mut pos = o as usize;
+            while pos < o as usize + l {
+                if pos as u64 == self.pause_at {
+                    let _ = crate::util::sync::lock(&self.go).recv();
+                }
+                let n = self.piece.min(o as usize + l - pos);
+                let mut piece = self.data[pos..pos + n].to_vec();
+                if self.flip.is_some_and(|f| (pos..pos + n).contains(&f)) {
+                    piece[self.flip.unwrap_or(0) - pos] ^= 1;
+                }
+                sink(&piece);
+                pos += n;
+            }
+            Ok(())
+        }
+
+        fn name(&self) -> &'static str {
+            "pausing"
+        }
+    }
+
+    /// A merged fetch hands each chunk over as soon as its bytes are in: a reader waiting for
+    /// the first chunk of a run gets it while the rest of the run is still on its way, and a
+    /// chunk that fails verification in the stream is fetched again on its own.
+    #[test]
+    fn streamed_runs_hand_chunks_over_as_they_arrive() {
+        let (b, chunks) = image(4, 1000);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let m = Arc::new(Metrics::default());
+        let backend = PausingBlob {
+            data: b.0,
+            piece: 1000,
+            pause_at: 2000,
+            flip: Some(1500),
+            go: Mutex::new(rx),
+            streams: std::sync::atomic::AtomicU64::new(0),
+        };
+        let src = Arc::new(CachedChunkSource::new(backend, 1 << 20, None, m));
+        let bg = {
+            let (src, chunks) = (src.clone(), chunks.clone());
+            std::thread::spawn(move || {
+                src.fetch_chunks(&blob(), &chunks, true, &Deadline::none().background())
+            })
+        };
+        // Chunk 0 arrives while the stream waits before chunk 2.
+        while src.backend().streams.load(Ordering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let start = std::time::Instant::now();
+        let d = src
+            .read_chunk(
+                &blob(),
+                &chunks[0],
+                &Deadline::after(Duration::from_secs(10)),
+            )
+            .expect("chunk 0");
+        assert_eq!(blake3::hash(&d).as_bytes(), &chunks[0].digest);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "waited for the whole run"
+        );
+        tx.send(()).expect("go");
+        let (fetched, errors) = bg.join().expect("fetch");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, 4000);
+        assert_eq!(src.backend().streams.load(Ordering::Relaxed), 1);
+        // Chunk 1 came corrupt in the stream and was fetched again, verified.
+        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c, &Deadline::none()).expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
     }
 }
