@@ -456,7 +456,7 @@ net_rtt=$(req_ms "http://$net_reg/v2/")
 net_rtt_direct=$(ip netns exec "$net_ns" bash -c "$(declare -f req_ms median); req_ms http://127.0.0.1:5001/v2/")
 skiff_blob=$(reg_curl -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
     "http://$net_reg/v2/bench/b-skiff/manifests/latest" |
-    python3 -c 'import json,sys; print([l["digest"] for l in json.load(sys.stdin)["layers"] if "nydus-bootstrap" not in l.get("annotations", {})][0])')
+    python3 -c 'import json,sys; print([l["digest"] for l in json.load(sys.stdin)["layers"] if l.get("annotations", {}).get("containerd.io/snapshot/nydus-bootstrap") != "true"][0])')
 net_range_ms=$(req_ms -u "$net_user:$net_pass" -r 0-99 "http://$net_reg/v2/bench/b-skiff/blobs/$skiff_blob")
 oci_layer=$(reg_curl -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
     "http://$net_reg/v2/bench/b-oci/manifests/latest" |
@@ -465,7 +465,7 @@ net_speed=$(reg_curl -o /dev/null -w '%{speed_download}' "http://$net_reg/v2/ben
 oci_layer_bytes=$(stat -c %s "$net/oci-b/blobs/sha256/${oci_layer#sha256:}")
 boot_layer_bytes() { # REPO: the bootstrap layer's size in the manifest
     reg_curl -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$net_reg/v2/$1/manifests/latest" |
-        python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"] if "nydus-bootstrap" in l.get("annotations", {})))'
+        python3 -c 'import json,sys; print(sum(l["size"] for l in json.load(sys.stdin)["layers"] if l.get("annotations", {}).get("containerd.io/snapshot/nydus-bootstrap") == "true"))'
 }
 skiff_boot_bytes=$(boot_layer_bytes bench/b-skiff)
 nydus_boot_bytes=$(boot_layer_bytes bench/b-nydus)

@@ -1093,6 +1093,8 @@ fn read_bounded(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, OciErro
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -1156,5 +1158,101 @@ mod tests {
         assert!(r.is_err());
         assert!(took < Duration::from_secs(3), "gave up after {took:?}");
         drop(held);
+    }
+
+    /// Answers blob range requests on loopback from `blob`, noting each request's range; with
+    /// `cut`, a body is announced whole and the connection closed after `cut` bytes of it.
+    fn range_server(
+        blob: Arc<Vec<u8>>,
+        cut: Option<usize>,
+    ) -> (String, Arc<Mutex<Vec<(u64, u64)>>>) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let host = listener.local_addr().expect("addr").to_string();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let noted = asked.clone();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let mut r = BufReader::new(c.try_clone().expect("clone"));
+                let mut range = None;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').expect("range");
+                        range = Some((a.parse::<u64>().expect("a"), b.parse::<u64>().expect("b")));
+                    }
+                    line.clear();
+                }
+                let Some((a, b)) = range else {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                };
+                crate::util::sync::lock(&noted).push((a, b));
+                let body = &blob[a as usize..=b as usize];
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    blob.len(),
+                    body.len()
+                );
+                let _ = c.write_all(&body[..cut.unwrap_or(body.len()).min(body.len())]);
+                let _ = c.flush();
+            }
+        });
+        (host, asked)
+    }
+
+    /// A mirror whose body breaks part-way: the rest, and only the rest, is asked of the next
+    /// endpoint (the origin), and the sink gets every byte once, in order.
+    #[test]
+    fn a_streamed_range_broken_on_a_mirror_is_finished_by_the_origin() {
+        let blob: Arc<Vec<u8>> =
+            Arc::new((0..300_000u32).map(|i| (i * 13 + i / 7) as u8).collect());
+        let (mirror, on_mirror) = range_server(blob.clone(), Some(100_000));
+        let (origin, on_origin) = range_server(blob.clone(), None);
+        let reference = Reference::parse(&format!("{origin}/test/img:v1")).expect("ref");
+        let opts = RegistryOptions {
+            mirrors: vec![Mirror::plain(&mirror)],
+            timeout: Some(Duration::from_secs(30)),
+            ..RegistryOptions::default()
+        };
+        let client = RegistryClient::new(&reference, &opts).expect("client");
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        client
+            .get_blob_range_streaming("sha256:00", 1000, 250_000, None, &mut |p| {
+                assert!(p.len() <= STREAM_PIECE, "a piece of {}", p.len());
+                pieces += 1;
+                got.extend_from_slice(p);
+            })
+            .expect("finished by the origin");
+        assert_eq!(got.len(), 250_000);
+        assert!(
+            got == blob[1000..251_000],
+            "the bytes differ from the blob's"
+        );
+        assert!(pieces >= 250_000 / STREAM_PIECE, "{pieces} pieces");
+        assert_eq!(*crate::util::sync::lock(&on_mirror), vec![(1000, 250_999)]);
+        assert_eq!(
+            *crate::util::sync::lock(&on_origin),
+            vec![(101_000, 250_999)]
+        );
+        // Broken everywhere: an error, after the bytes that did come.
+        let (only, _) = range_server(blob.clone(), Some(50_000));
+        let reference = Reference::parse(&format!("{only}/test/img:v1")).expect("ref");
+        let client = RegistryClient::new(&reference, &RegistryOptions::default()).expect("client");
+        let mut got = Vec::new();
+        let r = client.get_blob_range_streaming("sha256:00", 0, 200_000, None, &mut |p| {
+            got.extend_from_slice(p)
+        });
+        assert!(r.is_err(), "a short body accepted");
+        assert!(
+            got == blob[..got.len()] && got.len() <= 50_000,
+            "{} bytes",
+            got.len()
+        );
     }
 }
