@@ -503,13 +503,19 @@ pub struct ServeArgs {
     /// (written at start, every second while it grows, and at exit; see `skiff record`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Confinement (see docs/serve.md#the-sandbox).
+    #[command(flatten)]
+    pub sandbox: super::SandboxArgs,
 }
 
 /// `skiff serve`.
-pub fn cmd_serve(a: ServeArgs) -> CmdResult {
+pub fn cmd_serve(mut a: ServeArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
+    // Before anything is opened: inside, only what the image needs is there.
+    let paths = serve_paths(&mut a)?;
+    crate::sandbox::enter(&super::serve_options(&a.sandbox, &paths)?)?;
     let (fs, storage) = a.image.open_for(a.record.is_some())?;
     let recording = match a.record {
         Some(p) => super::image::Recording::start(&fs, p)?,
@@ -526,6 +532,75 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     served?;
     recorded?;
     Ok(0)
+}
+
+/// Makes `serve`'s paths absolute (the sandbox keeps the working directory only if it is
+/// reachable) and lists what it reads and writes.
+fn serve_paths(a: &mut ServeArgs) -> Result<super::ServePaths, Box<dyn std::error::Error>> {
+    use crate::sandbox::absolute;
+    let abs = |p: &mut Option<PathBuf>| -> std::io::Result<()> {
+        if let Some(v) = p {
+            *v = absolute(v)?;
+        }
+        Ok(())
+    };
+    a.socket = absolute(&a.socket)?;
+    abs(&mut a.image.bootstrap)?;
+    abs(&mut a.image.blob_dir)?;
+    let st = &mut a.image.storage;
+    abs(&mut st.config)?;
+    abs(&mut st.cache_dir)?;
+    abs(&mut st.prefetch_files)?;
+    abs(&mut st.metrics_file)?;
+    abs(&mut a.record)?;
+    let config = a.image.storage.config(a.image.blob_dir.as_ref())?;
+    let mut p = super::ServePaths {
+        socket: a.socket.clone(),
+        ..Default::default()
+    };
+    let remote = a.image.image.is_some()
+        || matches!(
+            config.backend,
+            Some(crate::storage::config::BackendConfig::S3(_))
+        );
+    p.network = remote;
+    p.files.extend(a.image.bootstrap.clone());
+    p.files.extend(a.image.storage.config.clone());
+    if let Some(f) = &config.prefetch.files {
+        p.files.push(absolute(f)?);
+    }
+    if let Some(crate::storage::config::BackendConfig::Localfs { dir }) = &config.backend {
+        p.read_dirs.push(absolute(dir)?);
+    }
+    if let Some(d) = config.cache_dir(remote) {
+        let d = absolute(&d)?;
+        // Bound in by the sandbox, so it must exist first.
+        std::fs::create_dir_all(&d).map_err(|e| format!("cache directory {}: {e}", d.display()))?;
+        p.write_dirs.push(d);
+    }
+    if let Some(m) = &config.metrics_file {
+        let m = absolute(m)?;
+        p.write_dirs.push(
+            m.parent()
+                .map_or_else(|| PathBuf::from("/"), |d| d.to_owned()),
+        );
+    }
+    if let Some(r) = &a.record {
+        // The list is replaced atomically (a temporary file beside it, renamed): its
+        // directory is written, and is made now, since it cannot be made inside.
+        let d = r
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), |d| d.to_owned());
+        std::fs::create_dir_all(&d)
+            .map_err(|e| format!("--record directory {}: {e}", d.display()))?;
+        p.write_dirs.push(d);
+    }
+    if a.image.image.is_some() {
+        if let Some(docker) = crate::oci::auth::docker_config_path().filter(|d| d.exists()) {
+            p.files.push(absolute(&docker)?);
+        }
+    }
+    Ok(p)
 }
 
 /// Arguments of `skiff virtiofs`, as Kata passes them to its `virtio_fs_daemon`.
@@ -567,11 +642,17 @@ pub struct VirtiofsArgs {
     /// used: Skiff does not announce submounts to the guest.
     #[arg(long)]
     pub announce_submounts: bool,
+    /// Confinement (see docs/kata.md#the-sandbox).
+    #[command(flatten)]
+    pub sandbox: super::SandboxArgs,
 }
 
 /// `skiff virtiofs`.
-pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
+pub fn cmd_virtiofs(mut a: VirtiofsArgs) -> CmdResult {
     tune_allocator();
+    // runtime-rs passes the sockets relative to the working directory.
+    a.api_socket = crate::sandbox::absolute(&a.api_socket)?;
+    a.socket = crate::sandbox::absolute(&a.socket)?;
     if a.hybrid_mode {
         tracing::info!("--hybrid-mode: always on in Skiff (passthrough and RAFS mounts together)");
     }
@@ -587,11 +668,13 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
             "--announce-submounts is virtiofsd's; ignored (Skiff does not announce submounts)"
         );
     }
+    let sandbox = super::virtiofs_options(&a.sandbox, &a.api_socket, &a.socket)?;
     let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
     device.threads = a.threads;
     device.workers = a.thread_num;
     device.advertise_config = a.advertise_config;
     crate::api::run_virtiofs(&crate::api::VirtiofsOptions {
+        sandbox,
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,

@@ -6,6 +6,7 @@ mod commands;
 mod image;
 mod nydusd;
 mod record;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 
@@ -15,6 +16,7 @@ pub use commands::*;
 pub use image::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
 pub use record::*;
+pub use sandbox::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -97,6 +99,9 @@ pub fn main() -> i32 {
     } else {
         Cli::parse()
     };
+    // With --log-file the operator reads the log, not stderr: the final error goes to both.
+    // Otherwise the log already is stderr, and the one line below is the whole report.
+    let logs_to_file = matches!(&cli.command, Command::Fuse(a) if a.log_file.is_some());
     match &cli.command {
         Command::Fuse(a) if a.log_file.is_some() => {
             let file = a.log_file.clone().unwrap_or_default();
@@ -124,7 +129,9 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let msg = crate::util::error_chain(e.as_ref());
-            tracing::error!("{msg}");
+            if logs_to_file {
+                tracing::error!("{msg}");
+            }
             eprintln!("skiff: {msg}");
             1
         }

@@ -96,6 +96,22 @@ pub struct RafsFs {
     /// Recently read files and the chunk index up to which their chunks were given to
     /// [`ChunkSource::fetch_ahead`], so that each chunk is asked for once.
     ahead_marks: Mutex<VecDeque<(u32, u64)>>,
+    /// The generation of every inode of this filesystem, unique to this instance
+    /// ([`next_generation`]).
+    generation: u64,
+}
+
+/// Generations already given to a [`RafsFs`].
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// A generation no other filesystem of this process has had. Inode numbers repeat between
+/// images (each image's root is 1, its files follow), and a Kata daemon's Vfs gives the
+/// 8-bit index of an unmounted image to a later one: after 255 mounts, an image's files come
+/// back under node ids the guest saw for an earlier image's. With the same generation the
+/// guest's kernel takes them for the old inodes and serves their cached pages and attributes
+/// (nydusd's stale files, nydus#1694); a new generation makes it drop the old inode.
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// Chunks past the last one a read touched that are given to [`ChunkSource::fetch_ahead`]. A
@@ -156,6 +172,7 @@ impl RafsFs {
             readahead,
             last_hint: AtomicU64::new(u64::MAX),
             ahead_marks: Mutex::new(VecDeque::with_capacity(AHEAD_MARKS)),
+            generation: next_generation(),
         }
     }
 
@@ -186,7 +203,7 @@ impl RafsFs {
     fn entry(&self, index: u32, rec: &InodeRecord) -> Entry {
         Entry {
             inode: u64::from(index) + 1,
-            generation: 0,
+            generation: self.generation,
             attr: attr::stat_of(u64::from(index) + 1, rec),
             attr_flags: 0,
             attr_timeout: self.opts.cache_timeout,
