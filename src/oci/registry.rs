@@ -1160,12 +1160,12 @@ mod tests {
         drop(held);
     }
 
+    /// The ranges (first and last byte) a test server was asked for.
+    type Asked = Arc<Mutex<Vec<(u64, u64)>>>;
+
     /// Answers blob range requests on loopback from `blob`, noting each request's range; with
     /// `cut`, a body is announced whole and the connection closed after `cut` bytes of it.
-    fn range_server(
-        blob: Arc<Vec<u8>>,
-        cut: Option<usize>,
-    ) -> (String, Arc<Mutex<Vec<(u64, u64)>>>) {
+    fn range_server(blob: Arc<Vec<u8>>, cut: Option<usize>) -> (String, Asked) {
         use std::io::{BufRead, BufReader};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let host = listener.local_addr().expect("addr").to_string();
