@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::confined::{assert_confined, VIRTIOFS_CAPS};
 use common::*;
 use kata::stallfs::{Stall, StallMount};
 use kata::*;

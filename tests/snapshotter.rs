@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::confined::{assert_confined, HOST_FUSE_CAPS};
 use common::middlebox::{Action, Middlebox};
 use common::nydus::require_nydus_image;
 use common::oci::{have, layer, noise, skopeo_push, write_layout, Ent};
@@ -309,6 +310,13 @@ fn dedicated_daemon_serves_the_image_as_the_snapshotter_drives_it() {
     );
 
     assert_no_diff("the host mount", &img.want, &snapshot(&mnt));
+    // Confined (docs/kata.md, "The host daemon's sandbox"), every thread, after reading the
+    // whole image from the registry through the sandbox.
+    let names = assert_confined(d.pid() as u32, HOST_FUSE_CAPS, &["skiff-fuse", "skiff-api"]);
+    assert!(
+        d.log_text().contains("sandbox: capabilities dropped"),
+        "{names:?}"
+    );
     let (s, m) = http(&d.api, "GET", "/api/v1/metrics?id=%2F42", None).expect("metrics");
     assert_eq!(s, 200);
     let m = json(&m);
@@ -780,6 +788,9 @@ fn failover_after_kill_9_keeps_a_streaming_reader_going() {
     assert_eq!(st, 204, "start: {b}\n{}", new.log_text());
     new.wait_state("RUNNING");
     let serving_again = killed.elapsed();
+    // The successor took the connection over inside its sandbox: its FUSE threads started
+    // from the API thread's takeover carry the FUSE list too.
+    assert_confined(new.pid() as u32, HOST_FUSE_CAPS, &["skiff-fuse"]);
     let want = s.want.clone();
     let (got, missing, log) = s.finish(&mut new);
     assert_eq!(

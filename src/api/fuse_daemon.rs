@@ -19,6 +19,8 @@ pub struct FuseDaemonOptions {
     pub upgrade: bool,
     /// Everything else.
     pub host: HostOptions,
+    /// The daemon's confinement (`--sandbox`; [`crate::sandbox::Profile::HostFuse`]).
+    pub sandbox: crate::sandbox::SandboxOptions,
 }
 
 /// The configuration parser of mounts taken over.
@@ -32,7 +34,6 @@ pub fn parse_spec(config: &str) -> Result<crate::daemon::RafsSpec, String> {
 pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
     let started = Instant::now();
     let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
-    let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     let fs = Arc::new(DaemonFs::new(Layout::Host));
     let crashed =
         !opts.upgrade && host::predecessor_crashed(&opts.host.mountpoint, &opts.api_socket);
@@ -51,13 +52,30 @@ pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
         }
     }
     let hostd = HostDaemon::new(fs.clone(), opts.host.clone(), exit.clone());
+    // The FUSE filesystem is mounted first, on this one thread, and then the sandbox is
+    // entered: no list allows mount(2), and every thread starts inside. Requests wait in the
+    // kernel until the filesystem is served.
+    if !takeover {
+        hostd.mount().map_err(ApiError::FuseDaemon)?;
+    }
+    if let Err(e) = crate::sandbox::enter(&opts.sandbox) {
+        hostd.shut_down();
+        return Err(ApiError::Sandbox(e));
+    }
+    let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         id: opts.host.id.clone(),
         supervisor: opts.host.supervisor.clone(),
         lifecycle: hostd.clone(),
     });
-    let api = ApiServer::start(&opts.api_socket, daemon)?;
+    let api = match ApiServer::start(&opts.api_socket, daemon) {
+        Ok(api) => api,
+        Err(e) => {
+            hostd.shut_down();
+            return Err(e);
+        }
+    };
     if takeover {
         fs.set_state(DaemonState::Init);
         tracing::info!(
@@ -65,8 +83,9 @@ pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
             ms = started.elapsed().as_millis() as u64,
             "INIT: waiting for takeover"
         );
-    } else if let Err(e) = hostd.mount_and_serve() {
+    } else if let Err(e) = hostd.serve() {
         api.shutdown();
+        hostd.shut_down();
         fs.finish();
         return Err(ApiError::FuseDaemon(e));
     } else {

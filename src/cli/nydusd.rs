@@ -89,6 +89,11 @@ pub struct FuseArgs {
     /// Refused: a passthrough is served by `skiff virtiofs`.
     #[arg(long, short = 's', hide = true)]
     pub shared_dir: Option<PathBuf>,
+    /// Confinement (docs/kata.md, "The host daemon's sandbox"): `namespace` (the default:
+    /// here capabilities dropped to CAP_SYS_ADMIN, no_new_privs, a seccomp list per thread;
+    /// no mount namespace, the FUSE mount is the host's), or `none`.
+    #[command(flatten)]
+    pub sandbox: super::SandboxArgs,
 }
 
 /// A refusal at start: the option and why.
@@ -261,6 +266,7 @@ pub fn cmd_fuse(a: FuseArgs) -> CmdResult {
             config_file: a.config.as_deref().map(absolute).transpose()?,
             parse_config: crate::api::parse_spec,
         },
+        sandbox: super::fuse_options(&a.sandbox)?,
     };
     super::commands::tune_allocator();
     crate::api::run_fuse(opts)?;

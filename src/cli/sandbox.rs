@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use crate::sandbox::{absolute, CapabilitySet, Reach, SandboxMode, SandboxOptions};
+use crate::sandbox::{absolute, CapabilitySet, Profile, Reach, SandboxMode, SandboxOptions};
 
 /// Kata's directory of per-sandbox shared directories (`<id>/shared` is the passthrough).
 pub const KATA_SHARED_DIRS: &str = "/run/kata-containers/shared/sandboxes";
@@ -43,6 +43,7 @@ impl SandboxArgs {
         }
         Ok(SandboxOptions {
             mode: self.sandbox,
+            profile: Profile::Device,
             reach,
             caps,
         })
@@ -108,4 +109,21 @@ pub fn serve_options(args: &SandboxArgs, p: &ServePaths) -> std::io::Result<Sand
         reach.extend(Reach::name_resolution());
     }
     args.options(reach, CapabilitySet::none())
+}
+
+/// `skiff fuse`: no mount namespace, `CAP_SYS_ADMIN` only (see [`CapabilitySet::host_fuse`]).
+pub fn fuse_options(args: &SandboxArgs) -> Result<SandboxOptions, String> {
+    if !args.sandbox_path.is_empty() {
+        return Err(
+            "--sandbox-path: `skiff fuse` has no mount namespace (its FUSE mount is the \
+             host's), so every path stays reachable"
+                .into(),
+        );
+    }
+    Ok(SandboxOptions {
+        mode: args.sandbox,
+        profile: Profile::HostFuse,
+        reach: Vec::new(),
+        caps: CapabilitySet::host_fuse(),
+    })
 }

@@ -130,17 +130,9 @@ impl HostDaemon {
         })
     }
 
-    /// Mounts the dedicated image (if any), then the FUSE filesystem, and serves: `RUNNING`.
-    pub fn mount_and_serve(&self) -> Result<(), LifecycleError> {
-        if let Some(req) = &self.opts.dedicated {
-            let at = &self.opts.dedicated_at;
-            self.fs
-                .mount_rafs(at, req.clone())
-                .map_err(|e| LifecycleError::Restore {
-                    mountpoint: at.clone(),
-                    source: Box::new(e),
-                })?;
-        }
+    /// Mounts the FUSE filesystem, not serving yet: requests wait in the kernel until
+    /// [`Self::serve`]. Done first, before the sandbox, which allows no mount(2).
+    pub fn mount(&self) -> Result<(), LifecycleError> {
         let service = FuseService::mount(
             &self.opts.mountpoint,
             FSNAME,
@@ -150,8 +142,29 @@ impl HostDaemon {
             Some(self.exit.clone()),
         )
         .map_err(LifecycleError::Fuse)?;
-        service.start().map_err(LifecycleError::Fuse)?;
         *self.service_lock() = Some(service);
+        Ok(())
+    }
+
+    /// Mounts the dedicated image (if any) in the filesystem [`Self::mount`] mounted, and
+    /// serves it: `RUNNING`.
+    pub fn serve(&self) -> Result<(), LifecycleError> {
+        if let Some(req) = &self.opts.dedicated {
+            let at = &self.opts.dedicated_at;
+            self.fs
+                .mount_rafs(at, req.clone())
+                .map_err(|e| LifecycleError::Restore {
+                    mountpoint: at.clone(),
+                    source: Box::new(e),
+                })?;
+        }
+        let g = self.service_lock();
+        let service = g.as_ref().ok_or(LifecycleError::WrongState {
+            state: self.state_name(),
+            what: "the FUSE filesystem is not mounted",
+        })?;
+        service.start().map_err(LifecycleError::Fuse)?;
+        drop(g);
         self.fs.set_state(DaemonState::Running);
         Ok(())
     }

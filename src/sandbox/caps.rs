@@ -47,6 +47,12 @@ pub const PASSTHROUGH: &[(Capability, &str)] = &[
     ),
 ];
 
+/// What `skiff fuse` keeps once its FUSE filesystem is mounted, and why.
+pub const HOST_FUSE: &[(Capability, &str)] = &[(
+    Capability::CAP_SYS_ADMIN,
+    "unmounting the FUSE filesystem when the daemon stops (umount2, allowed on the main thread only; mount(2) is on no list: the mount is made before the sandbox)",
+)];
+
 /// A set of capabilities to keep.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CapabilitySet(Vec<Capability>);
@@ -60,6 +66,11 @@ impl CapabilitySet {
     /// The passthrough's ([`PASSTHROUGH`]).
     pub fn passthrough() -> Self {
         CapabilitySet(PASSTHROUGH.iter().map(|(c, _)| *c).collect())
+    }
+
+    /// `skiff fuse`'s ([`HOST_FUSE`]).
+    pub fn host_fuse() -> Self {
+        CapabilitySet(HOST_FUSE.iter().map(|(c, _)| *c).collect())
     }
 
     /// The capabilities, in the order above.
@@ -113,5 +124,6 @@ mod tests {
         assert_eq!(set.mask(), 0x8820_00db);
         assert_eq!(CapabilitySet::none().mask(), 0);
         assert_eq!(CapabilitySet::none().to_string(), "none");
+        assert_eq!(CapabilitySet::host_fuse().mask(), 1 << 21);
     }
 }

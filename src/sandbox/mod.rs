@@ -70,12 +70,28 @@ pub enum SandboxError {
     Spawner(#[source] io::Error),
 }
 
+/// Which daemon is confined: what it faces decides the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Profile {
+    /// A guest's device (`serve`, `virtiofs`): every step, the mount namespace included.
+    #[default]
+    Device,
+    /// nydus-snapshotter's host daemon (`skiff fuse`): no mount namespace (its FUSE mount
+    /// lives in the host's, where containerd uses it and where it must be unmounted), and the
+    /// main thread may unmount (umount2) when the daemon stops. The FUSE filesystem is mounted
+    /// before the sandbox is entered.
+    HostFuse,
+}
+
 /// What one daemon's sandbox is made of.
 #[derive(Clone, Debug)]
 pub struct SandboxOptions {
     /// Confine or not.
     pub mode: SandboxMode,
-    /// What must stay reachable inside (see [`Reach`]).
+    /// Which steps ([`Profile`]).
+    pub profile: Profile,
+    /// What must stay reachable inside the mount namespace (see [`Reach`]; unused without
+    /// one).
     pub reach: Vec<Reach>,
     /// The capabilities kept.
     pub caps: CapabilitySet,
@@ -84,7 +100,8 @@ pub struct SandboxOptions {
 /// The sandbox a daemon is in, once [`enter`] returned.
 #[derive(Debug)]
 struct Active {
-    reach: Vec<Reach>,
+    /// What the mount namespace holds (`None`: no namespace, the host's paths).
+    reach: Option<Vec<Reach>>,
 }
 
 static ACTIVE: OnceLock<Active> = OnceLock::new();
@@ -108,21 +125,31 @@ pub fn enter(opts: &SandboxOptions) -> Result<(), SandboxError> {
         return Err(SandboxError::Threads(threads));
     }
     // Compiled first: nothing after the pivot needs to read the filters' sources.
-    let filters = seccomp::Filters::compile().map_err(SandboxError::Seccomp)?;
-    let reach = namespace::enter(&opts.reach)?;
+    let filters = seccomp::Filters::compile(opts.profile).map_err(SandboxError::Seccomp)?;
+    let reach = match opts.profile {
+        Profile::Device => Some(namespace::enter(&opts.reach)?),
+        Profile::HostFuse => None,
+    };
     caps::drop_to(&opts.caps).map_err(SandboxError::Capabilities)?;
     set_no_new_privs().map_err(SandboxError::NoNewPrivs)?;
     seccomp::install(filters).map_err(SandboxError::Seccomp)?;
     crate::runtime::threads::start_spawner().map_err(SandboxError::Spawner)?;
-    tracing::info!(
-        reach = %reach
-            .iter()
-            .map(|r| r.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        caps = %opts.caps,
-        "sandbox: mount namespace, capabilities dropped, no_new_privs, seccomp per thread kind"
-    );
+    match &reach {
+        Some(reach) => tracing::info!(
+            reach = %reach
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            caps = %opts.caps,
+            "sandbox: mount namespace, capabilities dropped, no_new_privs, seccomp per thread kind"
+        ),
+        None => tracing::info!(
+            caps = %opts.caps,
+            "sandbox: capabilities dropped, no_new_privs, seccomp per thread kind (no mount \
+             namespace: the FUSE mount is the host's)"
+        ),
+    }
     let _ = ACTIVE.set(Active { reach });
     Ok(())
 }
@@ -136,14 +163,14 @@ pub fn active() -> bool {
 /// when it lies under one of the reachable paths (taken lexically: `..` is resolved before,
 /// so it cannot climb out of one).
 pub fn check_reachable(path: &Path) -> Result<(), SandboxError> {
-    let Some(active) = ACTIVE.get() else {
+    let Some(reach) = ACTIVE.get().and_then(|a| a.reach.as_ref()) else {
         return Ok(());
     };
     let normal = normalize(path).ok_or_else(|| SandboxError::Path {
         path: path.to_owned(),
         reason: "not an absolute path".into(),
     })?;
-    if active.reach.iter().any(|r| normal.starts_with(&r.path)) {
+    if reach.iter().any(|r| normal.starts_with(&r.path)) {
         return Ok(());
     }
     Err(SandboxError::Path {
@@ -151,8 +178,7 @@ pub fn check_reachable(path: &Path) -> Result<(), SandboxError> {
         reason: format!(
             "outside the daemon's sandbox, which reaches only {}; start the daemon with \
              --sandbox-path naming a directory that holds it",
-            active
-                .reach
+            reach
                 .iter()
                 .map(|r| r.path.display().to_string())
                 .collect::<Vec<_>>()

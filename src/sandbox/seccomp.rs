@@ -27,6 +27,7 @@ use std::sync::OnceLock;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
+use super::Profile;
 use crate::runtime::threads::{self, ThreadKind};
 
 /// Why a filter could not be built or installed.
@@ -258,8 +259,17 @@ const SETUP: &[i64] = &[
     libc::SYS_wait4,
 ];
 
-/// The list of `kind`: groups, each for a reason (docs/serve.md has the same table).
-pub fn allowed(kind: ThreadKind) -> Vec<i64> {
+/// `skiff fuse`'s main thread, which unmounts the FUSE filesystem when the daemon stops (it
+/// was mounted before the sandbox: mount(2) is on no list).
+const HOST_UNMOUNT: &[i64] = &[libc::SYS_umount2];
+
+/// The list of `kind` in a daemon of `profile`: groups, each for a reason (docs/serve.md has
+/// the same table).
+pub fn allowed(kind: ThreadKind, profile: Profile) -> Vec<i64> {
+    let extra: &[i64] = match (kind, profile) {
+        (ThreadKind::Main, Profile::HostFuse) => HOST_UNMOUNT,
+        _ => &[],
+    };
     let groups: &[&[i64]] = match kind {
         // Waits on its exit event; the union of every list below, as the spawner.
         ThreadKind::Main => &[
@@ -300,12 +310,16 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             MOUNTS,
             LEGACY_FILES,
         ],
-        // `skiff mount` reads /dev/fuse (not confined today; the list for when it is).
+        // Reads and answers /dev/fuse (`skiff fuse`; `skiff mount` is not confined).
         ThreadKind::Fuse => &[BASE, EVENTS, FILE_READ, FILE_WRITE, LEGACY_FILES],
         // Writes the metrics file now and then.
         ThreadKind::Housekeeping => &[BASE, FILE_READ, FILE_WRITE, LEGACY_FILES],
     };
-    let mut all: Vec<i64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
+    let mut all: Vec<i64> = groups
+        .iter()
+        .flat_map(|g| g.iter().copied())
+        .chain(extra.iter().copied())
+        .collect();
     all.sort_unstable();
     all.dedup();
     all
@@ -326,12 +340,12 @@ const KINDS: [ThreadKind; 8] = [
 pub struct Filters(BTreeMap<&'static str, BpfProgram>);
 
 impl Filters {
-    /// Compiles every list.
-    pub fn compile() -> Result<Self, SeccompError> {
+    /// Compiles every list of a daemon of `profile`.
+    pub fn compile(profile: Profile) -> Result<Self, SeccompError> {
         let arch = target_arch();
         let mut out = BTreeMap::new();
         for kind in KINDS {
-            let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
+            let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind, profile)
                 .into_iter()
                 .map(|nr| (nr, Vec::new()))
                 .collect();
@@ -479,7 +493,8 @@ mod tests {
 
     #[test]
     fn lists_compile_and_never_allow_escapes() {
-        Filters::compile().expect("every list compiles");
+        Filters::compile(Profile::Device).expect("every list compiles");
+        Filters::compile(Profile::HostFuse).expect("every list of skiff fuse compiles");
         let never = [
             libc::SYS_execve,
             libc::SYS_execveat,
@@ -497,19 +512,37 @@ mod tests {
             libc::SYS_chroot,
             libc::SYS_capset,
         ];
-        for kind in KINDS {
-            let list = allowed(kind);
-            for nr in never {
-                assert!(!list.contains(&nr), "{kind} allows system call {nr}");
+        for profile in [Profile::Device, Profile::HostFuse] {
+            for kind in KINDS {
+                let list = allowed(kind, profile);
+                for nr in never {
+                    // skiff fuse's main thread alone unmounts its FUSE filesystem at the end.
+                    if (kind, profile, nr)
+                        == (ThreadKind::Main, Profile::HostFuse, libc::SYS_umount2)
+                    {
+                        assert!(list.contains(&nr));
+                        continue;
+                    }
+                    assert!(
+                        !list.contains(&nr),
+                        "{kind} allows system call {nr} ({profile:?})"
+                    );
+                }
+            }
+            // Every kind's list is inside the union the main thread carries.
+            let union = allowed(ThreadKind::Main, profile);
+            for kind in KINDS {
+                assert!(
+                    allowed(kind, profile).iter().all(|nr| union.contains(nr)),
+                    "{kind}"
+                );
             }
         }
         // The queue thread only waits and signals.
-        assert!(!allowed(ThreadKind::Queue).contains(&libc::SYS_openat));
-        assert!(!allowed(ThreadKind::Queue).contains(&libc::SYS_socket));
-        // Every kind's list is inside the union the main thread carries.
-        let union = allowed(ThreadKind::Main);
-        for kind in KINDS {
-            assert!(allowed(kind).iter().all(|nr| union.contains(nr)), "{kind}");
-        }
+        let queue = allowed(ThreadKind::Queue, Profile::Device);
+        assert!(!queue.contains(&libc::SYS_openat));
+        assert!(!queue.contains(&libc::SYS_socket));
+        // The FUSE threads, which answer the host's containers, never unmount.
+        assert!(!allowed(ThreadKind::Fuse, Profile::HostFuse).contains(&libc::SYS_umount2));
     }
 }

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod confined;
 pub mod listing;
 pub mod middlebox;
 pub mod nydus;
