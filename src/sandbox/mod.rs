@@ -1,5 +1,6 @@
-//! Confinement of the daemons that face a guest (`skiff serve`, `skiff virtiofs`), on by
-//! default, as virtiofsd and Cloud Hypervisor confine theirs:
+//! Confinement of the daemons that face a guest (`skiff serve`, `skiff virtiofs`) or the
+//! host's containers (`skiff fuse`, [`Profile::HostFuse`]: every step but the mount
+//! namespace), on by default, as virtiofsd and Cloud Hypervisor confine theirs:
 //!
 //! * [`namespace`]: a mount namespace whose root is an empty, read-only tmpfs holding only
 //!   what the daemon must reach (the shared directory, the images, the caches, the sockets),

@@ -25,7 +25,10 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use super::Profile;
 use crate::runtime::threads::{self, ThreadKind};
@@ -345,14 +348,14 @@ impl Filters {
         let arch = target_arch();
         let mut out = BTreeMap::new();
         for kind in KINDS {
-            let rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind, profile)
-                .into_iter()
-                .map(|nr| (nr, Vec::new()))
-                .collect();
             let build = |source| SeccompError::Build {
                 kind: kind.as_str(),
                 source,
             };
+            let mut rules = BTreeMap::new();
+            for nr in allowed(kind, profile) {
+                rules.insert(nr, arguments(nr).map_err(build)?);
+            }
             let filter = SeccompFilter::new(rules, mismatch_action(), SeccompAction::Allow, arch)
                 .map_err(build)?;
             let program = BpfProgram::try_from(filter).map_err(build)?;
@@ -370,6 +373,26 @@ impl Filters {
             source,
         })
     }
+}
+
+/// The conditions on the arguments of system call `nr`, if any (none: any arguments).
+///
+/// tgkill(2) may signal this process only (the abort of a panic, a thread's own signals):
+/// the daemon runs as root, and root may signal every other root process on the host (the
+/// runtime, containerd, other VMs' daemons) without any capability. This is what a PID
+/// namespace would also give (docs/serve.md, "No PID namespace"). No other call that
+/// signals another process (kill, tkill, rt_sigqueueinfo, pidfd_send_signal) is on a list.
+fn arguments(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    if nr != libc::SYS_tgkill {
+        return Ok(Vec::new());
+    }
+    let own = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(std::process::id()),
+    )?;
+    Ok(vec![SeccompRule::new(vec![own])?])
 }
 
 /// What a call outside the list does: SIGSYS (reported, then the process ends), or with
@@ -544,5 +567,77 @@ mod tests {
         assert!(!queue.contains(&libc::SYS_socket));
         // The FUSE threads, which answer the host's containers, never unmount.
         assert!(!allowed(ThreadKind::Fuse, Profile::HostFuse).contains(&libc::SYS_umount2));
+        // Nothing signals another process but tgkill, which is held to this one.
+        let signalling = [
+            libc::SYS_kill,
+            libc::SYS_tkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::SYS_pidfd_send_signal,
+            libc::SYS_pidfd_open,
+        ];
+        for kind in KINDS {
+            for nr in signalling {
+                assert!(
+                    !allowed(kind, Profile::Device).contains(&nr),
+                    "{kind}: {nr}"
+                );
+                assert!(
+                    !allowed(kind, Profile::HostFuse).contains(&nr),
+                    "{kind}: {nr}"
+                );
+            }
+        }
+    }
+
+    /// Run by [`a_confined_thread_signals_only_its_own_process`] in a child process of the
+    /// test binary: confines its thread with the main thread's list, signals (0: no signal,
+    /// only the check) its own process, then the process named by the variable.
+    #[test]
+    fn tgkill_probe() {
+        let Some(target) = std::env::var("SKIFF_TGKILL_PROBE")
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+        else {
+            return; // not the probe's run
+        };
+        let filters = Filters::compile(Profile::Device).expect("compile");
+        install_sigsys_handler().expect("handler");
+        filters.apply(ThreadKind::Main).expect("apply");
+        // SAFETY: tgkill with signal 0 only checks that the target exists.
+        let own = unsafe {
+            libc::syscall(
+                libc::SYS_tgkill,
+                std::process::id() as i32,
+                libc::gettid(),
+                0,
+            )
+        };
+        assert_eq!(own, 0, "tgkill of its own thread");
+        eprintln!("probe: own process signalled");
+        // SAFETY: as above; the filter ends the process here.
+        unsafe { libc::syscall(libc::SYS_tgkill, target, target, 0) };
+        eprintln!("probe: signalled another process");
+    }
+
+    #[test]
+    fn a_confined_thread_signals_only_its_own_process() {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--exact",
+                "sandbox::seccomp::tests::tgkill_probe",
+                "--nocapture",
+            ])
+            .env("SKIFF_TGKILL_PROBE", std::process::id().to_string())
+            .output()
+            .expect("run the probe");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("probe: own process signalled"), "{stderr}");
+        assert!(!stderr.contains("signalled another process"), "{stderr}");
+        assert_eq!(out.status.code(), Some(159), "{stderr}");
+        assert!(
+            stderr.contains(&format!("system call {}", libc::SYS_tgkill)),
+            "{stderr}"
+        );
     }
 }
