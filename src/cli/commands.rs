@@ -237,10 +237,51 @@ pub struct ImageArgs {
     /// Backend, cache, prefetch and metrics options (src/cli/image.rs).
     #[command(flatten)]
     pub storage: super::image::StorageArgs,
+    /// Sharing the bootstrap with the node's other daemons.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// How long one read may take, network retries included (e.g. 30s, 500ms): then it
     /// fails with EIO and a log line instead of hanging the reader.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub request_timeout: std::time::Duration,
+}
+
+/// Sharing validated bootstraps with the other daemons of the node (`crate::share`), for
+/// `mount`, `serve`, `virtiofs` and `fuse`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ShareArgs {
+    /// Directory where the node's daemons share validated bootstraps, one copy in memory for
+    /// all (default /run/skiff/bootstraps as root, $XDG_RUNTIME_DIR/skiff/bootstraps
+    /// otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub bootstrap_share_dir: Option<PathBuf>,
+    /// Keep a private copy of each bootstrap: take none from other daemons, offer none.
+    #[arg(long, conflicts_with = "bootstrap_share_dir")]
+    pub no_bootstrap_share: bool,
+}
+
+impl ShareArgs {
+    /// The share these options ask for: none with `--no-bootstrap-share`; a directory given
+    /// that cannot be used is an error; the default one is skipped with a warning.
+    pub fn open(&self) -> Result<Option<Arc<crate::share::BootstrapShare>>, Box<dyn std::error::Error>> {
+        if self.no_bootstrap_share {
+            return Ok(None);
+        }
+        if let Some(d) = &self.bootstrap_share_dir {
+            return Ok(Some(Arc::new(crate::share::BootstrapShare::open(d)?)));
+        }
+        let Some(d) = crate::share::default_dir() else {
+            tracing::info!("no runtime directory (XDG_RUNTIME_DIR) for sharing bootstraps; each is loaded privately");
+            return Ok(None);
+        };
+        match crate::share::BootstrapShare::open(&d) {
+            Ok(s) => Ok(Some(Arc::new(s))),
+            Err(e) => {
+                tracing::warn!(error = %crate::util::error_chain(&e), "bootstraps are not shared with other daemons");
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Arguments of `skiff convert`.
@@ -422,7 +463,8 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let share = a.image.share.open()?;
+    let (fs, storage) = a.image.open_with_storage(share.as_deref())?;
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
         fs,
@@ -467,7 +509,8 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_with_storage()?;
+    let share = a.image.share.open()?;
+    let (fs, storage) = a.image.open_with_storage(share.as_deref())?;
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
     opts.workers = a.thread_num;
@@ -518,6 +561,9 @@ pub struct VirtiofsArgs {
     /// used: Skiff does not announce submounts to the guest.
     #[arg(long)]
     pub announce_submounts: bool,
+    /// Sharing bootstraps with the node's other daemons.
+    #[command(flatten)]
+    pub share: ShareArgs,
 }
 
 /// `skiff virtiofs`.
@@ -546,6 +592,7 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,
+        share: a.share.open()?,
     })?;
     Ok(0)
 }

@@ -2,12 +2,11 @@
 //! `skiff cache` commands.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::commands::{CmdResult, ImageArgs};
-use crate::format::{digest_hex, Bootstrap};
+use crate::format::digest_hex;
 use crate::fs::{RafsFs, RafsFsOptions};
 use crate::storage::config::{BackendConfig, ByteSize, StorageConfig, StorageStack};
 use crate::storage::{cache, S3Config, DEFAULT_CACHE_DIR};
@@ -174,9 +173,13 @@ impl StorageArgs {
 }
 
 impl ImageArgs {
-    /// Loads the image and sets up its storage: a filesystem ready to serve, and the running
-    /// storage stack (metrics, prefetch) to [`StorageStack::finish`] when serving ends.
-    pub fn open_with_storage(&self) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+    /// Loads the image (through `share`, when given) and sets up its storage: a filesystem
+    /// ready to serve, and the running storage stack (metrics, prefetch) to
+    /// [`StorageStack::finish`] when serving ends.
+    pub fn open_with_storage(
+        &self,
+        share: Option<&crate::share::BootstrapShare>,
+    ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
         let fs_opts = RafsFsOptions {
             // `mount` and `serve` give the image a connection of its own.
             zero_message_open: true,
@@ -199,8 +202,8 @@ impl ImageArgs {
                 Some(d) => Some(cache::BootstrapCache::open(&d)?),
                 None => None,
             };
-            let img = crate::oci::open_image(client, boot_cache.as_ref())?;
-            let b = Arc::new(img.bootstrap);
+            let img = crate::oci::open_image(client, boot_cache.as_ref(), share)?;
+            let b = img.bootstrap;
             tracing::info!(image = %r, format = b.source_format().name(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;
             let fs_opts = RafsFsOptions {
@@ -215,7 +218,7 @@ impl ImageArgs {
             .as_ref()
             .ok_or("give --bootstrap (with --blob-dir or another backend), or --image")?;
         let start = std::time::Instant::now();
-        let b = Arc::new(Bootstrap::load(bootstrap)?);
+        let b = crate::share::load_file(bootstrap, share)?;
         tracing::info!(
             bootstrap = %bootstrap.display(),
             format = b.source_format().name(),
@@ -327,9 +330,9 @@ pub fn read_path_list(path: &std::path::Path) -> Result<Vec<String>, Box<dyn std
 }
 
 impl ImageArgs {
-    /// Loads the image into a filesystem ready to serve; background work (prefetch, metrics
-    /// file) runs on detached. Prefer [`ImageArgs::open_with_storage`].
+    /// Loads the image into a filesystem ready to serve, with a private bootstrap; background
+    /// work (prefetch, metrics file) runs on detached. Prefer [`ImageArgs::open_with_storage`].
     pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
-        Ok(self.open_with_storage()?.0)
+        Ok(self.open_with_storage(None)?.0)
     }
 }
