@@ -4,7 +4,10 @@
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${SKIFF_CACHE:-/var/cache/skiff}
-target_dir="$cache/lister-target"
+# One target directory per version of the lister's sources: worktrees and checkouts with
+# different listers share the cache without overwriting each other's binary.
+version=$(cd "$repo/guest/lister" && cat Cargo.toml Cargo.lock src/*.rs | sha256sum | cut -c1-16)
+target_dir="$cache/lister-target/$version"
 mkdir -p "$cache"
 # glibc's static libc.a comes with libc6-dev, which the Rust toolchain already needs.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --quiet --locked --release \

@@ -7,6 +7,7 @@
 #   scripts/fuzz.sh smoke              every target for a few seconds (a check of the set-up)
 #   scripts/fuzz.sh replay TARGET FILE...  run inputs (a crash, say) once, with a backtrace
 #   scripts/fuzz.sh report             inputs, coverage and crashes of every campaign so far
+#   scripts/fuzz.sh coverage [TARGET...]  edges each corpus reaches, by Skiff source file
 #   scripts/fuzz.sh seeds              regenerate the checked-in seeds (root, nydus-image)
 #
 # Environment: FUZZ_RUNS (inputs per target; defaults below add up to over 10 million),
@@ -20,12 +21,14 @@ work="${SKIFF_FUZZ_DIR:-/var/cache/skiff/fuzz}"
 triple=x86_64-unknown-linux-gnu
 bin_dir="$work/target/$triple/release"
 
-all_targets=(bootstrap tar fuse)
+all_targets=(bootstrap tar fuse nydus_config api)
 # Inputs per target for a full campaign, chosen by their speed (the cheap parsers get more).
-declare -A default_runs=([bootstrap]=4000000 [tar]=3000000 [fuse]=2000000)
+declare -A default_runs=([bootstrap]=4000000 [tar]=2500000 [fuse]=1500000 [nydus_config]=2000000
+    [api]=500000)
 # Largest input per target, in bytes: a bootstrap or tar seed with room to grow; a batch of
 # FUSE chains.
-declare -A max_len=([bootstrap]=65536 [tar]=65536 [fuse]=16384)
+declare -A max_len=([bootstrap]=65536 [tar]=65536 [fuse]=16384 [nydus_config]=8192
+    [api]=8192)
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -128,6 +131,51 @@ report() {
         # The instrumented edges of the whole binary (Skiff and every dependency linked in).
         edges=$(SKIFF_FUZZ_WRITE_SEEDS= "$bin_dir/$t" -runs=0 2>&1 | grep -o 'Loaded 1 modules *([0-9]* inline 8-bit counters)' | grep -o '[0-9]* inline' | awk '{print $1}')
         echo "$t: ${edges:-?} instrumented edges in the binary"
+    done
+}
+
+# Edge coverage of each target's corpus by source file: the target runs its corpus once,
+# writing which SanitizerCoverage edges it reached (fuzz/src/coverage.rs); llvm-symbolizer
+# names the edges' addresses; the edges in Skiff's own files are summed per directory.
+coverage() {
+    local t bin edges
+    local targets=("$@")
+    [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
+    command -v llvm-symbolizer >/dev/null || apt-get install -y --no-install-recommends llvm >&2
+    mkdir -p "$work/coverage"
+    for t in "${targets[@]}"; do
+        bin=$(target_bin "$t")
+        edges="$work/coverage/$t.edges"
+        rm -f "$edges"
+        (cd "$work/artifacts/$t" && SKIFF_FUZZ_COVERAGE_OUT="$edges" nice -n 19 "$bin" -runs=0 \
+            -max_len="${max_len[$t]}" "$work/corpus/$t" >/dev/null 2>&1) || true
+        [[ -s $edges ]] || { echo "$t: no coverage written" >&2; continue; }
+        echo "== $t ($(find "$work/corpus/$t" -type f | wc -l) corpus inputs): edges reached / instrumented"
+        awk '{print $1}' "$edges" | llvm-symbolizer --obj="$bin" --functions=none \
+            | python3 -c '
+import sys, collections
+repo, edges = sys.argv[1], sys.argv[2]
+hits = [line.split()[1] == "1" for line in open(edges)]
+locs, cur, first = [], None, True
+for line in sys.stdin:
+    line = line.rstrip("\n")
+    if not line:
+        locs.append(cur); cur, first = None, True
+    elif first:
+        cur, first = line.rsplit(":", 2)[0], False
+tot, cov = collections.Counter(), collections.Counter()
+for hit, f in zip(hits, locs):
+    if f and f.startswith(repo + "/src/"):
+        d = f[len(repo) + 1:]
+        d = d.rsplit("/", 1)[0] if d.count("/") > 1 else d
+        tot[d] += 1; cov[d] += hit
+for d in sorted(tot):
+    if cov[d]:
+        print(f"  {d:32} {cov[d]:6} / {tot[d]:6}  {100 * cov[d] / tot[d]:5.1f} %")
+c, n = sum(cov.values()), sum(tot.values())
+label = "src/ (all linked in)"
+print(f"  {label:32} {c:6} / {n:6}  {100 * c / max(1, n):5.1f} %")
+' "$repo" "$edges" | tee "$work/coverage/$t.txt"
     done
 }
 
@@ -242,25 +290,39 @@ make_tree() {
     touch -h -d '2001-02-03 04:05:06.123456789' "$d/link" "$d/dir/sub/deep.txt" "$d/hello.txt"
 }
 
-cmd=${1:-run}
-case "$cmd" in
-    -h|--help|help) usage ;;
-    build) build ;;
-    seeds) seeds ;;
-    report) report ;;
-    replay)
-        shift
-        t=${1:?usage: fuzz.sh replay TARGET FILE...}
-        shift
-        RUST_BACKTRACE=1 "$(target_bin "$t")" "$@" ;;
-    smoke)
-        build
-        for t in "${all_targets[@]}"; do FUZZ_SECONDS=${FUZZ_SECONDS:-10} campaign "$t"; done ;;
-    run|*)
-        [[ $cmd == run ]] && shift
-        targets=("$@")
-        [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
-        build
-        for t in "${targets[@]}"; do campaign "$t"; done
-        report ;;
-esac
+# Everything runs from this function, so that the whole file is read before any of it runs
+# (a campaign takes hours, and the script may be edited meanwhile).
+main() {
+    local cmd=${1:-run} t targets
+    case "$cmd" in
+        -h|--help|help) usage ;;
+        build) build ;;
+        seeds) seeds ;;
+        report) report ;;
+        coverage) shift; coverage "$@" ;;
+        replay)
+            shift
+            t=${1:?usage: fuzz.sh replay TARGET FILE...}
+            shift
+            RUST_BACKTRACE=1 "$(target_bin "$t")" "$@" ;;
+        smoke)
+            build
+            local failed=0
+            for t in "${all_targets[@]}"; do
+                FUZZ_SECONDS=${FUZZ_SECONDS:-10} campaign "$t" || failed=1
+            done
+            return $failed ;;
+        run|*)
+            [[ $cmd == run ]] && shift
+            targets=("$@")
+            [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
+            build
+            # Every target runs even when one crashes; the exit code says whether any did.
+            local failed=0
+            for t in "${targets[@]}"; do campaign "$t" || failed=1; done
+            report
+            return $failed ;;
+    esac
+}
+
+main "$@"; exit $?

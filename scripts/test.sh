@@ -19,6 +19,10 @@ cd "$repo"
 # benchmarks' peer), built once from crates.io and cached outside the repo (about 7 minutes on
 # 2 cores the first time).
 "$repo/scripts/install-nydus.sh" >/dev/null
+# QEMU 10 from bookworm-backports beside the system's 7.2 (never replacing it), for the microVM
+# tests that run on both; the tests find it at the path it prints.
+SKIFF_QEMU10=$("$repo/scripts/install-qemu10.sh")
+export SKIFF_QEMU10
 # The microVM's kernel and initramfs, built once and cached outside the repo.
 "$repo/guest/build-initramfs.sh" >/dev/null
 

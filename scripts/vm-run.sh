@@ -36,6 +36,8 @@ Options:
   --guest-dir DIR        guest build cache (default:
                          \${SKIFF_CACHE:-/var/cache/skiff}/guest)
   --qemu-arg ARG         extra QEMU argument; repeatable
+  (environment) SKIFF_QEMU  the QEMU binary (default: qemu-system-x86_64
+                         on PATH; scripts/install-qemu10.sh prints QEMU 10's)
   --interactive          serial console on the terminal (implies
                          skiff.shell=1 and no timeout)
   -q, --quiet            don't echo the serial console to stdout
@@ -94,8 +96,11 @@ done
 [[ -z "$test_script" || -z "$cmd" ]] || die "--test-script and --cmd are exclusive"
 [[ "$timeout_s" =~ ^[0-9]+$ ]] || die "--timeout must be a number of seconds"
 case "$tag" in *[[:space:]]*|"") die "invalid tag '$tag'" ;; esac
-command -v qemu-system-x86_64 >/dev/null 2>&1 \
-    || die "qemu-system-x86_64 not found (run scripts/install-deps.sh)"
+# The VMM: the system's QEMU, or another one named by SKIFF_QEMU (scripts/install-qemu10.sh
+# prints the path of QEMU 10 from bookworm-backports).
+qemu_bin="${SKIFF_QEMU:-qemu-system-x86_64}"
+command -v "$qemu_bin" >/dev/null 2>&1 \
+    || die "$qemu_bin not found (run scripts/install-deps.sh, or scripts/install-qemu10.sh for SKIFF_QEMU)"
 
 # ------------------------------------------------------------- guest --
 "$REPO_ROOT/guest/build-initramfs.sh" --quiet "$guest_dir"
@@ -175,7 +180,7 @@ fi
 
 # shellcheck disable=SC2054 # commas are QEMU option syntax
 qemu=(
-    qemu-system-x86_64
+    "$qemu_bin"
     -M q35,sata=off,smbus=off,vmport=off -accel "$accel" -cpu "$cpu" -smp 1 -m "$mem"
     -object "memory-backend-memfd,id=mem,size=$mem,share=on"
     -numa node,memdev=mem

@@ -24,6 +24,7 @@ pub mod fs;
 pub mod fuse;
 pub mod oci;
 pub mod runtime;
+pub mod sandbox;
 pub mod share;
 pub mod storage;
 pub mod util;

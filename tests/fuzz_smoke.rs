@@ -193,7 +193,7 @@ fn smoke(target: &str, seeds: Vec<(String, Vec<u8>)>, run: &dyn Fn(&[u8]) -> Out
     }
     eprintln!(
         "{target}: {} inputs, {served} accepted and served ({served_mutations} of them \
-         mutations), {bytes} bytes of content checked",
+         mutations), {bytes} bytes of content (or responses) checked",
         inputs.len()
     );
     // Mutations that get past the parser are what exercise the layers above it.
@@ -243,4 +243,31 @@ fn fuse() {
         .map(|(i, s)| (format!("seed {i}"), s))
         .collect();
     smoke("fuse", seeds, &|data| harness::fuse::run(&fixture, data));
+}
+
+#[test]
+fn nydus_config() {
+    smoke(
+        "nydus_config",
+        harness::seeds("nydus_config"),
+        &harness::nydus_config::run,
+    );
+}
+
+#[test]
+fn api() {
+    // The target starts its API server in a network namespace of its own, which needs root.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the api fuzz target needs root (a network namespace)"
+        );
+        eprintln!("SKIPPED: the api fuzz target needs root (a network namespace)");
+        return;
+    }
+    let fixture = harness::api::Fixture::start();
+    smoke("api", harness::seeds("api"), &|data| {
+        harness::api::run(&fixture, data)
+    });
 }

@@ -4,6 +4,14 @@
 //! (lower: the RAFS image, upper and work: the passthrough share, `index=off`). Commands run
 //! from both containers; one container is removed (`DELETE`) while the VM runs.
 //!
+//! Two more containers come from a containerd + nydus-snapshotter node (tests/kata/node.rs):
+//! Debian minbase in a registry as Skiff's node layout and as Nydus RAFS v6, which the
+//! snapshotter's host daemon (`skiff fuse` as `nydusd`) has mounted and read whole on the host.
+//! The sandbox daemon gets the same config in `POST /api/v1/mount`; in the guest, `dpkg-query
+//! -W` and the listing of each equal the host's, a write lands in the upper dir, and the
+//! registry's access log shows that the sandbox daemon fetched 0 bytes: the host daemon's
+//! chunks in the node's shared cache served it all.
+//!
 //! One image's blobs sit on a slow disk (tests/kata/stallfs.rs) that stalls one chunk of its
 //! file `cold.bin` for 5 s: a passthrough write and a cached read beside that cold read, on the
 //! device's one request queue, finish well before the stall ends.
@@ -122,6 +130,17 @@ done
 echo BEGIN-TOP
 ls -1 $S
 echo END-TOP
+# A hostile guest's ways out of the shared directory: each must come back empty-handed.
+C=$S/containers
+echo BEGIN-ESCAPE
+cat $C/../../outside-secret $C/../outside-secret $C/../../../outside-secret 2>&1
+for l in abs-link abs-link-reachable rel-link; do cat $C/$l 2>&1; done
+ls -1a $C/.. $C/../.. 2>&1
+ln $C/../../outside-secret $C/hard-up 2>&1 && cat $C/hard-up 2>&1
+ln $C/abs-link $C/hard-abs 2>&1 && cat $C/hard-abs 2>&1
+ln -s $C/../../outside-secret $C/guest-link 2>&1; cat $C/guest-link 2>&1
+/lister --handles $C/handle-probe 2>&1
+echo END-ESCAPE
 for cid in ca cb; do
     R=/run/kata-containers/$cid/rootfs
     mkdir -p $R
@@ -138,6 +157,24 @@ for cid in ca cb; do
     /bin/busybox cat $S/rafs/$cid/lowerdir/etc/image
     echo END-LOWER-$cid
 done
+# The node's Debian containers: the image's userland runs, the lower layer lists as the
+# host's rootfs, a write goes to the upper dir.
+debian() {
+    R=/run/kata-containers/$1/rootfs
+    mkdir -p $R
+    mount -t overlay overlay \
+        -o lowerdir=$S/rafs/$1/lowerdir,upperdir=$S/containers/$1/snapshotdir/fs,workdir=$S/containers/$1/snapshotdir/work,index=off \
+        $R || { echo "overlay $1 failed"; dmesg | tail -n 5; exit 1; }
+    echo BEGIN-DPKG-$1
+    chroot $R /usr/bin/dpkg-query -W
+    echo END-DPKG-$1
+    chroot $R /bin/bash -c "echo written by $1 > /root/from-the-container"
+    echo BEGIN-LISTING-$1
+    /lister $S/rafs/$1/lowerdir
+    echo END-LISTING-$1
+    umount $R
+}
+#DEBIAN#
 # Head-of-line blocking: a cold read whose chunk the host's disk stalls, and beside it, on the
 # same request queue, a write to the passthrough share and a read the daemon has cached.
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -174,6 +211,26 @@ echo END-AFTER
 umount /run/kata-containers/cb/rootfs
 umount $S
 "#;
+
+/// The lines of a section as printed (a lister line may end in a tab).
+fn raw_section(log: &str, name: &str) -> Vec<String> {
+    let begin = format!("BEGIN-{name}");
+    let end = format!("END-{name}");
+    log.lines()
+        .skip_while(|l| l.trim() != begin)
+        .skip(1)
+        .take_while(|l| l.trim() != end)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What the node side needs besides the lister (a Debian rootfs, nydus-image, skopeo): the
+/// rootfs, or `None` (a failure under CI) with the reason printed.
+fn node_ready() -> Option<PathBuf> {
+    require("skopeo", common::oci::have("skopeo"))?;
+    common::nydus::require_nydus_image()?;
+    require("Debian minbase rootfs", debian_rootfs("minbase"))
+}
 
 fn section(log: &str, name: &str) -> Vec<String> {
     let begin = format!("BEGIN-{name}");
@@ -225,6 +282,37 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         }
     }
 
+    // Secrets outside the shared directory: one the daemon's sandbox reaches (the test's
+    // scratch directory is bound in), one it does not. No way the guest has may show either.
+    let secret = format!("SKIFF-OUTSIDE-SECRET-{}", std::process::id());
+    fs::write(dir.path().join("outside-secret"), &secret).expect("secret");
+    let far = tempfile::tempdir().expect("tempdir outside the sandbox");
+    fs::write(far.path().join("outside-secret"), &secret).expect("far secret");
+    std::os::unix::fs::symlink(far.path().join("outside-secret"), shared.join("abs-link"))
+        .expect("abs-link");
+    std::os::unix::fs::symlink(
+        dir.path().join("outside-secret"),
+        shared.join("abs-link-reachable"),
+    )
+    .expect("abs-link-reachable");
+    std::os::unix::fs::symlink("../outside-secret", shared.join("rel-link")).expect("rel-link");
+    fs::write(shared.join("handle-probe"), "inside the share\n").expect("handle-probe");
+    // The escape probes run from it: never optional, unlike the node side.
+    let lister = common::listing::lister().expect("the tree lister (guest/build-lister.sh)");
+
+    // The node: Debian in a registry, mounted and read whole by the host daemon.
+    let node = node_ready().map(|rootfs| {
+        let side = kata::node::start(&dir.path().join("n"), &rootfs, &lister);
+        for img in &side.images {
+            for sub in ["fs", "work"] {
+                fs::create_dir_all(shared.join(img.cid).join("snapshotdir").join(sub))
+                    .expect("snapshotdir");
+            }
+        }
+        (side, rootfs)
+    });
+    let sandbox_from = node.as_ref().map(|(n, _)| n.reg.log_len());
+
     let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
     let ready = d.wait_running();
     eprintln!("time to RUNNING: {ready:?}");
@@ -243,10 +331,24 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         );
         assert_eq!(s, 204, "{cid}: {b}");
     }
+    // The node's images: the bootstrap the snapshotter unpacked and the config it wrote.
+    for img in node.iter().flat_map(|(n, _)| &n.images) {
+        let (s, b) = mount(
+            &d.api,
+            &rafs_mountpoint(img.cid),
+            &mount_body("rafs", &img.bootstrap, &img.config),
+        );
+        assert_eq!(s, 204, "{}: {b}\n{}", img.cid, d.log_text());
+    }
 
     // Boot the VM in the background; the host plays the runtime meanwhile.
     let script = dir.path().join("guest.sh");
-    fs::write(&script, GUEST).expect("guest script");
+    let debian_calls: String = node
+        .iter()
+        .flat_map(|(n, _)| &n.images)
+        .map(|img| format!("debian {}\n", img.cid))
+        .collect();
+    fs::write(&script, GUEST.replace("#DEBIAN#\n", &debian_calls)).expect("guest script");
     let serial = dir.path().join("serial.log");
     let mut vm = Command::new(repo().join("scripts/vm-run.sh"))
         .arg("--socket")
@@ -264,6 +366,8 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         .arg(&script)
         .arg("--serial-log")
         .arg(&serial)
+        .arg("--guest-file")
+        .arg(format!("{}:/lister", lister.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -288,6 +392,20 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The daemon ran the whole guest confined: each of its threads, of every kind.
+    let pid = d.pid().expect("daemon pid");
+    let names = assert_confined(
+        pid,
+        VIRTIOFS_CAPS,
+        &[
+            "skiff-vhost",
+            "skiff-api",
+            "skiff-worker",
+            "skiff-spawner",
+            "vring_worker",
+        ],
+    );
+    eprintln!("confined threads of skiff virtiofs: {names:?}");
     let out = vm.wait_with_output().expect("vm-run.sh");
     let log = serial_text();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -308,6 +426,26 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
     );
 
     assert_eq!(section(&log, "TOP"), ["containers", "rafs"]);
+    let escape = section(&log, "ESCAPE");
+    eprintln!("escape attempts from the guest: {escape:?}");
+    assert!(
+        !escape.iter().any(|l| l.contains(&secret)),
+        "the guest reached a file outside the shared directory: {escape:?}"
+    );
+    assert!(
+        escape.iter().any(|l| l.starts_with("HANDLE ")),
+        "the handle probe did not run: {escape:?}"
+    );
+    // What a forged handle opened, if anything, is a file of the share.
+    for l in escape
+        .iter()
+        .filter(|l| l.starts_with("HANDLE forged ") && l.contains("opened:"))
+    {
+        let what = l.split("opened: ").nth(1).unwrap_or_default();
+        assert!(!what.contains("SKIFF-OUTSIDE"), "{l}");
+    }
+    // The share itself is untouched by the attempts but for what the guest may create.
+    assert!(!shared.join("hard-up").exists(), "{escape:?}");
     for cid in ["ca", "cb"] {
         assert_eq!(
             section(&log, &format!("RUN-{cid}")),
@@ -395,10 +533,298 @@ fn kata_agent_builds_overlay_rootfs_on_skiff_and_survives_a_container_removal() 
         after.ends_with(&["cb".to_string(), "written by cb".to_string()]),
         "cb stopped working after ca was removed: {after:?}"
     );
+    if let Some((side, rootfs)) = node {
+        check_node_containers(&log, side, &rootfs, &lister, &shared, sandbox_from, &d);
+    }
     assert_running_and_stop(d);
+}
+
+/// The node's Debian containers in the guest: their package lists and listings equal the
+/// host's rootfs, their writes are in the upper dirs, the sandbox daemon fetched nothing from
+/// the registry, and it takes `PUT /api/v1/config` with new credentials for their id.
+fn check_node_containers(
+    log: &str,
+    side: kata::node::NodeSide,
+    rootfs: &Path,
+    lister: &Path,
+    shared: &Path,
+    sandbox_from: Option<usize>,
+    d: &KataDaemon,
+) {
+    let host = Command::new("dpkg-query")
+        .arg(format!("--admindir={}/var/lib/dpkg", rootfs.display()))
+        .arg("-W")
+        .output()
+        .expect("dpkg-query on the host");
+    let host: Vec<String> = String::from_utf8_lossy(&host.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(host.len() > 50, "{} packages on the host", host.len());
+    let host_list = common::listing::host_listing(lister, rootfs);
+    for img in &side.images {
+        assert_eq!(
+            section(log, &format!("DPKG-{}", img.cid)),
+            host,
+            "{}: dpkg-query -W in the container",
+            img.cid
+        );
+        let guest = raw_section(log, &format!("LISTING-{}", img.cid));
+        if img.v6 {
+            use common::listing::without_unpreserved_v6_tar_fields as v6;
+            common::listing::assert_same_listing(&v6(&host_list), &v6(&guest));
+        } else {
+            // Converted from a tar layer, which carries no directory sizes.
+            use common::listing::without_dir_sizes as tar;
+            common::listing::assert_same_listing(&tar(&host_list), &tar(&guest));
+        }
+        let upper = shared.join(img.cid).join("snapshotdir/fs");
+        assert_eq!(
+            fs::read_to_string(upper.join("root/from-the-container"))
+                .ok()
+                .as_deref(),
+            Some(format!("written by {}\n", img.cid).as_str()),
+            "the container's write is in its upper dir"
+        );
+    }
+    let gets = side.reg.blob_gets(sandbox_from.unwrap_or(0));
+    let sandbox_bytes: u64 = gets.iter().map(|g| g.bytes).sum();
+    eprintln!(
+        "node: the host daemon fetched {} bytes in {} blob GETs; the sandbox daemon {sandbox_bytes} \
+         bytes in {} GETs for the same two images",
+        side.host_bytes,
+        side.host_gets,
+        gets.len()
+    );
+    assert!(side.host_bytes > 10 << 20, "{}", side.host_bytes);
+    assert_eq!(
+        sandbox_bytes,
+        0,
+        "chunks in the node's cache cost the sandbox daemon registry bytes\n{}",
+        d.log_text()
+    );
+    // Credential renewal on the sandbox daemon: by the config's id, for each image.
+    let renewed = serde_json::json!({"registry_auth": kata::node::auth_of("kata:rotated-pw")});
+    for img in &side.images {
+        let (s, b) = http(
+            &d.api,
+            "PUT",
+            &format!("/api/v1/config?id=%2F{}", img.sid),
+            Some(renewed.to_string().as_bytes()),
+        )
+        .expect("PUT config");
+        assert_eq!(s, 204, "{}", String::from_utf8_lossy(&b));
+    }
+    let (s, b) = http(
+        &d.api,
+        "PUT",
+        "/api/v1/config?id=%2Fnot-mounted",
+        Some(renewed.to_string().as_bytes()),
+    )
+    .expect("PUT config");
+    assert_eq!(s, 404, "{}", String::from_utf8_lossy(&b));
+    let mut host = side.host;
+    let log = host.log_text();
+    let st = host.terminate();
+    assert!(st.success(), "host daemon: {st}\n{log}");
 }
 
 fn assert_running_and_stop(d: KataDaemon) {
     assert_eq!(daemon_info(&d.api)["state"], "RUNNING");
+    d.stop();
+}
+
+/// Mount and unmount cycles in one running guest, in rounds of this many containers.
+const CYCLE_ROUND: usize = 10;
+/// Rounds: 30 rounds of 10 are 300 cycles, past the 255 mounts after which a Vfs gives an
+/// earlier image's index (and so its node ids) to a new one.
+const CYCLE_ROUNDS: usize = 30;
+
+/// The guest side of the long-lived sandbox: for each round the host announces (a file
+/// naming its containers), read every container's files, write what was read, go on.
+const CYCLES_GUEST: &str = r#"
+S=/run/kata-containers/shared
+mkdir -p $S
+mounted=no
+for i in 1 2 3 4 5 6 7 8 9 10; do
+    if mount -t virtiofs kataShared $S; then mounted=yes; break; fi
+    sleep 0.2
+done
+[ $mounted = yes ] || { echo "virtiofs mount failed"; exit 1; }
+C=$S/containers
+r=0
+while :; do
+    n=0
+    while [ ! -e $C/round-$r ] && [ ! -e $C/finished ]; do
+        n=$((n + 1))
+        [ $n -gt 6000 ] && { echo "no round $r from the host"; exit 1; }
+        usleep 20000
+    done
+    [ -e $C/round-$r ] || break
+    for cid in $(cat $C/round-$r); do
+        L=$S/rafs/$cid/lowerdir
+        echo "$cid $(ls $L | tr '\n' ,) $(cat $L/id) $(tail -c 11 $L/data)"
+    done > $C/seen-$r.tmp
+    mv $C/seen-$r.tmp $C/seen-$r
+    r=$((r + 1))
+done
+echo "rounds $r"
+umount $S
+"#;
+
+#[test]
+fn three_hundred_mount_cycles_of_different_images_in_one_guest_on_qemu_10_serve_the_right_files() {
+    let Some(busybox) = require("QEMU microVM and busybox-static", vm_ready()) else {
+        return;
+    };
+    let _ = busybox;
+    // The long-lived guest runs on the second VMM version, QEMU 10 (the other test of this
+    // file runs on the system's 7.2).
+    let Some(qemu10) = require("QEMU 10 (scripts/install-qemu10.sh)", qemu10()) else {
+        return;
+    };
+    let dir = scratch();
+    let total = CYCLE_ROUND * CYCLE_ROUNDS;
+    // 300 small images, each its own: a file naming it and a page of data naming it too. In
+    // every image the files have the same inode numbers (root 1, then data and id), the same
+    // sizes and the same mtime: nothing but the node id's generation tells the guest's kernel
+    // that a file it cached from an earlier image is not this one.
+    let blobs = dir.path().join("blobs");
+    let images: Vec<PathBuf> = (0..total)
+        .map(|i| {
+            let src = dir.path().join(format!("src-{i}"));
+            fs::create_dir_all(&src).expect("mkdir");
+            let name = format!("image-{i:04}\n");
+            fs::write(src.join("id"), &name).expect("id");
+            fs::write(src.join("data"), name.repeat(4096 / name.len())).expect("data");
+            for f in ["id", "data"] {
+                let when = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+                fs::File::options()
+                    .write(true)
+                    .open(src.join(f))
+                    .and_then(|file| file.set_modified(when))
+                    .expect("mtime");
+            }
+            let bootstrap = dir.path().join(format!("image-{i}.boot"));
+            skiff_ok([
+                OsStr::new("build"),
+                src.as_os_str(),
+                OsStr::new("--bootstrap"),
+                bootstrap.as_os_str(),
+                OsStr::new("--blob-dir"),
+                blobs.as_os_str(),
+            ]);
+            bootstrap
+        })
+        .collect();
+    let shared = dir.path().join("shared");
+    fs::create_dir_all(&shared).expect("shared");
+
+    let d = KataDaemon::start(Runtime::Go, &dir.path().join("sandbox"));
+    d.wait_running();
+    let (s, b) = mount(
+        &d.api,
+        "/containers",
+        &mount_body("passthrough_fs", &shared, ""),
+    );
+    assert_eq!(s, 204, "{b}");
+    let script = dir.path().join("guest.sh");
+    fs::write(&script, CYCLES_GUEST).expect("guest script");
+    let serial = dir.path().join("serial.log");
+    let mut vm = Command::new(repo().join("scripts/vm-run.sh"))
+        .arg("--socket")
+        .arg(&d.vhost)
+        .env("SKIFF_QEMU", &qemu10)
+        .args([
+            "--tag",
+            "kataShared",
+            "--append",
+            "skiff.mount=0",
+            "--timeout",
+            "600",
+            "-q",
+        ])
+        .arg("--test-script")
+        .arg(&script)
+        .arg("--serial-log")
+        .arg(&serial)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting vm-run.sh");
+    let serial_text =
+        || String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).replace('\r', "");
+    let config = nydusd_config(&blobs);
+    let started = Instant::now();
+    for round in 0..CYCLE_ROUNDS {
+        let cids: Vec<String> = (0..CYCLE_ROUND)
+            .map(|j| format!("c{}", round * CYCLE_ROUND + j))
+            .collect();
+        for (j, cid) in cids.iter().enumerate() {
+            let image = &images[round * CYCLE_ROUND + j];
+            let (s, b) = mount(
+                &d.api,
+                &rafs_mountpoint(cid),
+                &mount_body("rafs", image, &config),
+            );
+            assert_eq!(s, 204, "mount {cid}: {b}");
+        }
+        let announce = shared.join(format!("round-{round}"));
+        fs::write(announce.with_extension("tmp"), cids.join("\n")).expect("round");
+        fs::rename(announce.with_extension("tmp"), &announce).expect("round");
+        let seen = shared.join(format!("seen-{round}"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !seen.exists() {
+            assert!(
+                Instant::now() < deadline && matches!(vm.try_wait(), Ok(None)),
+                "the guest did not finish round {round}\n--- serial ---\n{}\n--- daemon ---\n{}",
+                serial_text(),
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines: Vec<String> = fs::read_to_string(&seen)
+            .expect("seen")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let want: Vec<String> = cids
+            .iter()
+            .enumerate()
+            .map(|(j, cid)| {
+                let i = round * CYCLE_ROUND + j;
+                format!("{cid} data,id, image-{i:04} image-{i:04}")
+            })
+            .collect();
+        assert_eq!(
+            lines, want,
+            "round {round}: the guest read other files than mounted"
+        );
+        for cid in &cids {
+            let (s, b) = umount(&d.api, &rafs_mountpoint(cid));
+            assert_eq!(s, 204, "umount {cid}: {b}");
+        }
+    }
+    fs::write(shared.join("finished"), b"").expect("finished");
+    let out = vm.wait_with_output().expect("vm-run.sh");
+    let log = serial_text();
+    assert!(
+        out.status.success() && log.contains(&format!("rounds {CYCLE_ROUNDS}")),
+        "guest failed ({}):\n{}\n--- serial ---\n{log}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "{total} mount/unmount cycles, each read from the guest, in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let info = daemon_info(&d.api);
+    assert_eq!(info["state"], "RUNNING");
+    assert_eq!(
+        info["mounts"].as_object().map(|m| m.len()),
+        Some(1),
+        "only the passthrough is left: {info}"
+    );
     d.stop();
 }

@@ -156,64 +156,13 @@ fn push_nydus_image(reg: &Registry, work: &Path) -> Pushed {
         assert_eq!(format!("sha256:{}", hex::encode(rec.id)), l.digest);
         assert_eq!(rec.size.get(), l.size, "merge recorded the blob's size");
     }
-    let (boot_layer, boot_diff_id) = bootstrap_layer(&boot);
-
-    // The OCI layout nydusify would push.
     let layout = work.join("layout");
-    let mut layers = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in &blobs {
-        let bytes = fs::read(&l.path).expect("blob");
-        assert_eq!(put_blob(&layout, &bytes).expect("put"), l.digest);
-        layers.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.nydus.blob.v1",
-            "digest": l.digest, "size": l.size,
-            "annotations": {
-                "containerd.io/snapshot/nydus-blob": "true",
-                "containerd.io/uncompressed": l.digest,
-            },
-        }));
-        diff_ids.push(l.digest.clone());
-    }
-    let bd = put_blob(&layout, &boot_layer).expect("put bootstrap layer");
-    layers.push(serde_json::json!({
-        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-        "digest": bd, "size": boot_layer.len(),
-        "annotations": {
-            "containerd.io/snapshot/nydus-bootstrap": "true",
-            "containerd.io/snapshot/nydus-fs-version": "6",
-            "containerd.io/uncompressed": boot_diff_id,
-        },
-    }));
-    diff_ids.push(boot_diff_id);
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))
-    .expect("config");
-    let cd = put_blob(&layout, &config).expect("put config");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cd, "size": config.len()},
-        "layers": layers,
-    }))
-    .expect("manifest");
-    let md = put_blob(&layout, &manifest).expect("put manifest");
-    write_index_json(
-        &layout,
-        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": md, "size": manifest.len(),
-            "platform": {"architecture": "amd64", "os": "linux",
-                         "os.features": ["nydus.remoteimage.v1"]}}),
-    )
-    .expect("index");
+    let bootstrap_layer_size = nydusify_layout(&layout, &blobs, &boot);
     let reference = format!("{}/nydus/app:v1", reg.addr);
     skopeo_push(&layout, &reference, &format!("{USER}:{PASS}"), false).expect("skopeo push");
     Pushed {
         reference,
-        bootstrap_layer_size: boot_layer.len() as u64,
+        bootstrap_layer_size,
         chunk_bytes,
         blob_bytes: blobs.iter().map(|l| l.size).sum(),
     }

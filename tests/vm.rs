@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::listing::*;
 use common::*;
 
 fn repo() -> &'static Path {
@@ -37,18 +38,7 @@ fn vm_ready() -> Result<PathBuf, String> {
             return Err(format!("{tool} not installed (scripts/install-deps.sh)"));
         }
     }
-    let out = Command::new(repo().join("guest/build-lister.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("guest/build-lister.sh: {e}"))?;
-    if !out.status.success() {
-        return Err("guest/build-lister.sh failed".into());
-    }
-    let lister = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if !lister.is_file() {
-        return Err(format!("lister not built at {}", lister.display()));
-    }
-    Ok(lister)
+    common::listing::lister()
 }
 
 /// A running `skiff serve`; stopped with SIGTERM on drop, after which its socket must be gone.
@@ -197,43 +187,6 @@ fn section(log: &str, name: &str) -> Vec<String> {
         .take_while(|l| l.trim() != end)
         .map(str::to_owned)
         .collect()
-}
-
-fn host_listing(lister: &Path, root: &Path) -> Vec<String> {
-    let out = Command::new(lister)
-        .arg(root)
-        .output()
-        .expect("running the lister");
-    assert!(out.status.success(), "lister failed on {}", root.display());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-fn assert_same_listing(host: &[String], guest: &[String]) {
-    let h: std::collections::BTreeSet<&String> = host.iter().collect();
-    let g: std::collections::BTreeSet<&String> = guest.iter().collect();
-    let missing: Vec<_> = h.difference(&g).collect();
-    let extra: Vec<_> = g.difference(&h).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty() && host.len() == guest.len(),
-        "{} host lines, {} guest lines\nonly on the host:\n{}\nonly in the guest:\n{}",
-        host.len(),
-        guest.len(),
-        missing
-            .iter()
-            .take(40)
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        extra
-            .iter()
-            .take(40)
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join("\n"),
-    );
 }
 
 const TAG: &str = "skiff";
@@ -483,31 +436,4 @@ fn debian_userland_runs_from_a_skiff_image() {
         assert_same_listing(&without_unpreserved_v6_fields(&host_list), &v6_listing);
         v6.stop();
     }
-}
-
-/// Columns of a lister line (guest/lister): path, type, mode, uid, gid, size, mtime, ...
-const LISTER_SIZE: usize = 5;
-const LISTER_MTIME: usize = 6;
-
-/// A lister line without what nydus-image does not preserve: directories' sizes, and the
-/// root's mtime.
-fn without_unpreserved_v6_fields(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| {
-            let mut f: Vec<&str> = l.split('\t').collect();
-            let is_dir = f.get(1) == Some(&"dir");
-            if is_dir {
-                if let Some(size) = f.get_mut(LISTER_SIZE) {
-                    *size = "-";
-                }
-            }
-            if f.first() == Some(&"/") {
-                if let Some(mtime) = f.get_mut(LISTER_MTIME) {
-                    *mtime = "-";
-                }
-            }
-            f.join("\t")
-        })
-        .collect()
 }

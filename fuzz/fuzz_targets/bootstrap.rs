@@ -10,4 +10,5 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(Fixture::load);
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     run(&FIXTURE, data);
+    skiff_fuzz::coverage::record();
 });

@@ -17,4 +17,5 @@ static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
 
 libfuzzer_sys::fuzz_target!(init: { LazyLock::force(&FIXTURE); }, |data: &[u8]| {
     run(&FIXTURE, data);
+    skiff_fuzz::coverage::record();
 });

@@ -4,4 +4,5 @@
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     skiff_fuzz::harness::tar::run(data);
+    skiff_fuzz::coverage::record();
 });

@@ -200,6 +200,7 @@ impl Service {
             chunk_size: c.chunk_size()?,
             compressor: c.compressor()?,
             progress: false,
+            prefetch: Default::default(),
             platforms: if c.all_platforms {
                 Platforms::All
             } else {

@@ -101,6 +101,9 @@ pub enum ApiError {
     /// The exit event could not be created.
     #[error("creating the exit event")]
     ExitEvent(#[source] io::Error),
+    /// The sandbox could not be set up.
+    #[error("setting up the sandbox")]
+    Sandbox(#[source] crate::sandbox::SandboxError),
     /// The vhost-user-fs device failed.
     #[error("vhost-user-fs device")]
     Vhost(#[from] VhostError),
@@ -160,7 +163,9 @@ impl ApiError {
             ApiError::Config(_) => "INVALID_CONFIG",
             ApiError::Mount(e) => match e {
                 MountError::InvalidMountpoint { .. } => "INVALID_MOUNTPOINT",
-                MountError::SharedDir { .. } | MountError::BootstrapMissing(_) => "INVALID_SOURCE",
+                MountError::SharedDir { .. }
+                | MountError::BootstrapMissing(_)
+                | MountError::OutsideSandbox(_) => "INVALID_SOURCE",
                 MountError::Bootstrap { .. } => "INVALID_IMAGE",
                 MountError::BlobMissing { .. } | MountError::BlobFileMismatch { .. } => {
                     "BLOB_NOT_FOUND"
@@ -200,6 +205,8 @@ pub struct VirtiofsOptions {
     pub request_timeout: std::time::Duration,
     /// Where the images' bootstraps are shared with the node's other daemons.
     pub share: Option<Arc<crate::share::BootstrapShare>>,
+    /// The daemon's confinement (`--sandbox`).
+    pub sandbox: crate::sandbox::SandboxOptions,
 }
 
 /// The life cycle of Kata's sandbox daemon: `exit` ends it (as SIGTERM does); a virtio-fs
@@ -244,6 +251,8 @@ impl Lifecycle for VirtiofsLifecycle {
 /// its threads stops the daemon with [`ApiError::Fatal`].
 pub fn run_virtiofs(opts: &VirtiofsOptions) -> Result<(), ApiError> {
     let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
+    // Before any thread or socket: everything from here on happens inside.
+    crate::sandbox::enter(&opts.sandbox).map_err(ApiError::Sandbox)?;
     let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
     run_until(opts, &exit)
 }

@@ -40,17 +40,32 @@ impl ApiServer {
         let listener = socket
             .take_listener()
             .ok_or_else(|| listen_err("the socket has no listener".into()))?;
-        let server = Arc::new(
-            tiny_http::Server::from_listener(listener, None)
-                .map_err(|e| listen_err(e.to_string()))?,
-        );
         let stopping = Arc::new(AtomicBool::new(false));
+        // The server is made on the API thread, so that the threads tiny_http starts
+        // (accepting, reading connections) are born from a thread of kind Api and carry its
+        // system call filter in a sandbox.
+        let (made, server) = std::sync::mpsc::sync_channel(1);
         let thread = {
-            let (server, stopping) = (server.clone(), stopping.clone());
+            let stopping = stopping.clone();
             threads::spawn(ThreadKind::Api, "skiff-api", move || {
+                let server = match tiny_http::Server::from_listener(listener, None) {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => {
+                        let _ = made.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                if made.send(Ok(server.clone())).is_err() {
+                    return;
+                }
                 serve(&server, &daemon, &stopping)
             })
             .map_err(ApiError::SpawnThread)?
+        };
+        let server = match server.recv() {
+            Ok(Ok(server)) => server,
+            Ok(Err(e)) => return Err(listen_err(e)),
+            Err(_) => return Err(listen_err("the API thread ended before serving".into())),
         };
         tracing::info!(socket = %path.display(), "API listening");
         Ok(ApiServer {

@@ -119,13 +119,14 @@ impl EncodedChunk {
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
 /// The digest naming the blob being written.
-enum BlobHasher {
+pub(super) enum BlobHasher {
     Blake3(Box<blake3::Hasher>),
     Sha256(sha2::Sha256),
 }
 
 impl BlobHasher {
-    fn new(sha256: bool) -> Self {
+    /// A hasher for a blob named by sha256 (`sha256`) or by blake3.
+    pub(super) fn new(sha256: bool) -> Self {
         if sha256 {
             BlobHasher::Sha256(<sha2::Sha256 as sha2::Digest>::new())
         } else {
@@ -137,7 +138,7 @@ impl BlobHasher {
         matches!(self, BlobHasher::Sha256(_))
     }
 
-    fn update(&mut self, bytes: &[u8]) {
+    pub(super) fn update(&mut self, bytes: &[u8]) {
         match self {
             BlobHasher::Blake3(h) => {
                 h.update(bytes);
@@ -146,7 +147,7 @@ impl BlobHasher {
         }
     }
 
-    fn finalize(self) -> [u8; DIGEST_LEN] {
+    pub(super) fn finalize(self) -> [u8; DIGEST_LEN] {
         match self {
             BlobHasher::Blake3(h) => *h.finalize().as_bytes(),
             BlobHasher::Sha256(h) => sha2::Digest::finalize(h).into(),

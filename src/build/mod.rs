@@ -7,6 +7,7 @@ pub mod chunker;
 pub mod dir;
 pub mod emit;
 pub mod layers;
+pub mod prefetch_blob;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
@@ -162,6 +163,13 @@ pub struct BuildSummary {
     pub chunk_size: u32,
     /// Compressor.
     pub compressor: Compressor,
+    /// The prefetch blob's id (hex), if the build stored the prefetch list's chunks in a blob
+    /// of their own (see [`prefetch_blob`]).
+    pub prefetch_blob: Option<String>,
+    /// Bytes of the prefetch blob (0 without one).
+    pub prefetch_blob_bytes: u64,
+    /// Chunks in the prefetch blob.
+    pub prefetch_blob_chunks: u64,
     /// Wall time in seconds.
     pub seconds: f64,
 }
@@ -199,6 +207,14 @@ impl std::fmt::Display for BuildSummary {
             self.compressor,
             self.blob_id.as_deref().unwrap_or("(nothing new stored)")
         )?;
+        if let Some(id) = &self.prefetch_blob {
+            writeln!(
+                f,
+                "prefetch    {} chunks, {:.1} MiB in blob {id}",
+                self.prefetch_blob_chunks,
+                mib(self.prefetch_blob_bytes)
+            )?;
+        }
         writeln!(
             f,
             "bootstrap   {:.1} KiB, {} blob(s) referenced",
@@ -264,18 +280,29 @@ impl Progress {
 
 /// Builds an image from `source`, writing the bootstrap and the new blob.
 pub fn build(source: &BuildSource, opts: &BuildOptions) -> Result<BuildSummary, BuildError> {
-    build_inner(source, opts, None, &[])
+    build_inner(source, opts, None, &PrefetchLayout::default()).map(|(s, _)| s)
 }
 
-/// Like [`build`], also filling the bootstrap's prefetch table from `prefetch`: image paths in
-/// access order (absolute or relative to the root); a directory stands for every regular file
-/// under it. A path that is not in the image is an error.
+/// A build's prefetch list, and where its chunks go.
+#[derive(Clone, Debug, Default)]
+pub struct PrefetchLayout {
+    /// Image paths in access order (absolute or relative to the root); a directory stands for
+    /// every regular file under it. They fill the bootstrap's prefetch table. A path that is not
+    /// in the image is an error.
+    pub paths: Vec<String>,
+    /// Also store the listed files' chunks in a blob of their own, in list order (see
+    /// [`prefetch_blob`]), so that a daemon fetches them with one or two range requests.
+    pub own_blob: bool,
+}
+
+/// Like [`build`], also filling the bootstrap's prefetch table (and, if asked, a prefetch blob)
+/// from `prefetch`.
 pub fn build_with_prefetch(
     source: &BuildSource,
     opts: &BuildOptions,
-    prefetch: &[String],
+    prefetch: &PrefetchLayout,
 ) -> Result<BuildSummary, BuildError> {
-    build_inner(source, opts, None, prefetch)
+    build_inner(source, opts, None, prefetch).map(|(s, _)| s)
 }
 
 /// Builds an image from OCI layer tarballs with one new blob per layer: chunks a layer shares
@@ -285,22 +312,41 @@ pub fn build_blob_per_layer(
     layers: &[PathBuf],
     opts: &BuildOptions,
 ) -> Result<(BuildSummary, Vec<Option<crate::format::BlobRecord>>), BuildError> {
+    build_blob_per_layer_with_prefetch(layers, opts, &PrefetchLayout::default())
+        .map(|(s, l, _)| (s, l))
+}
+
+/// Like [`build_blob_per_layer`], with a prefetch list; also returns the prefetch blob, if one
+/// was stored.
+#[allow(clippy::type_complexity)]
+pub fn build_blob_per_layer_with_prefetch(
+    layers: &[PathBuf],
+    opts: &BuildOptions,
+    prefetch: &PrefetchLayout,
+) -> Result<
+    (
+        BuildSummary,
+        Vec<Option<crate::format::BlobRecord>>,
+        Option<crate::format::BlobRecord>,
+    ),
+    BuildError,
+> {
     let mut per_layer = vec![None; layers.len()];
-    let summary = build_inner(
+    let (summary, pblob) = build_inner(
         &BuildSource::Layers(layers.to_vec()),
         opts,
         Some(&mut per_layer),
-        &[],
+        prefetch,
     )?;
-    Ok((summary, per_layer))
+    Ok((summary, per_layer, pblob))
 }
 
 fn build_inner(
     source: &BuildSource,
     opts: &BuildOptions,
     per_layer: Option<&mut Vec<Option<crate::format::BlobRecord>>>,
-    prefetch: &[String],
-) -> Result<BuildSummary, BuildError> {
+    prefetch: &PrefetchLayout,
+) -> Result<(BuildSummary, Option<crate::format::BlobRecord>), BuildError> {
     let start = Instant::now();
     let cs = opts.chunk_size;
     if !cs.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&cs) {
@@ -330,9 +376,20 @@ fn build_inner(
         },
     };
     let stats_entries = progress.entries();
-    let (blobs, blob_id, stats) = chunker.finish(&mut tree)?;
+    let (mut blobs, blob_id, stats) = chunker.finish(&mut tree)?;
+    let prefetch_nodes = resolve_prefetch(&tree, &prefetch.paths)?;
+    let pblob = if prefetch.own_blob {
+        prefetch_blob::write(
+            &mut tree,
+            &mut blobs,
+            &prefetch_nodes,
+            &opts.blob_dir,
+            opts.blob_id_sha256,
+        )?
+    } else {
+        None
+    };
     let nblobs = blobs.len();
-    let prefetch_nodes = resolve_prefetch(&tree, prefetch)?;
     let writer = emit::emit(&tree, blobs, &prefetch_nodes)?;
     let bytes = writer.finish_with(cs, opts.node_compat)?;
     // Load what was written before anyone else can: a bootstrap that does not validate is a bug
@@ -340,7 +397,7 @@ fn build_inner(
     let loaded = Bootstrap::from_bytes(bytes.clone())?;
     crate::util::write_atomically(&opts.bootstrap, &bytes)?;
     progress.finish();
-    Ok(BuildSummary {
+    let summary = BuildSummary {
         inodes: loaded.inode_count() as u64,
         entries: stats_entries,
         chunks: stats,
@@ -350,8 +407,12 @@ fn build_inner(
         root_digest: digest_hex(loaded.root_digest()),
         chunk_size: cs,
         compressor: opts.compressor,
+        prefetch_blob: pblob.as_ref().map(|p| digest_hex(&p.record.id)),
+        prefetch_blob_bytes: pblob.as_ref().map_or(0, |p| p.record.size.get()),
+        prefetch_blob_chunks: pblob.as_ref().map_or(0, |p| p.chunks),
         seconds: start.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((summary, pblob.map(|p| p.record)))
 }
 
 /// The regular files named by `paths` (directories expanded depth first), each once, in order.

@@ -42,10 +42,15 @@ pub struct BuildArgs {
     /// Also write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Image paths, one per line in access order, whose chunks a daemon fetches first
-    /// (the bootstrap's prefetch table).
+    /// Image paths, one per line in access order (as `skiff record` writes them), whose
+    /// chunks a daemon fetches first: the bootstrap's prefetch table. Their chunks are also
+    /// stored in a blob of their own, in that order, so that they come in one or two requests.
     #[arg(long)]
     pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: keep the listed files' chunks only where they are (no prefetch
+    /// blob).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
     /// Threads reading a source directory (and walking it). Reads of many files at once keep
     /// a cold disk busy; the image is the same for any number. 0 picks the default.
     #[arg(long, default_value_t = build::dir::DEFAULT_IO_THREADS)]
@@ -66,9 +71,12 @@ pub fn cmd_build(a: BuildArgs) -> CmdResult {
         blob_id_sha256: false,
         node_compat: false,
     };
-    let prefetch = match &a.prefetch_list {
-        Some(p) => super::image::read_path_list(p)?,
-        None => Vec::new(),
+    let prefetch = build::PrefetchLayout {
+        paths: match &a.prefetch_list {
+            Some(p) => super::image::read_path_list(p)?,
+            None => Vec::new(),
+        },
+        own_blob: !a.no_prefetch_blob,
     };
     let summary = build::build_with_prefetch(&source, &opts, &prefetch)?;
     println!("{summary}");
@@ -263,7 +271,9 @@ pub struct ShareArgs {
 impl ShareArgs {
     /// The share these options ask for: none with `--no-bootstrap-share`; a directory given
     /// that cannot be used is an error; the default one is skipped with a warning.
-    pub fn open(&self) -> Result<Option<Arc<crate::share::BootstrapShare>>, Box<dyn std::error::Error>> {
+    pub fn open(
+        &self,
+    ) -> Result<Option<Arc<crate::share::BootstrapShare>>, Box<dyn std::error::Error>> {
         if self.no_bootstrap_share {
             return Ok(None);
         }
@@ -319,6 +329,15 @@ pub struct ConvertArgs {
     /// manifests (default: linux/amd64 only, pushed as one manifest).
     #[arg(long)]
     pub all_platforms: bool,
+    /// Image paths, one per line in access order (as `skiff record` writes them): stored as
+    /// the image's prefetch table, and their chunks once more in a prefetch blob of their own
+    /// (a layer after the others), in that order, so that a daemon fetches them in one or two
+    /// range requests.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+    /// With --prefetch-list: no prefetch blob (the table only).
+    #[arg(long, requires = "prefetch_list")]
+    pub no_prefetch_blob: bool,
     /// How the image is laid out in the registry: `node` (what containerd with
     /// nydus-snapshotter pulls: blobs named by sha256, the bootstrap in a gzip tar layer) or
     /// `skiff` (the earlier layout, blobs named by blake3).
@@ -354,6 +373,13 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
         chunk_size: a.chunk_size,
         compressor: a.compressor,
         progress: true,
+        prefetch: crate::build::PrefetchLayout {
+            paths: match &a.prefetch_list {
+                Some(p) => super::image::read_path_list(p)?,
+                None => Vec::new(),
+            },
+            own_blob: !a.no_prefetch_blob,
+        },
         platforms: if a.all_platforms {
             crate::oci::Platforms::All
         } else {
@@ -372,9 +398,14 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
             }
         }
         for b in &summary.blobs {
+            let what = if b.prefetch {
+                "prefetch   ".to_string()
+            } else {
+                format!("layer {:<5}", b.layer)
+            };
             println!(
-                "layer {:<5} blob {} as {} ({} bytes)",
-                b.layer, b.blob_id, b.digest, b.size
+                "{what} blob {} as {} ({} bytes)",
+                b.blob_id, b.digest, b.size
             );
         }
         println!(
@@ -431,6 +462,10 @@ pub struct MountArgs {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Record the files read, in first-read order, into this prefetch list (written at
+    /// start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// Threshold above which glibc serves an allocation with its own mmap (and returns it to the
@@ -464,7 +499,11 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
     let share = a.image.share.open()?;
-    let (fs, storage) = a.image.open_with_storage(share.as_deref())?;
+    let (fs, storage) = a.image.open_for(a.record.is_some(), share.as_deref())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
         fs,
@@ -475,7 +514,9 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
         &exit,
     );
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
 }
 
@@ -502,15 +543,36 @@ pub struct ServeArgs {
     /// abort when a vhost-user-fs device offers it.
     #[arg(long)]
     pub advertise_config: bool,
+    /// Record the files the guest reads, in first-read order, into this prefetch list
+    /// (written at start, every second while it grows, and at exit; see `skiff record`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Confinement (see docs/serve.md#the-sandbox).
+    #[command(flatten)]
+    pub sandbox: super::SandboxArgs,
 }
 
 /// `skiff serve`.
-pub fn cmd_serve(a: ServeArgs) -> CmdResult {
+pub fn cmd_serve(mut a: ServeArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
     let exit = crate::runtime::start_daemon()?;
+    // Before anything is opened: inside, only what the image needs is there.
+    let paths = serve_paths(&mut a)?;
+    // Opened (and made) before: the sandbox keeps it reachable.
     let share = a.image.share.open()?;
-    let (fs, storage) = a.image.open_with_storage(share.as_deref())?;
+    let mut sandbox = super::serve_options(&a.sandbox, &paths)?;
+    if let Some(s) = &share {
+        sandbox
+            .reach
+            .push(crate::sandbox::Reach::write(s.dir().to_owned()));
+    }
+    crate::sandbox::enter(&sandbox)?;
+    let (fs, storage) = a.image.open_for(a.record.is_some(), share.as_deref())?;
+    let recording = match a.record {
+        Some(p) => super::image::Recording::start(&fs, p)?,
+        None => None,
+    };
     let mut opts = crate::vhost::ServeOptions::new(a.socket, a.tag);
     opts.threads = a.threads;
     opts.workers = a.thread_num;
@@ -518,8 +580,79 @@ pub fn cmd_serve(a: ServeArgs) -> CmdResult {
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::vhost::serve_until(Arc::new(fs), &opts, &exit);
     storage.finish();
+    let recorded = recording.map(super::image::Recording::finish).transpose();
     served?;
+    recorded?;
     Ok(0)
+}
+
+/// Makes `serve`'s paths absolute (the sandbox keeps the working directory only if it is
+/// reachable) and lists what it reads and writes.
+fn serve_paths(a: &mut ServeArgs) -> Result<super::ServePaths, Box<dyn std::error::Error>> {
+    use crate::sandbox::absolute;
+    let abs = |p: &mut Option<PathBuf>| -> std::io::Result<()> {
+        if let Some(v) = p {
+            *v = absolute(v)?;
+        }
+        Ok(())
+    };
+    a.socket = absolute(&a.socket)?;
+    abs(&mut a.image.bootstrap)?;
+    abs(&mut a.image.blob_dir)?;
+    let st = &mut a.image.storage;
+    abs(&mut st.config)?;
+    abs(&mut st.cache_dir)?;
+    abs(&mut st.prefetch_files)?;
+    abs(&mut st.metrics_file)?;
+    abs(&mut a.record)?;
+    let config = a.image.storage.config(a.image.blob_dir.as_ref())?;
+    let mut p = super::ServePaths {
+        socket: a.socket.clone(),
+        ..Default::default()
+    };
+    let remote = a.image.image.is_some()
+        || matches!(
+            config.backend,
+            Some(crate::storage::config::BackendConfig::S3(_))
+        );
+    p.network = remote;
+    p.files.extend(a.image.bootstrap.clone());
+    p.files.extend(a.image.storage.config.clone());
+    if let Some(f) = &config.prefetch.files {
+        p.files.push(absolute(f)?);
+    }
+    if let Some(crate::storage::config::BackendConfig::Localfs { dir }) = &config.backend {
+        p.read_dirs.push(absolute(dir)?);
+    }
+    if let Some(d) = config.cache_dir(remote) {
+        let d = absolute(&d)?;
+        // Bound in by the sandbox, so it must exist first.
+        std::fs::create_dir_all(&d).map_err(|e| format!("cache directory {}: {e}", d.display()))?;
+        p.write_dirs.push(d);
+    }
+    if let Some(m) = &config.metrics_file {
+        let m = absolute(m)?;
+        p.write_dirs.push(
+            m.parent()
+                .map_or_else(|| PathBuf::from("/"), |d| d.to_owned()),
+        );
+    }
+    if let Some(r) = &a.record {
+        // The list is replaced atomically (a temporary file beside it, renamed): its
+        // directory is written, and is made now, since it cannot be made inside.
+        let d = r
+            .parent()
+            .map_or_else(|| PathBuf::from("/"), |d| d.to_owned());
+        std::fs::create_dir_all(&d)
+            .map_err(|e| format!("--record directory {}: {e}", d.display()))?;
+        p.write_dirs.push(d);
+    }
+    if a.image.image.is_some() {
+        if let Some(docker) = crate::oci::auth::docker_config_path().filter(|d| d.exists()) {
+            p.files.push(absolute(&docker)?);
+        }
+    }
+    Ok(p)
 }
 
 /// Arguments of `skiff virtiofs`, as Kata passes them to its `virtio_fs_daemon`.
@@ -564,11 +697,17 @@ pub struct VirtiofsArgs {
     /// Sharing bootstraps with the node's other daemons.
     #[command(flatten)]
     pub share: ShareArgs,
+    /// Confinement (see docs/kata.md#the-sandbox).
+    #[command(flatten)]
+    pub sandbox: super::SandboxArgs,
 }
 
 /// `skiff virtiofs`.
-pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
+pub fn cmd_virtiofs(mut a: VirtiofsArgs) -> CmdResult {
     tune_allocator();
+    // runtime-rs passes the sockets relative to the working directory.
+    a.api_socket = crate::sandbox::absolute(&a.api_socket)?;
+    a.socket = crate::sandbox::absolute(&a.socket)?;
     if a.hybrid_mode {
         tracing::info!("--hybrid-mode: always on in Skiff (passthrough and RAFS mounts together)");
     }
@@ -584,15 +723,24 @@ pub fn cmd_virtiofs(a: VirtiofsArgs) -> CmdResult {
             "--announce-submounts is virtiofsd's; ignored (Skiff does not announce submounts)"
         );
     }
+    let mut sandbox = super::virtiofs_options(&a.sandbox, &a.api_socket, &a.socket)?;
+    // Opened (and made) before the sandbox, which keeps it reachable.
+    let share = a.share.open()?;
+    if let Some(s) = &share {
+        sandbox
+            .reach
+            .push(crate::sandbox::Reach::write(s.dir().to_owned()));
+    }
     let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
     device.threads = a.threads;
     device.workers = a.thread_num;
     device.advertise_config = a.advertise_config;
     crate::api::run_virtiofs(&crate::api::VirtiofsOptions {
+        sandbox,
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,
-        share: a.share.open()?,
+        share,
     })?;
     Ok(0)
 }

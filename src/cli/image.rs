@@ -2,12 +2,13 @@
 //! `skiff cache` commands.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::commands::{CmdResult, ImageArgs};
-use crate::format::digest_hex;
-use crate::fs::{RafsFs, RafsFsOptions};
+use crate::format::{digest_hex, Bootstrap};
+use crate::fs::{AccessRecorder, RafsFs, RafsFsOptions, RecordedList};
 use crate::storage::config::{BackendConfig, ByteSize, StorageConfig, StorageStack};
 use crate::storage::{cache, S3Config, DEFAULT_CACHE_DIR};
 use crate::util::parse_size;
@@ -180,6 +181,26 @@ impl ImageArgs {
         &self,
         share: Option<&crate::share::BootstrapShare>,
     ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+        self.open_inner(false, share)
+    }
+
+    /// Like [`Self::open_with_storage`]; with `record`, the filesystem records the files read
+    /// (see [`RafsFs::recorder`]).
+    pub fn open_for(
+        &self,
+        record: bool,
+        share: Option<&crate::share::BootstrapShare>,
+    ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+        self.open_inner(record, share)
+    }
+
+    fn open_inner(
+        &self,
+        record: bool,
+        share: Option<&crate::share::BootstrapShare>,
+    ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+        let recorder =
+            |b: &Bootstrap| record.then(|| Arc::new(AccessRecorder::new(b.inode_count())));
         let fs_opts = RafsFsOptions {
             // `mount` and `serve` give the image a connection of its own.
             zero_message_open: true,
@@ -208,6 +229,7 @@ impl ImageArgs {
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;
             let fs_opts = RafsFsOptions {
                 demand: Some(stack.metrics.clone()),
+                record: recorder(&b),
                 ..fs_opts
             };
             let fs = RafsFs::new(b, stack.source.clone(), fs_opts);
@@ -232,6 +254,7 @@ impl ImageArgs {
             // The set of chunks read costs a lock and memory on every read: worth it where
             // bytes are fetched over a network, and only there.
             demand: stack.remote.then(|| stack.metrics.clone()),
+            record: recorder(&b),
             ..fs_opts
         };
         let fs = RafsFs::new(b, stack.source.clone(), fs_opts);
@@ -334,5 +357,66 @@ impl ImageArgs {
     /// work (prefetch, metrics file) runs on detached. Prefer [`ImageArgs::open_with_storage`].
     pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
         Ok(self.open_with_storage(None)?.0)
+    }
+}
+
+/// A `--record FILE` in progress: the list is written when recording starts (so that a path
+/// that cannot be written fails at once, not after the workload), again every second while it
+/// grows (an operator can read it at any time, and a daemon killed outright leaves what it saw
+/// so far), and a last time by [`Recording::finish`].
+pub struct Recording {
+    recorder: Arc<AccessRecorder>,
+    bootstrap: Arc<Bootstrap>,
+    path: PathBuf,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recording {
+    /// Starts writing what `fs` records to `path`; `None` if `fs` records nothing.
+    pub fn start(fs: &RafsFs, path: PathBuf) -> Result<Option<Self>, Box<dyn std::error::Error>> {
+        let Some(recorder) = fs.recorder().cloned() else {
+            return Ok(None);
+        };
+        let bootstrap = fs.bootstrap().clone();
+        recorder.write(&bootstrap, &path)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (r, b, p) = (recorder.clone(), bootstrap.clone(), path.clone());
+        let thread = crate::runtime::threads::spawn(
+            crate::runtime::ThreadKind::Housekeeping,
+            "skiff-record",
+            move || {
+                let mut written = 0usize;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(std::time::Duration::from_secs(1))
+                {
+                    let n = r.len();
+                    if n != written {
+                        if let Err(e) = r.write(&b, &p) {
+                            tracing::warn!(error = %crate::util::error_chain(&e), "cannot write the access list");
+                        }
+                        written = n;
+                    }
+                }
+            },
+        )
+        .map_err(|e| tracing::warn!(error = %e, "no periodic writer of the access list"))
+        .ok();
+        Ok(Some(Self {
+            recorder,
+            bootstrap,
+            path,
+            stop: Some(stop),
+            thread,
+        }))
+    }
+
+    /// Stops the periodic writer and writes the list a last time.
+    pub fn finish(mut self) -> Result<RecordedList, Box<dyn std::error::Error>> {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        Ok(self.recorder.write(&self.bootstrap, &self.path)?)
     }
 }

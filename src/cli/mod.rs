@@ -5,6 +5,8 @@ mod check;
 mod commands;
 mod image;
 mod nydusd;
+mod record;
+mod sandbox;
 
 use clap::{Parser, Subcommand};
 
@@ -13,6 +15,8 @@ pub use check::*;
 pub use commands::*;
 pub use image::*;
 pub use nydusd::{build_identity, nydusd_argv, nydusd_version, FuseArgs, RotatingLog};
+pub use record::*;
+pub use sandbox::*;
 
 /// Skiff: lazily loaded, verified, shared container images for VM-based containers.
 #[derive(Parser, Debug)]
@@ -37,6 +41,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Serve an image read-only over /dev/fuse until SIGINT/SIGTERM.
     Mount(MountArgs),
+    /// Mount an image, run a workload on it, and write the files it read (in first-read
+    /// order) as a prefetch list for `build`/`convert --prefetch-list` and `--prefetch-files`.
+    Record(RecordArgs),
     /// Serve an image as a vhost-user-fs device for a VMM (QEMU, Cloud Hypervisor).
     Serve(ServeArgs),
     /// Run as Kata Containers' virtio-fs daemon (a drop-in for nydusd): a vhost-user-fs
@@ -92,6 +99,9 @@ pub fn main() -> i32 {
     } else {
         Cli::parse()
     };
+    // With --log-file the operator reads the log, not stderr: the final error goes to both.
+    // Otherwise the log already is stderr, and the one line below is the whole report.
+    let logs_to_file = matches!(&cli.command, Command::Fuse(a) if a.log_file.is_some());
     match &cli.command {
         Command::Fuse(a) if a.log_file.is_some() => {
             let file = a.log_file.clone().unwrap_or_default();
@@ -107,6 +117,7 @@ pub fn main() -> i32 {
         Command::Check(a) => cmd_check(a),
         Command::Inspect(a) => cmd_inspect(a),
         Command::Mount(a) => cmd_mount(a),
+        Command::Record(a) => cmd_record(a),
         Command::Serve(a) => cmd_serve(a),
         Command::Virtiofs(a) => cmd_virtiofs(a),
         Command::Fuse(a) => nydusd::cmd_fuse(a),
@@ -118,7 +129,9 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             let msg = crate::util::error_chain(e.as_ref());
-            tracing::error!("{msg}");
+            if logs_to_file {
+                tracing::error!("{msg}");
+            }
             eprintln!("skiff: {msg}");
             1
         }

@@ -129,6 +129,9 @@ pub enum MountError {
     /// The prefetch request cannot be honoured.
     #[error("prefetch: {0}")]
     Prefetch(String),
+    /// The path is not reachable inside the daemon's sandbox.
+    #[error("not reachable in the daemon's sandbox")]
+    OutsideSandbox(#[source] crate::sandbox::SandboxError),
     /// The Vfs refused the mount or unmount.
     #[error("virtual filesystem: {0}")]
     Vfs(String),
@@ -373,6 +376,7 @@ impl DaemonFs {
         if table.contains_key(mountpoint) {
             return Err(MountError::Busy(mountpoint.to_owned()));
         }
+        crate::sandbox::check_reachable(dir).map_err(MountError::OutsideSandbox)?;
         check_shared_dir(dir)?;
         let fs = passthrough_fs(dir)?;
         self.vfs_mount(Box::new(fs), mountpoint)?;

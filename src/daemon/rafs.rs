@@ -64,15 +64,24 @@ pub fn open(
     if !bootstrap.is_absolute() {
         return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
     }
+    // Inside the sandbox only the reachable directories exist: say so, not "missing".
+    let reachable =
+        |p: &Path| crate::sandbox::check_reachable(p).map_err(MountError::OutsideSandbox);
+    reachable(bootstrap)?;
+    if let BackendSpec::Localfs(BlobLocation::Dir(p) | BlobLocation::File(p)) = &spec.backend {
+        reachable(p)?;
+    }
+    if let Some(w) = &spec.work_dir {
+        reachable(w)?;
+    }
     if !bootstrap.exists() {
         return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
     }
-    let image = crate::share::load_file(bootstrap, share).map_err(|source| {
-        MountError::Bootstrap {
+    let image =
+        crate::share::load_file(bootstrap, share).map_err(|source| MountError::Bootstrap {
             path: bootstrap.to_owned(),
             source,
-        }
-    })?;
+        })?;
     let root_digest = digest_hex(image.root_digest());
     let format = image.source_format().name();
     let backend_err = |what: String| MountError::Backend {

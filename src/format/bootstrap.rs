@@ -8,8 +8,8 @@ use std::path::Path;
 use zerocopy::FromBytes;
 
 use super::layout::*;
-use super::tables::Tables;
 use super::sealed::SealedBytes;
+use super::tables::Tables;
 use super::{v6, FormatError, Preserved, SourceFormat};
 
 mod shared;

@@ -12,7 +12,8 @@ use std::ptr::NonNull;
 
 /// The seals a sealed region must carry: no write (`write(2)`, writable shared mappings, hole
 /// punching), no shrinking (which would turn a reader's mapping into SIGBUS) and no growing.
-pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+pub const REQUIRED_SEALS: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 
 /// Why a descriptor was refused as sealed memory.
 #[derive(Debug, thiserror::Error)]
@@ -87,10 +88,12 @@ impl SealedBytes {
         // SAFETY: `raw` is a descriptor just returned to us and owned by nobody else.
         let file = unsafe { File::from_raw_fd(raw) };
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        file.set_len(len as u64).map_err(io_err("sizing the memfd"))?;
+        file.set_len(len as u64)
+            .map_err(io_err("sizing the memfd"))?;
         let mut at = 0u64;
         for p in parts {
-            file.write_all_at(p, at).map_err(io_err("writing the memfd"))?;
+            file.write_all_at(p, at)
+                .map_err(io_err("writing the memfd"))?;
             at += p.len() as u64;
         }
         // Written with write(2), never mapped writable, so the write seal cannot fail on a
@@ -207,7 +210,8 @@ mod tests {
         f.write_all_at(data, 0).expect("write");
         if seals != 0 {
             // SAFETY: as in `create`.
-            assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0);
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+            assert_eq!(r, 0);
         }
         OwnedFd::from(f)
     }
@@ -223,7 +227,10 @@ mod tests {
         let path = format!("/proc/self/fd/{}", s.fd().as_raw_fd());
         let f = std::fs::OpenOptions::new().write(true).open(&path);
         if let Ok(f) = f {
-            assert!(f.write_all_at(b"X", 0).is_err(), "a sealed memfd took a write");
+            assert!(
+                f.write_all_at(b"X", 0).is_err(),
+                "a sealed memfd took a write"
+            );
             assert!(f.set_len(1).is_err(), "a sealed memfd was truncated");
         }
         assert_eq!(s.bytes(), b"hello world");

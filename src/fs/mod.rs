@@ -5,6 +5,9 @@
 //! state: the image is immutable, so an inode number (table index + 1) is all a request needs.
 
 mod attr;
+pub mod record;
+
+pub use record::{AccessRecorder, RecordError, RecordedList};
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -50,6 +53,8 @@ pub struct RafsFsOptions {
     /// Where to count the distinct chunks file reads ask for (the workload's own chunks, as
     /// opposed to read-ahead and prefetch), if anywhere.
     pub demand: Option<Arc<crate::storage::Metrics>>,
+    /// Where to record the files reads touch, in first-read order (`--record`), if anywhere.
+    pub record: Option<Arc<AccessRecorder>>,
     /// Chunks of a file past the last one a read touched that are given to
     /// [`ChunkSource::fetch_ahead`] (0: none). nydusd's `amplify_io` sets it.
     pub fetch_ahead_chunks: u64,
@@ -68,6 +73,7 @@ impl Default for RafsFsOptions {
             zero_message_open: false,
             readahead: true,
             demand: None,
+            record: None,
             fetch_ahead_chunks: FETCH_AHEAD_CHUNKS,
             reads: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
@@ -90,6 +96,22 @@ pub struct RafsFs {
     /// Recently read files and the chunk index up to which their chunks were given to
     /// [`ChunkSource::fetch_ahead`], so that each chunk is asked for once.
     ahead_marks: Mutex<VecDeque<(u32, u64)>>,
+    /// The generation of every inode of this filesystem, unique to this instance
+    /// ([`next_generation`]).
+    generation: u64,
+}
+
+/// Generations already given to a [`RafsFs`].
+static GENERATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// A generation no other filesystem of this process has had. Inode numbers repeat between
+/// images (each image's root is 1, its files follow), and a Kata daemon's Vfs gives the
+/// 8-bit index of an unmounted image to a later one: after 255 mounts, an image's files come
+/// back under node ids the guest saw for an earlier image's. With the same generation the
+/// guest's kernel takes them for the old inodes and serves their cached pages and attributes
+/// (nydusd's stale files, nydus#1694); a new generation makes it drop the old inode.
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1
 }
 
 /// Chunks past the last one a read touched that are given to [`ChunkSource::fetch_ahead`]. A
@@ -150,12 +172,18 @@ impl RafsFs {
             readahead,
             last_hint: AtomicU64::new(u64::MAX),
             ahead_marks: Mutex::new(VecDeque::with_capacity(AHEAD_MARKS)),
+            generation: next_generation(),
         }
     }
 
     /// The image being served.
     pub fn bootstrap(&self) -> &Arc<Bootstrap> {
         &self.bootstrap
+    }
+
+    /// What records the files read, if anything does ([`RafsFsOptions::record`]).
+    pub fn recorder(&self) -> Option<&Arc<AccessRecorder>> {
+        self.opts.record.as_ref()
     }
 
     /// Maps a FUSE inode number to a table index and its record, refusing numbers the image
@@ -175,7 +203,7 @@ impl RafsFs {
     fn entry(&self, index: u32, rec: &InodeRecord) -> Entry {
         Entry {
             inode: u64::from(index) + 1,
-            generation: 0,
+            generation: self.generation,
             attr: attr::stat_of(u64::from(index) + 1, rec),
             attr_flags: 0,
             attr_timeout: self.opts.cache_timeout,
@@ -557,6 +585,9 @@ impl FileSystem for RafsFs {
         let (index, rec) = self.inode(ino)?;
         match rec.kind() {
             Some(InodeKind::Regular) => {
+                if let Some(r) = &self.opts.record {
+                    r.note(index);
+                }
                 let n = self.read_file(index, rec, w, size, offset)?;
                 if let Some(m) = &self.opts.reads {
                     crate::storage::metrics::inc(&m.fs_reads);

@@ -9,8 +9,9 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::manifest::{
     self, Descriptor, ImageManifest, ANN_BLOB_ID, ANN_BOOTSTRAP_FORMAT, ANN_NYDUS_BLOB,
-    ANN_NYDUS_BOOTSTRAP, ANN_ROOT_DIGEST, ANN_SOURCE, NODE_BOOTSTRAP_PATH, NYDUS_BLOB, OCI_CONFIG,
-    OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, SKIFF_BLOB, SKIFF_BOOTSTRAP_ZSTD,
+    ANN_NYDUS_BOOTSTRAP, ANN_PREFETCH_BLOB, ANN_ROOT_DIGEST, ANN_SOURCE, NODE_BOOTSTRAP_PATH,
+    NYDUS_BLOB, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, SKIFF_BLOB,
+    SKIFF_BOOTSTRAP_ZSTD,
 };
 use super::source::{self, sha256_file, Platforms, SourceImage};
 use super::{OciError, Reference, RegistryClient, RegistryOptions};
@@ -40,6 +41,8 @@ pub struct ConvertOptions {
     pub compressor: Compressor,
     /// Show progress bars (on a terminal).
     pub progress: bool,
+    /// The prefetch list and its layout (every platform gets the same list).
+    pub prefetch: crate::build::PrefetchLayout,
     /// Which platforms of an index source to convert: linux/amd64 into one manifest, or every
     /// platform into an index of converted manifests.
     pub platforms: Platforms,
@@ -66,8 +69,11 @@ pub enum ImageLayout {
 /// One pushed Skiff blob.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PushedBlob {
-    /// Index of the source layer it holds the new chunks of.
+    /// Index of the source layer it holds the new chunks of (the number of source layers for
+    /// the prefetch blob).
     pub layer: usize,
+    /// Whether it is the prefetch blob.
+    pub prefetch: bool,
     /// Skiff blob id (hex: the sha256 in the node layout, the blake3 in Skiff's).
     pub blob_id: String,
     /// Registry digest.
@@ -241,7 +247,11 @@ fn convert_image(
         blob_id_sha256: opts.layout == ImageLayout::Node,
         node_compat: opts.layout == ImageLayout::Node,
     };
-    let (summary, per_layer) = build::build_blob_per_layer(&layer_paths, &build_opts)?;
+    let (summary, mut per_layer, prefetch_blob) =
+        build::build_blob_per_layer_with_prefetch(&layer_paths, &build_opts, &opts.prefetch)?;
+    // The prefetch blob is pushed as a layer after the source's.
+    let prefetch_layer = prefetch_blob.map(|_| per_layer.len());
+    per_layer.push(prefetch_blob);
 
     let target = RegistryClient::new(&opts.target, &opts.target_registry)?;
     let mut layers = Vec::new();
@@ -255,7 +265,7 @@ fn convert_image(
         let bar = bar(&bars, size, format!("push blob {}", i + 1));
         target.push_blob_file(&path, &digest, size, &|n| bar.inc(n))?;
         bar.finish();
-        let (media_type, annotations) = match opts.layout {
+        let (media_type, mut annotations) = match opts.layout {
             ImageLayout::Node => {
                 if digest != format!("sha256:{hexid}") {
                     return Err(OciError::Invalid(format!(
@@ -275,6 +285,9 @@ fn convert_image(
                 ]),
             ),
         };
+        if prefetch_layer == Some(i) {
+            annotations.insert(ANN_PREFETCH_BLOB.to_string(), "true".to_string());
+        }
         layers.push(Descriptor {
             media_type: media_type.to_string(),
             digest: digest.clone(),
@@ -284,6 +297,7 @@ fn convert_image(
         });
         pushed.push(PushedBlob {
             layer: i,
+            prefetch: prefetch_layer == Some(i),
             blob_id: hexid,
             digest,
             size,
@@ -364,7 +378,7 @@ fn convert_image(
 }
 
 /// The node layout's bootstrap layer, uncompressed: a tar holding the directory `image` and
-/// the bootstrap as `image/image.boot`, owned by root, dated 0 (the same bytes for the same
+/// the bootstrap as `image/image.boot` (0444), owned by root, dated 0 (the same bytes for the same
 /// bootstrap).
 fn bootstrap_tar(boot: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
@@ -376,7 +390,8 @@ fn bootstrap_tar(boot: &[u8]) -> std::io::Result<Vec<u8>> {
     b.append_data(&mut dir, "image", &[][..])?;
     let mut f = tar::Header::new_ustar();
     f.set_entry_type(tar::EntryType::Regular);
-    f.set_mode(0o644);
+    // Read-only, as nydusify writes it.
+    f.set_mode(0o444);
     f.set_size(boot.len() as u64);
     f.set_mtime(0);
     b.append_data(&mut f, NODE_BOOTSTRAP_PATH, boot)?;

@@ -43,6 +43,9 @@ pub const ANN_BOOTSTRAP_FORMAT: &str = "io.skiff.rafs.bootstrap-format";
 pub const ANN_BLOB_ID: &str = "io.skiff.rafs.blob-id";
 /// Annotation on the bootstrap layer: the image's root Merkle digest (blake3, hex).
 pub const ANN_ROOT_DIGEST: &str = "io.skiff.rafs.root-digest";
+/// Annotation on a blob layer: `"true"` on the prefetch blob (`skiff convert
+/// --prefetch-list`), which holds the listed files' chunks once more, in list order.
+pub const ANN_PREFETCH_BLOB: &str = "io.skiff.rafs.prefetch-blob";
 /// Nydus's marker of a data-blob layer (kept so Nydus-aware tools see the shape they expect).
 pub const ANN_NYDUS_BLOB: &str = "containerd.io/snapshot/nydus-blob";
 /// Nydus's marker of the bootstrap layer.

@@ -12,6 +12,7 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use super::ExitEvent;
@@ -88,12 +89,59 @@ pub fn enter(kind: ThreadKind, exit: Option<&ExitEvent>) {
         {
             return;
         }
+        let changed = c.as_ref().map(|ctx| ctx.kind) != Some(kind);
         let exit = exit
             .cloned()
             .or_else(|| c.as_ref().and_then(|ctx| ctx.exit.clone()));
-        // The place for a sandbox's per-kind filter: applied here, once per thread.
         *c = Some(Context { kind, exit });
+        // A sandbox's per-kind filter: applied here, once per thread and kind.
+        if changed {
+            if let Some(confine) = CONFINE.get() {
+                confine(kind);
+            }
+        }
     });
+}
+
+/// What a sandbox does to a thread taking on a kind ([`set_confinement`]).
+pub type Confinement = fn(ThreadKind);
+
+static CONFINE: OnceLock<Confinement> = OnceLock::new();
+
+/// Makes every thread call `confine` when it enters a kind (once per thread and kind). Set
+/// once, by the sandbox; later calls are ignored.
+pub fn set_confinement(confine: Confinement) {
+    let _ = CONFINE.set(confine);
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The spawner's queue, once [`start_spawner`] ran.
+static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+
+thread_local! {
+    static IS_SPAWNER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Starts the thread that starts every thread [`spawn`] is asked for from then on. A thread
+/// inherits its starter's seccomp filters and can only add to them: started by this one,
+/// which carries only the filter the main thread had, each thread then adds exactly its own
+/// kind's filter, whoever asked for it (a worker asked for by a queue thread is not limited
+/// to what a queue thread may do).
+pub fn start_spawner() -> io::Result<()> {
+    let (tx, rx) = mpsc::channel::<SpawnJob>();
+    let exit = current_exit();
+    std::thread::Builder::new()
+        .name("skiff-spawner".into())
+        .spawn(move || {
+            IS_SPAWNER.with(|s| s.set(true));
+            enter(ThreadKind::Main, exit.as_ref());
+            while let Ok(job) = rx.recv() {
+                job();
+            }
+        })?;
+    let _ = SPAWNER.set(Mutex::new(tx));
+    Ok(())
 }
 
 /// The calling thread's kind, if it entered one.
@@ -114,12 +162,24 @@ where
     T: Send + 'static,
 {
     let exit = current_exit();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            enter(kind, exit.as_ref());
-            f()
-        })
+    let builder = std::thread::Builder::new().name(name.into());
+    let body = move || {
+        enter(kind, exit.as_ref());
+        f()
+    };
+    let Some(spawner) = SPAWNER.get().filter(|_| !IS_SPAWNER.with(|s| s.get())) else {
+        return builder.spawn(body);
+    };
+    let (reply, handle) = mpsc::sync_channel(1);
+    let job: SpawnJob = Box::new(move || {
+        let _ = reply.send(builder.spawn(body));
+    });
+    if crate::util::sync::lock(spawner).send(job).is_err() {
+        return Err(io::Error::other("the spawner thread is gone"));
+    }
+    handle
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the spawner thread is gone")))
 }
 
 #[cfg(test)]

@@ -249,7 +249,9 @@ impl BootstrapShare {
         let mut t = lock(&self.thread);
         if t.is_none() {
             let inner = self.inner.clone();
-            match threads::spawn(ThreadKind::Share, "skiff-share", move || wire::serve(&inner)) {
+            match threads::spawn(ThreadKind::Share, "skiff-share", move || {
+                wire::serve(&inner)
+            }) {
                 Ok(h) => *t = Some(h),
                 Err(e) => {
                     tracing::warn!(error = %e, "no thread to offer bootstraps; not shared");
@@ -287,9 +289,9 @@ pub fn load_file(
     let Some(share) = share else {
         return Bootstrap::load(path).map(Arc::new);
     };
-    // A Skiff bootstrap names its tables in its superblock: a shared copy of them needs nothing
-    // more of the file.
-    if let Some(key) = read_prefix(path).and_then(|p| ShareKey::of_skiff_prefix(&p)) {
+    // A Skiff bootstrap names its tables in its superblock: once the file is seen to hold
+    // those bytes (hashed through, not kept), a shared copy of them is as good as the file.
+    if let Some(key) = ShareKey::of_skiff_file(path) {
         if let Some(b) = share.find(&key, |s| Bootstrap::from_shared(s, &key, None)) {
             let b = Arc::new(b);
             log_taken(&b, &key);
@@ -337,7 +339,8 @@ pub fn load_bytes(
     let own = Bootstrap::from_bytes_with(data, defaults)?;
     let own = match own.into_shared(&key, v6.then_some(defaults)) {
         Ok(b) => Arc::new(b),
-        Err((b, e)) => {
+        Err(failed) => {
+            let (b, e) = *failed;
             tracing::warn!(error = %crate::util::error_chain(&e), "cannot seal the bootstrap; it is not shared");
             return Ok(Arc::new(b));
         }
@@ -353,15 +356,6 @@ fn log_taken(b: &Bootstrap, key: &ShareKey) {
         fd = b.sealed_fd().map(|f| f.as_raw_fd()).unwrap_or(-1),
         "bootstrap shared with another daemon of the node (validated in place)"
     );
-}
-
-/// The first bytes of the file at `path` (a superblock's worth), if it can be read.
-fn read_prefix(path: &Path) -> Option<Vec<u8>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; crate::format::SUPERBLOCK_SIZE];
-    f.read_exact(&mut buf).ok()?;
-    Some(buf)
 }
 
 #[cfg(test)]

@@ -83,14 +83,22 @@ fn a_second_daemon_maps_the_first_ones_copy() {
 
     let b2 = load_file(&boot, Some(&second)).expect("second");
     let fd2 = b2.sealed_fd().expect("sealed");
-    assert_eq!(inode_of(fd1), inode_of(fd2), "the second maps the first one's memfd");
+    assert_eq!(
+        inode_of(fd1),
+        inode_of(fd2),
+        "the second maps the first one's memfd"
+    );
     same_tables(&b1, &private);
     same_tables(&b2, &private);
     assert_eq!(b2.lookup(0, b"a"), private.lookup(0, b"a"));
     // Both offer it now, so it outlives the first.
     assert_eq!(sockets(&share_dir).len(), 2);
     drop(first);
-    assert_eq!(sockets(&share_dir).len(), 1, "the first one's offer is withdrawn");
+    assert_eq!(
+        sockets(&share_dir).len(),
+        1,
+        "the first one's offer is withdrawn"
+    );
     let third = BootstrapShare::open(&share_dir).expect("share");
     let b3 = load_file(&boot, Some(&third)).expect("third");
     assert_eq!(inode_of(b3.sealed_fd().expect("sealed")), inode_of(fd2));
@@ -156,16 +164,16 @@ fn memfd(bytes: &[u8], seals: libc::c_int) -> std::os::fd::OwnedFd {
     use std::os::unix::fs::FileExt;
     let name = std::ffi::CString::new("skiff-hostile").expect("name");
     // SAFETY: memfd_create reads the name and returns a descriptor or -1.
-    let raw = unsafe {
-        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    };
+    let raw =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(raw >= 0);
     // SAFETY: a new descriptor nobody else owns.
     let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
     f.write_all_at(bytes, 0).expect("write");
     if seals != 0 {
         // SAFETY: F_ADD_SEALS takes an integer.
-        assert_eq!(unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0);
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(r, 0);
     }
     f.into()
 }
@@ -197,7 +205,7 @@ impl Drop for Hostile {
 
 /// The sealed region an honest daemon makes for `b` under `key`, as bytes.
 fn honest_region(b: Bootstrap, key: &ShareKey) -> Vec<u8> {
-    let sealed = b.into_shared(key, None).map_err(|(_, e)| e).expect("seal");
+    let sealed = b.into_shared(key, None).map_err(|f| f.1).expect("seal");
     let fd = sealed.sealed_fd().expect("fd");
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(
@@ -231,18 +239,26 @@ fn unsealed_tampered_and_foreign_copies_are_refused() {
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
     assert!(
-        matches!(take(&tampered, REQUIRED_SEALS), Err(SharedError::Invalid(_))),
+        matches!(
+            take(&tampered, REQUIRED_SEALS),
+            Err(SharedError::Invalid(_))
+        ),
         "tampered tables"
     );
     // A byte of the header's padding.
     let mut tampered = region.clone();
     tampered[SHARE_HEADER_LEN - 1] = 1;
-    assert!(matches!(take(&tampered, REQUIRED_SEALS), Err(SharedError::Header(_))));
+    assert!(matches!(
+        take(&tampered, REQUIRED_SEALS),
+        Err(SharedError::Header(_))
+    ));
     // Another image's tables, honestly sealed for its own key: the header names it.
-    let other_key =
-        ShareKey::of_skiff_prefix(&std::fs::read(&other).expect("read")).expect("key");
+    let other_key = ShareKey::of_skiff_prefix(&std::fs::read(&other).expect("read")).expect("key");
     let foreign = honest_region(Bootstrap::load(&other).expect("load"), &other_key);
-    assert!(matches!(take(&foreign, REQUIRED_SEALS), Err(SharedError::OtherImage)));
+    assert!(matches!(
+        take(&foreign, REQUIRED_SEALS),
+        Err(SharedError::OtherImage)
+    ));
     // Another image's valid tables behind a header claiming this key: refused too (its
     // tables' digest is not the one the key names).
     let mut lying = foreign.clone();
@@ -256,9 +272,15 @@ fn unsealed_tampered_and_foreign_copies_are_refused() {
     // ... and the header's own digest fixed up to the foreign tables': the key still decides.
     let foreign_digest = *Bootstrap::load(&other).expect("load").file_digest();
     lying[56..88].copy_from_slice(&foreign_digest);
-    assert!(matches!(take(&lying, REQUIRED_SEALS), Err(SharedError::Differs)));
+    assert!(matches!(
+        take(&lying, REQUIRED_SEALS),
+        Err(SharedError::Differs)
+    ));
     // Shorter than a header.
-    assert!(matches!(take(&region[..100], REQUIRED_SEALS), Err(SharedError::Header(_))));
+    assert!(matches!(
+        take(&region[..100], REQUIRED_SEALS),
+        Err(SharedError::Header(_))
+    ));
 
     // Through the directory: a hostile holder offering each of those, and the loader falling
     // back to its own copy, with the right tables, every time.
@@ -278,7 +300,11 @@ fn unsealed_tampered_and_foreign_copies_are_refused() {
         let b = load_file(&boot, Some(&share)).expect(what);
         same_tables(&b, &private);
         let fd = b.sealed_fd().expect("its own copy, sealed and offered");
-        assert_ne!(inode_of(fd), hostile_ino, "{what}: the hostile copy was taken");
+        assert_ne!(
+            inode_of(fd),
+            hostile_ino,
+            "{what}: the hostile copy was taken"
+        );
     }
 }
 
@@ -296,8 +322,29 @@ fn without_a_share_the_loader_is_the_plain_one() {
     let b = load_file(&boot, None).expect("load");
     assert!(b.sealed_fd().is_none());
     let e = load_bytes(b"not a bootstrap at all".to_vec(), None).expect_err("refused");
-    assert!(matches!(e, FormatError::Truncated { .. } | FormatError::BadMagic), "{e}");
+    assert!(
+        matches!(e, FormatError::Truncated { .. } | FormatError::BadMagic),
+        "{e}"
+    );
     let share = BootstrapShare::open(&dir.path().join("share")).expect("share");
     let e = load_bytes(vec![0u8; 8192], Some(&share)).expect_err("refused");
     assert!(matches!(e, FormatError::BadMagic), "{e}");
+}
+
+#[test]
+fn a_damaged_file_is_refused_even_when_another_daemon_has_its_intact_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let boot = image(dir.path(), &[("a", b"alpha"), ("b", b"beta")]);
+    let share_dir = dir.path().join("share");
+    let holder = BootstrapShare::open(&share_dir).expect("share");
+    let _held = load_file(&boot, Some(&holder)).expect("intact");
+    // The superblock (and so the key it names) stays; a byte of the tables changes.
+    let mut bytes = std::fs::read(&boot).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let damaged = dir.path().join("damaged");
+    std::fs::write(&damaged, &bytes).expect("write");
+    let asker = BootstrapShare::open(&share_dir).expect("share");
+    let e = load_file(&damaged, Some(&asker)).expect_err("damaged");
+    assert!(matches!(e, FormatError::FileDigestMismatch), "{e}");
 }

@@ -181,7 +181,11 @@ pub(super) fn serve(inner: &Inner) {
         let mut conns: Vec<(UnixStream, Weak<Bootstrap>)> = Vec::new();
         {
             let g = lock(&inner.offers);
-            for o in g.list.iter().filter(|o| ready.contains(&o.listener.as_raw_fd())) {
+            for o in g
+                .list
+                .iter()
+                .filter(|o| ready.contains(&o.listener.as_raw_fd()))
+            {
                 while let Ok((c, _)) = o.listener.accept() {
                     conns.push((c, o.image.clone()));
                 }
@@ -201,7 +205,10 @@ fn answer(c: UnixStream, image: &Weak<Bootstrap>) {
     match peer_uid(&c) {
         Ok(uid) if trusted(uid) => {}
         Ok(uid) => {
-            tracing::warn!(uid, "share: refusing a bootstrap to a process of another user");
+            tracing::warn!(
+                uid,
+                "share: refusing a bootstrap to a process of another user"
+            );
             return;
         }
         Err(e) => {

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod listing;
 pub mod middlebox;
 pub mod nydus;
 pub mod oci;
@@ -169,6 +170,24 @@ pub fn require<T>(what: &str, r: Result<T, String>) -> Option<T> {
             None
         }
     }
+}
+
+/// QEMU 10 (from bookworm-backports, by scripts/install-qemu10.sh, which scripts/test.sh runs
+/// and which prints the path also given as `$SKIFF_QEMU10`): the second VMM version the
+/// microVM tests run on, beside the system's QEMU 7.2. Pass it to vm-run.sh as `SKIFF_QEMU`.
+pub fn qemu10() -> Result<PathBuf, String> {
+    let path = std::env::var_os("SKIFF_QEMU10")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/skiff/tools/qemu10/qemu-system-x86_64"));
+    let out = Command::new(&path)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{}: {e} (run scripts/install-qemu10.sh)", path.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !version.contains("version 10.") {
+        return Err(format!("{} is not QEMU 10: {version}", path.display()));
+    }
+    Ok(path)
 }
 
 /// Whether this process is root.
@@ -1045,6 +1064,11 @@ impl Mount {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// The daemon's log so far.

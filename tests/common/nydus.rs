@@ -343,3 +343,64 @@ pub fn bootstrap_layer(bootstrap: &[u8]) -> (Vec<u8>, String) {
     std::io::Write::write_all(&mut gz, &tar).expect("gzip");
     (gz.finish().expect("gzip"), diff_id)
 }
+
+/// Writes the OCI layout nydusify pushes for `blobs` and their merged bootstrap `boot`: the
+/// blob layers (`application/vnd.oci.image.layer.nydus.blob.v1`, annotated nydus-blob), the
+/// gzip tar bootstrap layer last (annotated nydus-bootstrap, fs version 6), a config whose
+/// diff_ids are the layers', and the manifest in an index with the `nydus.remoteimage.v1`
+/// platform feature. Returns the bootstrap layer's size.
+pub fn nydusify_layout(layout: &Path, blobs: &[LayerBlob], boot: &[u8]) -> u64 {
+    use super::oci::{put_blob, write_index_json};
+    let (boot_layer, boot_diff_id) = bootstrap_layer(boot);
+
+    let mut layers = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in blobs {
+        let bytes = std::fs::read(&l.path).expect("blob");
+        assert_eq!(put_blob(layout, &bytes).expect("put"), l.digest);
+        layers.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.nydus.blob.v1",
+            "digest": l.digest, "size": l.size,
+            "annotations": {
+                "containerd.io/snapshot/nydus-blob": "true",
+                "containerd.io/uncompressed": l.digest,
+            },
+        }));
+        diff_ids.push(l.digest.clone());
+    }
+    let bd = put_blob(layout, &boot_layer).expect("put bootstrap layer");
+    layers.push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+        "digest": bd, "size": boot_layer.len(),
+        "annotations": {
+            "containerd.io/snapshot/nydus-bootstrap": "true",
+            "containerd.io/snapshot/nydus-fs-version": "6",
+            "containerd.io/uncompressed": boot_diff_id,
+        },
+    }));
+    diff_ids.push(boot_diff_id);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .expect("config");
+    let cd = put_blob(layout, &config).expect("put config");
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cd, "size": config.len()},
+        "layers": layers,
+    }))
+    .expect("manifest");
+    let md = put_blob(layout, &manifest).expect("put manifest");
+    write_index_json(
+        layout,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": md, "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux",
+                         "os.features": ["nydus.remoteimage.v1"]}}),
+    )
+    .expect("index");
+    boot_layer.len() as u64
+}

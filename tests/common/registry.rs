@@ -18,6 +18,8 @@ pub struct Registry {
 
 /// One blob GET in a registry's access log.
 pub struct BlobGet {
+    /// The request's path (`/v2/<repo>/blobs/sha256:…`).
+    pub path: String,
     /// HTTP status.
     pub status: u16,
     /// Bytes sent.
@@ -99,7 +101,13 @@ impl Registry {
             let (Some(status), Some(bytes)) = (f.next(), f.next()) else {
                 continue;
             };
+            let path = req
+                .split_once("\"GET ")
+                .and_then(|(_, r)| r.split(' ').next())
+                .unwrap_or_default()
+                .to_string();
             gets.push(BlobGet {
+                path,
                 status: status.parse().unwrap_or(0),
                 bytes: bytes.parse().unwrap_or(0),
             });

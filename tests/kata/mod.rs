@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::skiff;
 
+pub mod node;
 pub mod stallfs;
 
 /// Kata's readiness polling: `GET /api/v1/daemon` up to 20 times, 20 ms apart.
@@ -74,8 +75,12 @@ impl KataDaemon {
                 .args(["--sock", vhost_name]);
             }
         }
-        // Kata's default virtio_fs_extra_args.
+        // Kata's default virtio_fs_extra_args, and the sandbox's reach: the test's scratch
+        // directory holds the shared directory, the bootstraps and the blobs, as
+        // /run/kata-containers/shared/sandboxes and /var/lib/containerd-nydus do on a node
+        // (an operator adds --sandbox-path to virtio_fs_extra_args the same way).
         cmd.args(["--thread-pool-size=1", "--announce-submounts"]);
+        cmd.arg("--sandbox-path").arg(cwd.parent().unwrap_or(cwd));
         let started = Instant::now();
         let child = cmd
             .current_dir(cwd)
@@ -115,6 +120,11 @@ impl KataDaemon {
             "not RUNNING after {READY_TRIES} polls {READY_INTERVAL:?} apart\n{}",
             self.log_text()
         );
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Whether the process is still alive.
@@ -215,4 +225,70 @@ pub fn daemon_info(api: &Path) -> serde_json::Value {
 /// The rafs mountpoint of container `cid`.
 pub fn rafs_mountpoint(cid: &str) -> String {
     format!("/rafs/{cid}/lowerdir")
+}
+
+/// One thread of a process, as `/proc/<pid>/task/<tid>/status` shows it.
+#[derive(Debug)]
+pub struct ThreadStatus {
+    /// The thread's name (`comm`).
+    pub name: String,
+    /// `NoNewPrivs`.
+    pub no_new_privs: String,
+    /// `Seccomp` (2: filter mode).
+    pub seccomp: String,
+    /// `CapEff`, as a mask.
+    pub cap_eff: u64,
+}
+
+/// Every thread of process `pid`.
+pub fn threads_of(pid: u32) -> Vec<ThreadStatus> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/<pid>/task") {
+        let t = t.expect("task entry").path();
+        let Ok(status) = fs::read_to_string(t.join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        out.push(ThreadStatus {
+            name: field("Name:"),
+            no_new_privs: field("NoNewPrivs:"),
+            seccomp: field("Seccomp:"),
+            cap_eff: u64::from_str_radix(&field("CapEff:"), 16).expect("CapEff"),
+        });
+    }
+    out
+}
+
+/// The capabilities `skiff virtiofs` keeps (docs/kata.md#the-sandbox): chown, dac_override,
+/// fowner, fsetid, setgid, setuid, mknod, sys_admin, setfcap.
+pub const VIRTIOFS_CAPS: u64 = 0x8820_00db;
+
+/// Asserts that every thread of `pid` runs with no_new_privs, a seccomp filter and exactly
+/// `caps`, and that threads whose names start with each of `kinds` are among them; returns
+/// the names.
+pub fn assert_confined(pid: u32, caps: u64, kinds: &[&str]) -> Vec<String> {
+    let threads = threads_of(pid);
+    for t in &threads {
+        assert_eq!(t.no_new_privs, "1", "thread {t:?} of {pid}");
+        assert_eq!(t.seccomp, "2", "thread {t:?} of {pid}");
+        assert_eq!(
+            t.cap_eff, caps,
+            "thread {t:?} of {pid}: CapEff {:#x}",
+            t.cap_eff
+        );
+    }
+    let names: Vec<String> = threads.iter().map(|t| t.name.clone()).collect();
+    for k in kinds {
+        assert!(
+            names.iter().any(|n| n.starts_with(k)),
+            "no {k}* thread among {names:?}"
+        );
+    }
+    names
 }

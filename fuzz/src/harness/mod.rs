@@ -9,10 +9,12 @@
 //! This directory is also compiled into the CI smoke test (`tests/fuzz_smoke.rs`) by path, so
 //! it uses only crates that Skiff itself depends on.
 
+pub mod api;
 pub mod bootstrap;
 pub mod fuse;
 pub mod input;
 pub mod mem;
+pub mod nydus_config;
 pub mod serve;
 pub mod tar;
 
@@ -23,7 +25,8 @@ use std::path::{Path, PathBuf};
 pub enum Outcome {
     /// Refused with an error.
     Rejected,
-    /// Accepted, and this many bytes of file content were served (and checked).
+    /// Accepted, and this much was served and checked: bytes of file content, or (for the
+    /// API) responses.
     Served(u64),
 }
 

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod handles;
+
 fn escape(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len());
     for &b in bytes {
@@ -63,6 +65,14 @@ fn sha256(path: &Path) -> String {
 }
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "--handles") {
+        let Some(file) = std::env::args_os().nth(2).map(PathBuf::from) else {
+            eprintln!("usage: skiff-tree-lister --handles FILE");
+            std::process::exit(2);
+        };
+        handles::probe(&file);
+        return;
+    }
     let Some(root) = std::env::args_os().nth(1).map(PathBuf::from) else {
         eprintln!("usage: skiff-tree-lister DIR");
         std::process::exit(2);

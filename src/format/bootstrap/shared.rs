@@ -84,11 +84,56 @@ impl ShareKey {
         })
     }
 
+    /// The key of the Skiff bootstrap file at `path`, if its bytes are the ones its superblock
+    /// names: the file is read through once and hashed as the loader would, keeping nothing,
+    /// so that a damaged file is never answered with another daemon's intact copy (it is
+    /// loaded, and refused, as without sharing). `None` for anything else.
+    pub fn of_skiff_file(path: &std::path::Path) -> Option<Self> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).ok()?;
+        if f.metadata().ok()?.len() > crate::format::MAX_BOOTSTRAP_SIZE {
+            return None;
+        }
+        let mut prefix = [0u8; SUPERBLOCK_SIZE];
+        f.read_exact(&mut prefix).ok()?;
+        let (sb, _) = crate::format::Superblock::read_from_prefix(&prefix[..]).ok()?;
+        if sb.magic != MAGIC {
+            return None;
+        }
+        let mut zeroed = sb;
+        zeroed.file_digest = [0; DIGEST_LEN];
+        let mut h = blake3::Hasher::new();
+        h.update(zeroed.as_bytes());
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        (*h.finalize().as_bytes() == sb.file_digest).then_some(ShareKey::Skiff {
+            file_digest: sb.file_digest,
+        })
+    }
+
     /// The key of the whole bootstrap `data` for this process: a Skiff or a v6 bootstrap
     /// (`None` for anything else, which no daemon could share).
+    ///
+    /// As for a file, a Skiff bootstrap has a key only if its bytes hash to the digest its
+    /// superblock names: a damaged one is never given another daemon's intact copy.
     pub fn of_bytes(data: &[u8]) -> Option<Self> {
         if let Some(k) = Self::of_skiff_prefix(data.get(..SUPERBLOCK_SIZE)?) {
-            return Some(k);
+            let (sb, rest) = crate::format::Superblock::read_from_prefix(data).ok()?;
+            let mut zeroed = sb;
+            zeroed.file_digest = [0; DIGEST_LEN];
+            let mut h = blake3::Hasher::new();
+            h.update(zeroed.as_bytes());
+            h.update(rest);
+            return (*h.finalize().as_bytes() == sb.file_digest).then_some(k);
         }
         if !v6::is_v6(data) {
             return None;
@@ -164,12 +209,13 @@ impl Bootstrap {
     /// holds no copy of its own, and [`Self::sealed_fd`] can be handed to other daemons.
     ///
     /// `key` must be the key of the bootstrap these tables were loaded from: the loader's
-    /// promise, which every taker checks. On failure the bootstrap comes back unchanged.
+    /// promise, which every taker checks. On failure the bootstrap comes back unchanged, with
+    /// the error.
     pub fn into_shared(
         self,
         key: &ShareKey,
         defaults: Option<v6::Defaults>,
-    ) -> Result<Self, (Self, SealError)> {
+    ) -> Result<Self, Box<(Self, SealError)>> {
         if matches!(self.data, Bytes::Sealed(_)) {
             return Ok(self);
         }
@@ -204,7 +250,7 @@ impl Bootstrap {
                 b.data = Bytes::Sealed(sealed);
                 Ok(b)
             }
-            Err(e) => Err((self, e)),
+            Err(e) => Err(Box::new((self, e))),
         }
     }
 
@@ -232,7 +278,9 @@ impl Bootstrap {
             .map(|(h, _)| h)
             .ok_or_else(|| SharedError::Header("shorter than the header".into()))?;
         if header.magic != SHARE_MAGIC || header.version.get() != SHARE_VERSION {
-            return Err(SharedError::Header("not a share header of version 1".into()));
+            return Err(SharedError::Header(
+                "not a share header of version 1".into(),
+            ));
         }
         if header.reserved0 != [0; 2]
             || bytes
@@ -273,16 +321,18 @@ impl Bootstrap {
                     .map_err(|e| SharedError::Own(FormatError::V6(e)))?;
                 let digest = crate::format::Superblock::read_from_prefix(&tables)
                     .map(|(sb, _)| sb.file_digest)
-                    .map_err(|_| SharedError::Own(FormatError::Truncated {
-                        len: tables.len() as u64,
-                    }))?;
+                    .map_err(|_| {
+                        SharedError::Own(FormatError::Truncated {
+                            len: tables.len() as u64,
+                        })
+                    })?;
                 drop(tables);
                 (SourceFormat::NydusRafsV6, Some((digest, preserved)))
             }
             _ => return Err(SharedError::OtherImage),
         };
-        let mut b = Bootstrap::validated(Bytes::Sealed(sealed), format)
-            .map_err(SharedError::Invalid)?;
+        let mut b =
+            Bootstrap::validated(Bytes::Sealed(sealed), format).map_err(SharedError::Invalid)?;
         if b.file_digest != header.file_digest {
             return Err(SharedError::Invalid(FormatError::FileDigestMismatch));
         }
