@@ -232,8 +232,10 @@ const LEGACY_FILES: &[i64] = &[
 const LEGACY_FILES: &[i64] = &[];
 
 /// Sharing bootstraps (`crate::share`): sealing a validated bootstrap into a memfd, and the
-/// share directory's sockets (made under a temporary name, renamed into place, removed).
+/// share directory's sockets (made under a temporary name, renamed into place, removed), and
+/// the peer's uid against ours.
 const SHARE: &[i64] = &[
+    libc::SYS_geteuid,
     libc::SYS_memfd_create,
     libc::SYS_ftruncate,
     libc::SYS_pwrite64,

@@ -70,6 +70,26 @@ fn peer_uid(s: &impl AsRawFd) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
+/// Sets or clears `O_NONBLOCK` with `fcntl` (std and socket2 use `ioctl(FIONBIO)`, which no
+/// seccomp list of the sharing threads allows).
+fn set_nonblocking(s: &impl AsRawFd, on: bool) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument and touches no memory.
+    let flags = unsafe { libc::fcntl(s.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: F_SETFL takes an integer argument and touches no memory.
+    if unsafe { libc::fcntl(s.as_raw_fd(), libc::F_SETFL, flags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn trusted(uid: u32) -> bool {
     uid == euid() || uid == 0
 }
@@ -81,12 +101,16 @@ pub(super) fn ask(path: &Path) -> Result<OwnedFd, AskError> {
         .map_err(|e| AskError::Io("socket", e))?;
     sock.set_read_timeout(Some(ASK_TIMEOUT))
         .map_err(|e| AskError::Io("setting a timeout", e))?;
-    if let Err(e) = sock.connect_timeout(&addr, ASK_TIMEOUT) {
+    // A Unix socket connects at once, or fails with EAGAIN when the listener's backlog is
+    // full (a daemon not answering): non-blocking, so that such a holder cannot stall us.
+    set_nonblocking(&sock, true).map_err(|e| AskError::Io("connecting", e))?;
+    if let Err(e) = sock.connect(&addr) {
         return Err(match e.kind() {
             ErrorKind::ConnectionRefused | ErrorKind::NotFound => AskError::Stale,
             _ => AskError::Io("connecting", e),
         });
     }
+    set_nonblocking(&sock, false).map_err(|e| AskError::Io("connecting", e))?;
     let stream = UnixStream::from(OwnedFd::from(sock));
     let uid = peer_uid(&stream).map_err(|e| AskError::Io("SO_PEERCRED", e))?;
     if !trusted(uid) {
@@ -119,7 +143,7 @@ pub(super) fn listen(dir: &Path, path: &Path) -> io::Result<UnixListener> {
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let _ = std::fs::remove_file(&tmp);
     let l = UnixListener::bind(&tmp)?;
-    l.set_nonblocking(true)?;
+    set_nonblocking(&l, true)?;
     if let Err(e) = std::fs::rename(&tmp, path) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -200,7 +224,7 @@ pub(super) fn serve(inner: &Inner) {
 /// Answers one asker: the descriptor, if the asker runs as this user or root and the image is
 /// still there.
 fn answer(c: UnixStream, image: &Weak<Bootstrap>) {
-    let _ = c.set_nonblocking(false);
+    let _ = set_nonblocking(&c, false);
     let _ = c.set_write_timeout(Some(ASK_TIMEOUT));
     match peer_uid(&c) {
         Ok(uid) if trusted(uid) => {}
