@@ -662,6 +662,63 @@ fn hiprio_queue_takes_forget_without_reply() {
     guest.assert_alive();
 }
 
+/// Every request the guest puts on the hiprio queue, not only FORGET and INTERRUPT, is
+/// answered under the worker's seccomp list: in a confined `skiff serve`, a READ there reads
+/// the blob (pread) and must neither be refused by the queue thread's list (SIGSYS ends the
+/// daemon) nor go unanswered.
+#[test]
+fn confined_serve_answers_any_request_on_the_hiprio_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, socket) = spawn_serve(dir.path(), &[]);
+    let mut guest = Guest::connect(&socket, 1, true);
+    let q = HIPRIO_QUEUE;
+    let init = InitIn {
+        major: 7,
+        minor: 31,
+        max_readahead: 128 * 1024,
+        flags: 0,
+    };
+    guest
+        .fuse_on(q, Opcode::Init, 0, init.as_slice(), 4096)
+        .ok_obj::<fuse_backend_rs::abi::fuse_abi::InitOut>();
+    let name = CString::new("hello.txt").expect("name");
+    let hello: EntryOut = guest
+        .fuse_on(q, Opcode::Lookup, ROOT, name.as_bytes_with_nul(), 4096)
+        .obj()
+        .expect("lookup on hiprio");
+    let open = fuse_backend_rs::abi::fuse_abi::OpenIn {
+        flags: libc::O_RDONLY as u32,
+        fuse_flags: 0,
+    };
+    let fh = guest
+        .fuse_on(q, Opcode::Open, hello.nodeid, open.as_slice(), 4096)
+        .obj::<fuse_backend_rs::abi::fuse_abi::OpenOut>()
+        .expect("open on hiprio")
+        .fh;
+    let read = Guest::read_in(fh, 0, 4096);
+    let data = guest
+        .fuse_on(q, Opcode::Read, hello.nodeid, read.as_slice(), 16 + 4096)
+        .bytes()
+        .expect("read on hiprio");
+    assert_eq!(data, HELLO);
+    // And the request queue still works.
+    assert_eq!(guest.read(hello.nodeid, fh, 0, 4096).expect("read"), HELLO);
+    assert!(
+        matches!(child.try_wait(), Ok(None)),
+        "skiff serve ended: {:?}",
+        child.try_wait()
+    );
+    // SAFETY: kill(2) on the child this test started, by its PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(status.success(), "exit status {status}\n{stderr}");
+    assert!(stderr.contains("sandbox:"), "not confined:\n{stderr}");
+    drop(guest);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Requests off the queue thread: no head-of-line blocking, deadlines.
 
@@ -906,17 +963,17 @@ fn a_panicking_request_stops_the_daemon_with_a_report() {
     drop(guest);
 }
 
-#[test]
-fn skiff_serve_exits_non_zero_with_a_report_when_a_worker_panics() {
+/// `skiff serve` (confined, as by default) of an image of [`make_tree`] in `dir`, listening;
+/// its socket.
+fn spawn_serve(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, PathBuf) {
     init_logging();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().join("root");
+    let root = dir.join("root");
     fs::create_dir(&root).expect("mkdir root");
     make_tree(&root);
     // Builds the image next to the tree, as every test does.
     drop(filesystem_under_test(&root));
-    let image = dir.path().join("image");
-    let socket = dir.path().join("serve.sock");
+    let image = dir.join("image");
+    let socket = dir.join("serve.sock");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
         .args(["serve", "--tag", TAG, "--bootstrap"])
         .arg(image.join("bootstrap"))
@@ -924,7 +981,7 @@ fn skiff_serve_exits_non_zero_with_a_report_when_a_worker_panics() {
         .arg(image.join("blobs"))
         .arg("--socket")
         .arg(&socket)
-        .env("SKIFF_INJECT_PANIC", "worker")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start skiff serve");
@@ -934,12 +991,23 @@ fn skiff_serve_exits_non_zero_with_a_report_when_a_worker_panics() {
             Instant::now() < deadline,
             "skiff serve did not start listening"
         );
-        assert!(
-            matches!(child.try_wait(), Ok(None)),
-            "skiff serve exited early"
-        );
+        if !matches!(child.try_wait(), Ok(None)) {
+            let mut stderr = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+            }
+            panic!("skiff serve exited early:\n{stderr}");
+        }
         thread::sleep(Duration::from_millis(5));
     }
+    (child, socket)
+}
+
+#[test]
+fn skiff_serve_exits_non_zero_with_a_report_when_a_worker_panics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, socket) = spawn_serve(dir.path(), &[("SKIFF_INJECT_PANIC", "worker")]);
+    let deadline = Instant::now() + TIMEOUT;
     let mut guest = Guest::connect(&socket, 1, true);
     // FUSE_INIT is the first request a worker answers: it panics.
     let unique = guest.unique();

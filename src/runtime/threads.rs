@@ -103,6 +103,12 @@ pub fn enter(kind: ThreadKind, exit: Option<&ExitEvent>) {
     });
 }
 
+/// Whether a sandbox confines the threads (each kind under its own seccomp list): code must
+/// then run only on threads of the kind it was written for.
+pub fn confined() -> bool {
+    CONFINE.get().is_some()
+}
+
 /// What a sandbox does to a thread taking on a kind ([`set_confinement`]).
 pub type Confinement = fn(ThreadKind);
 

@@ -162,7 +162,11 @@ impl VhostListener {
             "vhost-user-fs listening"
         );
         // One pool for the daemon's life: a VMM that reconnects finds the same workers.
+        // Threads started from here (the first worker) belong to this daemon, whoever
+        // started this thread.
+        threads::enter(ThreadKind::Vhost, Some(exit));
         let pool = Arc::new(WorkerPool::new(opts.workers));
+        pool.start_first().map_err(VhostError::SpawnThread)?;
         let mut connection = 0u64;
         while wait(&epoll)? == TOKEN_LISTENER {
             connection += 1;

@@ -260,11 +260,10 @@ where
         };
         let mem = read(&self.mem).memory();
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        // Every chain goes to a worker, the hiprio queue's too: the guest puts what it likes
+        // there (not only FORGET and INTERRUPT), and only a worker may do the filesystem's
+        // work (in a sandbox, the queue thread's seccomp list has no file calls at all).
         let dispatched = process_queue(&mem, vring, event_idx, |chain, ring| {
-            if queue < NUM_HIPRIO_QUEUES {
-                answer(&self.server, chain, vring, ring);
-                return;
-            }
             let (server, vring) = (self.server.clone(), vring.clone());
             self.pool
                 .submit(move || answer(&server, chain, &vring, ring));

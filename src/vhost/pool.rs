@@ -78,11 +78,43 @@ impl WorkerPool {
         }
     }
 
+    /// Starts the first worker now, so that a daemon that cannot start one fails at start,
+    /// not at the guest's first request: a started pool never has to answer on the calling
+    /// thread (see [`Self::submit`]).
+    pub(crate) fn start_first(&self) -> std::io::Result<()> {
+        let mut g = lock(&self.shared.state);
+        if g.workers > 0 {
+            return Ok(());
+        }
+        self.spawn_worker(&mut g)
+    }
+
+    fn spawn_worker(&self, g: &mut State) -> std::io::Result<()> {
+        let id = g.next_id;
+        g.next_id += 1;
+        g.workers += 1;
+        let shared = self.shared.clone();
+        let spawned = threads::spawn(
+            ThreadKind::Worker,
+            format!("skiff-worker-{id}"),
+            move || run(&shared),
+        );
+        if spawned.is_err() {
+            g.workers -= 1;
+        }
+        spawned.map(drop)
+    }
+
     /// Runs `job` on a worker: an idle one, a new one while the pool is below its size, or
     /// the first to be done with its current job.
     ///
-    /// If no worker can be started at all (the system is out of threads), the job runs on
-    /// the calling thread, so that no request is left unanswered.
+    /// If no worker runs and none can be started (the system is out of threads), the job
+    /// runs on the calling thread, so that no request is left unanswered; but not in a
+    /// sandbox, where the caller (a queue thread) is under a seccomp list without the
+    /// filesystem's calls: there the job waits for a worker. A daemon starts its pool's
+    /// first worker up front ([`Self::start_first`]), and the last worker never ends while
+    /// the pool lives, so that waiting only happens after a worker panicked (which stops the
+    /// daemon).
     pub(crate) fn submit(&self, job: impl FnOnce() + Send + 'static) {
         let mut g = lock(&self.shared.state);
         if g.closing {
@@ -91,27 +123,19 @@ impl WorkerPool {
         g.jobs.push_back(Box::new(job));
         // More jobs waiting than idle workers to take them: one more worker, if allowed.
         if g.jobs.len() > g.idle && g.workers < self.shared.max {
-            let id = g.next_id;
-            g.next_id += 1;
-            g.workers += 1;
-            let shared = self.shared.clone();
-            match threads::spawn(
-                ThreadKind::Worker,
-                format!("skiff-worker-{id}"),
-                move || run(&shared),
-            ) {
-                Ok(_) => {}
-                Err(e) => {
-                    g.workers -= 1;
-                    if g.workers == 0 {
-                        tracing::error!(error = %e, "cannot start a worker; answering on the queue thread");
-                        let job = g.jobs.pop_back();
-                        drop(g);
-                        if let Some(job) = job {
-                            job();
-                        }
-                        return;
+            if let Err(e) = self.spawn_worker(&mut g) {
+                if g.workers == 0 && !threads::confined() {
+                    tracing::error!(error = %e, "cannot start a worker; answering on this thread");
+                    let job = g.jobs.pop_back();
+                    drop(g);
+                    if let Some(job) = job {
+                        job();
                     }
+                    return;
+                }
+                if g.workers == 0 {
+                    tracing::error!(error = %e, "cannot start a worker; the request waits for one");
+                } else {
                     tracing::warn!(error = %e, workers = g.workers, "cannot start another worker");
                 }
             }
@@ -149,7 +173,7 @@ fn run(shared: &Shared) {
             lock(&self.0.state).workers -= 1;
         }
     }
-    let _leaving = Leaving(shared);
+    let leaving = Leaving(shared);
     let mut g = lock(&shared.state);
     loop {
         if let Some(job) = g.jobs.pop_front() {
@@ -173,6 +197,10 @@ fn run(shared: &Shared) {
         g = next;
         g.idle -= 1;
         if timeout.timed_out() && g.jobs.is_empty() && g.workers > 1 {
+            // Counted out under the same lock as the test above: two idle workers timing out
+            // together cannot both see the other one and leave none.
+            g.workers -= 1;
+            std::mem::forget(leaving);
             return;
         }
     }
@@ -203,6 +231,30 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(1));
         assert_eq!(pool.workers(), 2);
         drop(release_tx);
+    }
+
+    #[test]
+    fn a_started_pool_has_its_first_worker_before_any_job() {
+        let pool = WorkerPool::new(2);
+        assert_eq!(pool.workers(), 0);
+        pool.start_first().expect("first worker");
+        pool.start_first().expect("again: nothing to do");
+        assert_eq!(pool.workers(), 1);
+        let t = Instant::now();
+        while lock(&pool.shared.state).idle == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the first worker never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (tx, rx) = mpsc::channel();
+        pool.submit(move || {
+            let _ = tx.send(std::thread::current().name().map(str::to_owned));
+        });
+        let name = rx.recv_timeout(Duration::from_secs(5)).expect("job ran");
+        assert_eq!(name.as_deref(), Some("skiff-worker-0"));
+        assert_eq!(pool.workers(), 1, "the idle first worker took the job");
     }
 
     #[test]

@@ -440,9 +440,21 @@ impl Guest {
 
     /// Sends one FUSE request on the request queue and checks the reply's framing.
     pub fn fuse(&mut self, opcode: Opcode, nodeid: u64, body: &[u8], reply: u32) -> Reply {
+        self.fuse_on(REQUEST_QUEUE, opcode, nodeid, body, reply)
+    }
+
+    /// The same on queue `qi` (a hostile guest may send any request on any queue).
+    pub fn fuse_on(
+        &mut self,
+        qi: usize,
+        opcode: Opcode,
+        nodeid: u64,
+        body: &[u8],
+        reply: u32,
+    ) -> Reply {
         let unique = self.unique();
         let req = fuse_request(opcode as u32, nodeid, unique, body);
-        let done = self.submit(REQUEST_QUEUE, Chain::request(req, reply));
+        let done = self.submit(qi, Chain::request(req, reply));
         Reply::parse(done, unique)
     }
 
