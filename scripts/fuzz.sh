@@ -313,7 +313,7 @@ main() {
             done
             return $failed ;;
         run|*)
-            [[ $cmd == run ]] && shift
+            if [[ ${1:-} == run ]]; then shift; fi
             targets=("$@")
             [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
             build
