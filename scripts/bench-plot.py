@@ -32,13 +32,15 @@ def main() -> int:
         print("bench-plot: no data", file=sys.stderr)
         return 1
     names = [r[0] for r in rows]
-    colours = ["#999999", "#4c72b0", "#dd8452"][: len(rows)]
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(10, 4.2))
+    palette = ["#999999", "#4c72b0", "#dd8452", "#55a868", "#c44e52"]
+    colours = [palette[i % len(palette)] for i in range(len(rows))]
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, values, title, unit in (
         (ax_t, [r[1] for r in rows], "Cold start: time to python3 print(1)", "s"),
         (ax_b, [r[2] for r in rows], "Bytes over the link", "MiB"),
     ):
         bars = ax.bar(names, values, color=colours)
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_yscale("log")
         ax.set_title(title)
         ax.set_ylabel(f"{unit} (log scale)")

@@ -32,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 cache=${SKIFF_CACHE:-/var/cache/skiff}
-work="$cache/bench"
+work=${SKIFF_BENCH_WORK:-$cache/bench}
 mkdir -p "$work"
 out="$work/report.md"
 : >"$out"

@@ -1,7 +1,8 @@
 //! The special tree (every kind of entry and the odd cases, see `common::make_special_tree`)
 //! built with 64 KiB chunks: `skiff check --source` passes and catches a changed mtime, the
 //! FUSE mount equals the source field by field and byte by byte, reads at odd offsets and past
-//! EOF match the source, and every kind of write fails with EROFS.
+//! EOF match the source, and every kind of write fails with EROFS. The same with
+//! `--compressor zstd`.
 
 mod common;
 
@@ -247,6 +248,79 @@ fn special_tree_image_matches_source() {
         d[0].starts_with("\"/one_byte\": mtime: 1234567890.000000042 != "),
         "{d:?}"
     );
+}
+
+/// `--compressor zstd`: the same tree (root digest) as lz4, chunks stored as zstd frames where
+/// that saves space, `skiff check --source` clean, and the mount equal to the source.
+#[test]
+fn special_tree_zstd_image_matches_source() {
+    if !require_fuse() {
+        return;
+    }
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    make_special_tree(&src);
+    let src_snap = snapshot(&src);
+    let mut images = Vec::new();
+    for comp in ["lz4", "zstd"] {
+        let img = tmp.path().join(comp);
+        let (bootstrap, blobs) = (img.join("bootstrap"), img.join("blobs"));
+        let summary = build_image(
+            &src,
+            &bootstrap,
+            &blobs,
+            &[
+                OsStr::new("--chunk-size"),
+                OsStr::new("64K"),
+                OsStr::new("--compressor"),
+                OsStr::new(comp),
+            ],
+        );
+        assert_eq!(summary["compressor"], comp, "{summary:#}");
+        images.push((summary, bootstrap, blobs));
+    }
+    let (lz4, (zstd, bootstrap, blobs)) = (&images[0].0, &images[1]);
+    assert_eq!(zstd["root_digest"], lz4["root_digest"]);
+    assert!(
+        summary_u64(zstd, "blob_bytes") < summary_u64(lz4, "blob_bytes"),
+        "zstd {zstd:#} lz4 {lz4:#}"
+    );
+    // The text compresses (one zstd frame per chunk); random bytes are stored as they are.
+    let chunks_of = |path: &str| -> Vec<String> {
+        let out = skiff_ok([
+            OsStr::new("inspect"),
+            OsStr::new("--bootstrap"),
+            bootstrap.as_os_str(),
+            OsStr::new("--json"),
+            OsStr::new(path),
+        ]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
+        v["chunks"]
+            .as_array()
+            .expect("chunks")
+            .iter()
+            .map(|c| c["compression"].as_str().unwrap_or("?").to_string())
+            .collect()
+    };
+    let text = chunks_of("/text");
+    assert!(
+        !text.is_empty() && text.iter().all(|c| c == "zstd"),
+        "{text:?}"
+    );
+    let random = chunks_of("/random_1m");
+    assert!(random.iter().all(|c| c == "none"), "{random:?}");
+
+    let (code, out) = check_image(bootstrap, blobs, Some(&src));
+    assert_eq!(code, 0, "skiff check --source of the zstd image\n{out}");
+    let mnt_dir = tmp.path().join("mnt");
+    let mnt = Mount::new(bootstrap, blobs, &mnt_dir);
+    check_odd_reads(&src, &mnt_dir, SPECIAL_READ_FILES);
+    assert_no_diff(
+        "source vs mounted zstd image",
+        &src_snap,
+        &snapshot(&mnt_dir),
+    );
+    mnt.unmount();
 }
 
 /// The harness's diff reports every kind of difference (so an empty diff means something).

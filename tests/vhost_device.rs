@@ -972,6 +972,11 @@ fn spawn_serve(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, PathBu
     make_tree(&root);
     // Builds the image next to the tree, as every test does.
     drop(filesystem_under_test(&root));
+    start_serve(dir, env)
+}
+
+/// `skiff serve` of the image [`spawn_serve`] built in `dir`, listening; its socket.
+fn start_serve(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, PathBuf) {
     let image = dir.join("image");
     let socket = dir.join("serve.sock");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skiff"))
@@ -1001,6 +1006,61 @@ fn spawn_serve(dir: &Path, env: &[(&str, &str)]) -> (std::process::Child, PathBu
         thread::sleep(Duration::from_millis(5));
     }
     (child, socket)
+}
+
+/// What a VMM that reconnects to a restarted daemon needs of Skiff (Cloud Hypervisor does so;
+/// QEMU's vhost-user-fs does not, docs/serve.md "A daemon restart"): `skiff serve` killed
+/// with SIGKILL mid-session leaves its socket behind; started again on the same path it
+/// replaces it, and answers the guest's FUSE session where it was, with no new FUSE_INIT
+/// (the guest's kernel sends none) and the node ids and handle the dead daemon gave out.
+#[test]
+fn a_restarted_serve_carries_on_the_session_of_the_one_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut first, socket) = spawn_serve(dir.path(), &[]);
+    let mut guest = Guest::connect(&socket, 1, true);
+    guest.init();
+    let hello = guest.lookup(ROOT, "hello.txt").expect("lookup");
+    let subdir = guest.lookup(ROOT, "subdir").expect("lookup subdir");
+    // `skiff serve` answers the first OPEN with ENOSYS (no opens needed): handle 0 then.
+    let fh = guest.open(hello.nodeid, Opcode::Open).map_or(0, |o| o.fh);
+    assert_eq!(guest.read(hello.nodeid, fh, 0, 4096).expect("read"), HELLO);
+
+    first.kill().expect("SIGKILL skiff serve");
+    first.wait().expect("wait");
+    assert!(socket.exists(), "a killed daemon cannot remove its socket");
+    drop(guest);
+
+    let (mut second, socket) = start_serve(dir.path(), &[]);
+    // A new vhost-user session (features, memory table, rings), as a reconnecting VMM sends.
+    let mut guest = Guest::connect(&socket, 1, true);
+    assert_eq!(
+        guest
+            .read(hello.nodeid, fh, 0, 4096)
+            .expect("read after restart"),
+        HELLO
+    );
+    let attr = guest.getattr(hello.nodeid).expect("getattr after restart");
+    assert_eq!(attr.attr.size, HELLO.len() as u64);
+    let nested = guest
+        .lookup(subdir.nodeid, "nested.txt")
+        .expect("lookup under a directory looked up before the restart");
+    assert_eq!(
+        guest.read(nested.nodeid, 0, 0, 4096).expect("read nested"),
+        b"nested\n"
+    );
+    assert!(
+        matches!(second.try_wait(), Ok(None)),
+        "the restarted skiff serve ended"
+    );
+    // SAFETY: kill(2) on the child this test started, by its PID.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let status = second.wait().expect("wait");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(status.success(), "exit status {status}\n{stderr}");
+    assert!(stderr.contains("replacing a stale socket"), "{stderr}");
+    drop(guest);
 }
 
 #[test]

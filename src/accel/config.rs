@@ -122,7 +122,7 @@ pub struct ConvertConfig {
     /// Chunk size (`1M`, `64K`, …).
     #[serde(default)]
     pub chunk_size: Option<String>,
-    /// `lz4` or `none`.
+    /// `lz4` (default), `zstd` or `none`.
     #[serde(default)]
     pub compressor: Option<String>,
     /// Convert every platform of an index (default); `false`: linux/amd64 only.
@@ -163,11 +163,12 @@ impl ConvertConfig {
     /// The compressor.
     pub fn compressor(&self) -> Result<Compressor, AccelError> {
         match self.compressor.as_deref() {
-            None | Some("lz4") => Ok(Compressor::Lz4),
-            Some("none") => Ok(Compressor::None),
-            Some(other) => Err(AccelError::Config(format!(
-                "convert.compressor {other:?}: use \"lz4\" or \"none\""
-            ))),
+            None => Ok(Compressor::Lz4),
+            Some(name) => Compressor::from_name(name).ok_or_else(|| {
+                AccelError::Config(format!(
+                    "convert.compressor {name:?}: use \"lz4\", \"zstd\" or \"none\""
+                ))
+            }),
         }
     }
 }
@@ -273,7 +274,7 @@ mod tests {
             r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"rules":{"tag_suffix":"-a","target_repository":"b"}}"#,
             r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"rules":{"tag_suffix":"/x"}}"#,
             r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"convert":{"chunk_size":"3K"}}"#,
-            r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"convert":{"compressor":"zstd"}}"#,
+            r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"convert":{"compressor":"lz4_block"}}"#,
             r#"{"listen":"x","work_dir":"/a","registries":{"r":{}},"notifications":{"registry":"other"}}"#,
         ] {
             assert!(parse(bad).is_err(), "accepted: {bad}");

@@ -5,7 +5,8 @@
 //! flight, while the image stays exactly what a one-file-at-a-time walk would make:
 //! - walker threads list directories (readdir, lstat, xattrs, readlink) ahead of need;
 //! - one assembler thread builds the tree from those listings in the fixed walk order (sorted
-//!   names, depth first) and queues each regular file's content as read jobs in that order;
+//!   names, pre-order, as `tar` reads a tree) and queues each regular file's content as read
+//!   jobs in that order;
 //! - reader threads take jobs in queue order, read and encode (hash, compress) them;
 //! - the calling thread stores the encoded chunks strictly in queue order.
 //!
@@ -225,7 +226,7 @@ struct Walk {
 }
 
 struct WalkState {
-    /// Directories to list, last first (the order the assembler visits them).
+    /// Directories to list, the next the assembler visits last (it is popped first).
     todo: Vec<PathBuf>,
     /// Directories being listed.
     busy: usize,
@@ -311,7 +312,8 @@ fn walker(walk: &Walk) {
         };
         let mut g = walk.lock();
         let more = !subdirs.is_empty();
-        g.todo.extend(subdirs);
+        // Last first: the assembler takes the first subdirectory next.
+        g.todo.extend(subdirs.into_iter().rev());
         g.done.insert(dir, listing);
         g.busy -= 1;
         let finished = g.todo.is_empty() && g.busy == 0;
@@ -449,6 +451,12 @@ impl Jobs {
 
 /// Builds the tree from the walkers' listings in walk order, queueing file content as jobs.
 /// Returns the tree and the number of jobs queued.
+///
+/// The walk is in pre-order with names sorted: a directory's entries in name order, each
+/// subdirectory's whole subtree where its name comes. That is the order `tar`, `cp -a` and
+/// `find` read a tree in, so a full read of the image reads its blob front to back, and the
+/// chunks that follow a read in the blob are the ones read next (what decode-ahead and
+/// read-ahead of the blob count on; see `storage::ahead`).
 fn assemble(
     root: &Path,
     mut tree: Tree,
@@ -457,67 +465,85 @@ fn assemble(
     progress: &Progress,
     segment: u64,
 ) -> Result<(Tree, usize), BuildError> {
+    /// A directory being visited and the entries of it not visited yet.
+    struct Frame {
+        dir: PathBuf,
+        id: NodeId,
+        entries: std::vec::IntoIter<Result<Entry, BuildError>>,
+    }
     // Hard links: the first path found for a (device, inode) owns the node.
     let mut links: HashMap<(u64, u64), NodeId> = HashMap::new();
-    let mut stack = vec![(root.to_path_buf(), 0usize)];
-    while let Some((dir, dir_id)) = stack.pop() {
-        let mut batch = Vec::new();
-        for entry in walk.take(&dir)? {
-            let Entry {
-                name,
-                meta: m,
-                xattrs,
-                target,
-            } = entry?;
-            let path = dir.join(&name);
-            progress.entry();
-            let key = (m.dev(), m.ino());
-            if !m.is_dir() && m.nlink() > 1 {
-                if let Some(&id) = links.get(&key) {
-                    link(&mut tree, dir_id, &name, id)?;
-                    continue;
-                }
-            }
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                NodeKind::Dir(BTreeMap::new())
-            } else if ft.is_file() {
-                NodeKind::File {
-                    size: m.len(),
-                    chunks: Vec::new(),
-                }
-            } else if ft.is_symlink() {
-                let target = target.unwrap_or_default();
-                if target.is_empty() || target.len() > MAX_SYMLINK_LEN {
-                    return Err(BuildError::Invalid(format!(
-                        "{}: bad symlink target length",
-                        path.display()
-                    )));
-                }
-                NodeKind::Symlink(target)
-            } else {
-                NodeKind::Special
-            };
-            let id = tree.add(Node {
-                meta: meta_of(&m),
-                xattrs,
-                kind,
-            });
-            link(&mut tree, dir_id, &name, id)?;
-            // Any non-directory can be hard linked: fifos, devices and symlinks too.
-            if !ft.is_dir() && m.nlink() > 1 {
-                links.insert(key, id);
-            }
-            if ft.is_dir() {
-                stack.push((path, id));
-            } else if ft.is_file() {
-                file_jobs(id, path, m.len(), segment, &mut batch);
+    let mut stack = vec![Frame {
+        dir: root.to_path_buf(),
+        id: 0,
+        entries: walk.take(root)?.into_iter(),
+    }];
+    let mut batch = Vec::new();
+    while let Some(frame) = stack.last_mut() {
+        let Some(entry) = frame.entries.next() else {
+            stack.pop();
+            continue;
+        };
+        let Entry {
+            name,
+            meta: m,
+            xattrs,
+            target,
+        } = entry?;
+        let (dir_id, path) = (frame.id, frame.dir.join(&name));
+        progress.entry();
+        let key = (m.dev(), m.ino());
+        if !m.is_dir() && m.nlink() > 1 {
+            if let Some(&id) = links.get(&key) {
+                link(&mut tree, dir_id, &name, id)?;
+                continue;
             }
         }
-        // One hand-over per directory keeps the lock cold; listings are in memory already, so
-        // this delays no read by much.
-        jobs.add(batch);
+        let ft = m.file_type();
+        let kind = if ft.is_dir() {
+            NodeKind::Dir(BTreeMap::new())
+        } else if ft.is_file() {
+            NodeKind::File {
+                size: m.len(),
+                chunks: Vec::new(),
+            }
+        } else if ft.is_symlink() {
+            let target = target.unwrap_or_default();
+            if target.is_empty() || target.len() > MAX_SYMLINK_LEN {
+                return Err(BuildError::Invalid(format!(
+                    "{}: bad symlink target length",
+                    path.display()
+                )));
+            }
+            NodeKind::Symlink(target)
+        } else {
+            NodeKind::Special
+        };
+        let id = tree.add(Node {
+            meta: meta_of(&m),
+            xattrs,
+            kind,
+        });
+        link(&mut tree, dir_id, &name, id)?;
+        // Any non-directory can be hard linked: fifos, devices and symlinks too.
+        if !ft.is_dir() && m.nlink() > 1 {
+            links.insert(key, id);
+        }
+        if ft.is_dir() {
+            // The files met so far go first; one hand-over per run of files keeps the lock
+            // cold (listings are in memory already, so this delays no read by much).
+            jobs.add(std::mem::take(&mut batch));
+            let entries = walk.take(&path)?.into_iter();
+            stack.push(Frame {
+                dir: path,
+                id,
+                entries,
+            });
+        } else if ft.is_file() {
+            file_jobs(id, path, m.len(), segment, &mut batch);
+        }
     }
+    jobs.add(batch);
     Ok((tree, jobs.total()))
 }
 

@@ -365,8 +365,12 @@ pub fn cmd_convert(a: ConvertArgs) -> CmdResult {
                 b.blob_id, b.digest, b.size
             );
         }
+        let packed = match a.layout {
+            crate::oci::ImageLayout::Node => "gzip tar",
+            crate::oci::ImageLayout::Skiff => "zstd",
+        };
         println!(
-            "bootstrap   {} ({} bytes zstd, {} bytes)",
+            "bootstrap   {} ({} bytes {packed}, {} bytes)",
             summary.bootstrap_digest, summary.bootstrap_bytes, summary.bootstrap_uncompressed_bytes
         );
         println!("manifest    {}", summary.manifest_digest);

@@ -11,6 +11,12 @@ pub const KATA_SHARED_DIRS: &str = "/run/kata-containers/shared/sandboxes";
 /// nydus-snapshotter's root: the bootstraps (`snapshots/<n>/fs/image/image.boot`) and the
 /// blob cache (`cache/`) Kata's RAFS mounts name.
 pub const SNAPSHOTTER_ROOT: &str = "/var/lib/containerd-nydus";
+/// The other root nydus-snapshotter is deployed with (containerd's plugin directory naming).
+pub const SNAPSHOTTER_ROOT_CONTAINERD: &str =
+    "/var/lib/containerd/io.containerd.snapshotter.v1.nydus";
+/// The cache directory under a snapshotter root: the config's `work_dir`, the node's shared
+/// cache, which the sandbox daemon writes the chunks it fetches to (under `skiff/`).
+pub const SNAPSHOTTER_CACHE: &str = "cache";
 
 /// `--sandbox` and `--sandbox-path`.
 #[derive(Args, Debug, Clone)]
@@ -50,7 +56,7 @@ fn parent(file: &Path) -> PathBuf {
 }
 
 /// `skiff virtiofs`: its two sockets' directories, Kata's and the snapshotter's directories
-/// (if they exist), the default chunk cache, name resolution, `--sandbox-path`; the
+/// (if they exist; the snapshotter's cache writable), the default chunk cache, name resolution, `--sandbox-path`; the
 /// passthrough's capabilities.
 pub fn virtiofs_options(
     args: &SandboxArgs,
@@ -64,8 +70,11 @@ pub fn virtiofs_options(
         Reach::write(parent(api_socket)),
         Reach::write(parent(socket)),
         Reach::write(KATA_SHARED_DIRS).if_exists(),
-        Reach::read(SNAPSHOTTER_ROOT).if_exists(),
     ];
+    for root in [SNAPSHOTTER_ROOT, SNAPSHOTTER_ROOT_CONTAINERD] {
+        reach.push(Reach::read(root).if_exists());
+        reach.push(Reach::write(Path::new(root).join(SNAPSHOTTER_CACHE)).if_exists());
+    }
     if args.sandbox != SandboxMode::None && std::fs::create_dir_all(cache).is_ok() {
         reach.push(Reach::write(cache));
     }

@@ -653,51 +653,8 @@ impl RegistryClient {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let last = offset
-            .checked_add(len as u64 - 1)
-            .ok_or_else(|| OciError::Invalid("range overflows".into()))?;
         self.pull(&format!("blob {digest} range"), &|ep| {
-            let url = self.url(ep, &format!("blobs/{digest}"));
-            let what = format!("GET {url} bytes={offset}-{last}");
-            let range = format!("bytes={offset}-{last}");
-            let timeout = match until {
-                None => self.timeout,
-                Some(t) => {
-                    let left = t.saturating_duration_since(std::time::Instant::now());
-                    if left.is_zero() {
-                        return Err(OciError::DeadlinePassed(what.clone()));
-                    }
-                    Some(self.timeout.map_or(left, |c| c.min(left)))
-                }
-            };
-            let resp = match (&self.http_manual, &self.blob_redirect) {
-                (Some(manual), Some(_)) => {
-                    let resp = self.send_until(
-                        ep,
-                        &self.pull_scope(),
-                        &what,
-                        &|| manual.get(&url).header(RANGE, &range),
-                        until,
-                    )?;
-                    self.follow_redirects(manual, resp, &range, &what, timeout)?
-                }
-                _ => self.send_until(
-                    ep,
-                    &self.pull_scope(),
-                    &what,
-                    &|| self.http.get(&url).header(RANGE, &range),
-                    until,
-                )?,
-            };
-            let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
-            if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
-                let want = format!("bytes {offset}-{last}/");
-                if !cr.to_str().is_ok_and(|s| s.starts_with(&want)) {
-                    return Err(OciError::Invalid(format!(
-                        "{what}: answered with Content-Range {cr:?}"
-                    )));
-                }
-            }
+            let (resp, what) = self.blob_range_response(ep, digest, offset, len, until)?;
             let bytes = read_bounded(resp, len as u64, &what)?;
             if bytes.len() != len {
                 return Err(OciError::Invalid(format!(
@@ -707,6 +664,119 @@ impl RegistryClient {
             }
             Ok(bytes)
         })
+    }
+
+    /// Like [`Self::get_blob_range`], handing the body to `sink` as it arrives (pieces of up
+    /// to 64 KiB), so that the caller can use the first bytes before the last have come. A
+    /// mirror that fails part-way is followed by the next endpoint for the rest only: no byte
+    /// is handed over twice. On an error, what was handed over stays handed over.
+    pub fn get_blob_range_streaming(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: usize,
+        until: Option<std::time::Instant>,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), OciError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let got = std::cell::Cell::new(0usize);
+        let sink = std::cell::RefCell::new(sink);
+        self.pull(&format!("blob {digest} range"), &|ep| {
+            let done = got.get();
+            let want = len - done;
+            let (mut resp, what) =
+                self.blob_range_response(ep, digest, offset + done as u64, want, until)?;
+            if let Some(n) = resp.content_length() {
+                if n != want as u64 {
+                    return Err(OciError::Invalid(format!(
+                        "{what}: {n} bytes announced instead of {want}"
+                    )));
+                }
+            }
+            let mut buf = vec![0u8; STREAM_PIECE.min(want)];
+            let mut read = 0usize;
+            while read < want {
+                let room = (want - read).min(buf.len());
+                let n = match resp.read(&mut buf[..room]) {
+                    Ok(0) => {
+                        return Err(OciError::Invalid(format!(
+                            "{what}: the body ended after {read} of {want} bytes"
+                        )))
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(OciError::Invalid(format!(
+                            "{what}: reading the body after {read} bytes: {e}"
+                        )))
+                    }
+                };
+                read += n;
+                got.set(done + read);
+                (sink.borrow_mut())(&buf[..n]);
+            }
+            Ok(())
+        })
+    }
+
+    /// Sends the range request for `len` bytes of blob `digest` at `offset` to `ep` and checks
+    /// the answer's status and `Content-Range`; returns the response (its body unread) and the
+    /// request's description for messages.
+    fn blob_range_response(
+        &self,
+        ep: &Endpoint,
+        digest: &str,
+        offset: u64,
+        len: usize,
+        until: Option<std::time::Instant>,
+    ) -> Result<(Response, String), OciError> {
+        let last = offset
+            .checked_add((len as u64).saturating_sub(1))
+            .ok_or_else(|| OciError::Invalid("range overflows".into()))?;
+        let url = self.url(ep, &format!("blobs/{digest}"));
+        let what = format!("GET {url} bytes={offset}-{last}");
+        let range = format!("bytes={offset}-{last}");
+        let timeout = match until {
+            None => self.timeout,
+            Some(t) => {
+                let left = t.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(OciError::DeadlinePassed(what.clone()));
+                }
+                Some(self.timeout.map_or(left, |c| c.min(left)))
+            }
+        };
+        let resp = match (&self.http_manual, &self.blob_redirect) {
+            (Some(manual), Some(_)) => {
+                let resp = self.send_until(
+                    ep,
+                    &self.pull_scope(),
+                    &what,
+                    &|| manual.get(&url).header(RANGE, &range),
+                    until,
+                )?;
+                self.follow_redirects(manual, resp, &range, &what, timeout)?
+            }
+            _ => self.send_until(
+                ep,
+                &self.pull_scope(),
+                &what,
+                &|| self.http.get(&url).header(RANGE, &range),
+                until,
+            )?,
+        };
+        let resp = expect_status(resp, &what, &[StatusCode::PARTIAL_CONTENT])?;
+        if let Some(cr) = resp.headers().get(reqwest::header::CONTENT_RANGE) {
+            let want = format!("bytes {offset}-{last}/");
+            if !cr.to_str().is_ok_and(|s| s.starts_with(&want)) {
+                return Err(OciError::Invalid(format!(
+                    "{what}: answered with Content-Range {cr:?}"
+                )));
+            }
+        }
+        Ok((resp, what))
     }
 
     /// Follows the redirects of a blob read by hand, sending each to `host` (and `scheme`)
@@ -998,6 +1068,9 @@ fn expect_status(resp: Response, what: &str, ok: &[StatusCode]) -> Result<Respon
 }
 
 /// Reads at most `max` bytes of a body; more is an error.
+/// The largest piece of a streamed body handed over at once.
+const STREAM_PIECE: usize = 64 << 10;
+
 fn read_bounded(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, OciError> {
     if let Some(n) = resp.content_length() {
         if n > max {
@@ -1020,6 +1093,8 @@ fn read_bounded(resp: Response, max: u64, what: &str) -> Result<Vec<u8>, OciErro
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -1083,5 +1158,101 @@ mod tests {
         assert!(r.is_err());
         assert!(took < Duration::from_secs(3), "gave up after {took:?}");
         drop(held);
+    }
+
+    /// The ranges (first and last byte) a test server was asked for.
+    type Asked = Arc<Mutex<Vec<(u64, u64)>>>;
+
+    /// Answers blob range requests on loopback from `blob`, noting each request's range; with
+    /// `cut`, a body is announced whole and the connection closed after `cut` bytes of it.
+    fn range_server(blob: Arc<Vec<u8>>, cut: Option<usize>) -> (String, Asked) {
+        use std::io::{BufRead, BufReader};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let host = listener.local_addr().expect("addr").to_string();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let noted = asked.clone();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let mut r = BufReader::new(c.try_clone().expect("clone"));
+                let mut range = None;
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').expect("range");
+                        range = Some((a.parse::<u64>().expect("a"), b.parse::<u64>().expect("b")));
+                    }
+                    line.clear();
+                }
+                let Some((a, b)) = range else {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                };
+                crate::util::sync::lock(&noted).push((a, b));
+                let body = &blob[a as usize..=b as usize];
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    blob.len(),
+                    body.len()
+                );
+                let _ = c.write_all(&body[..cut.unwrap_or(body.len()).min(body.len())]);
+                let _ = c.flush();
+            }
+        });
+        (host, asked)
+    }
+
+    /// A mirror whose body breaks part-way: the rest, and only the rest, is asked of the next
+    /// endpoint (the origin), and the sink gets every byte once, in order.
+    #[test]
+    fn a_streamed_range_broken_on_a_mirror_is_finished_by_the_origin() {
+        let blob: Arc<Vec<u8>> =
+            Arc::new((0..300_000u32).map(|i| (i * 13 + i / 7) as u8).collect());
+        let (mirror, on_mirror) = range_server(blob.clone(), Some(100_000));
+        let (origin, on_origin) = range_server(blob.clone(), None);
+        let reference = Reference::parse(&format!("{origin}/test/img:v1")).expect("ref");
+        let opts = RegistryOptions {
+            mirrors: vec![Mirror::plain(&mirror)],
+            timeout: Some(Duration::from_secs(30)),
+            ..RegistryOptions::default()
+        };
+        let client = RegistryClient::new(&reference, &opts).expect("client");
+        let mut got = Vec::new();
+        let mut pieces = 0;
+        client
+            .get_blob_range_streaming("sha256:00", 1000, 250_000, None, &mut |p| {
+                assert!(p.len() <= STREAM_PIECE, "a piece of {}", p.len());
+                pieces += 1;
+                got.extend_from_slice(p);
+            })
+            .expect("finished by the origin");
+        assert_eq!(got.len(), 250_000);
+        assert!(
+            got == blob[1000..251_000],
+            "the bytes differ from the blob's"
+        );
+        assert!(pieces >= 250_000 / STREAM_PIECE, "{pieces} pieces");
+        assert_eq!(*crate::util::sync::lock(&on_mirror), vec![(1000, 250_999)]);
+        assert_eq!(
+            *crate::util::sync::lock(&on_origin),
+            vec![(101_000, 250_999)]
+        );
+        // Broken everywhere: an error, after the bytes that did come.
+        let (only, _) = range_server(blob.clone(), Some(50_000));
+        let reference = Reference::parse(&format!("{only}/test/img:v1")).expect("ref");
+        let client = RegistryClient::new(&reference, &RegistryOptions::default()).expect("client");
+        let mut got = Vec::new();
+        let r = client.get_blob_range_streaming("sha256:00", 0, 200_000, None, &mut |p| {
+            got.extend_from_slice(p)
+        });
+        assert!(r.is_err(), "a short body accepted");
+        assert!(
+            got == blob[..got.len()] && got.len() <= 50_000,
+            "{} bytes",
+            got.len()
+        );
     }
 }

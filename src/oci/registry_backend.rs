@@ -141,6 +141,40 @@ impl BlobBackend for RegistryBackend {
         Ok(bytes)
     }
 
+    fn read_range_streaming(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+        deadline: &Deadline,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), BackendError> {
+        let path = || format!("{}@{}", self.client.reference(), digest_hex(id));
+        let Some(layer) = self.layers.get(id) else {
+            return Err(BackendError::Io {
+                op: "finding the registry layer of blob",
+                path: path(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such layer"),
+            });
+        };
+        let end = offset.saturating_add(len as u64);
+        if end > layer.size {
+            return Err(BackendError::ShortBlob { path: path(), end });
+        }
+        let t = std::time::Instant::now();
+        self.client
+            .get_blob_range_streaming(&layer.digest, offset, len, deadline.instant(), sink)
+            .map_err(|e| classify(format!("{}@{}", self.client.reference(), layer.digest), e))?;
+        tracing::debug!(
+            layer = %layer.digest,
+            offset,
+            len,
+            ms = t.elapsed().as_millis() as u64,
+            "registry range read, streamed"
+        );
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "registry"
     }

@@ -410,42 +410,71 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 j += 1;
             }
             let run: Vec<(ChunkRecord, FetchRight<'_>)> = mine.drain(i..j).collect();
-            let reply = if run.len() > 1 {
-                self.backend
-                    .read_range(&blob.id, start, (end - start) as usize, deadline)
-                    .ok()
-                    .filter(|r| r.len() as u64 == end - start)
-            } else {
-                None
-            };
-            for (c, right) in run {
-                let offset = (c.compressed_offset.get() - start) as usize;
-                let stored = reply
-                    .as_ref()
-                    .and_then(|r| r.get(offset..offset + c.compressed_size.get() as usize));
-                let data = match stored.and_then(|s| self.verify(s, blob, &c)) {
-                    Some(d) => {
-                        if let Some(disk) = &self.disk {
-                            disk.put(&c.chunk_digest(), &d);
-                        }
-                        right.done();
-                        Ok(d)
-                    }
-                    // Not merged, or the merged reply failed: this chunk on its own.
-                    None => self.fetch_and_store(blob, &c, right, deadline),
-                };
-                match data {
-                    Ok(d) => {
-                        fetched += u64::from(c.compressed_size.get());
-                        if keep_in_memory {
-                            self.memcache.insert(c.chunk_digest(), Arc::new(d));
-                        }
-                    }
-                    Err(e) => {
-                        inc(&self.metrics.read_errors);
-                        errors.push((c.chunk_digest(), e));
+            // What a chunk's fetch came to: counted, kept, or its error noted.
+            let mut settle = |c: &ChunkRecord, data: Result<Vec<u8>, StorageError>| match data {
+                Ok(d) => {
+                    fetched += u64::from(c.compressed_size.get());
+                    if keep_in_memory {
+                        self.memcache.insert(c.chunk_digest(), Arc::new(d));
                     }
                 }
+                Err(e) => {
+                    inc(&self.metrics.read_errors);
+                    errors.push((c.chunk_digest(), e));
+                }
+            };
+            // A run of several chunks is one request, streamed: each chunk is verified, stored
+            // and handed to whoever waits for it as soon as its bytes are in, not when the
+            // last byte of the run is, and only one chunk's bytes are held at a time.
+            let mut left: std::collections::VecDeque<(ChunkRecord, FetchRight<'_>)> = run.into();
+            let mut retry: Vec<(ChunkRecord, FetchRight<'_>)> = Vec::new();
+            if left.len() > 1 {
+                let mut buf: Vec<u8> = Vec::new();
+                let _ = self.backend.read_range_streaming(
+                    &blob.id,
+                    start,
+                    (end - start) as usize,
+                    deadline,
+                    &mut |mut bytes: &[u8]| {
+                        while !bytes.is_empty() {
+                            let Some(want) =
+                                left.front().map(|(c, _)| c.compressed_size.get() as usize)
+                            else {
+                                return;
+                            };
+                            if buf.is_empty() {
+                                // Room for this chunk exactly: no doubling past it.
+                                buf.reserve_exact(want);
+                            }
+                            let take = (want - buf.len()).min(bytes.len());
+                            buf.extend_from_slice(&bytes[..take]);
+                            bytes = &bytes[take..];
+                            if buf.len() < want {
+                                continue;
+                            }
+                            let Some((c, right)) = left.pop_front() else {
+                                return;
+                            };
+                            match self.verify(&buf, blob, &c) {
+                                Some(d) => {
+                                    if let Some(disk) = &self.disk {
+                                        disk.put(&c.chunk_digest(), &d);
+                                    }
+                                    right.done();
+                                    settle(&c, Ok(d));
+                                }
+                                None => retry.push((c, right)),
+                            }
+                            buf.clear();
+                        }
+                    },
+                );
+            }
+            // A single chunk, a chunk that failed verification, or what a failed run did not
+            // deliver: each on its own.
+            for (c, right) in retry.into_iter().chain(left) {
+                let data = self.fetch_and_store(blob, &c, right, deadline);
+                settle(&c, data);
             }
         }
         for c in theirs {
@@ -924,5 +953,350 @@ mod tests {
             t.elapsed()
         );
         assert!(first.join().expect("first reader"));
+    }
+
+    /// What a [`Streams`] backend was asked for.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Asked {
+        Stream(u64, usize),
+        Range(u64, usize),
+    }
+
+    /// A blob that streams its ranges in pieces of `piece` bytes, and on request: waits for
+    /// `go` before the piece that starts at `pause_at`; flips the byte at `flip` in the
+    /// streams (and in single range reads too with `flip_ranges`); breaks its first stream
+    /// after `break_after` bytes. It notes every request.
+    struct Streams {
+        data: Vec<u8>,
+        piece: usize,
+        pause_at: Option<u64>,
+        go: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        /// Set while the stream waits for `go`.
+        paused: std::sync::atomic::AtomicBool,
+        flip: Option<usize>,
+        flip_ranges: bool,
+        break_after: Option<usize>,
+        asked: Mutex<Vec<Asked>>,
+    }
+
+    impl Streams {
+        fn new(data: Vec<u8>, piece: usize) -> Self {
+            Self {
+                data,
+                piece,
+                pause_at: None,
+                go: Mutex::new(None),
+                paused: std::sync::atomic::AtomicBool::new(false),
+                flip: None,
+                flip_ranges: false,
+                break_after: None,
+                asked: Mutex::new(Vec::new()),
+            }
+        }
+
+        fn asked(&self) -> Vec<Asked> {
+            crate::util::sync::lock(&self.asked).clone()
+        }
+
+        /// Hands `data[from..to]` to `sink`, the flipped byte flipped.
+        fn hand(&self, from: usize, to: usize, sink: &mut dyn FnMut(&[u8])) {
+            match self.flip.filter(|f| (from..to).contains(f)) {
+                Some(f) => {
+                    let mut piece = self.data[from..to].to_vec();
+                    piece[f - from] ^= 1;
+                    sink(&piece);
+                }
+                // Straight from the blob: the memory test counts no copy of ours.
+                None => sink(&self.data[from..to]),
+            }
+        }
+    }
+
+    impl BlobBackend for Streams {
+        fn read_range(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+        ) -> Result<Vec<u8>, BackendError> {
+            crate::util::sync::lock(&self.asked).push(Asked::Range(o, l));
+            let (from, to) = (o as usize, o as usize + l);
+            let mut bytes = self.data[from..to].to_vec();
+            if let Some(f) = self
+                .flip
+                .filter(|f| self.flip_ranges && (from..to).contains(f))
+            {
+                bytes[f - from] ^= 1;
+            }
+            Ok(bytes)
+        }
+
+        fn read_range_streaming(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+            sink: &mut dyn FnMut(&[u8]),
+        ) -> Result<(), BackendError> {
+            let first = {
+                let mut asked = crate::util::sync::lock(&self.asked);
+                asked.push(Asked::Stream(o, l));
+                !asked[..asked.len() - 1]
+                    .iter()
+                    .any(|a| matches!(a, Asked::Stream(..)))
+            };
+            let (start, end) = (o as usize, o as usize + l);
+            let stop = match self.break_after.filter(|_| first) {
+                Some(n) => start + n,
+                None => end,
+            };
+            let mut pos = start;
+            while pos < stop {
+                if self.pause_at == Some(pos as u64) {
+                    let go = crate::util::sync::lock(&self.go).take();
+                    if let Some(go) = go {
+                        self.paused.store(true, Ordering::SeqCst);
+                        let _ = go.recv();
+                        self.paused.store(false, Ordering::SeqCst);
+                    }
+                }
+                let n = self.piece.min(stop - pos);
+                self.hand(pos, pos + n, sink);
+                pos += n;
+            }
+            if stop < end {
+                return Err(BackendError::Injected("connection reset mid-body"));
+            }
+            Ok(())
+        }
+
+        fn name(&self) -> &'static str {
+            "streams"
+        }
+    }
+
+    fn streamed(
+        backend: Streams,
+        disk: Option<&std::path::Path>,
+    ) -> CachedChunkSource<RetryingBackend<Streams>> {
+        let m = Arc::new(Metrics::default());
+        let policy = RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            max_in_flight: 4,
+        };
+        let disk = disk.map(|d| ChunkDiskCache::open(d, 0, m.clone()).expect("cache"));
+        CachedChunkSource::new(
+            RetryingBackend::new(backend, policy, m.clone()),
+            1 << 20,
+            disk,
+            m,
+        )
+    }
+
+    fn streams_of(src: &CachedChunkSource<RetryingBackend<Streams>>) -> &Streams {
+        src.backend().inner()
+    }
+
+    /// A merged fetch hands each chunk over as soon as its bytes are in: readers of the first
+    /// chunks of a run get them, from the run's request and no request of their own, while the
+    /// stream is still held before the third chunk.
+    #[test]
+    fn streamed_runs_hand_chunks_over_as_they_arrive() {
+        let (b, chunks) = image(4, 1000);
+        let (go, rx) = std::sync::mpsc::channel();
+        let mut backend = Streams::new(b.0, 1000);
+        backend.pause_at = Some(2000);
+        backend.go = Mutex::new(Some(rx));
+        let src = Arc::new(streamed(backend, None));
+        let bg = {
+            let (src, chunks) = (src.clone(), chunks.clone());
+            std::thread::spawn(move || {
+                src.fetch_chunks(&blob(), &chunks, true, &Deadline::none().background())
+            })
+        };
+        while !streams_of(&src).paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for c in &chunks[..2] {
+            let d = src
+                .read_chunk(&blob(), c, &Deadline::after(Duration::from_secs(30)))
+                .expect("a chunk already streamed");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        assert!(
+            streams_of(&src).paused.load(Ordering::SeqCst),
+            "the stream went on before the readers were served"
+        );
+        assert_eq!(streams_of(&src).asked(), vec![Asked::Stream(0, 4000)]);
+        go.send(()).expect("go");
+        let (fetched, errors) = bg.join().expect("fetch");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, 4000);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c, &Deadline::none()).expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        assert_eq!(
+            streams_of(&src).asked(),
+            vec![Asked::Stream(0, 4000)],
+            "one request in all"
+        );
+    }
+
+    /// A stream that breaks in the middle of a chunk is resumed where it broke: the chunk cut
+    /// in two is put together from both requests and verified, and no byte is fetched twice.
+    /// Background work makes one attempt: the chunks delivered before the break are kept, and
+    /// the rest (the cut one whole) are fetched each on its own.
+    #[test]
+    fn a_broken_stream_is_resumed_and_the_chunk_it_cut_is_served_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(4, 1000);
+        // Pieces that do not fall on chunk boundaries, a break inside chunk 2.
+        let mut backend = Streams::new(b.0.clone(), 300);
+        backend.break_after = Some(2500);
+        let src = streamed(backend, Some(dir.path()));
+        let (fetched, errors) = src.fetch_chunks(&blob(), &chunks, true, &Deadline::none());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, 4000);
+        assert_eq!(
+            streams_of(&src).asked(),
+            vec![Asked::Stream(0, 4000), Asked::Stream(2500, 1500)]
+        );
+        let m = src.metrics();
+        assert_eq!(m.backend_bytes.load(Ordering::Relaxed), 4000);
+        assert_eq!(m.backend_retries.load(Ordering::Relaxed), 1);
+        assert_eq!(m.verify_failures.load(Ordering::Relaxed), 0);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c, &Deadline::none()).expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+            let disk = src.disk().expect("disk").get(&c.chunk_digest(), 1000);
+            assert_eq!(disk.as_deref(), Some(&d[..]), "the disk cache's copy");
+        }
+        assert_eq!(streams_of(&src).asked().len(), 2, "served from the caches");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut backend = Streams::new(b.0, 300);
+        backend.break_after = Some(2500);
+        let src = streamed(backend, Some(dir.path()));
+        let (fetched, errors) =
+            src.fetch_chunks(&blob(), &chunks, false, &Deadline::none().background());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, 4000);
+        assert_eq!(
+            streams_of(&src).asked(),
+            vec![
+                Asked::Stream(0, 4000),
+                Asked::Range(2000, 1000),
+                Asked::Range(3000, 1000)
+            ]
+        );
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c, &Deadline::none()).expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+        }
+        assert_eq!(
+            streams_of(&src).asked().len(),
+            3,
+            "served from the disk cache"
+        );
+    }
+
+    /// A chunk that fails verification in the middle of a streamed run is fetched again on its
+    /// own, after the run (whose later chunks are not fetched again); when it never verifies,
+    /// that chunk alone fails, and its bad bytes reach neither a reader nor a cache.
+    #[test]
+    fn a_corrupt_chunk_in_a_run_is_fetched_again_alone_and_never_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (b, chunks) = image(5, 1000);
+        let mut backend = Streams::new(b.0.clone(), 700);
+        backend.flip = Some(2500);
+        let src = streamed(backend, Some(dir.path()));
+        let (fetched, errors) = src.fetch_chunks(&blob(), &chunks, true, &Deadline::none());
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, 5000);
+        assert_eq!(
+            streams_of(&src).asked(),
+            vec![Asked::Stream(0, 5000), Asked::Range(2000, 1000)]
+        );
+        assert_eq!(src.metrics().verify_failures.load(Ordering::Relaxed), 1);
+        for c in &chunks {
+            let d = src.read_chunk(&blob(), c, &Deadline::none()).expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &c.digest);
+            let disk = src.disk().expect("disk").get(&c.chunk_digest(), 1000);
+            assert_eq!(disk.as_deref(), Some(&d[..]), "the disk cache's copy");
+        }
+
+        // Corrupt however it is fetched.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut backend = Streams::new(b.0, 700);
+        backend.flip = Some(2500);
+        backend.flip_ranges = true;
+        let src = streamed(backend, Some(dir.path()));
+        let (fetched, errors) = src.fetch_chunks(&blob(), &chunks, true, &Deadline::none());
+        assert_eq!(fetched, 4000);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].0, chunks[2].chunk_digest());
+        assert!(
+            matches!(errors[0].1, StorageError::Corrupt { .. }),
+            "{errors:?}"
+        );
+        let mut want = vec![Asked::Stream(0, 5000)];
+        want.extend([Asked::Range(2000, 1000); REFETCH_ATTEMPTS]);
+        assert_eq!(streams_of(&src).asked(), want);
+        let disk = src.disk().expect("disk");
+        assert!(
+            !disk.contains(&chunks[2].chunk_digest()),
+            "bad bytes stored"
+        );
+        assert!(matches!(
+            src.read_chunk(&blob(), &chunks[2], &Deadline::none()),
+            Err(StorageError::Corrupt { .. })
+        ));
+        for i in [0, 1, 3, 4] {
+            let d = src
+                .read_chunk(&blob(), &chunks[i], &Deadline::none())
+                .expect("read");
+            assert_eq!(blake3::hash(&d).as_bytes(), &chunks[i].digest);
+            assert!(disk.contains(&chunks[i].chunk_digest()));
+        }
+    }
+
+    /// A streamed run of 4 MiB holds one chunk's bytes at a time: the heap this thread uses
+    /// while it is fetched stays under three chunks (the chunk being put together, its
+    /// decoded copy, and change), where reading the run whole takes all of it.
+    #[test]
+    fn a_streamed_run_holds_one_chunk_at_a_time() {
+        const CHUNK: usize = 64 << 10;
+        let (b, chunks) = image(64, CHUNK);
+        let run = 64 * CHUNK;
+        // Pieces across chunk boundaries.
+        let src = CachedChunkSource::new(
+            Streams::new(b.0, 48 << 10),
+            1 << 20,
+            None,
+            Arc::new(Metrics::default()),
+        );
+        let ((fetched, errors), peak) = crate::util::heap_meter::peak_during(|| {
+            src.fetch_chunks(&blob(), &chunks, false, &Deadline::none())
+        });
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(fetched, run as u64);
+        assert_eq!(src.backend().asked(), vec![Asked::Stream(0, run)]);
+        assert!(
+            peak < 3 * CHUNK,
+            "{peak} bytes of heap for a streamed run of {run}"
+        );
+        // The meter sees a whole run held.
+        let (bytes, peak) = crate::util::heap_meter::peak_during(|| {
+            src.backend()
+                .read_range(&[0; 32], 0, run, &Deadline::none())
+                .map(|b| b.len())
+        });
+        assert_eq!(bytes.expect("read"), run);
+        assert!(peak >= run, "the meter counted {peak} bytes for {run}");
     }
 }

@@ -1,6 +1,8 @@
 //! Small helpers every layer may use: they depend on nothing else in the crate, so that lower
 //! layers (storage, fs, oci) never reach up into the CLI or the builder for them.
 
+#[cfg(test)]
+pub(crate) mod heap_meter;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

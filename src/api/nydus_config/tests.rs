@@ -368,3 +368,97 @@ fn key_table_in_docs_kata_md_is_the_parsers() {
         );
     }
 }
+
+/// A value of type `ty` that `allowed` refuses.
+fn refused_value(allowed: keys::Allowed, ty: keys::Ty) -> Value {
+    use keys::{Allowed, Ty};
+    match allowed {
+        Allowed::False => Value::Bool(true),
+        Allowed::True => Value::Bool(false),
+        Allowed::Zero => serde_json::json!(1),
+        Allowed::RafsMode => serde_json::json!("fast"),
+        Allowed::Scheme => serde_json::json!("ftp"),
+        Allowed::NoProxyUrl => serde_json::json!({"url": "proxy.example:8080"}),
+        Allowed::Empty => match ty {
+            Ty::Str => serde_json::json!("x"),
+            Ty::StrList => serde_json::json!(["/x"]),
+            Ty::UintList => serde_json::json!([0, 1000, 65536]),
+            Ty::ObjectList(_) => serde_json::json!([{"host": "mirror.example"}]),
+            _ => serde_json::json!({"work_dir": "/x"}),
+        },
+    }
+}
+
+/// Every [`keys::Treatment::Only`] key under `at` in `table` (through honoured objects).
+fn only_keys(table: &[keys::Key], at: &str, out: &mut Vec<(String, keys::Allowed, keys::Ty)>) {
+    for k in table {
+        let path = keys::join(at, k.name);
+        match (k.treatment, k.ty) {
+            (keys::Treatment::Only(allowed, _), ty) => out.push((path, allowed, ty)),
+            (keys::Treatment::Honoured(_), keys::Ty::Object(t)) => only_keys(t, &path, out),
+            _ => {}
+        }
+    }
+}
+
+fn set_path(v: &mut Value, path: &str, value: Value) {
+    let mut cur = v;
+    let mut parts = path.split('.').peekable();
+    while let Some(p) = parts.next() {
+        let obj = cur.as_object_mut().expect("an object on the way");
+        if parts.peek().is_none() {
+            obj.insert(p.to_owned(), value);
+            return;
+        }
+        cur = obj
+            .entry(p.to_owned())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+/// Every key the table accepts only with some values is refused, naming it with a reason,
+/// for each other value: in both versions, under every backend.
+#[test]
+fn every_refusal_of_the_table_names_its_key() {
+    let required = |kind: &str| match kind {
+        "registry" => serde_json::json!({"host": "h.example", "repo": "r"}),
+        "localfs" => serde_json::json!({"dir": "/b"}),
+        "s3" => serde_json::json!({"region": "r", "bucket_name": "b"}),
+        "oss" => serde_json::json!({"endpoint": "oss-cn-x.aliyuncs.com", "bucket_name": "b"}),
+        k => panic!("no base config for {k}"),
+    };
+    let mut cases: Vec<(Value, String, keys::Allowed, keys::Ty)> = Vec::new();
+    for (kind, table) in keys::BACKENDS {
+        let v1 =
+            serde_json::json!({"device": {"backend": {"type": kind, "config": required(kind)}}});
+        let v2 =
+            serde_json::json!({"version": 2, "backend": {"type": kind, *kind: required(kind)}});
+        let mut found = Vec::new();
+        only_keys(table, "device.backend.config", &mut found);
+        cases.extend(found.into_iter().map(|(p, a, t)| (v1.clone(), p, a, t)));
+        let mut found = Vec::new();
+        only_keys(table, &format!("backend.{kind}"), &mut found);
+        cases.extend(found.into_iter().map(|(p, a, t)| (v2.clone(), p, a, t)));
+        if *kind == "registry" {
+            let mut found = Vec::new();
+            only_keys(keys::V1_ROOT, "", &mut found);
+            cases.extend(found.into_iter().map(|(p, a, t)| (v1.clone(), p, a, t)));
+            let mut found = Vec::new();
+            only_keys(keys::V2_ROOT, "", &mut found);
+            cases.extend(found.into_iter().map(|(p, a, t)| (v2.clone(), p, a, t)));
+        }
+    }
+    assert!(cases.len() > 40, "{} cases", cases.len());
+    for (base, path, allowed, ty) in cases {
+        let mut cfg = base;
+        set_path(&mut cfg, &path, refused_value(allowed, ty));
+        let text = cfg.to_string();
+        match parse(&text) {
+            Err(ConfigError::Unsupported { key, reason }) => {
+                assert_eq!(key, path, "{text}");
+                assert!(reason.len() > 20, "{key}: {reason}");
+            }
+            other => panic!("{path}: expected a refusal of {text}, got {other:?}"),
+        }
+    }
+}

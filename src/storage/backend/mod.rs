@@ -21,6 +21,24 @@ pub trait BlobBackend: Send + Sync {
         deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError>;
 
+    /// Like [`Self::read_range`], handing the bytes to `sink` in order as they arrive, in
+    /// pieces of any size, so that a caller can use the first ones (verify and serve a chunk)
+    /// before the last have come. Exactly `len` bytes in all on success; on an error the bytes
+    /// handed over stay handed over, and the caller decides about the rest. The default reads
+    /// the whole range, then hands it over.
+    fn read_range_streaming(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+        deadline: &Deadline,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), BackendError> {
+        let bytes = self.read_range(id, offset, len, deadline)?;
+        sink(&bytes);
+        Ok(())
+    }
+
     /// A short name for logs and metrics ("localfs", "registry", ...).
     fn name(&self) -> &'static str;
 }
@@ -150,6 +168,17 @@ impl<T: BlobBackend + ?Sized> BlobBackend for Box<T> {
         (**self).read_range(id, offset, len, deadline)
     }
 
+    fn read_range_streaming(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+        deadline: &Deadline,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), BackendError> {
+        (**self).read_range_streaming(id, offset, len, deadline, sink)
+    }
+
     fn name(&self) -> &'static str {
         (**self).name()
     }
@@ -164,6 +193,17 @@ impl<T: BlobBackend + ?Sized> BlobBackend for std::sync::Arc<T> {
         deadline: &Deadline,
     ) -> Result<Vec<u8>, BackendError> {
         (**self).read_range(id, offset, len, deadline)
+    }
+
+    fn read_range_streaming(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+        deadline: &Deadline,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), BackendError> {
+        (**self).read_range_streaming(id, offset, len, deadline, sink)
     }
 
     fn name(&self) -> &'static str {

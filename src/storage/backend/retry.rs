@@ -225,6 +225,88 @@ impl<B: BlobBackend> BlobBackend for RetryingBackend<B> {
         }
     }
 
+    /// As [`Self::read_range`] does, with each retry asking only for what the failed attempt
+    /// did not deliver: bytes handed to `sink` are never handed over twice.
+    fn read_range_streaming(
+        &self,
+        id: &[u8; DIGEST_LEN],
+        offset: u64,
+        len: usize,
+        deadline: &Deadline,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), BackendError> {
+        let what = || {
+            format!(
+                "{} blob {} bytes {offset}+{len}",
+                self.inner.name(),
+                crate::format::digest_hex(id)
+            )
+        };
+        let attempts = if deadline.is_background() {
+            1
+        } else {
+            self.policy.attempts.max(1)
+        };
+        let mut got = 0usize;
+        let mut attempt = 1;
+        loop {
+            let result = {
+                let Some(_permit) = self.in_flight.acquire(deadline) else {
+                    return Err(BackendError::DeadlineExceeded {
+                        what: what(),
+                        waiting: "waiting for a free backend request slot",
+                    });
+                };
+                inc(&self.metrics.backend_requests);
+                let start = Instant::now();
+                let before = got;
+                let r = self.inner.read_range_streaming(
+                    id,
+                    offset + got as u64,
+                    len.saturating_sub(got),
+                    deadline,
+                    &mut |b: &[u8]| {
+                        got += b.len();
+                        sink(b);
+                    },
+                );
+                add(&self.metrics.backend_bytes, (got - before) as u64);
+                self.metrics.observe_latency(start.elapsed());
+                r
+            };
+            let e = match result {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            inc(&self.metrics.backend_errors);
+            if !e.is_retryable() || attempt >= attempts || got >= len {
+                return Err(e);
+            }
+            let d = self.delay(attempt);
+            if deadline.remaining().is_some_and(|left| left <= d) {
+                tracing::warn!(
+                    backend = self.inner.name(),
+                    blob = %crate::format::digest_hex(id),
+                    offset, len, got, attempt,
+                    error = %crate::util::error_chain(&e),
+                    "streamed backend request failed; no time left before the request deadline to retry"
+                );
+                return Err(e);
+            }
+            tracing::warn!(
+                backend = self.inner.name(),
+                blob = %crate::format::digest_hex(id),
+                offset, len, got, attempt,
+                retry_in_ms = d.as_millis() as u64,
+                error = %crate::util::error_chain(&e),
+                "streamed backend request failed; retrying the rest"
+            );
+            inc(&self.metrics.backend_retries);
+            std::thread::sleep(d);
+            attempt += 1;
+        }
+    }
+
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -353,5 +435,92 @@ mod tests {
             Semaphore::new(1).acquire(&bg).is_some(),
             "one slot is never reserved"
         );
+    }
+
+    /// Streams its bytes, failing once after `fail_after` bytes of the first request.
+    struct Breaks {
+        data: Vec<u8>,
+        fail_after: usize,
+        asked: Mutex<Vec<(u64, usize)>>,
+    }
+    impl BlobBackend for Breaks {
+        fn read_range(
+            &self,
+            _: &[u8; 32],
+            _: u64,
+            _: usize,
+            _: &Deadline,
+        ) -> Result<Vec<u8>, BackendError> {
+            Err(BackendError::Config("streaming only".into()))
+        }
+        fn read_range_streaming(
+            &self,
+            _: &[u8; 32],
+            o: u64,
+            l: usize,
+            _: &Deadline,
+            sink: &mut dyn FnMut(&[u8]),
+        ) -> Result<(), BackendError> {
+            let first = {
+                let mut a = crate::util::sync::lock(&self.asked);
+                a.push((o, l));
+                a.len() == 1
+            };
+            let o = o as usize;
+            if first {
+                sink(&self.data[o..o + self.fail_after]);
+                return Err(BackendError::Injected("reset mid-body"));
+            }
+            sink(&self.data[o..o + l]);
+            Ok(())
+        }
+        fn name(&self) -> &'static str {
+            "breaks"
+        }
+    }
+
+    #[test]
+    fn a_broken_stream_is_resumed_where_it_stopped() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let b = RetryingBackend::new(
+            Breaks {
+                data: data.clone(),
+                fail_after: 3000,
+                asked: Default::default(),
+            },
+            fast(),
+            Arc::new(Metrics::default()),
+        );
+        let mut got = Vec::new();
+        b.read_range_streaming(&[0; 32], 1000, 8000, &Deadline::none(), &mut |p| {
+            got.extend_from_slice(p)
+        })
+        .expect("resumed");
+        assert_eq!(got, data[1000..9000]);
+        assert_eq!(
+            *crate::util::sync::lock(&b.inner().asked),
+            vec![(1000, 8000), (4000, 5000)]
+        );
+        // Background work makes one attempt: the first part only.
+        let b = RetryingBackend::new(
+            Breaks {
+                data: data.clone(),
+                fail_after: 3000,
+                asked: Default::default(),
+            },
+            fast(),
+            Arc::new(Metrics::default()),
+        );
+        let mut got = Vec::new();
+        assert!(b
+            .read_range_streaming(
+                &[0; 32],
+                0,
+                8000,
+                &Deadline::none().background(),
+                &mut |p| { got.extend_from_slice(p) }
+            )
+            .is_err());
+        assert_eq!(got, data[..3000]);
     }
 }
