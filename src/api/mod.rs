@@ -208,6 +208,8 @@ pub struct VirtiofsOptions {
     pub device: ServeOptions,
     /// How long one READ of a RAFS mount may take (`--request-timeout`).
     pub request_timeout: std::time::Duration,
+    /// Where the images' bootstraps are shared with the node's other daemons.
+    pub share: Option<Arc<crate::share::BootstrapShare>>,
     /// The daemon's confinement (`--sandbox`).
     pub sandbox: crate::sandbox::SandboxOptions,
 }
@@ -268,7 +270,11 @@ pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
 /// Runs Kata's sandbox daemon until `exit` is set; see [`run_virtiofs`].
 pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiError> {
     let started = Instant::now();
-    let fs = Arc::new(DaemonFs::kata().with_request_timeout(opts.request_timeout));
+    let fs = Arc::new(
+        DaemonFs::kata()
+            .with_request_timeout(opts.request_timeout)
+            .with_bootstrap_share(opts.share.clone()),
+    );
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         id: None,

@@ -231,6 +231,19 @@ const LEGACY_FILES: &[i64] = &[
 #[cfg(not(target_arch = "x86_64"))]
 const LEGACY_FILES: &[i64] = &[];
 
+/// Sharing bootstraps (`crate::share`): sealing a validated bootstrap into a memfd, and the
+/// share directory's sockets (made under a temporary name, renamed into place, removed), and
+/// the peer's uid against ours.
+const SHARE: &[i64] = &[
+    libc::SYS_geteuid,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_pwrite64,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlinkat,
+];
+
 /// Mounting over the API: the passthrough is set up (its umask, the daemon's ids) and
 /// bootstraps are opened; nothing is mounted in the kernel.
 const MOUNTS: &[i64] = &[
@@ -272,6 +285,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             SOCKETS,
             VHOST,
             MOUNTS,
+            SHARE,
             SETUP,
             LEGACY_FILES,
         ],
@@ -298,12 +312,16 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             SOCKETS,
             FILE_READ,
             MOUNTS,
+            SHARE,
             LEGACY_FILES,
         ],
         // `skiff mount` reads /dev/fuse (not confined today; the list for when it is).
         ThreadKind::Fuse => &[BASE, EVENTS, FILE_READ, FILE_WRITE, LEGACY_FILES],
         // Writes the metrics file now and then.
         ThreadKind::Housekeeping => &[BASE, FILE_READ, FILE_WRITE, LEGACY_FILES],
+        // Hands sealed bootstraps to the node's other daemons: accepts on the share
+        // directory's sockets, checks the peer, sends a descriptor, removes withdrawn sockets.
+        ThreadKind::Share => &[BASE, EVENTS, SOCKETS, SHARE, LEGACY_FILES],
     };
     let mut all: Vec<i64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     all.sort_unstable();
@@ -311,7 +329,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
-const KINDS: [ThreadKind; 8] = [
+const KINDS: [ThreadKind; 9] = [
     ThreadKind::Main,
     ThreadKind::Vhost,
     ThreadKind::Queue,
@@ -320,6 +338,7 @@ const KINDS: [ThreadKind; 8] = [
     ThreadKind::Api,
     ThreadKind::Fuse,
     ThreadKind::Housekeeping,
+    ThreadKind::Share,
 ];
 
 /// The compiled filter of every kind.
