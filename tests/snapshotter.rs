@@ -801,7 +801,7 @@ fn failover_after_kill_9_keeps_a_streaming_reader_going() {
     assert!(!missing, "the mount disappeared during the failover");
     assert!(log.contains("resend"), "{log}");
     let st = new.terminate();
-    assert!(st.success(), "{log}");
+    assert!(st.success(), "SIGTERM: {st}\n{}", new.log_text());
     eprintln!("failover: killed at {at} bytes read; serving again after {serving_again:?}");
 }
 
@@ -846,7 +846,7 @@ fn hot_upgrade_keeps_a_streaming_reader_going() {
     assert!(!missing, "the mount disappeared during the upgrade");
     assert!(old_log.contains("leaving the mount"), "{old_log}");
     let st = new.terminate();
-    assert!(st.success());
+    assert!(st.success(), "SIGTERM: {st}\n{}", new.log_text());
     eprintln!("hot upgrade: hand-over took {handover:?}");
 }
 

@@ -204,6 +204,8 @@ impl Conn for TcpStream {
 /// served finish their current request and end when their client closes or goes idle.
 pub struct Server {
     stopping: Arc<AtomicBool>,
+    /// Requests handed to the handler whose answers are not written yet.
+    answering: Arc<AtomicUsize>,
     listener_fd: std::os::fd::RawFd,
     // Keeps the listening socket open as long as `listener_fd` may be used.
     _listener: Arc<dyn Send + Sync>,
@@ -223,15 +225,30 @@ impl Server {
     ) -> io::Result<Server> {
         let listener = Arc::new(listener);
         let stopping = Arc::new(AtomicBool::new(false));
+        let answering = Arc::new(AtomicUsize::new(0));
         let listener_fd = listener.as_raw_fd();
         let thread = {
-            let (listener, stopping, name) = (listener.clone(), stopping.clone(), name.to_owned());
+            let (listener, stopping, answering, name) = (
+                listener.clone(),
+                stopping.clone(),
+                answering.clone(),
+                name.to_owned(),
+            );
             spawn(kind, format!("{name}-in"), move || {
-                accept_loop(&*listener, &name, kind, limits, &handler, &stopping)
+                let ctx = AcceptContext {
+                    name: &name,
+                    kind,
+                    limits,
+                    handler: &handler,
+                    stopping: &stopping,
+                    answering: &answering,
+                };
+                accept_loop(&*listener, &ctx)
             })?
         };
         Ok(Server {
             stopping,
+            answering,
             listener_fd,
             _listener: listener,
             thread: Some(thread),
@@ -249,7 +266,27 @@ impl Server {
                 tracing::error!("an HTTP accepting thread panicked");
             }
         }
+        // Answers being written are let out before the caller goes on (and the process
+        // perhaps exits): the answer to a request that stops the daemon (`exit`) is written
+        // while the daemon stops, and was lost to the exit before.
+        let start = std::time::Instant::now();
+        while self.answering.load(Ordering::Acquire) > 0 && start.elapsed() < ANSWER_GRACE {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
+}
+
+/// How long [`Server::stop`] waits for answers being written.
+const ANSWER_GRACE: Duration = Duration::from_secs(2);
+
+/// What the accepting thread needs.
+struct AcceptContext<'a> {
+    name: &'a str,
+    kind: Option<ThreadKind>,
+    limits: Limits,
+    handler: &'a Arc<Handler>,
+    stopping: &'a AtomicBool,
+    answering: &'a Arc<AtomicUsize>,
 }
 
 impl Drop for Server {
@@ -268,14 +305,15 @@ where
     }
 }
 
-fn accept_loop<L: Listen>(
-    listener: &L,
-    name: &str,
-    kind: Option<ThreadKind>,
-    limits: Limits,
-    handler: &Arc<Handler>,
-    stopping: &AtomicBool,
-) {
+fn accept_loop<L: Listen>(listener: &L, ctx: &AcceptContext<'_>) {
+    let AcceptContext {
+        name,
+        kind,
+        limits,
+        handler,
+        stopping,
+        answering,
+    } = *ctx;
     let open = Arc::new(AtomicUsize::new(0));
     loop {
         let conn = match listener.accept_conn() {
@@ -298,9 +336,9 @@ fn accept_loop<L: Listen>(
             refuse(conn, &limits, &**handler, &HttpError::TooManyConnections);
             continue;
         }
-        let (open2, handler) = (open.clone(), handler.clone());
+        let (open2, handler, answering) = (open.clone(), handler.clone(), answering.clone());
         let spawned = spawn(kind, format!("{name}-conn"), move || {
-            serve_connection(conn, &limits, &*handler);
+            serve(conn, &limits, &*handler, Some(&answering));
             open2.fetch_sub(1, Ordering::AcqRel);
         });
         if let Err(e) = spawned {
@@ -320,15 +358,32 @@ fn refuse<C: Conn>(mut conn: C, limits: &Limits, handler: &Handler, why: &HttpEr
 
 /// Serves requests on `conn` until the client closes it, goes idle, or sends a request that
 /// cannot be framed.
-pub fn serve_connection<C: Conn>(mut conn: C, limits: &Limits, handler: &Handler) {
+pub fn serve_connection<C: Conn>(conn: C, limits: &Limits, handler: &Handler) {
+    serve(conn, limits, handler, None)
+}
+
+/// [`serve_connection`], counting in `answering` the requests handled but not answered yet.
+fn serve<C: Conn>(
+    mut conn: C,
+    limits: &Limits,
+    handler: &Handler,
+    answering: Option<&AtomicUsize>,
+) {
     let _ = conn.set_read_timeout(Some(limits.idle));
     let mut reader = Buffered::default();
     loop {
         match read_request(&mut conn, &mut reader, limits) {
             Ok(None) => return,
             Ok(Some((request, keep_alive))) => {
+                if let Some(a) = answering {
+                    a.fetch_add(1, Ordering::AcqRel);
+                }
                 let response = handler(Ok(request));
-                if write_response(&mut conn, &response, keep_alive).is_err() {
+                let written = write_response(&mut conn, &response, keep_alive);
+                if let Some(a) = answering {
+                    a.fetch_sub(1, Ordering::AcqRel);
+                }
+                if written.is_err() {
                     return;
                 }
                 if !keep_alive {

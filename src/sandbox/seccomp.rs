@@ -79,6 +79,7 @@ const BASE: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_sigaltstack,
     libc::SYS_tgkill,
+    libc::SYS_kill,
     libc::SYS_sched_yield,
     libc::SYS_sched_getaffinity,
     libc::SYS_clock_gettime,
@@ -396,22 +397,23 @@ impl Filters {
 
 /// The conditions on the arguments of system call `nr`, if any (none: any arguments).
 ///
-/// tgkill(2) may signal this process only (the abort of a panic, a thread's own signals):
-/// the daemon runs as root, and root may signal every other root process on the host (the
-/// runtime, containerd, other VMs' daemons) without any capability. This is what a PID
-/// namespace would also give (docs/serve.md, "No PID namespace"). No other call that
-/// signals another process (kill, tkill, rt_sigqueueinfo, pidfd_send_signal) is on a list.
+/// The daemon runs as root, and root may signal every other root process on the host (the
+/// runtime, containerd, other VMs' daemons) without any capability; what a PID namespace
+/// would prevent (docs/serve.md, "No PID namespace") the lists prevent here:
+/// * tgkill(2) may signal this process only (the abort of a panic, a thread's own signals);
+/// * kill(2) may send signal 0 only, which sends nothing: the chunk cache asks whether the
+///   writer of a leftover temporary file is alive (`storage::cache::maintenance`).
+///
+/// No other call that signals another process (tkill, rt_sigqueueinfo, pidfd_send_signal)
+/// is on a list.
 fn arguments(nr: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
-    if nr != libc::SYS_tgkill {
-        return Ok(Vec::new());
-    }
-    let own = SeccompCondition::new(
-        0,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        u64::from(std::process::id()),
-    )?;
-    Ok(vec![SeccompRule::new(vec![own])?])
+    let (arg, value) = match nr {
+        libc::SYS_tgkill => (0, u64::from(std::process::id())),
+        libc::SYS_kill => (1, 0),
+        _ => return Ok(Vec::new()),
+    };
+    let only = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+    Ok(vec![SeccompRule::new(vec![only])?])
 }
 
 /// What a call outside the list does: SIGSYS (reported, then the process ends), or with
@@ -586,9 +588,8 @@ mod tests {
         assert!(!queue.contains(&libc::SYS_socket));
         // The FUSE threads, which answer the host's containers, never unmount.
         assert!(!allowed(ThreadKind::Fuse, Profile::HostFuse).contains(&libc::SYS_umount2));
-        // Nothing signals another process but tgkill, which is held to this one.
+        // Nothing signals another process: tgkill is held to this one, kill to signal 0.
         let signalling = [
-            libc::SYS_kill,
             libc::SYS_tkill,
             libc::SYS_rt_sigqueueinfo,
             libc::SYS_rt_tgsigqueueinfo,
@@ -610,11 +611,12 @@ mod tests {
     }
 
     /// Run by [`a_confined_thread_signals_only_its_own_process`] in a child process of the
-    /// test binary: confines its thread with the main thread's list, signals (0: no signal,
-    /// only the check) its own process, then the process named by the variable.
+    /// test binary: confines its thread with the main thread's list, signals its own process
+    /// and asks whether the target exists (signal 0), then signals the target (the process
+    /// named by the variable) with tgkill(2) (signal 0) or kill(2) (SIGCONT, harmless).
     #[test]
-    fn tgkill_probe() {
-        let Some(target) = std::env::var("SKIFF_TGKILL_PROBE")
+    fn signal_probe() {
+        let Some(target) = std::env::var("SKIFF_SIGNAL_PROBE")
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
         else {
@@ -623,7 +625,7 @@ mod tests {
         let filters = Filters::compile(Profile::Device).expect("compile");
         install_sigsys_handler().expect("handler");
         filters.apply(ThreadKind::Main).expect("apply");
-        // SAFETY: tgkill with signal 0 only checks that the target exists.
+        // SAFETY: tgkill and kill with signal 0 only check that the target exists.
         let own = unsafe {
             libc::syscall(
                 libc::SYS_tgkill,
@@ -633,30 +635,46 @@ mod tests {
             )
         };
         assert_eq!(own, 0, "tgkill of its own thread");
-        eprintln!("probe: own process signalled");
-        // SAFETY: as above; the filter ends the process here.
-        unsafe { libc::syscall(libc::SYS_tgkill, target, target, 0) };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(target, 0) }, 0, "kill(target, 0)");
+        eprintln!("probe: own process signalled, target seen");
+        if std::env::var("SKIFF_SIGNAL_PROBE_CALL").as_deref() == Ok("kill") {
+            // SAFETY: SIGCONT to a running process does nothing; the filter ends this one.
+            unsafe { libc::kill(target, libc::SIGCONT) };
+        } else {
+            // SAFETY: as above; the filter ends the process here.
+            unsafe { libc::syscall(libc::SYS_tgkill, target, target, 0) };
+        }
         eprintln!("probe: signalled another process");
     }
 
     #[test]
     fn a_confined_thread_signals_only_its_own_process() {
-        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "--exact",
-                "sandbox::seccomp::tests::tgkill_probe",
-                "--nocapture",
-            ])
-            .env("SKIFF_TGKILL_PROBE", std::process::id().to_string())
-            .output()
-            .expect("run the probe");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("probe: own process signalled"), "{stderr}");
-        assert!(!stderr.contains("signalled another process"), "{stderr}");
-        assert_eq!(out.status.code(), Some(159), "{stderr}");
-        assert!(
-            stderr.contains(&format!("system call {}", libc::SYS_tgkill)),
-            "{stderr}"
-        );
+        for (call, nr) in [("tgkill", libc::SYS_tgkill), ("kill", libc::SYS_kill)] {
+            let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+                .args([
+                    "--exact",
+                    "sandbox::seccomp::tests::signal_probe",
+                    "--nocapture",
+                ])
+                .env("SKIFF_SIGNAL_PROBE", std::process::id().to_string())
+                .env("SKIFF_SIGNAL_PROBE_CALL", call)
+                .output()
+                .expect("run the probe");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("probe: own process signalled"),
+                "{call}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("signalled another process"),
+                "{call}: {stderr}"
+            );
+            assert_eq!(out.status.code(), Some(159), "{call}: {stderr}");
+            assert!(
+                stderr.contains(&format!("system call {nr} ")),
+                "{call}: {stderr}"
+            );
+        }
     }
 }
