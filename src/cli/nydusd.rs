@@ -69,6 +69,9 @@ pub struct FuseArgs {
     /// Log to this file instead of stderr (`.log` is added if the name has no extension).
     #[arg(long, short = 'L')]
     pub log_file: Option<PathBuf>,
+    /// Sharing bootstraps with the node's other daemons.
+    #[command(flatten)]
+    pub share: super::commands::ShareArgs,
     /// Rotate the log file at this many MiB (0: never).
     #[arg(long, default_value_t = 0)]
     pub log_rotation_size: u64,
@@ -248,6 +251,7 @@ pub fn cmd_fuse(a: FuseArgs) -> CmdResult {
     let opts = crate::api::FuseDaemonOptions {
         api_socket: absolute(&a.apisock)?,
         upgrade: a.upgrade,
+        share: a.share.open()?,
         host: HostOptions {
             mountpoint,
             threads: a.thread_num,

@@ -180,7 +180,7 @@ pub fn cmd_record(a: RecordArgs) -> CmdResult {
             (Some(o), m)
         }
     };
-    let (fs, storage) = a.image.open_for(true)?;
+    let (fs, storage) = a.image.open_for(true, None)?;
     let recording = Recording::start(&fs, a.output.clone())?.ok_or("internal: no recorder")?;
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let opts = crate::fuse::MountOptions {

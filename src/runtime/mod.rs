@@ -4,6 +4,8 @@
 //!   [`threads::enter`] is where a thread takes on its kind (and where a sandbox applies the
 //!   kind's system call filter);
 //! * [`exit`]: the one [`ExitEvent`] a daemon's event loops all wait on, with why it fired;
+//! * [`http`]: the HTTP/1.1 server of the API socket and of `skiff accel`, every part of a
+//!   request bounded;
 //! * [`signals`]: SIGTERM/SIGINT turned into that event;
 //! * [`socket`]: the Unix sockets a daemon listens on (stale ones replaced, live ones and
 //!   other files refused, removed on the way out if still ours);
@@ -15,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod exit;
+pub mod http;
 pub mod panic;
 pub(crate) mod pool;
 pub mod signals;
