@@ -51,8 +51,13 @@ virtiofsd=""
 [[ ,$sections, == *,3,* ]] && virtiofsd=$("$repo/scripts/install-virtiofsd.sh" | tail -n 1)
 nydus_image="$tools/nydus-image"
 nydusd="$tools/nydusd"
-cargo build --locked --release --quiet --manifest-path "$repo/Cargo.toml"
-skiff="$repo/target/release/skiff"
+# SKIFF_BENCH_BIN: a skiff binary built before (e.g. one kept aside while the tree changes).
+if [[ -n ${SKIFF_BENCH_BIN:-} ]]; then
+    skiff=$SKIFF_BENCH_BIN
+else
+    cargo build --locked --release --quiet --manifest-path "$repo/Cargo.toml"
+    skiff="$repo/target/release/skiff"
+fi
 
 declare -A data
 data[A]=$("$repo/scripts/make-rootfs.sh" minbase)
