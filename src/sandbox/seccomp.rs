@@ -7,14 +7,14 @@
 //!
 //! * the main thread installs the union of every list (plus what setup needs) when the
 //!   sandbox is entered: every thread of the process, whoever starts it (the vhost-user
-//!   library, tiny_http, reqwest's runtime), is under it from birth;
+//!   library, reqwest's runtime), is under it from birth;
 //! * the threads Skiff starts are started by one thread that carries only that union (the
 //!   spawner, [`crate::runtime::threads::start_spawner`]), so each then adds exactly its own
 //!   kind's list: a worker started on behalf of a queue thread is not limited to the queue's
 //!   list, and a queue thread is not widened to a worker's;
 //! * threads a library starts from a thread of some kind carry that kind's list: the
 //!   vhost-user message and queue threads (from the vhost thread; queue threads add the
-//!   queue list on their first event), tiny_http's (from the API thread).
+//!   queue list on their first event).
 //!
 //! A call outside the list raises SIGSYS: the handler writes the call's number and the
 //! thread's kind to stderr and ends the process with status 159 (as a kill would, but saying
