@@ -25,6 +25,7 @@ pub mod fuse;
 pub mod oci;
 pub mod runtime;
 pub mod sandbox;
+pub mod share;
 pub mod storage;
 pub mod util;
 pub mod vhost;

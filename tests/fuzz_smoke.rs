@@ -270,4 +270,31 @@ fn api() {
     smoke("api", harness::seeds("api"), &|data| {
         harness::api::run(&fixture, data)
     });
+    // The inputs that hung, misordered or aborted tiny_http 0.12 (docs/fuzzing.md): each
+    // request answered in turn, the one at fault with its 4xx, and the daemon still serving.
+    let want: &[(&str, &[u16])] = &[
+        ("failed-expectation-after-a-request", &[200, 417]),
+        ("failed-expectation-answered-out-of-turn", &[400, 400]),
+        ("http2-after-a-request", &[200, 400]),
+        ("http2-request-deadlocks-its-connection", &[400]),
+        ("huge-content-length-after-a-request", &[200, 413]),
+        ("huge-content-length-aborts-the-daemon", &[413]),
+    ];
+    let known = regressions("api");
+    for (name, statuses) in want {
+        let (_, input) = known
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("fuzz/regressions/api/{name} is missing"));
+        assert_eq!(
+            harness::api::exchange(&fixture, input),
+            *statuses,
+            "the answers to {name}"
+        );
+    }
+    assert_eq!(
+        harness::api::exchange(&fixture, b"GET /api/v1/daemon HTTP/1.1\r\n\r\n"),
+        [200],
+        "the daemon serves on"
+    );
 }

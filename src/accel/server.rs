@@ -1,4 +1,5 @@
-//! The HTTP API (tiny_http, as `api/` uses), one thread per request up to a bound:
+//! The HTTP API ([`crate::runtime::http`], as `api/` uses), one thread per connection up to a
+//! bound:
 //!
 //! | request | what |
 //! |---|---|
@@ -10,60 +11,66 @@
 //!
 //! Errors are `{"code": …, "message": …}` with a 4xx status naming the cause.
 
-use std::io::Read;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::events::{self, Decision, Origin, Pushed, DISTRIBUTION_EVENTS};
 use super::tasks::{Created, Task};
 use super::{AccelError, Service};
+use crate::runtime::http::{self, HttpError, Limits};
 
 /// Largest request body read (a webhook payload or an events envelope is a few KiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 20;
-/// Requests handled at once; more get 503.
-const MAX_IN_FLIGHT: usize = 32;
 /// How long `?sync=true` waits for its conversions.
 const SYNC_WAIT: Duration = Duration::from_secs(3600);
+/// The bounds of a connection: a head of 64 KiB, a body of [`MAX_BODY_BYTES`], a minute
+/// between reads, 32 connections (and so requests) at once; more get 503.
+const LIMITS: Limits = Limits {
+    max_head: 64 << 10,
+    max_body: MAX_BODY_BYTES,
+    idle: Duration::from_secs(60),
+    max_connections: 32,
+};
 
 /// The listening server.
 pub struct HttpServer {
-    server: Arc<tiny_http::Server>,
+    server: http::Server,
     addr: String,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl HttpServer {
     /// Listens on the service's `listen` address and answers until [`HttpServer::shutdown`].
     pub fn start(service: Arc<Service>) -> Result<Self, AccelError> {
         let listen = service.config.listen.clone();
-        let server =
-            Arc::new(
-                tiny_http::Server::http(&listen).map_err(|e| AccelError::Listen {
-                    addr: listen.clone(),
-                    why: e.to_string(),
-                })?,
-            );
-        let addr = server
-            .server_addr()
-            .to_ip()
+        let listen_err = |e: std::io::Error| AccelError::Listen {
+            addr: listen.clone(),
+            why: e.to_string(),
+        };
+        let listener = TcpListener::bind(&listen).map_err(listen_err)?;
+        let addr = listener
+            .local_addr()
             .map(|a| a.to_string())
-            .unwrap_or(listen);
-        let s = server.clone();
-        let thread = std::thread::Builder::new()
-            .name("accel-http".into())
-            .spawn(move || accept(&s, &service))
+            .unwrap_or_else(|_| listen.clone());
+        let handler = move |request: Result<http::Request, &HttpError>| {
+            let reply = match request {
+                Ok(request) => handle(request, &service),
+                Err(e) => refused(e),
+            };
+            http::Response {
+                status: reply.status,
+                content_type: reply.content_type.to_owned(),
+                body: reply.body.into_bytes(),
+            }
+        };
+        let server = http::Server::start(listener, "accel-http", None, LIMITS, Arc::new(handler))
             .map_err(|e| AccelError::Io {
-                op: "starting the HTTP thread",
-                path: "-".into(),
-                source: e,
-            })?;
-        Ok(Self {
-            server,
-            addr,
-            thread: Some(thread),
-        })
+            op: "starting the HTTP thread",
+            path: "-".into(),
+            source: e,
+        })?;
+        Ok(Self { server, addr })
     }
 
     /// The address listened on.
@@ -73,43 +80,19 @@ impl HttpServer {
 
     /// Stops accepting requests.
     pub fn shutdown(mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.stop();
     }
 }
 
-fn accept(server: &tiny_http::Server, service: &Arc<Service>) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    for request in server.incoming_requests() {
-        if service.stopping() {
-            let _ = request.respond(json_response(
-                503,
-                &error_body("STOPPING", "the service is stopping"),
-            ));
-            break;
-        }
-        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-            in_flight.fetch_sub(1, Ordering::AcqRel);
-            let _ = request.respond(json_response(
-                503,
-                &error_body("BUSY", "too many requests at once"),
-            ));
-            continue;
-        }
-        let (s, n) = (service.clone(), in_flight.clone());
-        let spawned = std::thread::Builder::new()
-            .name("accel-request".into())
-            .spawn(move || {
-                handle(request, &s);
-                n.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            in_flight.fetch_sub(1, Ordering::AcqRel);
-            tracing::error!(error = %e, "cannot start a request thread");
-        }
-    }
+/// The answer to a request that could not be read.
+fn refused(e: &HttpError) -> Reply {
+    let code = match e {
+        HttpError::BodyTooLarge(_) => "TOO_LARGE",
+        HttpError::TooManyConnections => "BUSY",
+        _ => "BAD_REQUEST",
+    };
+    tracing::info!(error = %e, "HTTP request refused");
+    err(e.status(), code, e.to_string())
 }
 
 /// A response: status and JSON (or text) body.
@@ -121,22 +104,6 @@ struct Reply {
 
 fn error_body(code: &str, message: &str) -> String {
     serde_json::json!({"code": code, "message": message}).to_string()
-}
-
-fn json_response(status: u16, body: &str) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    response(status, body, "application/json")
-}
-
-fn response(
-    status: u16,
-    body: &str,
-    content_type: &str,
-) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let mut r = tiny_http::Response::from_string(body).with_status_code(status);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes()) {
-        r = r.with_header(h);
-    }
-    r
 }
 
 fn err(status: u16, code: &str, message: impl Into<String>) -> Reply {
@@ -155,17 +122,17 @@ fn ok_json(v: &impl serde::Serialize) -> Reply {
     }
 }
 
-fn header(req: &tiny_http::Request, name: &str) -> Option<String> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str().to_string())
+fn header(req: &http::Request, name: &str) -> Option<String> {
+    req.header(name).map(str::to_owned)
 }
 
-fn handle(mut req: tiny_http::Request, service: &Service) {
-    let url = req.url().to_string();
+fn handle(req: http::Request, service: &Service) -> Reply {
+    if service.stopping() {
+        return err(503, "STOPPING", "the service is stopping");
+    }
+    let url = req.target.clone();
     let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-    let method = req.method().clone();
+    let method = req.method.as_str();
     let endpoint = match path {
         "/api/v1/conversions" => "conversions",
         "/api/v1/notifications" => "notifications",
@@ -173,22 +140,16 @@ fn handle(mut req: tiny_http::Request, service: &Service) {
         "/api/v1/health" => "health",
         _ => "other",
     };
-    let reply = match (&method, path) {
-        (tiny_http::Method::Post, "/api/v1/conversions") => match read_body(&mut req) {
-            Ok(body) => harbor(service, &req, &body, query),
-            Err(r) => r,
-        },
-        (tiny_http::Method::Post, "/api/v1/notifications") => match read_body(&mut req) {
-            Ok(body) => notifications(service, &req, &body),
-            Err(r) => r,
-        },
-        (tiny_http::Method::Get, "/api/v1/conversions") => ok_json(&service.tasks.list()),
-        (tiny_http::Method::Get, "/metrics") => Reply {
+    let reply = match (method, path) {
+        ("POST", "/api/v1/conversions") => harbor(service, &req, &req.body, query),
+        ("POST", "/api/v1/notifications") => notifications(service, &req, &req.body),
+        ("GET", "/api/v1/conversions") => ok_json(&service.tasks.list()),
+        ("GET", "/metrics") => Reply {
             status: 200,
             body: service.metrics.render(&service.tasks.counts()),
             content_type: "text/plain; version=0.0.4",
         },
-        (tiny_http::Method::Get, "/api/v1/health") => ok_json(&serde_json::json!({"status": "ok"})),
+        ("GET", "/api/v1/health") => ok_json(&serde_json::json!({"status": "ok"})),
         (_, "/api/v1/conversions" | "/api/v1/notifications" | "/metrics" | "/api/v1/health") => {
             err(
                 405,
@@ -204,30 +165,7 @@ fn handle(mut req: tiny_http::Request, service: &Service) {
     if reply.status >= 400 {
         tracing::info!(method = %method, path, status = reply.status, body = %reply.body, "request refused");
     }
-    let _ = req.respond(response(reply.status, &reply.body, reply.content_type));
-}
-
-fn read_body(req: &mut tiny_http::Request) -> Result<Vec<u8>, Reply> {
-    if req.body_length().is_some_and(|n| n as u64 > MAX_BODY_BYTES) {
-        return Err(err(
-            413,
-            "TOO_LARGE",
-            format!("bodies are at most {MAX_BODY_BYTES} bytes"),
-        ));
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(MAX_BODY_BYTES + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| err(400, "BAD_REQUEST", format!("reading the body: {e}")))?;
-    if body.len() as u64 > MAX_BODY_BYTES {
-        return Err(err(
-            413,
-            "TOO_LARGE",
-            format!("bodies are at most {MAX_BODY_BYTES} bytes"),
-        ));
-    }
-    Ok(body)
+    reply
 }
 
 /// What became of one pushed image.
@@ -297,7 +235,7 @@ fn enqueue(service: &Service, origin: Origin, pushed: Vec<Pushed>) -> Result<Vec
     Ok(out)
 }
 
-fn harbor(service: &Service, req: &tiny_http::Request, body: &[u8], query: &str) -> Reply {
+fn harbor(service: &Service, req: &http::Request, body: &[u8], query: &str) -> Reply {
     let sync = match query.split('&').find_map(|kv| kv.strip_prefix("sync=")) {
         None | Some("false") => false,
         Some("true") => true,
@@ -364,7 +302,7 @@ fn harbor(service: &Service, req: &tiny_http::Request, body: &[u8], query: &str)
     ok_json(&serde_json::json!({"queued": queued}))
 }
 
-fn notifications(service: &Service, req: &tiny_http::Request, body: &[u8]) -> Reply {
+fn notifications(service: &Service, req: &http::Request, body: &[u8]) -> Reply {
     let Some(cfg) = &service.config.notifications else {
         return err(404, "NOT_FOUND", "notifications are not configured");
     };

@@ -17,6 +17,8 @@ pub struct FuseDaemonOptions {
     pub api_socket: PathBuf,
     /// Whether to wait for a takeover (`--upgrade`) instead of mounting.
     pub upgrade: bool,
+    /// Where the images' bootstraps are shared with the node's other daemons.
+    pub share: Option<Arc<crate::share::BootstrapShare>>,
     /// Everything else.
     pub host: HostOptions,
 }
@@ -33,7 +35,7 @@ pub fn run_fuse(opts: FuseDaemonOptions) -> Result<(), ApiError> {
     let started = Instant::now();
     let exit = crate::runtime::start_daemon().map_err(ApiError::ExitEvent)?;
     let _signals = SignalGuard::install(&exit).map_err(ApiError::Signal)?;
-    let fs = Arc::new(DaemonFs::new(Layout::Host));
+    let fs = Arc::new(DaemonFs::new(Layout::Host).with_bootstrap_share(opts.share.clone()));
     let crashed =
         !opts.upgrade && host::predecessor_crashed(&opts.host.mountpoint, &opts.api_socket);
     let takeover = opts.upgrade || crashed;

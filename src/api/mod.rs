@@ -35,6 +35,7 @@ use crate::daemon::{
     upgrade::UpgradeError, Daemon, DaemonFs, DaemonState, Lifecycle, LifecycleError, MountError,
     RenewError,
 };
+use crate::runtime::http::HttpError;
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::{ExitEvent, ExitReason, SignalGuard, SocketError};
 use crate::vhost::{ServeOptions, VhostError, VhostListener};
@@ -59,12 +60,10 @@ pub enum ApiError {
         /// The path.
         path: String,
     },
-    /// The request body is larger than [`MAX_BODY_BYTES`].
-    #[error("request body larger than {0} bytes")]
-    BodyTooLarge(u64),
-    /// The request body could not be read.
-    #[error("reading the request body")]
-    ReadBody(#[source] io::Error),
+    /// The request could not be read as HTTP/1.x within the limits (its head, its framing,
+    /// a body larger than [`MAX_BODY_BYTES`]).
+    #[error("refused HTTP request")]
+    Http(#[source] HttpError),
     /// A mount request for a filesystem type other than `passthrough_fs` and `rafs`.
     #[error("unsupported fs_type {0:?}: Skiff mounts \"passthrough_fs\" and \"rafs\"")]
     UnsupportedFsType(String),
@@ -123,12 +122,11 @@ impl ApiError {
         match self {
             ApiError::BadJson(_)
             | ApiError::BadRequest(_)
-            | ApiError::ReadBody(_)
             | ApiError::UnsupportedFsType(_)
             | ApiError::Config(_) => 400,
             ApiError::NoRoute(_) => 404,
             ApiError::MethodNotAllowed { .. } => 405,
-            ApiError::BodyTooLarge(_) => 413,
+            ApiError::Http(e) => e.status(),
             ApiError::Mount(e) => match e {
                 MountError::NotMounted(_) => 404,
                 MountError::Busy(_) => 409,
@@ -154,10 +152,17 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::BadJson(_) => "INVALID_JSON",
-            ApiError::BadRequest(_) | ApiError::ReadBody(_) => "INVALID_ARGUMENT",
+            ApiError::BadRequest(_) => "INVALID_ARGUMENT",
             ApiError::NoRoute(_) => "NOT_FOUND",
             ApiError::MethodNotAllowed { .. } => "METHOD_NOT_ALLOWED",
-            ApiError::BodyTooLarge(_) => "PAYLOAD_TOO_LARGE",
+            ApiError::Http(e) => match e {
+                HttpError::BodyTooLarge(_) => "PAYLOAD_TOO_LARGE",
+                HttpError::HeadTooLarge(_) | HttpError::TooManyHeaders => "HEADERS_TOO_LARGE",
+                HttpError::Expectation(_) => "EXPECTATION_FAILED",
+                HttpError::Timeout => "REQUEST_TIMEOUT",
+                HttpError::TooManyConnections => "UNAVAILABLE",
+                _ => "INVALID_REQUEST",
+            },
             ApiError::UnsupportedFsType(_) => "UNSUPPORTED_FS_TYPE",
             ApiError::Config(ConfigError::Unsupported { .. }) => "UNSUPPORTED_CONFIG",
             ApiError::Config(_) => "INVALID_CONFIG",
@@ -203,6 +208,8 @@ pub struct VirtiofsOptions {
     pub device: ServeOptions,
     /// How long one READ of a RAFS mount may take (`--request-timeout`).
     pub request_timeout: std::time::Duration,
+    /// Where the images' bootstraps are shared with the node's other daemons.
+    pub share: Option<Arc<crate::share::BootstrapShare>>,
     /// The daemon's confinement (`--sandbox`).
     pub sandbox: crate::sandbox::SandboxOptions,
 }
@@ -263,7 +270,11 @@ pub fn run(opts: &VirtiofsOptions) -> Result<(), ApiError> {
 /// Runs Kata's sandbox daemon until `exit` is set; see [`run_virtiofs`].
 pub fn run_until(opts: &VirtiofsOptions, exit: &ExitEvent) -> Result<(), ApiError> {
     let started = Instant::now();
-    let fs = Arc::new(DaemonFs::kata().with_request_timeout(opts.request_timeout));
+    let fs = Arc::new(
+        DaemonFs::kata()
+            .with_request_timeout(opts.request_timeout)
+            .with_bootstrap_share(opts.share.clone()),
+    );
     let daemon = Arc::new(Daemon {
         fs: fs.clone(),
         id: None,

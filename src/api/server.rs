@@ -1,30 +1,45 @@
-//! The transport: HTTP/1.1 on a Unix socket (mode 0600), served by `tiny_http`. Requests are
-//! read here (with a size limit) and answered by [`super::routes::handle`], on one thread of
-//! kind [`ThreadKind::Api`] (tiny_http's own accept and connection threads start from it).
+//! The transport: HTTP/1.1 on a Unix socket (mode 0600), served by [`crate::runtime::http`]
+//! (the head, framing and body of each request bounded; a request that cannot be read gets its
+//! 4xx). Requests are answered by [`super::routes::handle`] one at a time, in the order they
+//! arrive, on one thread of kind [`ThreadKind::Api`]; the accepting and connection threads are
+//! of that kind too.
 
-use std::io::{self, Read};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::routes::{self, ApiRequest, ApiResponse};
 use super::ApiError;
 use crate::daemon::Daemon;
+use crate::runtime::http::{self, Limits};
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::UnixSocketFile;
 
 /// Largest request body accepted (a mount request with its nydusd config is a few KiB).
 pub const MAX_BODY_BYTES: u64 = 1 << 20;
 
+/// The bounds of one API connection: a request head of 64 KiB (a mountpoint in the query),
+/// a body of [`MAX_BODY_BYTES`], 5 minutes idle (a client keeps its connection between calls),
+/// 64 connections at once.
+const LIMITS: Limits = Limits {
+    max_head: 64 << 10,
+    max_body: MAX_BODY_BYTES,
+    idle: Duration::from_secs(300),
+    max_connections: 64,
+};
+
+/// A request for the serving thread, with where its answer goes; `None` stops it.
+type Job = Option<(Result<ApiRequest, ApiError>, SyncSender<ApiResponse>)>;
+
 /// The API server: a thread answering requests on a Unix socket until [`ApiServer::shutdown`]
 /// or drop, which also remove the socket file.
 pub struct ApiServer {
-    server: Arc<tiny_http::Server>,
-    stopping: Arc<AtomicBool>,
+    http: Option<http::Server>,
+    jobs: Sender<Job>,
     thread: Option<JoinHandle<()>>,
-    /// Declared last: dropped after the server, it wakes tiny_http's accept thread and
-    /// removes the socket file.
+    /// Declared last: dropped after the server, it removes the socket file.
     socket: UnixSocketFile,
 }
 
@@ -33,44 +48,52 @@ impl ApiServer {
     /// other file), restricts it to its owner and starts answering requests for `daemon`.
     pub fn start(path: &Path, daemon: Arc<Daemon>) -> Result<ApiServer, ApiError> {
         let mut socket = UnixSocketFile::bind(path, Some(0o600))?;
-        let listen_err = |e: String| ApiError::Listen {
+        let listen_err = |e: std::io::Error| ApiError::Listen {
             path: path.to_owned(),
-            source: io::Error::other(e),
+            source: e,
         };
         let listener = socket
             .take_listener()
-            .ok_or_else(|| listen_err("the socket has no listener".into()))?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        // The server is made on the API thread, so that the threads tiny_http starts
-        // (accepting, reading connections) are born from a thread of kind Api and carry its
-        // system call filter in a sandbox.
-        let (made, server) = std::sync::mpsc::sync_channel(1);
-        let thread = {
-            let stopping = stopping.clone();
-            threads::spawn(ThreadKind::Api, "skiff-api", move || {
-                let server = match tiny_http::Server::from_listener(listener, None) {
-                    Ok(s) => Arc::new(s),
-                    Err(e) => {
-                        let _ = made.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                if made.send(Ok(server.clone())).is_err() {
-                    return;
-                }
-                serve(&server, &daemon, &stopping)
-            })
-            .map_err(ApiError::SpawnThread)?
+            .ok_or_else(|| listen_err(std::io::Error::other("the socket has no listener")))?;
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let thread = threads::spawn(ThreadKind::Api, "skiff-api", move || serve(&queue, &daemon))
+            .map_err(ApiError::SpawnThread)?;
+        let to_serve = jobs.clone();
+        let handler = move |request: Result<http::Request, &http::HttpError>| {
+            let request = match request {
+                Ok(r) => Ok(ApiRequest {
+                    method: r.method,
+                    url: r.target,
+                    body: r.body,
+                }),
+                Err(e) => Err(ApiError::Http(e.clone())),
+            };
+            let (reply, answer) = mpsc::sync_channel(1);
+            let unavailable =
+                || ApiResponse::error(&ApiError::Http(http::HttpError::TooManyConnections));
+            let response = if to_serve.send(Some((request, reply))).is_ok() {
+                answer.recv().unwrap_or_else(|_| unavailable())
+            } else {
+                unavailable()
+            };
+            http::Response {
+                status: response.status,
+                content_type: response.content_type.to_owned(),
+                body: response.body,
+            }
         };
-        let server = match server.recv() {
-            Ok(Ok(server)) => server,
-            Ok(Err(e)) => return Err(listen_err(e)),
-            Err(_) => return Err(listen_err("the API thread ended before serving".into())),
-        };
+        let http = http::Server::start(
+            listener,
+            "skiff-api",
+            Some(ThreadKind::Api),
+            LIMITS,
+            Arc::new(handler),
+        )
+        .map_err(listen_err)?;
         tracing::info!(socket = %path.display(), "API listening");
         Ok(ApiServer {
-            server,
-            stopping,
+            http: Some(http),
+            jobs,
             thread: Some(thread),
             socket,
         })
@@ -87,8 +110,10 @@ impl ApiServer {
     }
 
     fn stop_and_join(&mut self) {
-        self.stopping.store(true, Ordering::Release);
-        self.server.unblock();
+        if let Some(mut http) = self.http.take() {
+            http.stop();
+        }
+        let _ = self.jobs.send(None);
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 tracing::error!("the API thread panicked");
@@ -103,64 +128,21 @@ impl Drop for ApiServer {
     }
 }
 
-/// Answers requests until [`ApiServer::shutdown`] unblocks it.
-fn serve(server: &tiny_http::Server, daemon: &Daemon, stopping: &AtomicBool) {
-    loop {
-        let mut request = match server.recv() {
-            Ok(r) => r,
-            Err(_) if stopping.load(Ordering::Acquire) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "API connection failed");
-                continue;
+/// Answers requests, one at a time, until [`ApiServer::shutdown`].
+fn serve(queue: &Receiver<Job>, daemon: &Daemon) {
+    while let Ok(Some((request, reply))) = queue.recv() {
+        let response = match request {
+            Ok(request) => {
+                let response = routes::handle(daemon, &request);
+                tracing::debug!(method = %request.method, url = %request.url, status = response.status, "API request");
+                response
             }
-        };
-        let response = match read_body(&mut request) {
-            Ok(body) => routes::handle(
-                daemon,
-                &ApiRequest {
-                    method: request.method().as_str().to_owned(),
-                    url: request.url().to_owned(),
-                    body,
-                },
-            ),
             Err(e) => {
                 daemon.fs.counters().api_request(true);
+                tracing::warn!(error = %crate::util::error_chain(&e), "API request refused");
                 ApiResponse::error(&e)
             }
         };
-        tracing::debug!(method = %request.method(), url = %request.url(), status = response.status, "API request");
-        if let Err(e) = respond(request, response) {
-            tracing::warn!(error = %e, "writing an API response failed");
-        }
+        let _ = reply.send(response);
     }
-}
-
-fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
-    if request
-        .body_length()
-        .is_some_and(|n| n as u64 > MAX_BODY_BYTES)
-    {
-        return Err(ApiError::BodyTooLarge(MAX_BODY_BYTES));
-    }
-    let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(MAX_BODY_BYTES + 1)
-        .read_to_end(&mut body)
-        .map_err(ApiError::ReadBody)?;
-    if body.len() as u64 > MAX_BODY_BYTES {
-        return Err(ApiError::BodyTooLarge(MAX_BODY_BYTES));
-    }
-    Ok(body)
-}
-
-fn respond(request: tiny_http::Request, response: ApiResponse) -> io::Result<()> {
-    if response.body.is_empty() {
-        return request.respond(tiny_http::Response::empty(response.status));
-    }
-    let mut r = tiny_http::Response::from_data(response.body).with_status_code(response.status);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], response.content_type) {
-        r = r.with_header(h);
-    }
-    request.respond(r)
 }

@@ -245,10 +245,53 @@ pub struct ImageArgs {
     /// Backend, cache, prefetch and metrics options (src/cli/image.rs).
     #[command(flatten)]
     pub storage: super::image::StorageArgs,
+    /// Sharing the bootstrap with the node's other daemons.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// How long one read may take, network retries included (e.g. 30s, 500ms): then it
     /// fails with EIO and a log line instead of hanging the reader.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub request_timeout: std::time::Duration,
+}
+
+/// Sharing validated bootstraps with the other daemons of the node (`crate::share`), for
+/// `mount`, `serve`, `virtiofs` and `fuse`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ShareArgs {
+    /// Directory where the node's daemons share validated bootstraps, one copy in memory for
+    /// all (default /run/skiff/bootstraps as root, $XDG_RUNTIME_DIR/skiff/bootstraps
+    /// otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub bootstrap_share_dir: Option<PathBuf>,
+    /// Keep a private copy of each bootstrap: take none from other daemons, offer none.
+    #[arg(long, conflicts_with = "bootstrap_share_dir")]
+    pub no_bootstrap_share: bool,
+}
+
+impl ShareArgs {
+    /// The share these options ask for: none with `--no-bootstrap-share`; a directory given
+    /// that cannot be used is an error; the default one is skipped with a warning.
+    pub fn open(
+        &self,
+    ) -> Result<Option<Arc<crate::share::BootstrapShare>>, Box<dyn std::error::Error>> {
+        if self.no_bootstrap_share {
+            return Ok(None);
+        }
+        if let Some(d) = &self.bootstrap_share_dir {
+            return Ok(Some(Arc::new(crate::share::BootstrapShare::open(d)?)));
+        }
+        let Some(d) = crate::share::default_dir() else {
+            tracing::info!("no runtime directory (XDG_RUNTIME_DIR) for sharing bootstraps; each is loaded privately");
+            return Ok(None);
+        };
+        match crate::share::BootstrapShare::open(&d) {
+            Ok(s) => Ok(Some(Arc::new(s))),
+            Err(e) => {
+                tracing::warn!(error = %crate::util::error_chain(&e), "bootstraps are not shared with other daemons");
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Arguments of `skiff convert`.
@@ -420,13 +463,18 @@ pub struct MountArgs {
     pub image: ImageArgs,
     /// Where to mount.
     pub mountpoint: PathBuf,
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Threads reading requests from /dev/fuse; one is enough (they answer from memory, and
+    /// hand reads that may wait to the workers).
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Record the files read, in first-read order, into this prefetch list (written at
     /// start, every second while it grows, and at exit; see `skiff record`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Most worker threads answering reads that may wait (on a disk, the network): how many
+    /// may be in flight at once before another waits for a worker. Started on demand.
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_WORKERS)]
+    pub thread_num: usize,
 }
 
 /// Threshold above which glibc serves an allocation with its own mmap (and returns it to the
@@ -458,18 +506,33 @@ pub(crate) fn tune_allocator() {
 pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
+    if !(1..=crate::runtime::MAX_WORKERS).contains(&a.threads)
+        || !(1..=crate::runtime::MAX_WORKERS).contains(&a.thread_num)
+    {
+        return Err(format!(
+            "--threads {} and --thread-num {}: each 1 to {}",
+            a.threads,
+            a.thread_num,
+            crate::runtime::MAX_WORKERS
+        )
+        .into());
+    }
     let exit = crate::runtime::start_daemon()?;
-    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    let share = a.image.share.open()?;
+    let (fs, storage) = a.image.open_for(a.record.is_some(), share.as_deref())?;
     let recording = match a.record {
         Some(p) => super::image::Recording::start(&fs, p)?,
         None => None,
     };
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
-        fs,
+        Arc::new(fs),
         &crate::fuse::MountOptions {
             mountpoint: a.mountpoint,
-            threads: a.threads,
+            threads: crate::fuse::FuseThreads {
+                readers: a.threads,
+                workers: a.thread_num,
+            },
         },
         &exit,
     );
@@ -519,8 +582,16 @@ pub fn cmd_serve(mut a: ServeArgs) -> CmdResult {
     let exit = crate::runtime::start_daemon()?;
     // Before anything is opened: inside, only what the image needs is there.
     let paths = serve_paths(&mut a)?;
-    crate::sandbox::enter(&super::serve_options(&a.sandbox, &paths)?)?;
-    let (fs, storage) = a.image.open_for(a.record.is_some())?;
+    // Opened (and made) before: the sandbox keeps it reachable.
+    let share = a.image.share.open()?;
+    let mut sandbox = super::serve_options(&a.sandbox, &paths)?;
+    if let Some(s) = &share {
+        sandbox
+            .reach
+            .push(crate::sandbox::Reach::write(s.dir().to_owned()));
+    }
+    crate::sandbox::enter(&sandbox)?;
+    let (fs, storage) = a.image.open_for(a.record.is_some(), share.as_deref())?;
     let recording = match a.record {
         Some(p) => super::image::Recording::start(&fs, p)?,
         None => None,
@@ -646,6 +717,9 @@ pub struct VirtiofsArgs {
     /// used: Skiff does not announce submounts to the guest.
     #[arg(long)]
     pub announce_submounts: bool,
+    /// Sharing bootstraps with the node's other daemons.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// Confinement (see docs/kata.md#the-sandbox).
     #[command(flatten)]
     pub sandbox: super::SandboxArgs,
@@ -672,7 +746,14 @@ pub fn cmd_virtiofs(mut a: VirtiofsArgs) -> CmdResult {
             "--announce-submounts is virtiofsd's; ignored (Skiff does not announce submounts)"
         );
     }
-    let sandbox = super::virtiofs_options(&a.sandbox, &a.api_socket, &a.socket)?;
+    let mut sandbox = super::virtiofs_options(&a.sandbox, &a.api_socket, &a.socket)?;
+    // Opened (and made) before the sandbox, which keeps it reachable.
+    let share = a.share.open()?;
+    if let Some(s) = &share {
+        sandbox
+            .reach
+            .push(crate::sandbox::Reach::write(s.dir().to_owned()));
+    }
     let mut device = crate::vhost::ServeOptions::new(a.socket, a.tag);
     device.threads = a.threads;
     device.workers = a.thread_num;
@@ -682,6 +763,7 @@ pub fn cmd_virtiofs(mut a: VirtiofsArgs) -> CmdResult {
         api_socket: a.api_socket,
         device,
         request_timeout: a.request_timeout,
+        share,
     })?;
     Ok(0)
 }

@@ -70,6 +70,10 @@ pub struct StorageArgs {
     /// Write storage metrics as JSON to this file (every second and at exit).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Do not decode and verify the chunks that follow a read ahead of need (see
+    /// docs/cache.md, decode-ahead).
+    #[arg(long)]
+    pub no_decode_ahead: bool,
 }
 
 impl StorageArgs {
@@ -169,15 +173,22 @@ impl StorageArgs {
         if let Some(m) = &self.metrics_file {
             c.metrics_file = Some(m.clone());
         }
+        if self.no_decode_ahead {
+            c.decode_ahead = Some(false);
+        }
         Ok(c)
     }
 }
 
 impl ImageArgs {
-    /// Loads the image and sets up its storage: a filesystem ready to serve, and the running
-    /// storage stack (metrics, prefetch) to [`StorageStack::finish`] when serving ends.
-    pub fn open_with_storage(&self) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
-        self.open_inner(false)
+    /// Loads the image (through `share`, when given) and sets up its storage: a filesystem
+    /// ready to serve, and the running storage stack (metrics, prefetch) to
+    /// [`StorageStack::finish`] when serving ends.
+    pub fn open_with_storage(
+        &self,
+        share: Option<&crate::share::BootstrapShare>,
+    ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
+        self.open_inner(false, share)
     }
 
     /// Like [`Self::open_with_storage`]; with `record`, the filesystem records the files read
@@ -185,13 +196,15 @@ impl ImageArgs {
     pub fn open_for(
         &self,
         record: bool,
+        share: Option<&crate::share::BootstrapShare>,
     ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
-        self.open_inner(record)
+        self.open_inner(record, share)
     }
 
     fn open_inner(
         &self,
         record: bool,
+        share: Option<&crate::share::BootstrapShare>,
     ) -> Result<(RafsFs, StorageStack), Box<dyn std::error::Error>> {
         let recorder =
             |b: &Bootstrap| record.then(|| Arc::new(AccessRecorder::new(b.inode_count())));
@@ -217,8 +230,8 @@ impl ImageArgs {
                 Some(d) => Some(cache::BootstrapCache::open(&d)?),
                 None => None,
             };
-            let img = crate::oci::open_image(client, boot_cache.as_ref())?;
-            let b = Arc::new(img.bootstrap);
+            let img = crate::oci::open_image(client, boot_cache.as_ref(), share)?;
+            let b = img.bootstrap;
             tracing::info!(image = %r, format = b.source_format().name(), root = %digest_hex(b.root_digest()), inodes = b.inode_count(), "image fetched and verified");
             let stack = config.open_with_backend(&b, Box::new(img.backend), true)?;
             let fs_opts = RafsFsOptions {
@@ -234,7 +247,7 @@ impl ImageArgs {
             .as_ref()
             .ok_or("give --bootstrap (with --blob-dir or another backend), or --image")?;
         let start = std::time::Instant::now();
-        let b = Arc::new(Bootstrap::load(bootstrap)?);
+        let b = crate::share::load_file(bootstrap, share)?;
         tracing::info!(
             bootstrap = %bootstrap.display(),
             format = b.source_format().name(),
@@ -347,10 +360,10 @@ pub fn read_path_list(path: &std::path::Path) -> Result<Vec<String>, Box<dyn std
 }
 
 impl ImageArgs {
-    /// Loads the image into a filesystem ready to serve; background work (prefetch, metrics
-    /// file) runs on detached. Prefer [`ImageArgs::open_with_storage`].
+    /// Loads the image into a filesystem ready to serve, with a private bootstrap; background
+    /// work (prefetch, metrics file) runs on detached. Prefer [`ImageArgs::open_with_storage`].
     pub fn open(&self) -> Result<RafsFs, Box<dyn std::error::Error>> {
-        Ok(self.open_with_storage()?.0)
+        Ok(self.open_with_storage(None)?.0)
     }
 }
 

@@ -50,8 +50,9 @@ pub struct FuseArgs {
     /// A file listing image paths (one per line) of the --bootstrap image to prefetch first.
     #[arg(long, requires = "bootstrap")]
     pub prefetch_files: Option<PathBuf>,
-    /// FUSE worker threads (1 to 1024).
-    #[arg(long = "thread-num", alias = "fuse-threads", default_value_t = 4)]
+    /// Most FUSE worker threads answering reads that may wait (1 to 1024), started on demand;
+    /// one thread reads the requests and answers those it can from memory.
+    #[arg(long = "thread-num", alias = "fuse-threads", default_value_t = crate::runtime::DEFAULT_WORKERS)]
     pub thread_num: usize,
     /// The daemon's identifier (needed with --supervisor).
     #[arg(long, requires = "supervisor")]
@@ -68,6 +69,9 @@ pub struct FuseArgs {
     /// Log to this file instead of stderr (`.log` is added if the name has no extension).
     #[arg(long, short = 'L')]
     pub log_file: Option<PathBuf>,
+    /// Sharing bootstraps with the node's other daemons.
+    #[command(flatten)]
+    pub share: super::commands::ShareArgs,
     /// Rotate the log file at this many MiB (0: never).
     #[arg(long, default_value_t = 0)]
     pub log_rotation_size: u64,
@@ -247,6 +251,7 @@ pub fn cmd_fuse(a: FuseArgs) -> CmdResult {
     let opts = crate::api::FuseDaemonOptions {
         api_socket: absolute(&a.apisock)?,
         upgrade: a.upgrade,
+        share: a.share.open()?,
         host: HostOptions {
             mountpoint,
             threads: a.thread_num,

@@ -268,6 +268,8 @@ pub struct DaemonFs {
     counters: Counters,
     /// Filesystem options of RAFS mounts.
     fs_opts: RafsFsOptions,
+    /// Where RAFS mounts share their bootstraps with the node's other daemons.
+    share: Option<Arc<crate::share::BootstrapShare>>,
 }
 
 /// Kata's sandbox tree (the name it had before the host daemon existed).
@@ -303,6 +305,7 @@ impl DaemonFs {
             state: AtomicU8::new(DaemonState::Init.to_u8()),
             counters: Counters::default(),
             fs_opts: RafsFsOptions::default(),
+            share: None,
         }
     }
 
@@ -320,6 +323,16 @@ impl DaemonFs {
     /// fails with EIO instead of hanging the reader.
     pub fn with_request_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.fs_opts.request_timeout = timeout;
+        self
+    }
+
+    /// Loads the bootstraps of RAFS mounts made from now on through `share`: one copy in
+    /// memory for the daemons of the node (see [`crate::share`]).
+    pub fn with_bootstrap_share(
+        mut self,
+        share: Option<Arc<crate::share::BootstrapShare>>,
+    ) -> Self {
+        self.share = share;
         self
     }
 
@@ -408,6 +421,7 @@ impl DaemonFs {
             &req.spec,
             &req.prefetch_files,
             self.fs_opts.clone(),
+            self.share.as_deref(),
         )?;
         let vfs_index = match index {
             None => self

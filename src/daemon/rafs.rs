@@ -44,14 +44,15 @@ pub struct OpenedRafs {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Loads `bootstrap` and sets up what `spec` asks for; `prefetch_files` (image paths) are
-/// fetched first when prefetch is on. `fs_opts` are the filesystem options of the caller (the
-/// transport decides, e.g., zero-message open).
+/// Loads `bootstrap` (through `share`: see [`crate::share`]) and sets up what `spec` asks
+/// for; `prefetch_files` (image paths) are fetched first when prefetch is on. `fs_opts` are the
+/// filesystem options of the caller (the transport decides, e.g., zero-message open).
 pub fn open(
     bootstrap: &Path,
     spec: &RafsSpec,
     prefetch_files: &[String],
     fs_opts: RafsFsOptions,
+    share: Option<&crate::share::BootstrapShare>,
 ) -> Result<OpenedRafs, MountError> {
     if !prefetch_files.is_empty() && !spec.prefetch.enable {
         return Err(MountError::Prefetch(
@@ -76,12 +77,11 @@ pub fn open(
     if !bootstrap.exists() {
         return Err(MountError::BootstrapMissing(bootstrap.to_owned()));
     }
-    let image = Arc::new(
-        Bootstrap::load(bootstrap).map_err(|source| MountError::Bootstrap {
+    let image =
+        crate::share::load_file(bootstrap, share).map_err(|source| MountError::Bootstrap {
             path: bootstrap.to_owned(),
             source,
-        })?,
-    );
+        })?;
     let root_digest = digest_hex(image.root_digest());
     let format = image.source_format().name();
     let backend_err = |what: String| MountError::Backend {

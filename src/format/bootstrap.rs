@@ -8,21 +8,48 @@ use std::path::Path;
 use zerocopy::FromBytes;
 
 use super::layout::*;
+use super::sealed::SealedBytes;
 use super::tables::Tables;
 use super::{v6, FormatError, Preserved, SourceFormat};
+
+mod shared;
+
+pub use shared::{ShareKey, SharedError, SHARE_HEADER_LEN};
 
 /// Largest bootstrap this code loads (4 GiB): a bound on what a hostile file can make us read.
 pub const MAX_BOOTSTRAP_SIZE: u64 = 4 << 30;
 
+/// Where a bootstrap's validated bytes live.
+enum Bytes {
+    /// In this process's memory.
+    Owned(Vec<u8>),
+    /// In a sealed memfd, after its share header: memory other daemons of the node may map
+    /// too, and that nobody can change ([`Bootstrap::into_shared`], [`Bootstrap::from_shared`]).
+    Sealed(SealedBytes),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            // A sealed region is at least a header long (checked where it is taken).
+            Bytes::Sealed(s) => s.bytes().get(SHARE_HEADER_LEN..).unwrap_or(&[]),
+        }
+    }
+}
+
 /// A loaded and fully validated bootstrap. Holds the file's bytes once; every accessor is a
 /// view into them.
 pub struct Bootstrap {
-    data: Vec<u8>,
+    data: Bytes,
     format: SourceFormat,
     node_compat: bool,
     preserved: Preserved,
     chunk_size: u32,
     root_digest: [u8; DIGEST_LEN],
+    file_digest: [u8; DIGEST_LEN],
     inodes: Range<usize>,
     dirents: Range<usize>,
     chunks: Range<usize>,
@@ -36,6 +63,7 @@ impl std::fmt::Debug for Bootstrap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bootstrap")
             .field("bytes", &self.data.len())
+            .field("sealed", &matches!(self.data, Bytes::Sealed(_)))
             .field("format", &self.format)
             .field("chunk_size", &self.chunk_size)
             .field("root_digest", &digest_hex(&self.root_digest))
@@ -136,6 +164,11 @@ impl Bootstrap {
 
     /// Validates `data` as a Skiff bootstrap.
     fn from_skiff(data: Vec<u8>, format: SourceFormat) -> Result<Self, FormatError> {
+        Self::validated(Bytes::Owned(data), format)
+    }
+
+    /// Validates `data` as a Skiff bootstrap, wherever it lives.
+    fn validated(data: Bytes, format: SourceFormat) -> Result<Self, FormatError> {
         let (sb, _) = Superblock::read_from_prefix(&data).map_err(|_| FormatError::Truncated {
             len: data.len() as u64,
         })?;
@@ -175,6 +208,7 @@ impl Bootstrap {
             preserved: Preserved::ALL,
             chunk_size,
             root_digest: sb.root_digest,
+            file_digest: sb.file_digest,
             inodes: table_range("inodes", &sb.inodes, size_of::<InodeRecord>(), len)?,
             dirents: table_range("dirents", &sb.dirents, size_of::<DirentRecord>(), len)?,
             chunks: table_range("chunks", &sb.chunks, size_of::<ChunkRecord>(), len)?,
@@ -225,6 +259,12 @@ impl Bootstrap {
     /// Merkle digest of the root directory: the identity of the image's content.
     pub fn root_digest(&self) -> &[u8; DIGEST_LEN] {
         &self.root_digest
+    }
+
+    /// The digest of the Skiff tables' bytes (the superblock's `file_digest`; for a v6
+    /// bootstrap, of the tables it was transcoded into): the identity of the loaded tables.
+    pub fn file_digest(&self) -> &[u8; DIGEST_LEN] {
+        &self.file_digest
     }
 
     /// Size of the bootstrap file in bytes.

@@ -5,6 +5,7 @@
 
 mod bootstrap;
 mod layout;
+pub mod sealed;
 mod tables;
 pub mod v6;
 mod writer;
@@ -12,7 +13,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use bootstrap::{Bootstrap, MAX_BOOTSTRAP_SIZE};
+pub use bootstrap::{Bootstrap, ShareKey, SharedError, MAX_BOOTSTRAP_SIZE, SHARE_HEADER_LEN};
 pub use layout::*;
 pub use tables::Tables;
 pub use writer::BootstrapWriter;

@@ -183,7 +183,7 @@ impl BlobBackend for RegistryBackend {
 /// A Skiff image opened from a registry: its verified bootstrap and a backend for its blobs.
 pub struct RemoteImage {
     /// The loaded, validated bootstrap.
-    pub bootstrap: Bootstrap,
+    pub bootstrap: Arc<Bootstrap>,
     /// The backend serving its blobs.
     pub backend: RegistryBackend,
     /// The manifest's digest.
@@ -194,10 +194,13 @@ pub struct RemoteImage {
 /// sha256 digest, then validated), and maps every blob of the bootstrap to its layer.
 ///
 /// With `cache`, the bootstrap comes from there when an earlier process kept it, and is kept
-/// there after a fetch; processes starting the same image together fetch it once.
+/// there after a fetch; processes starting the same image together fetch it once. With
+/// `share`, the loaded tables are those of another daemon of the node when it has them
+/// (checked, see [`crate::share`]), and offered to the others otherwise.
 pub fn open_image(
     client: RegistryClient,
     cache: Option<&BootstrapCache>,
+    share: Option<&crate::share::BootstrapShare>,
 ) -> Result<RemoteImage, OciError> {
     let (manifest, _, manifest_digest) = client.get_manifest()?;
     let (boot, kind) = bootstrap_layer(&manifest).ok_or_else(|| {
@@ -209,7 +212,7 @@ pub fn open_image(
         ))
     })?;
     let want_root = boot.annotations.get(ANN_ROOT_DIGEST);
-    let load = |layer: &[u8]| -> Result<Bootstrap, OciError> {
+    let load = |layer: &[u8]| -> Result<Arc<Bootstrap>, OciError> {
         let bytes = match kind {
             BootstrapLayer::SkiffZstd => decompress_bootstrap(layer, MAX_BOOTSTRAP_BYTES)?,
             BootstrapLayer::Skiff => layer.to_vec(),
@@ -217,7 +220,7 @@ pub fn open_image(
                 extract_nydus_bootstrap(layer, gzip, MAX_BOOTSTRAP_BYTES)?
             }
         };
-        let bootstrap = Bootstrap::from_bytes(bytes)?;
+        let bootstrap = crate::share::load_bytes(bytes, share)?;
         if let Some(want) = want_root {
             let got = digest_hex(bootstrap.root_digest());
             if &got != want {

@@ -38,6 +38,8 @@ pub enum ThreadKind {
     Fuse,
     /// Periodic bookkeeping: the metrics file.
     Housekeeping,
+    /// Hands this daemon's sealed bootstraps to the node's other daemons (`crate::share`).
+    Share,
 }
 
 impl ThreadKind {
@@ -52,6 +54,7 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::Fuse => "fuse",
             ThreadKind::Housekeeping => "housekeeping",
+            ThreadKind::Share => "share",
         }
     }
 }

@@ -7,14 +7,14 @@
 //!
 //! * the main thread installs the union of every list (plus what setup needs) when the
 //!   sandbox is entered: every thread of the process, whoever starts it (the vhost-user
-//!   library, tiny_http, reqwest's runtime), is under it from birth;
+//!   library, reqwest's runtime), is under it from birth;
 //! * the threads Skiff starts are started by one thread that carries only that union (the
 //!   spawner, [`crate::runtime::threads::start_spawner`]), so each then adds exactly its own
 //!   kind's list: a worker started on behalf of a queue thread is not limited to the queue's
 //!   list, and a queue thread is not widened to a worker's;
 //! * threads a library starts from a thread of some kind carry that kind's list: the
 //!   vhost-user message and queue threads (from the vhost thread; queue threads add the
-//!   queue list on their first event), tiny_http's (from the API thread).
+//!   queue list on their first event).
 //!
 //! A call outside the list raises SIGSYS: the handler writes the call's number and the
 //! thread's kind to stderr and ends the process with status 159 (as a kill would, but saying
@@ -231,6 +231,19 @@ const LEGACY_FILES: &[i64] = &[
 #[cfg(not(target_arch = "x86_64"))]
 const LEGACY_FILES: &[i64] = &[];
 
+/// Sharing bootstraps (`crate::share`): sealing a validated bootstrap into a memfd, and the
+/// share directory's sockets (made under a temporary name, renamed into place, removed), and
+/// the peer's uid against ours.
+const SHARE: &[i64] = &[
+    libc::SYS_geteuid,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_pwrite64,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlinkat,
+];
+
 /// Mounting over the API: the passthrough is set up (its umask, the daemon's ids) and
 /// bootstraps are opened; nothing is mounted in the kernel.
 const MOUNTS: &[i64] = &[
@@ -272,6 +285,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             SOCKETS,
             VHOST,
             MOUNTS,
+            SHARE,
             SETUP,
             LEGACY_FILES,
         ],
@@ -298,12 +312,16 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
             SOCKETS,
             FILE_READ,
             MOUNTS,
+            SHARE,
             LEGACY_FILES,
         ],
         // `skiff mount` reads /dev/fuse (not confined today; the list for when it is).
         ThreadKind::Fuse => &[BASE, EVENTS, FILE_READ, FILE_WRITE, LEGACY_FILES],
         // Writes the metrics file now and then.
         ThreadKind::Housekeeping => &[BASE, FILE_READ, FILE_WRITE, LEGACY_FILES],
+        // Hands sealed bootstraps to the node's other daemons: accepts on the share
+        // directory's sockets, checks the peer, sends a descriptor, removes withdrawn sockets.
+        ThreadKind::Share => &[BASE, EVENTS, SOCKETS, SHARE, LEGACY_FILES],
     };
     let mut all: Vec<i64> = groups.iter().flat_map(|g| g.iter().copied()).collect();
     all.sort_unstable();
@@ -311,7 +329,7 @@ pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
-const KINDS: [ThreadKind; 8] = [
+const KINDS: [ThreadKind; 9] = [
     ThreadKind::Main,
     ThreadKind::Vhost,
     ThreadKind::Queue,
@@ -320,6 +338,7 @@ const KINDS: [ThreadKind; 8] = [
     ThreadKind::Api,
     ThreadKind::Fuse,
     ThreadKind::Housekeeping,
+    ThreadKind::Share,
 ];
 
 /// The compiled filter of every kind.

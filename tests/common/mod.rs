@@ -1066,6 +1066,11 @@ impl Mount {
         }
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         format!(

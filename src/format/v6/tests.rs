@@ -789,3 +789,36 @@ fn a_nid_into_an_inode_that_parses_as_one_is_refused_by_the_overlap_check() {
     let e = refusal(&img.boot);
     assert!(e.contains("overlaps inode nid"), "{e}");
 }
+
+/// Two daemons loading one v6 bootstrap through a share: the second transcodes its own bytes
+/// to check, then keeps the first one's sealed tables; another v6 bootstrap is not given them.
+#[test]
+fn a_v6_bootstrap_is_shared_after_the_taker_transcodes_its_own() {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |b: &Bootstrap| {
+        let fd = b
+            .sealed_fd()
+            .expect("sealed")
+            .try_clone_to_owned()
+            .expect("dup");
+        std::fs::File::from(fd).metadata().expect("fstat").ino()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let boot = sample().write().boot;
+    let first = crate::share::BootstrapShare::open(dir.path()).expect("share");
+    let second = crate::share::BootstrapShare::open(dir.path()).expect("share");
+    let b1 = crate::share::load_bytes(boot.clone(), Some(&first)).expect("first");
+    let b2 = crate::share::load_bytes(boot.clone(), Some(&second)).expect("second");
+    assert_eq!(ino(&b1), ino(&b2), "the second maps the first one's tables");
+    assert_eq!(b2.source_format(), SourceFormat::NydusRafsV6);
+    assert_eq!(b2.preserved(), b1.preserved());
+    assert_eq!(b2.file_digest(), b1.file_digest());
+    let file = b2.lookup(0, b"file").expect("file");
+    assert_eq!(b2.file_chunks(file).len(), 4);
+    // Another tree: its own key, its own copy.
+    let mut t = sample();
+    t.add(0, b"more", node(Kind::File(b"x".to_vec()), 0o644));
+    let b3 = crate::share::load_bytes(t.write().boot, Some(&second)).expect("other");
+    assert_ne!(ino(&b3), ino(&b1));
+    assert!(b3.lookup(0, b"more").is_some());
+}
