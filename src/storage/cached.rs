@@ -844,6 +844,110 @@ mod tests {
         BlobRecord::new_zeroed()
     }
 
+    /// Decode-ahead over a local blob, read as tar reads small files (each chunk whole, in
+    /// stored order): the reads find chunks decoded ahead, what waits decoded ahead stays
+    /// within its share of the memory cache and the cache within its limit, and with every
+    /// fifth chunk's stored bytes damaged, none of those is ever served or cached: their reads
+    /// fail, every other read returns the chunk's bytes.
+    #[test]
+    fn decode_ahead_stays_bounded_and_keeps_verified_chunks_only() {
+        use crate::build::{build, BuildOptions, BuildSource, Compressor};
+        use crate::format::Bootstrap;
+        use crate::storage::backend::localfs::LocalFsBackend;
+        use std::os::unix::fs::FileExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("src");
+        std::fs::create_dir_all(&root).expect("src");
+        for i in 0..300 {
+            let text: String = (0..200 + i)
+                .map(|l| format!("file {i} line {l}\n"))
+                .collect();
+            std::fs::write(root.join(format!("f{i:03}")), text).expect("write");
+        }
+        let (boot_path, blobs) = (dir.path().join("boot"), dir.path().join("blobs"));
+        build(
+            &BuildSource::Dir(root),
+            &BuildOptions {
+                bootstrap: boot_path.clone(),
+                blob_dir: blobs.clone(),
+                chunk_size: 64 * 1024,
+                compressor: Compressor::Lz4,
+                chunk_dicts: Vec::new(),
+                progress: false,
+                io_threads: 0,
+                blob_id_sha256: false,
+                node_compat: false,
+            },
+        )
+        .expect("build");
+        let boot = Arc::new(Bootstrap::load(&boot_path).expect("bootstrap"));
+        let mut chunks: Vec<ChunkRecord> = boot
+            .tables()
+            .chunks
+            .iter()
+            .filter(|c| !c.is_zero())
+            .copied()
+            .collect();
+        chunks.sort_by_key(|c| c.compressed_offset.get());
+        assert!(chunks.len() >= 300, "{} chunks", chunks.len());
+        let blob = boot.blobs()[0];
+        let mem_limit = 64 * 1024;
+        for damaged in [false, true] {
+            let bad = |i: usize| damaged && i % 5 == 2;
+            if damaged {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(blobs.join(digest_hex(&blob.id)))
+                    .expect("blob");
+                for (i, c) in chunks.iter().enumerate().filter(|(i, _)| bad(*i)) {
+                    let at = c.compressed_offset.get() + u64::from(c.compressed_size.get()) / 2;
+                    let mut b = [0u8; 1];
+                    f.read_exact_at(&mut b, at).expect("read");
+                    b[0] ^= 0xff;
+                    f.write_all_at(&b, at).expect("write");
+                    assert!(i < chunks.len());
+                }
+            }
+            let m = Arc::new(Metrics::default());
+            let src = Arc::new(CachedChunkSource::new(
+                LocalFsBackend::new(&blobs),
+                mem_limit,
+                None,
+                m.clone(),
+            ));
+            src.start_decode_ahead(boot.clone());
+            assert!(src.decodes_ahead());
+            for (i, c) in chunks.iter().enumerate() {
+                let got = src.read_chunk_once(&blob, c, &Deadline::after(Duration::from_secs(30)));
+                if bad(i) {
+                    assert!(got.is_err(), "chunk {i}: damaged bytes served");
+                } else {
+                    let d = got.unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+                    assert_eq!(blake3::hash(&d).as_bytes(), &c.digest, "chunk {i}");
+                }
+                assert!(src.memcache.ahead_bytes() <= mem_limit / 2, "chunk {i}");
+                assert!(src.memcache.bytes() <= mem_limit, "chunk {i}");
+                let every = i % 25 == 0 || i + 1 == chunks.len();
+                for (j, d) in chunks.iter().enumerate().filter(|(j, _)| every && bad(*j)) {
+                    let size = d.uncompressed_size.get() as usize;
+                    assert!(
+                        !src.memcache.contains(&d.chunk_digest(), size),
+                        "chunk {j} cached"
+                    );
+                }
+                // Room for the worker, as a reader leaves it between two files.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (decoded, hits) = (
+                m.ahead_decoded.load(Ordering::Relaxed),
+                m.ahead_hits.load(Ordering::Relaxed),
+            );
+            assert!(decoded > 0 && hits > 0, "decoded {decoded}, hits {hits}");
+        }
+    }
+
     #[test]
     fn faults_are_retried_and_wrong_bytes_never_served() {
         let (b, chunks) = image(4, 1000);
