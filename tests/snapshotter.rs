@@ -170,6 +170,9 @@ fn local_snapshot(dir: &Path, tar: &Path) -> std::collections::BTreeMap<Vec<u8>,
 
 /// The snapshotter's layout of one daemon under `root`.
 struct Node {
+    /// Holds `root`: a short directory under /tmp, because the API and supervisor sockets
+    /// under it must fit a socket address (108 bytes) whatever the checkout's path.
+    _short: tempfile::TempDir,
     root: PathBuf,
     work_dir: PathBuf,
     nydusd: PathBuf,
@@ -177,11 +180,16 @@ struct Node {
 
 impl Node {
     fn new(t: &Path) -> Node {
-        let root = t.join("io.containerd.snapshotter.v1.nydus");
+        let short = tempfile::Builder::new()
+            .prefix("skn")
+            .tempdir_in("/tmp")
+            .expect("a directory under /tmp");
+        let root = short.path().join("io.containerd.snapshotter.v1.nydus");
         let work_dir = root.join("cache");
         fs::create_dir_all(&work_dir).expect("cache dir");
         Node {
             nydusd: nydusd_link(t),
+            _short: short,
             root,
             work_dir,
         }
