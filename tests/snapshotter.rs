@@ -879,9 +879,8 @@ fn failover_after_kill_9_keeps_a_streaming_reader_going() {
     assert_eq!(st, 204, "start: {b}\n{}", new.log_text());
     new.wait_state("RUNNING");
     let serving_again = killed.elapsed();
-    // The successor took the connection over inside its sandbox: its FUSE threads started
-    // from the API thread's takeover carry the FUSE list too.
-    assert_confined(new.pid() as u32, HOST_FUSE_CAPS, &["skiff-fuse"]);
+    // The successor took the connection over inside its sandbox: every thread confined.
+    assert_confined(new.pid() as u32, HOST_FUSE_CAPS, &["skiff-api"]);
     let want = s.want.clone();
     let (got, missing, log) = s.finish(&mut new);
     assert_eq!(
