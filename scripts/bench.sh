@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Skiff side by side with its peers, on the same data, in one run:
-#   1. build:   skiff build vs nydus-image create (RAFS v6, lz4_block and zstd), A and B, and
-#               B with A as chunk dictionary;
-#   2. FUSE:    skiff mount vs nydusd (fusedev, localfs + blobcache) vs the plain directory;
-#   3. virtio-fs in the microVM: skiff serve vs nydusd virtiofs vs virtiofsd;
+#   1. build:   skiff build vs nydus-image create (RAFS v6) with the same compressor (lz4 vs
+#               lz4_block, zstd vs zstd), warm and cold page cache, A and B, and B with A as
+#               chunk dictionary;
+#   2. FUSE:    skiff mount vs nydusd (fusedev, the snapshotter's stock config) on the same Nydus
+#               v6 images (zstd and lz4_block), Skiff's own image, and the plain directory;
+#   3. virtio-fs in the microVM: skiff serve (the same v6 image, and its own) vs nydusd
+#               virtiofs vs virtiofsd;
 #   4. cold start over a throttled network: skiff mount --image vs nydusd (registry backend) vs
 #      a full pull + unpack (skopeo + umoci), data B (scripts/bench-net.sh);
 #   5. sharing: 4 skiff processes on one cache vs one (scripts/bench-net.sh);
 #   6. Nydus RAFS v6 images (nydus-image's zstd build of the last dataset) served by Skiff:
-#      bootstrap load time and memory against Skiff's own bootstrap of the same data, and the
-#      cold full tar through skiff mount vs nydusd on the same v6 image.
+#      bootstrap load time and memory against Skiff's own bootstrap of the same data (the cold
+#      tar of the v6 images is in section 2).
+# Timed comparisons are interleaved: run i of every tool before run i+1 of any, the tools'
+# order rotating from run to run, so that a change of load hits all of them alike.
 # Data: A = Debian bookworm minbase, B = A + python3, pip, gcc, g++, make, git, curl
 # (scripts/make-rootfs.sh, cached outside the repo). Medians of --runs runs (default 3).
 # "Cold" = page cache dropped and empty caches. Peers are installed by the scripts/install-*.sh
@@ -26,7 +31,7 @@ while [[ $# -gt 0 ]]; do
         --runs) runs=$2; shift ;;
         --sections) sections=$2; shift ;;
         --report) report=$2; shift ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -46,8 +51,13 @@ virtiofsd=""
 [[ ,$sections, == *,3,* ]] && virtiofsd=$("$repo/scripts/install-virtiofsd.sh" | tail -n 1)
 nydus_image="$tools/nydus-image"
 nydusd="$tools/nydusd"
-cargo build --locked --release --quiet --manifest-path "$repo/Cargo.toml"
-skiff="$repo/target/release/skiff"
+# SKIFF_BENCH_BIN: a skiff binary built before (e.g. one kept aside while the tree changes).
+if [[ -n ${SKIFF_BENCH_BIN:-} ]]; then
+    skiff=$SKIFF_BENCH_BIN
+else
+    cargo build --locked --release --quiet --manifest-path "$repo/Cargo.toml"
+    skiff="$repo/target/release/skiff"
+fi
 
 declare -A data
 data[A]=$("$repo/scripts/make-rootfs.sh" minbase)
@@ -62,6 +72,8 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else p
 # ratio BASE OTHER: how many times OTHER is BASE (e.g. nydus time / skiff time = skiff speed-up).
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f×", b / a; else print "n/a" }'; }
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+# rotated I WORD...: the words rotated left by I (the order of run I of an interleaved comparison).
+rotated() { local i=$1; shift; local n=$# a=("$@") k; for ((k = 0; k < n; k++)); do echo "${a[(i + k) % n]}"; done; }
 # timed CMD...: wall seconds and peak RSS (KiB) of CMD, as "secs kib".
 timed() {
     /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >/dev/null 2>"$work/cmd.err" ||
@@ -101,27 +113,32 @@ dir_bytes() { du -sb "$1" | cut -f1; }
 if [[ ,$sections, == *,1,* ]]; then
     emit "## 1. Build"
     emit
-    emit "| data | tool | compressor | wall s | peak RSS MiB | bootstrap KiB | blobs MiB | skiff speed-up |"
-    emit "|---|---|---|---|---|---|---|---|"
+    emit "Each pair with the same compressor, interleaved (run i of both before run i+1, the order"
+    emit "alternating). Cold: page cache dropped before each build; warm: the source read once"
+    emit "before the timed builds. Speed-up = nydus-image s / skiff s."
+    emit
+    emit "| data | compressor (skiff / nydus-image) | cache | skiff s | nydus-image s | skiff speed-up | skiff RSS MiB | nydus RSS MiB | skiff blobs MiB | nydus blobs MiB |"
+    emit "|---|---|---|---|---|---|---|---|---|---|"
     for d in "${datasets[@]}"; do
-        # Skiff compresses with lz4 only; nydus-image's zstd build is shown for reference.
-        for variant in skiff:lz4 nydus:lz4_block nydus:zstd; do
-            tool=${variant%%:*} comp=${variant#*:}
-            dir="$work/build-$tool-$d-${comp%%_*}"
-            : >"$work/runs"
-            for _ in $(seq "$runs"); do
-                drop_caches
-                "build_$tool" "$d" "$comp" "$dir" >>"$work/runs"
+        for pair in lz4:lz4_block zstd:zstd; do
+            sc=${pair%%:*} nc=${pair#*:}
+            for cache_state in cold warm; do
+                : >"$work/runs-skiff"; : >"$work/runs-nydus"
+                [[ $cache_state == warm ]] && tar cf - -C "${data[$d]}" . | wc -c >/dev/null
+                for i in $(seq "$runs"); do
+                    for tool in $(rotated "$i" skiff nydus); do
+                        [[ $cache_state == cold ]] && drop_caches
+                        if [[ $tool == skiff ]]; then
+                            build_skiff "$d" "$sc" "$work/build-skiff-$d-$sc" >>"$work/runs-skiff"
+                        else
+                            build_nydus "$d" "$nc" "$work/build-nydus-$d-${nc%%_*}" >>"$work/runs-nydus"
+                        fi
+                    done
+                done
+                ts=$(awk '{print $1}' "$work/runs-skiff" | median) tn=$(awk '{print $1}' "$work/runs-nydus" | median)
+                ms=$(awk '{print $2}' "$work/runs-skiff" | median) mn=$(awk '{print $2}' "$work/runs-nydus" | median)
+                emit "| $d | $sc / $nc | $cache_state | $ts | $tn | $(ratio "$ts" "$tn") | $(awk -v k="$ms" 'BEGIN{printf "%.0f", k/1024}') | $(awk -v k="$mn" 'BEGIN{printf "%.0f", k/1024}') | $(mib "$(dir_bytes "$work/build-skiff-$d-$sc/blobs")") | $(mib "$(dir_bytes "$work/build-nydus-$d-${nc%%_*}/blobs")") |"
             done
-            t=$(awk '{print $1}' "$work/runs" | median)
-            m=$(awk '{print $2}' "$work/runs" | median)
-            [[ $tool == skiff ]] && t_skiff=$t
-            row="| $d | $tool | $comp | $t | $(awk -v k="$m" 'BEGIN{printf "%.0f", k/1024}') | $(( $(stat -c %s "$dir/boot") / 1024 )) | $(mib "$(dir_bytes "$dir/blobs")") |"
-            if [[ $variant == nydus:lz4_block ]]; then
-                emit "$row $(ratio "$t_skiff" "$t") |"
-            else
-                emit "$row |"
-            fi
         done
     done
     if [[ $quick -eq 0 ]]; then
@@ -145,30 +162,39 @@ fi
 # --- 2. FUSE on the host ----------------------------------------------------------------------
 mnt="$work/mnt"
 mkdir -p "$mnt"
+# nydusd's config as nydus-snapshotter writes it (misc/snapshotter/nydusd-config.fusedev.json),
+# with a localfs backend over the blob directory: blobcache, no digest validation, amplify_io
+# 1 MiB, fs_prefetch on with prefetch_all and 8 threads.
 nydus_config() { # BLOBDIR CACHEDIR
     cat <<EOF
 {"device":{"backend":{"type":"localfs","config":{"dir":"$1"}},
- "cache":{"type":"blobcache","config":{"work_dir":"$2"}}},
- "mode":"direct","digest_validate":false,"iostats_files":false,"enable_xattr":true}
+ "cache":{"type":"blobcache","config":{"work_dir":"$2","disable_indexed_map":false}}},
+ "mode":"direct","digest_validate":false,"iostats_files":false,"enable_xattr":true,
+ "amplify_io":1048576,
+ "fs_prefetch":{"enable":true,"prefetch_all":true,"threads_count":8,"merging_size":1048576}}
 EOF
 }
-start_fuse() { # TOOL DATASET [NYDUS_BUILD] -> sets fuse_pid, fuse_root
-    local d=$2 nb=${3:-$work/build-nydus-$2-lz4}
+# The images section 2 serves, built if section 1 did not: the Nydus v6 images (nydus-image's
+# default zstd, and lz4_block) and Skiff's own (lz4).
+fuse_images() { # DATASET
+    local d=$1
+    [[ -s $work/build-nydus-$d-zstd/boot ]] || build_nydus "$d" zstd "$work/build-nydus-$d-zstd" >/dev/null
+    [[ -s $work/build-nydus-$d-lz4/boot ]] || build_nydus "$d" lz4_block "$work/build-nydus-$d-lz4" >/dev/null
+    [[ -s $work/build-skiff-$d-lz4/boot ]] || build_skiff "$d" lz4 "$work/build-skiff-$d-lz4" >/dev/null
+}
+start_fuse() { # TOOL DATASET [IMAGE_DIR] -> sets fuse_pid, fuse_root
+    local d=$2 img=${3:-}
     case "$1" in
         plain) fuse_pid=""; fuse_root=${data[$d]}; return ;;
         skiff)
-            "$skiff" mount --bootstrap "$work/build-skiff-$d-lz4/boot" \
-                --blob-dir "$work/build-skiff-$d-lz4/blobs" "$mnt" 2>"$work/fuse.log" &
-            fuse_pid=$! ;;
-        skiff-v6) # Skiff serving the Nydus image itself
-            "$skiff" mount --bootstrap "$nb/boot" --blob-dir "$nb/blobs" "$mnt" \
+            "$skiff" mount --bootstrap "$img/boot" --blob-dir "$img/blobs" "$mnt" \
                 2>"$work/fuse.log" &
             fuse_pid=$! ;;
         nydusd)
             rm -rf "$work/nydus-cache"; mkdir -p "$work/nydus-cache"
-            nydus_config "$nb/blobs" "$work/nydus-cache" >"$work/nydusd.json"
+            nydus_config "$img/blobs" "$work/nydus-cache" >"$work/nydusd.json"
             "$nydusd" --config "$work/nydusd.json" --mountpoint "$mnt" \
-                --bootstrap "$nb/boot" --log-level warn --rlimit-nofile 0 \
+                --bootstrap "$img/boot" --log-level warn --rlimit-nofile 0 \
                 2>"$work/fuse.log" &
             fuse_pid=$! ;;
     esac
@@ -189,21 +215,33 @@ secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); aw
 if [[ ,$sections, == *,2,* ]]; then
     emit "## 2. FUSE on the host"
     emit
-    emit "Cold: page cache dropped, fresh daemon and empty nydus blobcache before each workload."
+    emit "The same Nydus v6 images (nydus-image's default zstd, and lz4_block) served by skiff mount"
+    emit "and by nydusd with the snapshotter's stock config (localfs backend, blobcache,"
+    emit "\`digest_validate\` false, \`amplify_io\` 1 MiB, \`fs_prefetch\` with \`prefetch_all\` and 8"
+    emit "threads); Skiff verifies every chunk. \"own\" is skiff mount of Skiff's own image of the"
+    emit "same data (lz4), compared with nydusd on the lz4_block image. Cold: page cache dropped,"
+    emit "fresh daemon and empty blobcache before each workload; warm: the second of two \`tar\`s."
+    emit "Interleaved: run i of every tool before run i+1, in rotating order. Ratios: nydusd s /"
+    emit "skiff s (above 1× means Skiff is faster)."
     emit
+    # tool:image pairs; the image's key names its directory.
+    fuse_tools=(plain:- skiff:zstd nydusd:zstd skiff:lz4 nydusd:lz4 skiff:own)
     for d in "${datasets[@]}"; do
+        fuse_images "$d"
+        declare -A img=([zstd]=$work/build-nydus-$d-zstd [lz4]=$work/build-nydus-$d-lz4 [own]=$work/build-skiff-$d-lz4 [-]="")
         big=$(find "${data[$d]}" -type f -printf '%s %P\n' | sort -n | tail -n 1 | cut -d' ' -f2-)
-        emit "Data $d; big file: /$big ($(mib "$(stat -c %s "${data[$d]}/$big")") MiB)."
+        emit "Data $d; big file: /$big ($(mib "$(stat -c %s "${data[$d]}/$big")") MiB); load at start: $(cut -d' ' -f1-3 /proc/loadavg)."
         emit
-        emit "| workload | plain dir s | skiff s | nydusd s | skiff vs nydusd |"
-        emit "|---|---|---|---|---|"
+        emit "| workload | plain dir s | skiff v6 zstd s | nydusd v6 zstd s | ratio | skiff v6 lz4 s | nydusd v6 lz4 s | ratio | skiff own s | own vs nydusd v6 lz4 |"
+        emit "|---|---|---|---|---|---|---|---|---|---|"
         declare -A res=()
+        for t in "${fuse_tools[@]}"; do : >"$work/hwm-$t"; done
         for w in find stat tar_cold tar_warm big_cold; do
-            for tool in plain skiff nydusd; do
-                : >"$work/runs"
-                for _ in $(seq "$runs"); do
+            for t in "${fuse_tools[@]}"; do : >"$work/runs-$t"; done
+            for i in $(seq "$runs"); do
+                for t in $(rotated "$i" "${fuse_tools[@]}"); do
                     drop_caches
-                    start_fuse "$tool" "$d"
+                    start_fuse "${t%%:*}" "$d" "${img[${t#*:}]}"
                     r=$fuse_root
                     case "$w" in
                         find) secs sh -c "find '$r' | wc -l" ;;
@@ -212,18 +250,23 @@ if [[ ,$sections, == *,2,* ]]; then
                         tar_warm) secs sh -c "tar cf - -C '$r' . | wc -c" >/dev/null
                                   secs sh -c "tar cf - -C '$r' . | wc -c" ;;
                         big_cold) secs cat "$r/$big" ;;
-                    esac >>"$work/runs"
-                    echo >>"$work/runs"
+                    esac >>"$work/runs-$t"
+                    echo >>"$work/runs-$t"
                     stop_fuse
-                    [[ $tool != plain ]] && echo "$fuse_hwm" >>"$work/hwm-$tool"
+                    [[ $t != plain:- ]] && echo "$fuse_hwm" >>"$work/hwm-$t"
                 done
-                res[$w,$tool]=$(grep -v '^$' "$work/runs" | median)
             done
-            emit "| $w | ${res[$w,plain]} | ${res[$w,skiff]} | ${res[$w,nydusd]} | $(ratio "${res[$w,skiff]}" "${res[$w,nydusd]}") faster |"
+            for t in "${fuse_tools[@]}"; do res[$w,$t]=$(grep -v '^$' "$work/runs-$t" | median); done
+            emit "| $w | ${res[$w,plain:-]} | ${res[$w,skiff:zstd]} | ${res[$w,nydusd:zstd]} | $(ratio "${res[$w,skiff:zstd]}" "${res[$w,nydusd:zstd]}") | ${res[$w,skiff:lz4]} | ${res[$w,nydusd:lz4]} | $(ratio "${res[$w,skiff:lz4]}" "${res[$w,nydusd:lz4]}") | ${res[$w,skiff:own]} | $(ratio "${res[$w,skiff:own]}" "${res[$w,nydusd:lz4]}") |"
         done
-        hs=$(median <"$work/hwm-skiff"); hn=$(median <"$work/hwm-nydusd")
-        rm -f "$work/hwm-skiff" "$work/hwm-nydusd"
-        emit "| daemon peak RSS MiB | | $(mib $((hs * 1024))) | $(mib $((hn * 1024))) | $(ratio "$hs" "$hn") smaller |"
+        declare -A hwm=()
+        for t in "${fuse_tools[@]}"; do
+            [[ $t == plain:- ]] && continue
+            hwm[$t]=$(median <"$work/hwm-$t")
+        done
+        emit "| daemon peak RSS MiB (VmHWM) | | $(mib $((hwm[skiff:zstd] * 1024))) | $(mib $((hwm[nydusd:zstd] * 1024))) | $(ratio "${hwm[skiff:zstd]}" "${hwm[nydusd:zstd]}") | $(mib $((hwm[skiff:lz4] * 1024))) | $(mib $((hwm[nydusd:lz4] * 1024))) | $(ratio "${hwm[skiff:lz4]}" "${hwm[nydusd:lz4]}") | $(mib $((hwm[skiff:own] * 1024))) | $(ratio "${hwm[skiff:own]}" "${hwm[nydusd:lz4]}") |"
+        emit
+        emit "Load at end: $(cut -d' ' -f1-3 /proc/loadavg)."
         emit
     done
 fi
@@ -245,17 +288,17 @@ if [ -x "\$SKIFF_MNT/usr/bin/python3" ]; then
 fi
 echo "BENCH find=\$(echo "\$t0 \$t1" | awk '{print \$2-\$1}') big=\$(echo "\$t1 \$t2" | awk '{print \$2-\$1}') tar=\$(echo "\$t2 \$t3" | awk '{print \$2-\$1}') python=\$py"
 EOF
-    vm_one() { # TOOL -> "mount_ms find big tar python rss_kib"
-        local tool=$1 sock="$work/vm.sock" pid
+    fuse_images "$d"
+    vm_one() { # TOOL IMAGE_DIR -> "mount_ms find big tar python rss_kib"
+        local tool=$1 img=$2 sock="$work/vm.sock" pid
         rm -f "$sock"; drop_caches
         case "$tool" in
-            skiff) "$skiff" serve --bootstrap "$work/build-skiff-$d-lz4/boot" \
-                       --blob-dir "$work/build-skiff-$d-lz4/blobs" --socket "$sock" --tag bench \
-                       2>"$work/vm-daemon.log" & ;;
+            skiff) "$skiff" serve --bootstrap "$img/boot" --blob-dir "$img/blobs" \
+                       --socket "$sock" --tag bench 2>"$work/vm-daemon.log" & ;;
             nydusd) rm -rf "$work/nydus-cache"; mkdir -p "$work/nydus-cache"
-                    nydus_config "$work/build-nydus-$d-lz4/blobs" "$work/nydus-cache" >"$work/nydusd.json"
+                    nydus_config "$img/blobs" "$work/nydus-cache" >"$work/nydusd.json"
                     "$nydusd" virtiofs --config "$work/nydusd.json" --sock "$sock" \
-                        --bootstrap "$work/build-nydus-$d-lz4/boot" --log-level warn \
+                        --bootstrap "$img/boot" --log-level warn \
                         --rlimit-nofile 0 2>"$work/vm-daemon.log" & ;;
             virtiofsd) "$virtiofsd" --socket-path="$sock" --shared-dir="${data[$d]}" \
                            --sandbox=none --cache=always 2>"$work/vm-daemon.log" & ;;
@@ -276,22 +319,31 @@ EOF
         echo "$m $b $(cat "$work/vm.hwm" 2>/dev/null || echo 0)"
         rm -f "$work/vm.hwm"
     }
-    declare -A vm=()
-    for tool in skiff nydusd virtiofsd; do
-        : >"$work/runs"
-        for _ in $(seq "$runs"); do vm_one "$tool" >>"$work/runs"; done
-        for c in 1 2 3 4 5 6; do vm[$tool,$c]=$(awk -v c="$c" '{print $c}' "$work/runs" | median); done
+    declare -A vm=() vimg=([zstd]=$work/build-nydus-$d-zstd [own]=$work/build-skiff-$d-lz4 [-]=${data[$d]})
+    vm_tools=(skiff:zstd nydusd:zstd virtiofsd:- skiff:own)
+    for t in "${vm_tools[@]}"; do : >"$work/runs-vm-$t"; done
+    for i in $(seq "$runs"); do
+        for t in $(rotated "$i" "${vm_tools[@]}"); do
+            vm_one "${t%%:*}" "${vimg[${t#*:}]}" >>"$work/runs-vm-$t"
+        done
     done
-    emit "Data $d; big file /$big. Times in seconds in the guest, except the mount."
+    for t in "${vm_tools[@]}"; do
+        for c in 1 2 3 4 5 6; do vm[$t,$c]=$(awk -v c="$c" '{print $c}' "$work/runs-vm-$t" | median); done
+    done
+    emit "Data $d; big file /$big. Skiff and nydusd serve the same Nydus v6 image (nydus-image's"
+    emit "default zstd; nydusd with the snapshotter's stock config), \"own\" is skiff serve of Skiff's"
+    emit "own lz4 image, virtiofsd shares the directory. One vCPU under TCG: QEMU's vCPU thread"
+    emit "and the daemon share the 2 host cores. Times in seconds in the guest, except the mount;"
+    emit "interleaved runs, medians. Ratios: the peer's figure over Skiff's (above 1× means Skiff is"
+    emit "faster or smaller)."
     emit
-    emit "| measure | skiff | nydusd | virtiofsd | skiff vs nydusd | skiff vs virtiofsd |"
-    emit "|---|---|---|---|---|---|"
+    emit "| measure | skiff v6 | nydusd v6 | virtiofsd | skiff own | skiff v6 vs nydusd | skiff v6 vs virtiofsd | own vs virtiofsd |"
+    emit "|---|---|---|---|---|---|---|---|"
     names=("" "QEMU start to mounted, ms" "find" "big file" "full read (tar)" "python3 print(1)" "daemon RSS without guest RAM, KiB")
     for c in 1 2 3 4 5 6; do
-        emit "| ${names[$c]} | ${vm[skiff,$c]} | ${vm[nydusd,$c]} | ${vm[virtiofsd,$c]} | $(ratio "${vm[skiff,$c]}" "${vm[nydusd,$c]}") | $(ratio "${vm[skiff,$c]}" "${vm[virtiofsd,$c]}") |"
+        emit "| ${names[$c]} | ${vm[skiff:zstd,$c]} | ${vm[nydusd:zstd,$c]} | ${vm[virtiofsd:-,$c]} | ${vm[skiff:own,$c]} | $(ratio "${vm[skiff:zstd,$c]}" "${vm[nydusd:zstd,$c]}") | $(ratio "${vm[skiff:zstd,$c]}" "${vm[virtiofsd:-,$c]}") | $(ratio "${vm[skiff:own,$c]}" "${vm[virtiofsd:-,$c]}") |"
     done
     emit
-    emit "Ratios: the peer's figure over Skiff's (above 1× means Skiff is faster or smaller)."
 fi
 
 # --- 4. and 5. Over a network ----------------------------------------------------------------
@@ -332,31 +384,6 @@ if [[ ,$sections, == *,6,* ]]; then
         [[ $name == skiff ]] && tr="-" va="(in load)"
         emit "| $name | $(( $(stat -c %s "$dir/boot") / 1024 )) | $(( held / 1024 )) | $t | $tr | $va | $(mib $((m * 1024))) |"
     done
-    emit
-    emit "Cold full \`tar\` of the same v6 image through FUSE: page cache dropped, fresh daemon, empty"
-    emit "nydus blobcache; nydusd with the snapshotter's settings (localfs backend, blobcache,"
-    emit "\`digest_validate: false\`), Skiff verifying every chunk."
-    emit
-    emit "For context, the last column is skiff mount of Skiff's own image of the same data (lz4),"
-    emit "in the same run."
-    emit
-    emit "| workload | skiff mount s | nydusd s | skiff vs nydusd | skiff peak RSS MiB | nydusd peak RSS MiB | skiff, own image s |"
-    emit "|---|---|---|---|---|---|---|"
-    declare -A v6res=()
-    for tool in skiff-v6 nydusd skiff; do
-        : >"$work/runs"; : >"$work/hwm"
-        for _ in $(seq "$runs"); do
-            drop_caches
-            start_fuse "$tool" "$d" "$v6"
-            secs sh -c "tar cf - -C '$fuse_root' . | wc -c" >>"$work/runs"
-            echo >>"$work/runs"
-            stop_fuse
-            echo "$fuse_hwm" >>"$work/hwm"
-        done
-        v6res[$tool]=$(grep -v '^$' "$work/runs" | median)
-        v6res[$tool,hwm]=$(median <"$work/hwm")
-    done
-    emit "| tar_cold | ${v6res[skiff-v6]} | ${v6res[nydusd]} | $(ratio "${v6res[skiff-v6]}" "${v6res[nydusd]}") faster | $(mib $((v6res[skiff-v6,hwm] * 1024))) | $(mib $((v6res[nydusd,hwm] * 1024))) | ${v6res[skiff]} |"
     emit
 fi
 

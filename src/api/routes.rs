@@ -318,6 +318,9 @@ fn total(v: &[(String, MetricsSnapshot)]) -> MetricsSnapshot {
         t.prefetch_complete &= s.prefetch_complete;
         t.fs_reads += s.fs_reads;
         t.fs_read_bytes += s.fs_read_bytes;
+        t.ahead_decoded += s.ahead_decoded;
+        t.ahead_hits += s.ahead_hits;
+        t.ahead_wasted += s.ahead_wasted;
         t.fetch_latency_sum_seconds += s.fetch_latency_sum_seconds;
     }
     t

@@ -463,13 +463,18 @@ pub struct MountArgs {
     pub image: ImageArgs,
     /// Where to mount.
     pub mountpoint: PathBuf,
-    /// Worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Threads reading requests from /dev/fuse; one is enough (they answer from memory, and
+    /// hand reads that may wait to the workers).
+    #[arg(long, default_value_t = 1)]
     pub threads: usize,
     /// Record the files read, in first-read order, into this prefetch list (written at
     /// start, every second while it grows, and at exit; see `skiff record`).
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+    /// Most worker threads answering reads that may wait (on a disk, the network): how many
+    /// may be in flight at once before another waits for a worker. Started on demand.
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_WORKERS)]
+    pub thread_num: usize,
 }
 
 /// Threshold above which glibc serves an allocation with its own mmap (and returns it to the
@@ -501,6 +506,17 @@ pub(crate) fn tune_allocator() {
 pub fn cmd_mount(a: MountArgs) -> CmdResult {
     tune_allocator();
     // Before the storage starts its threads, so that they belong to the daemon.
+    if !(1..=crate::runtime::MAX_WORKERS).contains(&a.threads)
+        || !(1..=crate::runtime::MAX_WORKERS).contains(&a.thread_num)
+    {
+        return Err(format!(
+            "--threads {} and --thread-num {}: each 1 to {}",
+            a.threads,
+            a.thread_num,
+            crate::runtime::MAX_WORKERS
+        )
+        .into());
+    }
     let exit = crate::runtime::start_daemon()?;
     let share = a.image.share.open()?;
     let (fs, storage) = a.image.open_for(a.record.is_some(), share.as_deref())?;
@@ -510,10 +526,13 @@ pub fn cmd_mount(a: MountArgs) -> CmdResult {
     };
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let served = crate::fuse::serve_until(
-        fs,
+        Arc::new(fs),
         &crate::fuse::MountOptions {
             mountpoint: a.mountpoint,
-            threads: a.threads,
+            threads: crate::fuse::FuseThreads {
+                readers: a.threads,
+                workers: a.thread_num,
+            },
         },
         &exit,
     );

@@ -70,6 +70,10 @@ pub struct StorageArgs {
     /// Write storage metrics as JSON to this file (every second and at exit).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// Do not decode and verify the chunks that follow a read ahead of need (see
+    /// docs/cache.md, decode-ahead).
+    #[arg(long)]
+    pub no_decode_ahead: bool,
 }
 
 impl StorageArgs {
@@ -168,6 +172,9 @@ impl StorageArgs {
         }
         if let Some(m) = &self.metrics_file {
             c.metrics_file = Some(m.clone());
+        }
+        if self.no_decode_ahead {
+            c.decode_ahead = Some(false);
         }
         Ok(c)
     }

@@ -50,8 +50,9 @@ pub struct FuseArgs {
     /// A file listing image paths (one per line) of the --bootstrap image to prefetch first.
     #[arg(long, requires = "bootstrap")]
     pub prefetch_files: Option<PathBuf>,
-    /// FUSE worker threads (1 to 1024).
-    #[arg(long = "thread-num", alias = "fuse-threads", default_value_t = 4)]
+    /// Most FUSE worker threads answering reads that may wait (1 to 1024), started on demand;
+    /// one thread reads the requests and answers those it can from memory.
+    #[arg(long = "thread-num", alias = "fuse-threads", default_value_t = crate::runtime::DEFAULT_WORKERS)]
     pub thread_num: usize,
     /// The daemon's identifier (needed with --supervisor).
     #[arg(long, requires = "supervisor")]

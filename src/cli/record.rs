@@ -37,8 +37,9 @@ pub struct RecordArgs {
     /// by hand on --mountpoint; with a command, the longest it may run (then it gets SIGTERM).
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     pub until: Option<Duration>,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Most FUSE worker threads answering reads that may wait, started on demand (one thread
+    /// reads the requests and answers those it can from memory).
+    #[arg(long, default_value_t = crate::runtime::DEFAULT_WORKERS)]
     pub threads: usize,
     /// The workload, after `--`: run once the image is mounted, with `{}` in its arguments
     /// replaced by the mountpoint and $SKIFF_RECORD_MOUNT set to it; recording ends when it
@@ -161,6 +162,14 @@ pub fn cmd_record(a: RecordArgs) -> CmdResult {
                 .into(),
         );
     }
+    if !(1..=crate::runtime::MAX_WORKERS).contains(&a.threads) {
+        return Err(format!(
+            "--threads {}: 1 to {}",
+            a.threads,
+            crate::runtime::MAX_WORKERS
+        )
+        .into());
+    }
     super::commands::tune_allocator();
     let exit = crate::runtime::start_daemon()?;
     let (own, mnt) = match &a.mountpoint {
@@ -176,7 +185,10 @@ pub fn cmd_record(a: RecordArgs) -> CmdResult {
     let _signals = crate::runtime::SignalGuard::install(&exit)?;
     let opts = crate::fuse::MountOptions {
         mountpoint: mnt.clone(),
-        threads: a.threads,
+        threads: crate::fuse::FuseThreads {
+            readers: 1,
+            workers: a.threads,
+        },
     };
     let served = std::sync::Arc::new(std::sync::Mutex::new(None));
     let (exit2, served2) = (exit.clone(), served.clone());
@@ -184,7 +196,7 @@ pub fn cmd_record(a: RecordArgs) -> CmdResult {
         crate::runtime::ThreadKind::Fuse,
         "skiff-record-fuse",
         move || {
-            let r = crate::fuse::serve_until(fs, &opts, &exit2);
+            let r = crate::fuse::serve_until(std::sync::Arc::new(fs), &opts, &exit2);
             // A mount that fails (or ends) ends the recording.
             exit2.notify(ExitReason::Requested);
             *crate::util::sync::lock(&served2) = Some(r);

@@ -42,7 +42,8 @@ pub type ConfigParser = fn(&str) -> Result<RafsSpec, String>;
 pub struct HostOptions {
     /// The FUSE mountpoint.
     pub mountpoint: PathBuf,
-    /// FUSE worker threads.
+    /// FUSE worker threads (`--thread-num`): the most reads that may wait at once (see
+    /// [`crate::fuse::FuseThreads`]); one thread reads the requests.
     pub threads: usize,
     /// See [`FailoverPolicy`].
     pub failover_policy: FailoverPolicy,
@@ -145,7 +146,10 @@ impl HostDaemon {
             &self.opts.mountpoint,
             FSNAME,
             self.fs.vfs(),
-            self.opts.threads,
+            crate::fuse::FuseThreads {
+                readers: 1,
+                workers: self.opts.threads,
+            },
             true,
             Some(self.exit.clone()),
         )
@@ -279,7 +283,10 @@ impl Lifecycle for HostDaemon {
             FSNAME,
             self.fs.vfs(),
             file,
-            self.opts.threads,
+            crate::fuse::FuseThreads {
+                readers: 1,
+                workers: self.opts.threads,
+            },
             Some(self.exit.clone()),
         )
         .map_err(LifecycleError::Fuse)?;

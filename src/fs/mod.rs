@@ -160,8 +160,8 @@ impl RafsFs {
         source: Arc<dyn ChunkSource>,
         opts: RafsFsOptions,
     ) -> Self {
-        let readahead = opts
-            .readahead
+        // A source that decodes ahead by itself needs no hints (and no thread) for it.
+        let readahead = (opts.readahead && !source.decodes_ahead())
             .then(|| spawn_readahead(source.clone(), opts.request_timeout))
             .flatten();
         Self {
@@ -473,6 +473,51 @@ impl RafsFs {
             next += 1;
         }
         Ok(())
+    }
+}
+
+/// Whether a READ can be answered at once, from memory: a transport answers such reads on
+/// the thread that read them (no hand-over, no wake-up of another thread) and hands the others
+/// to workers, so that a read waiting on a disk or the network holds up no other request.
+/// Every other request of a read-only image is answered from the bootstrap in memory.
+pub trait ReadReadiness {
+    /// Whether a read of `size` bytes of inode `ino` from `offset` needs no wait now (a hint:
+    /// the answer may have changed by the time the read runs, which only costs that read the
+    /// wait it would have had anyway). A read that will fail at once counts as ready.
+    fn read_ready(&self, ino: u64, offset: u64, size: u32) -> bool;
+}
+
+impl<T: ReadReadiness + ?Sized> ReadReadiness for Arc<T> {
+    fn read_ready(&self, ino: u64, offset: u64, size: u32) -> bool {
+        (**self).read_ready(ino, offset, size)
+    }
+}
+
+/// A `Vfs` (the daemons' mounts under one root) does not say which of its filesystems an
+/// inode belongs to: its reads always go to a worker.
+impl ReadReadiness for fuse_backend_rs::api::Vfs {
+    fn read_ready(&self, _ino: u64, _offset: u64, _size: u32) -> bool {
+        false
+    }
+}
+
+impl ReadReadiness for RafsFs {
+    fn read_ready(&self, ino: u64, offset: u64, size: u32) -> bool {
+        let Ok((index, rec)) = self.inode(ino) else {
+            return true;
+        };
+        let file_size = rec.size.get();
+        if rec.kind() != Some(InodeKind::Regular) || offset >= file_size || size == 0 {
+            return true;
+        }
+        let end = file_size.min(offset.saturating_add(u64::from(size)));
+        let chunk_size = u64::from(self.bootstrap.chunk_size()).max(1);
+        let chunks = self.bootstrap.file_chunks(index);
+        (offset / chunk_size..=(end - 1) / chunk_size).all(|ci| {
+            chunks
+                .get(ci as usize)
+                .is_none_or(|c| c.is_zero() || self.source.is_ready(c))
+        })
     }
 }
 

@@ -1,6 +1,6 @@
-//! A FUSE session and its worker threads, which can be started and stopped separately from the
-//! mount: the host daemon hands the `/dev/fuse` connection to a successor without unmounting,
-//! and a successor serves a connection it did not mount.
+//! A FUSE session, its reader threads and its worker pool, which can be started and stopped
+//! separately from the mount: the host daemon hands the `/dev/fuse` connection to a successor
+//! without unmounting, and a successor serves a connection it did not mount.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -8,15 +8,43 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{FuseSession, FuseSessionExt};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::channel::{ChannelReader, ReaderEnd};
 use super::FuseError;
+use crate::fs::ReadReadiness;
+use crate::runtime::pool::WorkerPool;
 use crate::runtime::threads::{self as rt_threads, ThreadKind};
 use crate::runtime::{ExitEvent, ExitReason};
 use crate::util::sync::lock;
+
+/// How long [`FuseService::stop`] waits for the reads workers are answering (each has a
+/// deadline of its own, 30 s by default): then it goes on, and a reply that comes later is
+/// still written to the connection.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The threads of a FUSE service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FuseThreads {
+    /// Threads reading requests from `/dev/fuse` (1 is enough: see `channel`).
+    pub readers: usize,
+    /// Most workers answering reads that may wait, started on demand (see `runtime::pool`).
+    pub workers: usize,
+}
+
+impl Default for FuseThreads {
+    fn default() -> Self {
+        Self {
+            readers: 1,
+            workers: crate::runtime::DEFAULT_WORKERS,
+        }
+    }
+}
 
 /// A failed notification, in the shape `try_with_writer` wants.
 struct ResendError(String);
@@ -27,23 +55,31 @@ impl From<fuse_backend_rs::transport::Error> for ResendError {
     }
 }
 
-/// A FUSE connection served by a pool of workers.
+/// A FUSE connection served by reader threads and a pool of workers.
 pub struct FuseService<F: FileSystem + Send + Sync + 'static> {
     mountpoint: PathBuf,
     session: Mutex<Option<FuseSession>>,
+    /// A handle to the filesystem the server serves, asked whether reads are ready.
+    fs: F,
     server: Arc<Server<F>>,
-    threads: usize,
-    workers: Mutex<Vec<JoinHandle<()>>>,
-    /// Set when a worker ends by itself: the filesystem was unmounted from outside, or the
+    threads: FuseThreads,
+    /// The reader threads.
+    readers: Mutex<Vec<JoinHandle<()>>>,
+    /// The running readers' stop event and worker pool.
+    running: Mutex<Option<(Arc<EventFd>, Arc<WorkerPool>)>>,
+    /// Set when a reader ends by itself: the filesystem was unmounted from outside, or the
     /// connection failed.
     ended: Arc<AtomicBool>,
-    /// Set while [`Self::stop`] wakes the workers (their ending is then no news).
+    /// Set while [`Self::stop`] stops the readers (their ending is then no news).
     stopping: Arc<AtomicBool>,
-    /// Told when a worker ends by itself: the daemon has nothing left to serve.
+    /// Told when a reader ends by itself: the daemon has nothing left to serve.
     exit: Option<ExitEvent>,
 }
 
-impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
+impl<F> FuseService<F>
+where
+    F: FileSystem + ReadReadiness + Clone + Send + Sync + 'static,
+{
     fn session_err(mountpoint: &Path, what: String) -> FuseError {
         FuseError::Session {
             mountpoint: mountpoint.display().to_string(),
@@ -56,7 +92,7 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         mountpoint: &Path,
         fsname: &str,
         fs: F,
-        threads: usize,
+        threads: FuseThreads,
         allow_other: bool,
         exit: Option<ExitEvent>,
     ) -> Result<Self, FuseError> {
@@ -78,11 +114,11 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         fsname: &str,
         fs: F,
         file: File,
-        threads: usize,
+        threads: FuseThreads,
         exit: Option<ExitEvent>,
     ) -> Result<Self, FuseError> {
         // The descriptor shares its open file description with the predecessor's, which the
-        // session opened non-blocking; make sure, since the channels' polling relies on it.
+        // session opened non-blocking; make sure, since the readers' polling relies on it.
         let fd = file.as_raw_fd();
         // SAFETY: fcntl on a descriptor this process owns (`file`), with no pointers.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -108,15 +144,20 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         mountpoint: &Path,
         session: FuseSession,
         fs: F,
-        threads: usize,
+        threads: FuseThreads,
         exit: Option<ExitEvent>,
     ) -> Self {
         Self {
             mountpoint: mountpoint.to_owned(),
             session: Mutex::new(Some(session)),
-            server: Arc::new(Server::new(fs)),
-            threads: threads.max(1),
-            workers: Mutex::new(Vec::new()),
+            server: Arc::new(Server::new(fs.clone())),
+            fs,
+            threads: FuseThreads {
+                readers: threads.readers.max(1),
+                workers: threads.workers.max(1),
+            },
+            readers: Mutex::new(Vec::new()),
+            running: Mutex::new(None),
             ended: Arc::new(AtomicBool::new(false)),
             stopping: Arc::new(AtomicBool::new(false)),
             exit,
@@ -136,31 +177,47 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
             .map(|f| f.as_raw_fd())
     }
 
-    /// Starts the workers.
+    /// Starts the readers (and the worker pool, whose workers start on demand).
     pub fn start(&self) -> Result<(), FuseError> {
         let session = lock(&self.session);
         let session = session
             .as_ref()
             .ok_or_else(|| Self::session_err(&self.mountpoint, "no session".into()))?;
-        let mut workers = lock(&self.workers);
-        if !workers.is_empty() {
+        let mut readers = lock(&self.readers);
+        if !readers.is_empty() {
             return Ok(());
         }
         self.ended.store(false, Ordering::SeqCst);
         self.stopping.store(false, Ordering::SeqCst);
-        for i in 0..self.threads {
-            let channel = session
-                .new_channel()
-                .map_err(|e| Self::session_err(&self.mountpoint, format!("channel: {e}")))?;
-            let (server, ended, stopping, exit) = (
-                self.server.clone(),
-                self.ended.clone(),
-                self.stopping.clone(),
-                self.exit.clone(),
-            );
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| {
+            Self::session_err(&self.mountpoint, format!("creating the stop event: {e}"))
+        })?);
+        let pool = Arc::new(WorkerPool::new(self.threads.workers));
+        let file = session
+            .get_fuse_file()
+            .ok_or_else(|| Self::session_err(&self.mountpoint, "no /dev/fuse file".into()))?;
+        for i in 0..self.threads.readers {
+            // A descriptor of the same open file: replies must go where requests came from.
+            let file =
+                Arc::new(file.try_clone().map_err(|e| {
+                    Self::session_err(&self.mountpoint, format!("dup /dev/fuse: {e}"))
+                })?);
+            let reader = ChannelReader {
+                fs: self.fs.clone(),
+                file,
+                stop: stop.clone(),
+                server: self.server.clone(),
+                pool: pool.clone(),
+                bufsize: session.bufsize(),
+            };
+            let (ended, stopping, exit) =
+                (self.ended.clone(), self.stopping.clone(), self.exit.clone());
             let h = rt_threads::spawn(ThreadKind::Fuse, format!("skiff-fuse-{i}"), move || {
-                super::worker(channel, &server);
-                if !stopping.load(Ordering::SeqCst) {
+                let end = reader.run();
+                if let ReaderEnd::Failed(why) = &end {
+                    tracing::error!(error = %why, "FUSE reader stopped");
+                }
+                if end != ReaderEnd::Stopped && !stopping.load(Ordering::SeqCst) {
                     // Unmounted from outside, or the connection failed.
                     ended.store(true, Ordering::SeqCst);
                     if let Some(e) = &exit {
@@ -169,9 +226,15 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
                 }
             })
             .map_err(FuseError::Thread)?;
-            workers.push(h);
+            readers.push(h);
         }
-        tracing::info!(mountpoint = %self.mountpoint.display(), threads = self.threads, "serving");
+        *lock(&self.running) = Some((stop, pool));
+        tracing::info!(
+            mountpoint = %self.mountpoint.display(),
+            readers = self.threads.readers,
+            workers = self.threads.workers,
+            "serving"
+        );
         // The kernel learns the root's attributes (and keeps them as long as the filesystem
         // says) only when someone asks. Asked now, while this daemon serves, they are at hand
         // when a later stat of the mountpoint comes while no daemon serves: a successor's
@@ -184,25 +247,35 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         Ok(())
     }
 
-    /// Whether a worker ended by itself (unmounted from outside, connection failed).
+    /// Whether a reader ended by itself (unmounted from outside, connection failed).
     pub fn ended(&self) -> bool {
         self.ended.load(Ordering::SeqCst)
     }
 
-    /// Stops the workers, each after the request it is handling is answered, and waits for
-    /// them. The mount stays; requests that arrive meanwhile wait in the kernel.
+    /// Stops the readers, and waits for the workers to answer the requests they have (at most
+    /// [`DRAIN_TIMEOUT`]). The mount stays; requests that arrive meanwhile wait in the kernel.
     pub fn stop(&self) {
-        let handles: Vec<JoinHandle<()>> = lock(&self.workers).drain(..).collect();
-        if handles.is_empty() {
+        let handles: Vec<JoinHandle<()>> = lock(&self.readers).drain(..).collect();
+        let running = lock(&self.running).take();
+        if handles.is_empty() && running.is_none() {
             return;
         }
         self.stopping.store(true, Ordering::SeqCst);
-        if let Some(s) = lock(&self.session).as_ref() {
-            let _ = s.wake();
+        if let Some((stop, _)) = &running {
+            if let Err(e) = stop.write(1) {
+                tracing::error!(error = %e, "cannot stop the FUSE readers");
+            }
         }
         for h in handles {
             if h.join().is_err() {
-                tracing::error!("a FUSE worker panicked");
+                tracing::error!("a FUSE reader panicked");
+            }
+        }
+        if let Some((_, pool)) = running {
+            if !pool.wait_idle(DRAIN_TIMEOUT) {
+                tracing::warn!(
+                    "FUSE workers still busy after {DRAIN_TIMEOUT:?}; their replies go out when they are done"
+                );
             }
         }
     }
@@ -254,11 +327,8 @@ impl<F: FileSystem + Send + Sync + 'static> FuseService<F> {
         let mut g = lock(&self.session);
         tracing::info!(mountpoint = %self.mountpoint.display(), "unmounting");
         let r = match g.as_mut() {
-            Some(s) => {
-                let r = s.umount();
-                let _ = s.wake();
-                r
-            }
+            // The readers see the device go (ENODEV) and end.
+            Some(s) => s.umount(),
             None => Ok(()),
         };
         drop(g);

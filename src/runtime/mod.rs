@@ -10,18 +10,22 @@
 //! * [`socket`]: the Unix sockets a daemon listens on (stale ones replaced, live ones and
 //!   other files refused, removed on the way out if still ours);
 //! * [`panic`]: a panic in any daemon thread is reported and ends the daemon with an error,
-//!   never leaving a queue silently dead.
+//!   never leaving a queue silently dead;
+//! * `pool`: the worker pool answering FUSE requests off the threads that read them (a
+//!   virtqueue's, or `/dev/fuse`'s).
 
 #![warn(missing_docs)]
 
 pub mod exit;
 pub mod http;
 pub mod panic;
+pub(crate) mod pool;
 pub mod signals;
 pub mod socket;
 pub mod threads;
 
 pub use exit::{ExitEvent, ExitReason};
+pub use pool::{DEFAULT_WORKERS, MAX_WORKERS};
 pub use signals::SignalGuard;
 pub use socket::{SocketError, UnixSocketFile};
 pub use threads::ThreadKind;

@@ -4,15 +4,16 @@
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::ahead::{DecodeAhead, Run};
 use super::cache::{ChunkDiskCache, ChunkFileLock, Claim, SingleFlight};
-use super::metrics::{inc, Metrics};
+use super::metrics::{add, inc, Metrics};
 use super::{
     decode_chunk, BlobBackend, ChunkData, ChunkMemCache, ChunkSource, Deadline, StorageError,
     DEFAULT_REQUEST_TIMEOUT,
 };
 
 pub use super::cache::TAKEOVER_AFTER;
-use crate::format::{digest_hex, BlobRecord, ChunkDigest, ChunkRecord};
+use crate::format::{digest_hex, BlobRecord, Bootstrap, ChunkDigest, ChunkRecord};
 use crate::runtime::threads::{self, ThreadKind};
 
 /// How many times a chunk whose stored bytes fail verification is fetched on its own before
@@ -46,6 +47,17 @@ pub struct CachedChunkSource<B> {
     metrics: Arc<Metrics>,
     /// The fetch-ahead workers' queue, once [`Self::start_fetch_ahead`] has run.
     ahead: OnceLock<SyncSender<AheadJob>>,
+    /// The streams decode-ahead follows, once [`Self::start_decode_ahead`] has run.
+    decode_ahead: OnceLock<Arc<DecodeAhead>>,
+}
+
+impl<B> Drop for CachedChunkSource<B> {
+    fn drop(&mut self) {
+        // The decode-ahead worker holds no strong reference: tell it to end.
+        if let Some(a) = self.decode_ahead.get() {
+            a.close();
+        }
+    }
 }
 
 /// The right to fetch one chunk: this process's claim and, with a disk cache, the host's lock.
@@ -86,6 +98,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
             flights: SingleFlight::default(),
             metrics,
             ahead: OnceLock::new(),
+            decode_ahead: OnceLock::new(),
         }
     }
 
@@ -131,9 +144,124 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         }
     }
 
+    /// Starts decode-ahead (see [`super::ahead`]) over the chunks of `bootstrap`, with one
+    /// worker thread, if the chunks can be read without the network: a local backend, or a
+    /// disk cache to read from. Decoded chunks take at most half of the memory cache. The
+    /// thread ends with the source.
+    pub fn start_decode_ahead(self: &Arc<Self>, bootstrap: Arc<Bootstrap>)
+    where
+        B: 'static,
+    {
+        let limit = self.memcache.limit() / 2;
+        if limit == 0 || (!self.backend.is_local() && self.disk.is_none()) {
+            return;
+        }
+        let ahead = Arc::new(DecodeAhead::new(bootstrap, limit));
+        if self.decode_ahead.set(ahead.clone()).is_err() {
+            return;
+        }
+        // Weak: the worker must not keep the source alive; the source closes the streams
+        // when it goes, which ends the worker's wait.
+        let source = Arc::downgrade(self);
+        let spawned = threads::spawn(ThreadKind::Fetcher, "skiff-decode-ahead", move || {
+            let ahead_bytes = || source.upgrade().map_or(0, |s| s.memcache.ahead_bytes());
+            while let Some(run) = ahead.next_run(ahead_bytes) {
+                let Some(source) = source.upgrade() else {
+                    return;
+                };
+                source.decode_run(&run, ahead.limit());
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no decode-ahead worker");
+        }
+    }
+
+    /// Decodes and verifies the chunks of `run` that are neither cached in memory nor claimed
+    /// by a reader, into the memory cache (within `limit` bytes decoded ahead): with one read
+    /// of the run's stored bytes from a local backend, or chunk by chunk from the disk cache.
+    /// Each chunk is claimed while it is decoded, so that a reader wanting it waits for it
+    /// rather than decoding it a second time. Failures are left to the reads.
+    fn decode_run(&self, run: &Run, limit: usize) {
+        let deadline = Deadline::after(DEFAULT_REQUEST_TIMEOUT).background();
+        let mut mine: Vec<(ChunkRecord, Claim<'_>)> = Vec::with_capacity(run.chunks.len());
+        for c in &run.chunks {
+            let size = c.uncompressed_size.get() as usize;
+            if self.memcache.contains(&c.chunk_digest(), size) {
+                continue;
+            }
+            if let Some(claim) = self.flights.try_claim(c.chunk_digest(), &deadline) {
+                mine.push((*c, claim));
+            }
+        }
+        let (Some((first, _)), Some((last, _))) = (mine.first(), mine.last()) else {
+            return;
+        };
+        let keep = |c: &ChunkRecord, d: Vec<u8>| -> bool {
+            match self
+                .memcache
+                .insert_ahead(c.chunk_digest(), Arc::new(d), limit)
+            {
+                Some(wasted) => {
+                    inc(&self.metrics.ahead_decoded);
+                    add(&self.metrics.ahead_wasted, wasted);
+                    true
+                }
+                None => false,
+            }
+        };
+        if self.backend.is_local() {
+            let start = first.compressed_offset.get();
+            let end = last.compressed_offset.get() + u64::from(last.compressed_size.get());
+            let Ok(stored) =
+                self.backend
+                    .read_range(&run.blob.id, start, (end - start) as usize, &deadline)
+            else {
+                return;
+            };
+            // Each chunk's claim is given up as soon as it is cached (or failed), so that a
+            // reader waiting for it goes on at once.
+            for (c, _claim) in mine {
+                let from = (c.compressed_offset.get() - start) as usize;
+                let bytes = stored.get(from..from + c.compressed_size.get() as usize);
+                match bytes.map(|b| decode_chunk(b, &c)) {
+                    Some(Ok(d)) => {
+                        if !keep(&c, d) {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(chunk = %c.chunk_digest(), error = %e, "decode-ahead: chunk failed verification; left to the read");
+                    }
+                    None => return,
+                }
+            }
+        } else if let Some(disk) = &self.disk {
+            for (c, _claim) in mine {
+                let Some(d) = disk.get(&c.chunk_digest(), c.uncompressed_size.get() as usize)
+                else {
+                    return;
+                };
+                if !keep(&c, d) {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Tells decode-ahead that a reader read `chunk` (piecewise: kept in memory for more).
+    fn note_read(&self, chunk: &ChunkRecord, piecewise: bool, deadline: &Deadline) {
+        if chunk.is_zero() || deadline.is_background() {
+            return;
+        }
+        if let Some(a) = self.decode_ahead.get() {
+            a.note_read(chunk, piecewise, self.memcache.ahead_bytes());
+        }
+    }
+
     /// Whether `chunk` is in the memory or disk cache.
     fn is_cached(&self, chunk: &ChunkRecord) -> bool {
-        self.memory_copy(chunk).is_some()
+        self.held_in_memory(chunk)
             || self
                 .disk
                 .as_ref()
@@ -155,16 +283,31 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         &self.metrics
     }
 
-    /// The memory cache's copy of `chunk`: its digest and its size must both match.
-    fn memory_copy(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        self.memcache.get(
+    /// Whether the memory cache holds `chunk` (its digest and its size must both match).
+    fn held_in_memory(&self, chunk: &ChunkRecord) -> bool {
+        self.memcache.contains(
             &chunk.chunk_digest(),
             chunk.uncompressed_size.get() as usize,
         )
     }
 
-    fn lookup_memory(&self, chunk: &ChunkRecord) -> Option<ChunkData> {
-        let hit = self.memory_copy(chunk);
+    /// The memory cache's copy of `chunk`, for a reader: its digest and its size must both
+    /// match. A chunk decoded ahead counts as a hit of decode-ahead and, read `once`, leaves
+    /// the cache.
+    fn memory_copy(&self, chunk: &ChunkRecord, once: bool) -> Option<ChunkData> {
+        let (data, was_ahead) = self.memcache.get(
+            &chunk.chunk_digest(),
+            chunk.uncompressed_size.get() as usize,
+            once,
+        )?;
+        if was_ahead {
+            inc(&self.metrics.ahead_hits);
+        }
+        Some(data)
+    }
+
+    fn lookup_memory(&self, chunk: &ChunkRecord, once: bool) -> Option<ChunkData> {
+        let hit = self.memory_copy(chunk, once);
         inc(if hit.is_some() {
             &self.metrics.mem_hits
         } else {
@@ -364,7 +507,7 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         let mut theirs: Vec<ChunkRecord> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for c in chunks.iter().filter(|c| !c.is_zero()) {
-            if !seen.insert(c.chunk_digest()) || self.memory_copy(c).is_some() {
+            if !seen.insert(c.chunk_digest()) || self.held_in_memory(c) {
                 continue;
             }
             if let Some(d) = &self.disk {
@@ -415,7 +558,8 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 Ok(d) => {
                     fetched += u64::from(c.compressed_size.get());
                     if keep_in_memory {
-                        self.memcache.insert(c.chunk_digest(), Arc::new(d));
+                        let wasted = self.memcache.insert(c.chunk_digest(), Arc::new(d));
+                        add(&self.metrics.ahead_wasted, wasted);
                     }
                 }
                 Err(e) => {
@@ -487,8 +631,21 @@ impl<B: BlobBackend> CachedChunkSource<B> {
 }
 
 impl<B: BlobBackend> CachedChunkSource<B> {
-    /// Memory cache → disk cache → backend; the result goes to the memory cache if `keep`.
+    /// Memory cache → disk cache → backend; the result goes to the memory cache if `keep`
+    /// (a chunk read piecewise). Then decode-ahead hears of the read.
     fn read_chunk_keep(
+        &self,
+        blob: &BlobRecord,
+        chunk: &ChunkRecord,
+        keep: bool,
+        deadline: &Deadline,
+    ) -> Result<ChunkData, StorageError> {
+        let r = self.read_chunk_from_caches(blob, chunk, keep, deadline);
+        self.note_read(chunk, keep, deadline);
+        r
+    }
+
+    fn read_chunk_from_caches(
         &self,
         blob: &BlobRecord,
         chunk: &ChunkRecord,
@@ -498,11 +655,12 @@ impl<B: BlobBackend> CachedChunkSource<B> {
         let remember = |d: Vec<u8>| {
             let d = Arc::new(d);
             if keep {
-                self.memcache.insert(chunk.chunk_digest(), d.clone());
+                let wasted = self.memcache.insert(chunk.chunk_digest(), d.clone());
+                add(&self.metrics.ahead_wasted, wasted);
             }
             d
         };
-        if let Some(d) = self.lookup_memory(chunk) {
+        if let Some(d) = self.lookup_memory(chunk, !keep) {
             return Ok(d);
         }
         if let Some(d) = self.lookup_disk(chunk) {
@@ -515,8 +673,8 @@ impl<B: BlobBackend> CachedChunkSource<B> {
                 return Err(e);
             }
         };
-        // Whoever held the right before may have cached the chunk.
-        if let Some(d) = self.memory_copy(chunk) {
+        // Whoever held the right before may have cached the chunk (decode-ahead, often).
+        if let Some(d) = self.memory_copy(chunk, !keep) {
             right.done();
             return Ok(d);
         }
@@ -587,6 +745,16 @@ impl<B: BlobBackend> ChunkSource for CachedChunkSource<B> {
 
     fn fetches_ahead(&self) -> bool {
         self.ahead.get().is_some()
+    }
+
+    /// Only over a local backend: over a remote one decode-ahead takes only what the disk
+    /// cache holds, and the reads' own read-ahead still has to fetch the rest.
+    fn decodes_ahead(&self) -> bool {
+        self.decode_ahead.get().is_some() && self.backend.is_local()
+    }
+
+    fn is_ready(&self, chunk: &ChunkRecord) -> bool {
+        self.held_in_memory(chunk)
     }
 
     fn fetch_ahead(&self, blob: &BlobRecord, chunks: &[ChunkRecord]) {
@@ -674,6 +842,110 @@ mod tests {
 
     fn blob() -> BlobRecord {
         BlobRecord::new_zeroed()
+    }
+
+    /// Decode-ahead over a local blob, read as tar reads small files (each chunk whole, in
+    /// stored order): the reads find chunks decoded ahead, what waits decoded ahead stays
+    /// within its share of the memory cache and the cache within its limit, and with every
+    /// fifth chunk's stored bytes damaged, none of those is ever served or cached: their reads
+    /// fail, every other read returns the chunk's bytes.
+    #[test]
+    fn decode_ahead_stays_bounded_and_keeps_verified_chunks_only() {
+        use crate::build::{build, BuildOptions, BuildSource, Compressor};
+        use crate::format::Bootstrap;
+        use crate::storage::backend::localfs::LocalFsBackend;
+        use std::os::unix::fs::FileExt;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("src");
+        std::fs::create_dir_all(&root).expect("src");
+        for i in 0..300 {
+            let text: String = (0..200 + i)
+                .map(|l| format!("file {i} line {l}\n"))
+                .collect();
+            std::fs::write(root.join(format!("f{i:03}")), text).expect("write");
+        }
+        let (boot_path, blobs) = (dir.path().join("boot"), dir.path().join("blobs"));
+        build(
+            &BuildSource::Dir(root),
+            &BuildOptions {
+                bootstrap: boot_path.clone(),
+                blob_dir: blobs.clone(),
+                chunk_size: 64 * 1024,
+                compressor: Compressor::Lz4,
+                chunk_dicts: Vec::new(),
+                progress: false,
+                io_threads: 0,
+                blob_id_sha256: false,
+                node_compat: false,
+            },
+        )
+        .expect("build");
+        let boot = Arc::new(Bootstrap::load(&boot_path).expect("bootstrap"));
+        let mut chunks: Vec<ChunkRecord> = boot
+            .tables()
+            .chunks
+            .iter()
+            .filter(|c| !c.is_zero())
+            .copied()
+            .collect();
+        chunks.sort_by_key(|c| c.compressed_offset.get());
+        assert!(chunks.len() >= 300, "{} chunks", chunks.len());
+        let blob = boot.blobs()[0];
+        let mem_limit = 64 * 1024;
+        for damaged in [false, true] {
+            let bad = |i: usize| damaged && i % 5 == 2;
+            if damaged {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(blobs.join(digest_hex(&blob.id)))
+                    .expect("blob");
+                for (i, c) in chunks.iter().enumerate().filter(|(i, _)| bad(*i)) {
+                    let at = c.compressed_offset.get() + u64::from(c.compressed_size.get()) / 2;
+                    let mut b = [0u8; 1];
+                    f.read_exact_at(&mut b, at).expect("read");
+                    b[0] ^= 0xff;
+                    f.write_all_at(&b, at).expect("write");
+                    assert!(i < chunks.len());
+                }
+            }
+            let m = Arc::new(Metrics::default());
+            let src = Arc::new(CachedChunkSource::new(
+                LocalFsBackend::new(&blobs),
+                mem_limit,
+                None,
+                m.clone(),
+            ));
+            src.start_decode_ahead(boot.clone());
+            assert!(src.decodes_ahead());
+            for (i, c) in chunks.iter().enumerate() {
+                let got = src.read_chunk_once(&blob, c, &Deadline::after(Duration::from_secs(30)));
+                if bad(i) {
+                    assert!(got.is_err(), "chunk {i}: damaged bytes served");
+                } else {
+                    let d = got.unwrap_or_else(|e| panic!("chunk {i}: {e}"));
+                    assert_eq!(blake3::hash(&d).as_bytes(), &c.digest, "chunk {i}");
+                }
+                assert!(src.memcache.ahead_bytes() <= mem_limit / 2, "chunk {i}");
+                assert!(src.memcache.bytes() <= mem_limit, "chunk {i}");
+                let every = i % 25 == 0 || i + 1 == chunks.len();
+                for (j, d) in chunks.iter().enumerate().filter(|(j, _)| every && bad(*j)) {
+                    let size = d.uncompressed_size.get() as usize;
+                    assert!(
+                        !src.memcache.contains(&d.chunk_digest(), size),
+                        "chunk {j} cached"
+                    );
+                }
+                // Room for the worker, as a reader leaves it between two files.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let (decoded, hits) = (
+                m.ahead_decoded.load(Ordering::Relaxed),
+                m.ahead_hits.load(Ordering::Relaxed),
+            );
+            assert!(decoded > 0 && hits > 0, "decoded {decoded}, hits {hits}");
+        }
     }
 
     #[test]

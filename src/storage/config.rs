@@ -140,6 +140,11 @@ pub struct StorageConfig {
     /// [`super::default_memory_cache`]).
     #[serde(default)]
     pub memory_cache: Option<ByteSize>,
+    /// Decode and verify the chunks that follow a read in its blob ahead of need, on another
+    /// thread, into half of the memory cache (default true; see [`super::ahead`]). Only chunks
+    /// of local blobs or of the disk cache: never over the network.
+    #[serde(default)]
+    pub decode_ahead: Option<bool>,
 }
 
 /// Why the storage stack could not be set up.
@@ -264,6 +269,9 @@ impl StorageConfig {
         let source = Arc::new(CachedChunkSource::new(backend, mem, disk, metrics.clone()));
         if remote {
             source.start_fetch_ahead(FETCH_AHEAD_WORKERS);
+        }
+        if self.decode_ahead.unwrap_or(true) {
+            source.start_decode_ahead(bootstrap.clone());
         }
 
         let mut first: Vec<u32> = Vec::new();

@@ -65,6 +65,12 @@ pub struct Metrics {
     pub fs_reads: AtomicU64,
     /// Bytes those reads returned.
     pub fs_read_bytes: AtomicU64,
+    /// Chunks decoded and verified ahead of the reads (local blobs, or the disk cache).
+    pub ahead_decoded: AtomicU64,
+    /// Reads that found their chunk decoded ahead.
+    pub ahead_hits: AtomicU64,
+    /// Chunks decoded ahead that no read used before they were dropped.
+    pub ahead_wasted: AtomicU64,
     /// Digests counted in `demand_chunks`, so that each chunk counts once.
     demand_seen: Mutex<HashSet<crate::format::ChunkDigest>>,
     latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
@@ -149,6 +155,9 @@ impl Metrics {
             demand_stored_bytes: g(&self.demand_stored_bytes),
             fs_reads: g(&self.fs_reads),
             fs_read_bytes: g(&self.fs_read_bytes),
+            ahead_decoded: g(&self.ahead_decoded),
+            ahead_hits: g(&self.ahead_hits),
+            ahead_wasted: g(&self.ahead_wasted),
             fetch_latency: buckets,
             fetch_latency_sum_seconds: g(&self.latency_sum_us) as f64 / 1e6,
         }
@@ -196,6 +205,12 @@ pub struct MetricsSnapshot {
     pub fs_reads: u64,
     #[serde(default)]
     pub fs_read_bytes: u64,
+    #[serde(default)]
+    pub ahead_decoded: u64,
+    #[serde(default)]
+    pub ahead_hits: u64,
+    #[serde(default)]
+    pub ahead_wasted: u64,
     pub fetch_latency: Vec<LatencyBucket>,
     pub fetch_latency_sum_seconds: f64,
 }
@@ -328,6 +343,24 @@ impl MetricsSnapshot {
             "demand_stored_bytes_total",
             "Stored bytes of the distinct chunks file reads asked for.",
             self.demand_stored_bytes,
+            "",
+        );
+        counter(
+            "ahead_decoded_total",
+            "Chunks decoded and verified ahead of the reads.",
+            self.ahead_decoded,
+            "",
+        );
+        counter(
+            "ahead_hits_total",
+            "Reads that found their chunk decoded ahead.",
+            self.ahead_hits,
+            "",
+        );
+        counter(
+            "ahead_wasted_total",
+            "Chunks decoded ahead that no read used.",
+            self.ahead_wasted,
             "",
         );
         let _ = writeln!(

@@ -5,6 +5,7 @@
 //! been checked, which is the only form the filesystem layer ever sees, through [`ChunkSource`];
 //! it keeps them in memory and, for remote backends, in the shared disk cache.
 
+pub mod ahead;
 pub mod backend;
 pub mod cache;
 mod cached;
@@ -100,6 +101,18 @@ pub trait ChunkSource: Send + Sync {
     fn fetches_ahead(&self) -> bool {
         false
     }
+
+    /// Whether the source decodes the chunks that follow a read ahead of need by itself
+    /// (see [`ahead`]), so that callers need not read ahead for it.
+    fn decodes_ahead(&self) -> bool {
+        false
+    }
+
+    /// Whether a read of `chunk` would be answered from memory now, without waiting on a disk
+    /// or the network (a hint: the chunk may be gone by the time it is read).
+    fn is_ready(&self, _chunk: &ChunkRecord) -> bool {
+        false
+    }
 }
 
 impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
@@ -136,6 +149,14 @@ impl<T: ChunkSource + ?Sized> ChunkSource for Arc<T> {
 
     fn fetches_ahead(&self) -> bool {
         (**self).fetches_ahead()
+    }
+
+    fn decodes_ahead(&self) -> bool {
+        (**self).decodes_ahead()
+    }
+
+    fn is_ready(&self, chunk: &ChunkRecord) -> bool {
+        (**self).is_ready(chunk)
     }
 }
 

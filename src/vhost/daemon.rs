@@ -18,8 +18,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::device::{VirtioFsDevice, DEFAULT_QUEUE_SIZE};
-use super::pool::{WorkerPool, DEFAULT_WORKERS, MAX_WORKERS};
 use super::{backend_error, VhostError};
+use crate::runtime::pool::{WorkerPool, DEFAULT_WORKERS, MAX_WORKERS};
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::{ExitEvent, ExitReason, SignalGuard, UnixSocketFile};
 

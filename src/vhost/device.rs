@@ -18,9 +18,9 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::pool::{WorkerPool, DEFAULT_WORKERS};
 use super::queue::{answer, process_queue};
 use super::VhostError;
+use crate::runtime::pool::{WorkerPool, DEFAULT_WORKERS};
 use crate::runtime::threads::{self, ThreadKind};
 use crate::runtime::ExitEvent;
 use crate::util::sync::{read, write};

@@ -29,17 +29,16 @@
 
 mod daemon;
 mod device;
-mod pool;
 mod queue;
 
 use std::io;
 
+pub use crate::runtime::{DEFAULT_WORKERS, MAX_WORKERS};
 pub use daemon::{serve, serve_until, ServeOptions, VhostListener};
 pub use device::{
     VirtioFsDevice, DEFAULT_QUEUE_SIZE, MAX_QUEUE_SIZE, MAX_REQUEST_QUEUES, NUM_HIPRIO_QUEUES,
     VIRTIO_FS_CONFIG_SIZE, VIRTIO_FS_TAG_LEN,
 };
-pub use pool::{DEFAULT_WORKERS, MAX_WORKERS};
 
 /// A boxed error from the vhost-user libraries, whose own error types do not all implement
 /// [`std::error::Error`].

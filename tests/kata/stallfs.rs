@@ -68,6 +68,13 @@ impl StallFs {
     }
 }
 
+/// Every read may stall: each goes to a worker, none is answered on the reader thread.
+impl skiff::fs::ReadReadiness for StallFs {
+    fn read_ready(&self, _ino: u64, _offset: u64, _size: u32) -> bool {
+        false
+    }
+}
+
 impl FileSystem for StallFs {
     type Inode = u64;
     type Handle = u64;
@@ -184,11 +191,14 @@ impl StallMount {
         let opts = skiff::fuse::MountOptions {
             mountpoint: mountpoint.to_owned(),
             // Reads of other ranges go on while one stalls.
-            threads: 4,
+            threads: skiff::fuse::FuseThreads {
+                readers: 1,
+                workers: 4,
+            },
         };
         let e2 = exit.clone();
         let thread = std::thread::spawn(move || {
-            if let Err(e) = skiff::fuse::serve_until(fs, &opts, &e2) {
+            if let Err(e) = skiff::fuse::serve_until(Arc::new(fs), &opts, &e2) {
                 eprintln!("stallfs: {e}");
             }
         });

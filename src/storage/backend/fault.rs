@@ -144,4 +144,8 @@ impl<B: BlobBackend> BlobBackend for FaultyBackend<B> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
 }

@@ -188,6 +188,10 @@ impl BlobBackend for LocalFsBackend {
     fn name(&self) -> &'static str {
         "localfs"
     }
+
+    fn is_local(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -41,6 +41,12 @@ pub trait BlobBackend: Send + Sync {
 
     /// A short name for logs and metrics ("localfs", "registry", ...).
     fn name(&self) -> &'static str;
+
+    /// Whether reading costs no network traffic (a local directory): such a backend may be
+    /// read ahead of need (decode-ahead), where a remote one is only read for what is asked.
+    fn is_local(&self) -> bool {
+        false
+    }
 }
 
 /// Why a backend read failed.
@@ -182,6 +188,10 @@ impl<T: BlobBackend + ?Sized> BlobBackend for Box<T> {
     fn name(&self) -> &'static str {
         (**self).name()
     }
+
+    fn is_local(&self) -> bool {
+        (**self).is_local()
+    }
 }
 
 impl<T: BlobBackend + ?Sized> BlobBackend for std::sync::Arc<T> {
@@ -208,5 +218,9 @@ impl<T: BlobBackend + ?Sized> BlobBackend for std::sync::Arc<T> {
 
     fn name(&self) -> &'static str {
         (**self).name()
+    }
+
+    fn is_local(&self) -> bool {
+        (**self).is_local()
     }
 }

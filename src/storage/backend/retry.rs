@@ -42,9 +42,16 @@ impl Default for RetryPolicy {
 /// foreground requests: background work (fetch-ahead, prefetch) never takes the last
 /// [`Semaphore::reserved`] ones, so a reader always finds a slot free of it.
 pub struct Semaphore {
-    free: Mutex<usize>,
+    state: Mutex<Permits>,
     cv: Condvar,
     reserved: usize,
+}
+
+struct Permits {
+    free: usize,
+    /// Threads waiting for a permit: a permit given back wakes them only if there are any, so
+    /// that a request that found a free permit costs no system call.
+    waiters: usize,
 }
 
 /// A permit of a [`Semaphore`], given back on drop.
@@ -56,7 +63,10 @@ impl Semaphore {
     pub fn new(n: usize) -> Self {
         let n = n.max(1);
         Self {
-            free: Mutex::new(n),
+            state: Mutex::new(Permits {
+                free: n,
+                waiters: 0,
+            }),
             cv: Condvar::new(),
             reserved: if n >= 2 { (n / 4).max(1) } else { 0 },
         }
@@ -74,25 +84,33 @@ impl Semaphore {
         } else {
             0
         };
-        let mut g = lock(&self.free);
-        while *g <= keep {
-            g = match deadline.remaining() {
+        let mut g = lock(&self.state);
+        while g.free <= keep {
+            let left = deadline.remaining();
+            if left.is_some_and(|l| l.is_zero()) {
+                return None;
+            }
+            g.waiters += 1;
+            g = match left {
                 None => wait(&self.cv, g),
-                Some(left) if left.is_zero() => return None,
                 Some(left) => wait_timeout(&self.cv, g, left).0,
             };
+            g.waiters -= 1;
         }
-        *g -= 1;
+        g.free -= 1;
         Some(Permit(self))
     }
 }
 
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
-        *lock(&self.0.free) += 1;
+        let mut g = lock(&self.0.state);
+        g.free += 1;
         // All: a background waiter woken alone could not take a reserved permit, and the
         // foreground waiter that could would sleep on.
-        self.0.cv.notify_all();
+        if g.waiters > 0 {
+            self.0.cv.notify_all();
+        }
     }
 }
 
@@ -309,6 +327,10 @@ impl<B: BlobBackend> BlobBackend for RetryingBackend<B> {
 
     fn name(&self) -> &'static str {
         self.inner.name()
+    }
+
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
     }
 }
 

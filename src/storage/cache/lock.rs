@@ -28,6 +28,9 @@ pub struct SingleFlight {
 struct Holders {
     by_chunk: HashMap<ChunkDigest, Holder>,
     next_generation: u64,
+    /// Threads waiting in [`SingleFlight::claim`]: a released claim wakes them only if there
+    /// are any, so that the common case (nobody else wants the chunk) costs no system call.
+    waiters: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -108,11 +111,15 @@ impl SingleFlight {
                 // Another holder (a new one, or a foreground one): the clock starts again.
                 behind_background = None;
             }
+            if wait_for.is_some_and(|w| w.is_zero()) {
+                return Err(ClaimError::DeadlinePassed);
+            }
+            g.waiters += 1;
             g = match wait_for {
                 None => wait(&self.done, g),
-                Some(w) if w.is_zero() => return Err(ClaimError::DeadlinePassed),
                 Some(w) => wait_timeout(&self.done, g, w).0,
             };
+            g.waiters -= 1;
         }
     }
 
@@ -147,7 +154,9 @@ impl Drop for Claim<'_> {
         {
             g.by_chunk.remove(&self.digest);
         }
-        self.flights.done.notify_all();
+        if g.waiters > 0 {
+            self.flights.done.notify_all();
+        }
     }
 }
 

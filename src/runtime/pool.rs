@@ -1,6 +1,6 @@
-//! The worker pool: the threads that answer FUSE requests, so that a queue thread only moves
-//! descriptor chains and a request that waits (on the network, on a slow disk) holds up no
-//! other.
+//! The worker pool: the threads that answer FUSE requests, so that the thread reading them (a
+//! virtqueue's, or one reading `/dev/fuse`) only moves requests and a request that waits (on the
+//! network, on a slow disk) holds up no other.
 //!
 //! Workers start on demand: a job that finds no idle worker gets a new one, up to the pool's
 //! size. So a request whose data is cached or local never queues behind requests waiting on a
@@ -8,7 +8,8 @@
 //! worker idle for [`IDLE_EXIT`] ends (the last one stays).
 //!
 //! The queue of jobs needs no bound of its own: the guest cannot have more chains outstanding
-//! than its queues have descriptors, so it holds at most that many.
+//! than its queues have descriptors, and the kernel no more FUSE requests than its callers
+//! and its background limit allow, so it holds at most that many.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -32,6 +33,8 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 struct State {
     jobs: VecDeque<Job>,
+    /// Jobs being run.
+    running: usize,
     /// Workers running, idle or not.
     workers: usize,
     /// Workers waiting for a job.
@@ -44,6 +47,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
+    /// Told when the last job running ends (for [`WorkerPool::wait_idle`]).
+    idle: Condvar,
     max: usize,
     /// Test builds only: the first job panics (`SKIFF_INJECT_PANIC=worker`), so that tests
     /// can show what a worker panic does to the whole daemon.
@@ -63,12 +68,14 @@ impl WorkerPool {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     jobs: VecDeque::new(),
+                    running: 0,
                     workers: 0,
                     idle: 0,
                     next_id: 0,
                     closing: false,
                 }),
                 work: Condvar::new(),
+                idle: Condvar::new(),
                 max: max.clamp(1, MAX_WORKERS),
                 #[cfg(debug_assertions)]
                 inject_panic: std::sync::atomic::AtomicBool::new(
@@ -144,6 +151,21 @@ impl WorkerPool {
         self.shared.work.notify_one();
     }
 
+    /// Waits until no job is queued or running, at most `timeout`; says whether it got there.
+    /// (Jobs submitted meanwhile are waited for too.)
+    pub(crate) fn wait_idle(&self, timeout: Duration) -> bool {
+        let until = std::time::Instant::now() + timeout;
+        let mut g = lock(&self.shared.state);
+        while !g.jobs.is_empty() || g.running > 0 {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = wait_timeout(&self.shared.idle, g, left).0;
+        }
+        true
+    }
+
     /// Workers running now.
     #[cfg(test)]
     pub(crate) fn workers(&self) -> usize {
@@ -177,6 +199,7 @@ fn run(shared: &Shared) {
     let mut g = lock(&shared.state);
     loop {
         if let Some(job) = g.jobs.pop_front() {
+            g.running += 1;
             drop(g);
             #[cfg(debug_assertions)]
             if shared
@@ -185,7 +208,20 @@ fn run(shared: &Shared) {
             {
                 panic!("injected worker panic (SKIFF_INJECT_PANIC=worker)");
             }
+            /// Counts the job out however it ends (a panicking job unwinds through here).
+            struct Running<'a>(&'a Shared);
+            impl Drop for Running<'_> {
+                fn drop(&mut self) {
+                    let mut g = lock(&self.0.state);
+                    g.running -= 1;
+                    if g.running == 0 && g.jobs.is_empty() {
+                        self.0.idle.notify_all();
+                    }
+                }
+            }
+            let running = Running(shared);
             job();
+            drop(running);
             g = lock(&shared.state);
             continue;
         }
