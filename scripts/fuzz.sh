@@ -11,6 +11,7 @@
 #   scripts/fuzz.sh seeds              regenerate the checked-in seeds (root, nydus-image)
 #
 # Environment: FUZZ_RUNS (inputs per target; defaults below add up to over 10 million),
+# FUZZ_NO_BUILD=1 (run the binaries built already),
 # FUZZ_SECONDS (a time limit per target instead; both: whichever first), SKIFF_FUZZ_DIR (corpora, crashes and logs;
 # default /var/cache/skiff/fuzz, outside the repository). One process at a time, under
 # `nice -n 19`: the machine is shared.
@@ -320,7 +321,9 @@ main() {
             if [[ ${1:-} == run ]]; then shift; fi
             targets=("$@")
             [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
-            build
+            # FUZZ_NO_BUILD=1: the binaries built already (a campaign split in parts keeps
+            # one build of one tree).
+            [[ -n ${FUZZ_NO_BUILD:-} ]] || build
             # Every target runs even when one crashes; the exit code says whether any did.
             local failed=0
             for t in "${targets[@]}"; do campaign "$t" || failed=1; done
