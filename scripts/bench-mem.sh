@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Memory per daemon, in one run, on one Nydus RAFS v6 image (nydus-image, lz4_block) of the
 # data, every daemon on the same image:
-#   1. FUSE: skiff mount, skiff fuse (nydusd's drop-in, the snapshotter's stock nydusd config)
-#      and nydusd (same config) over a cold full `tar` of the mount: peak RSS (VmHWM, the figure
+#   1. FUSE: skiff mount, skiff fuse (nydusd's drop-in; nydusd-lean's config: Skiff refuses
+#      fs_prefetch over local blobs, which it reads in place),
+#      nydusd (same config) and nydusd-lean (no prefetch, no amplify_io: the least nydusd runs
+#      with) over a cold full `tar` of the mount: peak RSS (VmHWM, the figure
 #      the target compares), RSS and PSS at the end, split anon / file / shmem, threads;
 #   2. idle: the same daemons right after mounting (nothing read), and where it goes
 #      (/proc/PID/smaps per mapping: the binary, libc, heap, stacks, the sealed bootstrap);
 #   3. N daemons on one image: N skiff mounts with the shared bootstrap (src/share) and
-#      without (--no-bootstrap-share), and N nydusd, after a `find -printf` over each mount:
+#      without (--no-bootstrap-share), and N nydusd-lean, after a `find -printf` over each mount:
 #      the sum of PSS (what the node pays) and each daemon's RSS.
 # Data: A = Debian bookworm minbase (scripts/make-rootfs.sh), B = A + python3, gcc, git ...
 # Medians of --runs runs (default 3). Cold = page cache dropped, fresh daemon, empty caches.
@@ -24,7 +26,7 @@ while [[ $# -gt 0 ]]; do
         --daemons) ndaemons=$2; shift ;;
         --sections) sections=$2; shift ;;
         --report) report=$2; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -64,14 +66,18 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR) print a[int((NR+1)/2)]; else p
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; } # KiB -> MiB
 # ratio SKIFF PEER: how many times smaller SKIFF is.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f×", b / a; else print "n/a" }'; }
-# mem PID: "hwm rss pss anon file shmem threads" in KiB (threads a count).
+# mem PID: "hwm rss pss anon file shmem threads sealed_size sealed_pss" in KiB (threads a
+# count). sealed_*: the mapping of the shared bootstrap's memfd, whose pages all exist (they
+# were written) but count in a daemon's RSS and PSS only once it touched them.
 mem() {
     local s=/proc/$1/status r=/proc/$1/smaps_rollup
-    printf '%s %s %s %s %s %s %s\n' \
+    printf '%s %s %s %s %s %s %s %s\n' \
         "$(awk '/^VmHWM:/ {print $2}' "$s")" "$(awk '/^VmRSS:/ {print $2}' "$s")" \
         "$(awk '/^Pss:/ {print $2}' "$r")" "$(awk '/^RssAnon:/ {print $2}' "$s")" \
         "$(awk '/^RssFile:/ {print $2}' "$s")" "$(awk '/^RssShmem:/ {print $2}' "$s")" \
-        "$(awk '/^Threads:/ {print $2}' "$s")"
+        "$(awk '/^Threads:/ {print $2}' "$s")" \
+        "$(awk '/memfd:skiff-bootstrap/ {m=1; next} /^[0-9a-f]+-[0-9a-f]+ / {m=0}
+                m && /^Size:/ {z+=$2} m && /^Pss:/ {p+=$2} END {print z+0, p+0}' "/proc/$1/smaps")"
 }
 # where PID: RSS by mapping group, "group rss_kib pss_kib", from smaps.
 where() {
@@ -110,24 +116,35 @@ nydus_config() { # CACHEDIR
  "fs_prefetch":{"enable":true,"prefetch_all":true,"threads_count":8,"merging_size":1048576}}
 EOF
 }
+# nydusd with the least it can run with (no prefetch, no amplification; scripts/bench.sh's).
+nydus_lean_config() { # CACHEDIR
+    cat <<EOF
+{"device":{"backend":{"type":"localfs","config":{"dir":"$img/blobs"}},
+ "cache":{"type":"blobcache","config":{"work_dir":"$1"}}},
+ "mode":"direct","digest_validate":false,"iostats_files":false,"enable_xattr":true}
+EOF
+}
 # start TOOL MOUNTPOINT N [EXTRA...]: starts one daemon, waits for the mount; sets pid.
 start() {
     local tool=$1 m=$2 n=$3; shift 3
     local c="$work/cache-$n"
     rm -rf "$c"; mkdir -p "$c" "$m"
     nydus_config "$c" >"$work/nydusd-$n.json"
+    nydus_lean_config "$c" >"$work/nydusd-lean-$n.json"
     case "$tool" in
         skiff-mount)
             "$skiff" mount --bootstrap "$img/boot" --blob-dir "$img/blobs" --cache-dir "$c" \
                 "${share[@]}" "$@" "$m" 2>"$work/daemon-$n.log" & ;;
         skiff-fuse)
-            "$skiff" fuse --config "$work/nydusd-$n.json" --mountpoint "$m" \
+            # The stock config's fs_prefetch over a localfs backend is refused by Skiff
+            # (local blobs are read in place: there is no cache to prefetch into): the lean one.
+            "$skiff" fuse --config "$work/nydusd-lean-$n.json" --mountpoint "$m" \
                 --bootstrap "$img/boot" --apisock "$work/api-$n.sock" \
                 "${share[@]}" "$@" 2>"$work/daemon-$n.log" & ;;
-        nydusd)
-            "$nydusd" --config "$work/nydusd-$n.json" --mountpoint "$m" \
+        nydusd|nydusd-lean)
+            "$nydusd" --config "$work/$tool-$n.json" --mountpoint "$m" \
                 --bootstrap "$img/boot" --apisock "$work/api-$n.sock" --log-level warn \
-                "$@" 2>"$work/daemon-$n.log" & ;;
+                --rlimit-nofile 0 "$@" 2>"$work/daemon-$n.log" & ;;
     esac
     pid=$!
     for _ in $(seq 400); do mountpoint -q "$m" && break; sleep 0.05; done
@@ -149,7 +166,7 @@ emit "data $dataset as a Nydus RAFS v6 image (nydus-image, lz4_block): bootstrap
 emit "$(( $(stat -c %s "$img/boot") / 1024 )) KiB, blobs $(( $(du -sk "$img/blobs" | cut -f1) / 1024 )) MiB; skiff $(git -C "$repo" rev-parse --short HEAD), medians of $runs."
 emit
 
-daemons=(skiff-mount skiff-fuse nydusd)
+daemons=(skiff-mount skiff-fuse nydusd nydusd-lean)
 if [[ ,$sections, == *,1,* || ,$sections, == *,2,* ]]; then
     declare -A idle=() end=()
     for tool in "${daemons[@]}"; do
@@ -173,25 +190,27 @@ if [[ ,$sections, == *,1,* || ,$sections, == *,2,* ]]; then
         emit
         emit "Peak RSS is VmHWM (/proc/PID/status) after the read, the figure the target compares"
         emit "(and what nydusd's figures are); RSS, PSS and the split are at the end of the read."
+        emit "Sealed bootstrap: the size of the memfd holding Skiff's validated tables (shared with"
+        emit "the node's other daemons); its pages are in RSS and shmem only once touched."
         emit
-        emit "| daemon | peak RSS MiB | RSS MiB | PSS MiB | anon MiB | file MiB | shmem MiB | threads | nydusd / it |"
-        emit "|---|---|---|---|---|---|---|---|---|"
+        emit "| daemon | peak RSS MiB | RSS MiB | PSS MiB | anon MiB | file MiB | shmem MiB | sealed bootstrap MiB | threads | nydusd / it |"
+        emit "|---|---|---|---|---|---|---|---|---|---|"
         hn=$(col "$work/end-nydusd" 1)
         for tool in "${daemons[@]}"; do
             f="$work/end-$tool"
-            emit "| $tool | $(mib "$(col "$f" 1)") | $(mib "$(col "$f" 2)") | $(mib "$(col "$f" 3)") | $(mib "$(col "$f" 4)") | $(mib "$(col "$f" 5)") | $(mib "$(col "$f" 6)") | $(col "$f" 7) | $(ratio "$(col "$f" 1)" "$hn") |"
+            emit "| $tool | $(mib "$(col "$f" 1)") | $(mib "$(col "$f" 2)") | $(mib "$(col "$f" 3)") | $(mib "$(col "$f" 4)") | $(mib "$(col "$f" 5)") | $(mib "$(col "$f" 6)") | $(mib "$(col "$f" 8)") | $(col "$f" 7) | $(ratio "$(col "$f" 1)" "$hn") |"
         done
         emit
     fi
     if [[ ,$sections, == *,2,* ]]; then
         emit "## Idle: right after mounting, nothing read"
         emit
-        emit "| daemon | peak RSS MiB | RSS MiB | PSS MiB | anon MiB | file MiB | shmem MiB | threads | nydusd / it (RSS) |"
-        emit "|---|---|---|---|---|---|---|---|---|"
+        emit "| daemon | peak RSS MiB | RSS MiB | PSS MiB | anon MiB | file MiB | shmem MiB | sealed bootstrap MiB | threads | nydusd / it (RSS) |"
+        emit "|---|---|---|---|---|---|---|---|---|---|"
         rn=$(col "$work/idle-nydusd" 2)
         for tool in "${daemons[@]}"; do
             f="$work/idle-$tool"
-            emit "| $tool | $(mib "$(col "$f" 1)") | $(mib "$(col "$f" 2)") | $(mib "$(col "$f" 3)") | $(mib "$(col "$f" 4)") | $(mib "$(col "$f" 5)") | $(mib "$(col "$f" 6)") | $(col "$f" 7) | $(ratio "$(col "$f" 2)" "$rn") |"
+            emit "| $tool | $(mib "$(col "$f" 1)") | $(mib "$(col "$f" 2)") | $(mib "$(col "$f" 3)") | $(mib "$(col "$f" 4)") | $(mib "$(col "$f" 5)") | $(mib "$(col "$f" 6)") | $(mib "$(col "$f" 8)") | $(col "$f" 7) | $(ratio "$(col "$f" 2)" "$rn") |"
         done
         emit
         for tool in "${daemons[@]}"; do
@@ -209,12 +228,14 @@ if [[ ,$sections, == *,3,* ]]; then
     emit "## $ndaemons daemons on one image"
     emit
     emit "Each daemon mounts the image at its own mountpoint; a \`find -printf '%s %m %T@'\` over"
-    emit "every mount, then: PSS summed over the daemons (what the node pays; pages shared by k"
-    emit "daemons count 1/k in each) and the median daemon's RSS (which counts shared pages in full)."
+    emit "every mount, then: what the node pays, the PSS summed over the daemons (pages shared by k"
+    emit "daemons count 1/k in each) with the sealed bootstrap's memfd counted once in full"
+    emit "(touched or not) in place of its PSS shares; and the median daemon's RSS (which counts"
+    emit "shared pages in full)."
     emit
-    emit "| daemons | bootstrap | sum of PSS MiB | median RSS MiB | sum of PSS / one daemon's |"
+    emit "| daemons | bootstrap | node's memory (sum of PSS) MiB | median RSS MiB | node's memory / one daemon's |"
     emit "|---|---|---|---|---|"
-    for setup in "skiff-mount shared" "skiff-mount private" "nydusd own"; do
+    for setup in "skiff-mount shared" "skiff-mount private" "nydusd-lean own"; do
         read -r tool mode <<<"$setup"
         extra=() share=(--bootstrap-share-dir "$work/share")
         [[ $mode == private ]] && extra=(--no-bootstrap-share) share=()
@@ -228,11 +249,14 @@ if [[ ,$sections, == *,3,* ]]; then
                     pids+=("$pid")
                 done
                 for i in $(seq "$n"); do find "$mnt-$i" -printf '%s %m %T@\n' >/dev/null; done
-                sum=0; rss=()
+                # What the node pays: every daemon's PSS, the sealed memfd's pages counted in
+                # full once (touched or not) instead of its PSS share.
+                sum=0 sealed=0; rss=()
                 for p in "${pids[@]}"; do
-                    read -r _ r ps _ <<<"$(mem "$p")"
-                    sum=$((sum + ps)); rss+=("$r")
+                    read -r _ r ps _ _ _ _ sz sp <<<"$(mem "$p")"
+                    sum=$((sum + ps - sp)); rss+=("$r"); sealed=$sz
                 done
+                sum=$((sum + sealed))
                 echo "$sum $(printf '%s\n' "${rss[@]}" | median)" >>"$work/sum"
                 for i in $(seq "$n"); do stop "${pids[$((i - 1))]}" "$mnt-$i"; done
             done
