@@ -351,3 +351,118 @@ fn the_v6_prefetch_table_names_the_same_files() {
         .collect();
     assert_eq!(listed, ["/big", "/d"]);
 }
+
+/// nydus-image's `--prefetch-policy fs` stores the listed files together at the start of the
+/// blob, in path order: Skiff's prefetch plan fetches them with one request whatever the order
+/// of the list (it used to follow the list and make a request per place the list jumped
+/// back), and batches that do not touch still go in the order of their first listed file.
+#[test]
+fn the_v6_prefetch_files_are_one_request() {
+    use skiff::storage::prefetch::{plan, PrefetchOptions};
+    if require_nydus_image().is_none() {
+        return;
+    }
+    let tmp = scratch();
+    let src = tmp.path().join("src");
+    // Distinct bytes in every 64 KiB chunk, so that no chunk is shared.
+    for (i, (p, n)) in [
+        ("z/late", 300_000usize),
+        ("a/early", 200_000),
+        ("m/other", 150_000),
+        ("b/between", 100_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let f = src.join(p);
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (i as u64 + 1);
+        let bytes: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(f, bytes).expect("write");
+    }
+    let blobs = tmp.path().join("blobs");
+    std::fs::create_dir_all(&blobs).expect("mkdir");
+    let bootstrap = tmp.path().join("bootstrap");
+    run_nydus_image_with_input(
+        &[
+            std::ffi::OsStr::new("create"),
+            "--log-level".as_ref(),
+            "warn".as_ref(),
+            "--chunk-size".as_ref(),
+            "0x10000".as_ref(),
+            "--prefetch-policy".as_ref(),
+            "fs".as_ref(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            src.as_os_str(),
+        ],
+        b"/z/late\n/a/early\n",
+    );
+    let b = Bootstrap::load(&bootstrap).expect("load");
+    let ino = |p: &str| skiff::storage::prefetch::resolve(&b, p).expect(p);
+    let listed: Vec<u32> = b.prefetch().collect();
+    assert_eq!(listed, [ino("/z/late"), ino("/a/early")]);
+    let digests = |inos: &[u32]| -> std::collections::BTreeSet<[u8; 32]> {
+        inos.iter()
+            .flat_map(|&i| b.file_chunks(i).iter().map(|c| c.digest))
+            .collect()
+    };
+    let want = digests(&listed);
+    assert!(want.len() >= 8, "{} chunks", want.len());
+    let opts = PrefetchOptions {
+        first: listed.clone(),
+        ..PrefetchOptions::default()
+    };
+    let batches = plan(&b, &opts);
+    assert_eq!(
+        batches.len(),
+        1,
+        "{} requests for the listed files",
+        batches.len()
+    );
+    let got: std::collections::BTreeSet<[u8; 32]> = batches[0].1.iter().map(|c| c.digest).collect();
+    assert_eq!(got, want);
+    // A listed file stored away from the others is its own request, first when listed first.
+    let opts = PrefetchOptions {
+        first: vec![ino("/m/other"), ino("/z/late")],
+        ..PrefetchOptions::default()
+    };
+    let batches = plan(&b, &opts);
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    let first: std::collections::BTreeSet<[u8; 32]> =
+        batches[0].1.iter().map(|c| c.digest).collect();
+    assert_eq!(first, digests(&[ino("/m/other")]));
+    let second: std::collections::BTreeSet<[u8; 32]> =
+        batches[1].1.iter().map(|c| c.digest).collect();
+    assert_eq!(second, digests(&[ino("/z/late")]));
+    // And with everything after: each chunk once.
+    let opts = PrefetchOptions {
+        first: listed,
+        all: true,
+        ..PrefetchOptions::default()
+    };
+    let all: Vec<[u8; 32]> = plan(&b, &opts)
+        .iter()
+        .flat_map(|(_, cs)| cs.iter().map(|c| c.digest))
+        .collect();
+    let unique: std::collections::BTreeSet<[u8; 32]> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "a chunk planned twice");
+    assert_eq!(
+        unique,
+        b.tables()
+            .chunks
+            .iter()
+            .filter(|c| !c.is_zero())
+            .map(|c| c.digest)
+            .collect()
+    );
+}

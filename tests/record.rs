@@ -202,6 +202,24 @@ fn metric(path: &Path, field: &str) -> u64 {
 }
 
 /// The files of a two-layer image: (path, bytes), all incompressible, each one chunk.
+/// The registry logs a request after its last byte is sent, so a client can have the bytes
+/// before the line is written: waits (at most 10 s) until the blob GETs logged since `mark`
+/// satisfy `done`, and returns them (what is logged by then, if they never do).
+fn logged_until(
+    reg: &registry::Registry,
+    mark: usize,
+    done: impl Fn(&[registry::BlobGet]) -> bool,
+) -> Vec<registry::BlobGet> {
+    let start = Instant::now();
+    loop {
+        let gets = reg.blob_gets(mark);
+        if done(&gets) || start.elapsed() > Duration::from_secs(10) {
+            return gets;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn layer_files(layer: u64) -> Vec<(String, Vec<u8>)> {
     (0..24)
         .map(|i| {
@@ -308,7 +326,13 @@ fn convert_prefetch_list_is_stored_and_fetched_first_in_one_request() {
     assert_eq!(metric(&metrics, "prefetch_bytes"), want_bytes);
     // What went over the wire before any read: the bootstrap, then range requests of one
     // blob (the prefetch blob) adding up to exactly the listed files.
-    let gets = reg.blob_gets(mark);
+    let gets = logged_until(&reg, mark, |gets| {
+        gets.iter()
+            .filter(|g| g.status == 206)
+            .map(|g| g.bytes)
+            .sum::<u64>()
+            >= want_bytes
+    });
     let ranges: Vec<_> = gets.iter().filter(|g| g.status == 206).collect();
     assert!(!ranges.is_empty(), "no range request");
     assert!(
@@ -341,7 +365,7 @@ fn convert_prefetch_list_is_stored_and_fetched_first_in_one_request() {
     );
     // Another file comes from its layer's blob, on demand.
     assert_eq!(fs::read(mnt.join("l1/f09")).expect("read"), f1[9].1);
-    let after = reg.blob_gets(mark);
+    let after = logged_until(&reg, mark, |gets| gets.len() > before);
     assert_eq!(after.len(), before + 1);
     assert_ne!(after[before].path, ranges[0].path);
     m.unmount();

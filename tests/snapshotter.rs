@@ -170,6 +170,9 @@ fn local_snapshot(dir: &Path, tar: &Path) -> std::collections::BTreeMap<Vec<u8>,
 
 /// The snapshotter's layout of one daemon under `root`.
 struct Node {
+    /// Holds `root`: a short directory under /tmp, because the API and supervisor sockets
+    /// under it must fit a socket address (108 bytes) whatever the checkout's path.
+    _short: tempfile::TempDir,
     root: PathBuf,
     work_dir: PathBuf,
     nydusd: PathBuf,
@@ -177,11 +180,16 @@ struct Node {
 
 impl Node {
     fn new(t: &Path) -> Node {
-        let root = t.join("io.containerd.snapshotter.v1.nydus");
+        let short = tempfile::Builder::new()
+            .prefix("skn")
+            .tempdir_in("/tmp")
+            .expect("a directory under /tmp");
+        let root = short.path().join("io.containerd.snapshotter.v1.nydus");
         let work_dir = root.join("cache");
         fs::create_dir_all(&work_dir).expect("cache dir");
         Node {
             nydusd: nydusd_link(t),
+            _short: short,
             root,
             work_dir,
         }
@@ -415,6 +423,89 @@ fn shared_daemon_mounts_two_images_over_the_api() {
     assert!(
         wrong.is_empty() && failed.is_empty(),
         "{wrong:?} {failed:?}"
+    );
+    let st = d.terminate();
+    assert!(st.success());
+}
+
+/// nydusd's `prefetch_files` in the mount body (the snapshotter's prefetch list) is honoured:
+/// with `prefetch_all` off, the daemon fetches the listed file and nothing else before any
+/// read, and serves it from its cache once the registry is gone.
+#[test]
+fn prefetch_files_in_the_mount_body_are_fetched_before_any_read() {
+    if !host_ready() {
+        return;
+    }
+    let Some(reg) = require(
+        "a local registry",
+        Registry::start("snap-prefetch", &["--htpasswd", &creds()]),
+    ) else {
+        return;
+    };
+    let tmp = scratch();
+    let t = tmp.path();
+    let img = node_image(t, &reg.addr, "test/pf", files(8, 300, 0));
+    let (listed, data) = img
+        .files
+        .iter()
+        .find(|(p, _)| p == "d1/f004")
+        .expect("d1/f004")
+        .clone();
+    let smallest_other = img
+        .files
+        .iter()
+        .filter(|(p, _)| *p != listed)
+        .map(|(_, d)| d.len() as u64)
+        .min()
+        .expect("other files");
+    let node = Node::new(t);
+    let mnt = node.root.join("mnt");
+    let cmd = node.command("pf", None, None, &mnt);
+    let mut d = HostDaemon::spawn(&node.nydusd, &cmd, &t.join("home"));
+    d.wait_state("RUNNING");
+    let boot = pull_bootstrap(&img.reference, &creds(), &node.root, "21");
+    let cfg = stock_config("21", &reg.addr, &img.repo, &auth(&creds()), &node.work_dir)
+        .replace(r#""prefetch_all":true"#, r#""prefetch_all":false"#);
+    node.write_config("21", &cfg);
+    let mark = reg.log_len();
+    let body = serde_json::json!({"fs_type": "rafs", "source": boot, "config": cfg,
+        "prefetch_files": [format!("/{listed}")]});
+    let (s, r) = http(
+        &d.api,
+        "POST",
+        "/api/v1/mount?mountpoint=%2F21",
+        Some(body.to_string().as_bytes()),
+    )
+    .expect("mount");
+    assert_eq!(s, 204, "{}\n{}", String::from_utf8_lossy(&r), d.log_text());
+    // The registry logs a request after its last byte: wait (bounded) for the listed bytes.
+    let ranged = |gets: &[common::registry::BlobGet]| -> u64 {
+        gets.iter()
+            .filter(|g| g.status == 206)
+            .map(|g| g.bytes)
+            .sum()
+    };
+    let start = std::time::Instant::now();
+    while ranged(&reg.blob_gets(mark)) < data.len() as u64 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the listed file was not prefetched: {} range bytes\n{}",
+            ranged(&reg.blob_gets(mark)),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Only the listed file: less than it and the smallest other file together.
+    let fetched = ranged(&reg.blob_gets(mark));
+    assert!(
+        fetched < data.len() as u64 + smallest_other,
+        "{fetched} range bytes for a listed file of {}",
+        data.len()
+    );
+    reg.stop();
+    assert_eq!(
+        fs::read(mnt.join("21").join(&listed)).expect("the listed file, from the cache"),
+        data
     );
     let st = d.terminate();
     assert!(st.success());

@@ -7,14 +7,48 @@ pub const DOCKER_HUB: &str = "docker.io";
 /// Where Docker Hub's API actually lives.
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
-/// Whether `host` is a registry host as references name it: `name[:port]`, letters, digits,
-/// `.`, `-`, `:` and the brackets of an IPv6 address, at most 255 bytes.
+/// Whether `host` is a registry host as references name it: `name[:port]`, where the name is
+/// dot-separated labels of letters, digits and inner `-` (so never `..` or an empty label), or
+/// a bracketed IPv6 address, and the port is 1-65535; at most 255 bytes.
 pub fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host.len() <= 255
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    if host.is_empty() || host.len() > 255 {
+        return false;
+    }
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        // `[v6]` or `[v6]:port`: the address must parse, so nothing else hides in the brackets.
+        let Some((addr, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("", Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match host.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        }
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let name_ok = host.starts_with('[') || name.split('.').all(label_ok);
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && matches!(p.parse::<u16>(), Ok(1..))
+    });
+    name_ok && port_ok
 }
 
 /// Checks a repository path (`library/debian`): components of lower-case letters, digits, `.`,
@@ -221,6 +255,23 @@ mod tests {
     }
 
     #[test]
+    fn host_forms() {
+        for h in [
+            "localhost",
+            "127.0.0.1:5000",
+            "registry-1.docker.io",
+            "[::1]",
+            "[::1]:5000",
+            "a.b.c:443",
+        ] {
+            assert!(valid_host(h), "{h:?} refused");
+        }
+        let r = p("[::1]:5000/a/b:v1");
+        assert_eq!(r.registry, "[::1]:5000");
+        assert_eq!(r.repository, "a/b");
+    }
+
+    #[test]
     fn hosts_ports_tags_digests() {
         let r = p("127.0.0.1:5000/a/b:v1");
         assert_eq!(r.registry, "127.0.0.1:5000");
@@ -254,6 +305,16 @@ mod tests {
             "a/b:-tag",
             "a/b:t/c",
             "a b",
+            "../x",
+            "./x",
+            "a..b/x",
+            ".example.com/x",
+            "host-.com/x",
+            "host:0/x",
+            "host:65536/x",
+            "host:5000:1/x",
+            "[not-v6]/x",
+            "[::1]x/y",
         ] {
             assert!(Reference::parse(s).is_err(), "{s:?} accepted");
         }

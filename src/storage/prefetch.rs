@@ -64,20 +64,23 @@ pub fn files_under(bootstrap: &Bootstrap, ino: u32, out: &mut Vec<u32>) {
     }
 }
 
-/// Orders the work: the chunks of `opts.first` files in order, then with `opts.all` every other
-/// chunk by blob and offset; each chunk once, zero chunks never, cut into batches of adjacent
-/// chunks of at most `opts.merge_bytes` ([`MAX_MERGED_BYTES`] by default).
+/// Orders the work: the chunks of `opts.first` files, then with `opts.all` every other chunk by
+/// blob and offset; each chunk once, zero chunks never, cut into batches of adjacent chunks of
+/// at most `opts.merge_bytes` ([`MAX_MERGED_BYTES`] by default).
+///
+/// The listed files' chunks are merged by where they lie in the blob, not by the order of the
+/// list: an image that stores them together (nydus-image's `--prefetch-policy fs` lays them out
+/// by path, Skiff's prefetch blob in list order) is fetched in as few requests as its layout
+/// allows, whatever the order of the list. The batches go in the order of their first listed
+/// file, so the files read first still come first.
 pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
     let max_merge = match opts.merge_bytes {
         0 => MAX_MERGED_BYTES,
         n => n,
     };
     let mut seen = HashSet::new();
-    let mut batches: Vec<Batch> = Vec::new();
-    let mut push = |c: &ChunkRecord, batches: &mut Vec<Batch>| {
-        if c.is_zero() || !seen.insert(c.chunk_digest()) {
-            return;
-        }
+    // Appends `c` to `batches`' last batch when it follows it in the same blob, else starts one.
+    let push = |c: &ChunkRecord, batches: &mut Vec<Batch>| {
         let blob = c.blob_index.get();
         if let Some((b, last)) = batches.last_mut() {
             let end = last
@@ -94,16 +97,39 @@ pub fn plan(bootstrap: &Bootstrap, opts: &PrefetchOptions) -> Vec<Batch> {
         }
         batches.push((blob, vec![*c]));
     };
-    for &ino in &opts.first {
+    // The listed chunks, each with the rank of the first file that needs it.
+    let mut listed: Vec<(usize, ChunkRecord)> = Vec::new();
+    for (rank, &ino) in opts.first.iter().enumerate() {
         for c in bootstrap.file_chunks(ino) {
-            push(c, &mut batches);
+            if !c.is_zero() && seen.insert(c.chunk_digest()) {
+                listed.push((rank, *c));
+            }
         }
     }
+    listed.sort_by_key(|(_, c)| (c.blob_index.get(), c.compressed_offset.get()));
+    let mut runs: Vec<Batch> = Vec::new();
+    let mut ranks: Vec<usize> = Vec::new();
+    for (rank, c) in &listed {
+        let before = runs.len();
+        push(c, &mut runs);
+        if runs.len() > before {
+            ranks.push(*rank);
+        } else if let Some(r) = ranks.last_mut() {
+            *r = (*r).min(*rank);
+        }
+    }
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    // Stable: runs needed by the same file keep their blob order.
+    order.sort_by_key(|&i| ranks[i]);
+    let mut slots: Vec<Option<Batch>> = runs.into_iter().map(Some).collect();
+    let mut batches: Vec<Batch> = order.into_iter().filter_map(|i| slots[i].take()).collect();
     if opts.all {
         let mut rest: Vec<ChunkRecord> = bootstrap.tables().chunks.to_vec();
         rest.sort_by_key(|c| (c.blob_index.get(), c.compressed_offset.get()));
         for c in &rest {
-            push(c, &mut batches);
+            if !c.is_zero() && seen.insert(c.chunk_digest()) {
+                push(c, &mut batches);
+            }
         }
     }
     batches
