@@ -11,7 +11,8 @@
 #   scripts/fuzz.sh seeds              regenerate the checked-in seeds (root, nydus-image)
 #
 # Environment: FUZZ_RUNS (inputs per target; defaults below add up to over 10 million),
-# FUZZ_SECONDS (a time limit per target instead), SKIFF_FUZZ_DIR (corpora, crashes and logs;
+# FUZZ_NO_BUILD=1 (run the binaries built already),
+# FUZZ_SECONDS (a time limit per target instead; both: whichever first), SKIFF_FUZZ_DIR (corpora, crashes and logs;
 # default /var/cache/skiff/fuzz, outside the repository). One process at a time, under
 # `nice -n 19`: the machine is shared.
 set -euo pipefail
@@ -86,7 +87,11 @@ campaign() {
     stamp=$(date +%Y%m%d-%H%M%S)
     log="$work/logs/$t-$stamp.log"
     local limit=(-runs="$runs")
-    [[ -n ${FUZZ_SECONDS:-} ]] && limit=(-max_total_time="$FUZZ_SECONDS")
+    # A time limit instead; with FUZZ_RUNS too, whichever comes first.
+    if [[ -n ${FUZZ_SECONDS:-} ]]; then
+        limit=(-max_total_time="$FUZZ_SECONDS")
+        [[ -n ${FUZZ_RUNS:-} ]] && limit+=(-runs="$FUZZ_RUNS")
+    fi
     echo "== $t: ${limit[*]}, corpus $work/corpus/$t, log $log" >&2
     local rc=0
     # -timeout: an input that takes 10 s is a hang; -rss_limit_mb: an input that makes Skiff
@@ -316,7 +321,9 @@ main() {
             if [[ ${1:-} == run ]]; then shift; fi
             targets=("$@")
             [[ ${#targets[@]} -eq 0 ]] && targets=("${all_targets[@]}")
-            build
+            # FUZZ_NO_BUILD=1: the binaries built already (a campaign split in parts keeps
+            # one build of one tree).
+            [[ -n ${FUZZ_NO_BUILD:-} ]] || build
             # Every target runs even when one crashes; the exit code says whether any did.
             local failed=0
             for t in "${targets[@]}"; do campaign "$t" || failed=1; done

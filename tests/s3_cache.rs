@@ -149,7 +149,7 @@ fn mount_args(
         cache.into(),
         "--metrics-file".into(),
         metrics.into(),
-        "--threads".into(),
+        "--thread-num".into(),
         "4".into(),
     ];
     args.extend(extra.iter().map(OsString::from));

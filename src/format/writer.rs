@@ -96,7 +96,21 @@ impl BootstrapWriter {
         sb.version = U32::new(VERSION);
         sb.chunk_size = U32::new(chunk_size);
         sb.root_digest = root_digest;
-        let mut out = vec![0u8; SUPERBLOCK_SIZE];
+        // The exact size up front, and each table freed once copied: the peak is the tables
+        // once plus the output, not the tables plus a doubling output (a v6 bootstrap is
+        // transcoded through here on every load; docs/benchmarks.md, "Memory per daemon").
+        let tables_len = self.inodes.as_bytes().len()
+            + self.dirents.as_bytes().len()
+            + self.chunks.as_bytes().len()
+            + self.xattrs.as_bytes().len()
+            + self.blobs.as_bytes().len()
+            + self.prefetch.as_bytes().len()
+            + self.strings.len();
+        // Up to 7 bytes of alignment before each of the 7 tables, and the compat padding.
+        let mut out = Vec::with_capacity(
+            COMPAT_HEADER_SIZE.max(SUPERBLOCK_SIZE) + tables_len + 7 * 7 + COMPAT_HEADER_SIZE,
+        );
+        out.resize(SUPERBLOCK_SIZE, 0);
         if node_compat {
             sb.flags = U32::new(SB_FLAG_NODE_COMPAT);
             out.resize(COMPAT_HEADER_SIZE, 0);
@@ -114,13 +128,20 @@ impl BootstrapWriter {
             out.extend_from_slice(bytes);
             desc
         };
-        sb.inodes = put(&mut out, self.inodes.as_bytes(), self.inodes.len());
-        sb.dirents = put(&mut out, self.dirents.as_bytes(), self.dirents.len());
-        sb.chunks = put(&mut out, self.chunks.as_bytes(), self.chunks.len());
-        sb.xattrs = put(&mut out, self.xattrs.as_bytes(), self.xattrs.len());
-        sb.blobs = put(&mut out, self.blobs.as_bytes(), self.blobs.len());
-        sb.prefetch = put(&mut out, self.prefetch.as_bytes(), self.prefetch.len());
-        sb.strings = put(&mut out, &self.strings, self.strings.len());
+        let n = self.inodes.len();
+        sb.inodes = put(&mut out, std::mem::take(&mut self.inodes).as_bytes(), n);
+        let n = self.dirents.len();
+        sb.dirents = put(&mut out, std::mem::take(&mut self.dirents).as_bytes(), n);
+        let n = self.chunks.len();
+        sb.chunks = put(&mut out, std::mem::take(&mut self.chunks).as_bytes(), n);
+        let n = self.xattrs.len();
+        sb.xattrs = put(&mut out, std::mem::take(&mut self.xattrs).as_bytes(), n);
+        let n = self.blobs.len();
+        sb.blobs = put(&mut out, std::mem::take(&mut self.blobs).as_bytes(), n);
+        let n = self.prefetch.len();
+        sb.prefetch = put(&mut out, std::mem::take(&mut self.prefetch).as_bytes(), n);
+        let n = self.strings.len();
+        sb.strings = put(&mut out, &std::mem::take(&mut self.strings), n);
         if node_compat {
             out.resize(out.len().next_multiple_of(COMPAT_HEADER_SIZE), 0);
         }
