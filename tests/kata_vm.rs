@@ -33,10 +33,10 @@ use kata::*;
 /// How long the slow disk stalls the one chunk.
 const STALL: Duration = Duration::from_secs(5);
 
-/// The content of `cold.bin`: 512 KiB that do not repeat.
-fn cold_content() -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    (0..512 * 1024)
+/// `len` bytes that do not repeat (a xorshift stream from `seed`): no two chunks dedup.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
@@ -44,6 +44,16 @@ fn cold_content() -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The content of `cold.bin`: 512 KiB that do not repeat.
+fn cold_content() -> Vec<u8> {
+    noise(0x9e37_79b9_7f4a_7c15, 512 * 1024)
+}
+
+/// The content of `c-filler`: 1 MiB (16 of the image's 64 KiB chunks) that do not repeat.
+fn filler_content() -> Vec<u8> {
+    noise(0x2545_f491_4f6c_dd1d, 1 << 20)
 }
 
 fn repo() -> &'static Path {
@@ -106,6 +116,11 @@ fn image(dir: &Path, name: &str, busybox: &Path) -> (PathBuf, PathBuf) {
     fs::write(src.join("etc/image"), format!("image {name}\n")).expect("etc/image");
     fs::write(src.join(format!("never-read-{name}")), format!("{name}\n")).expect("never-read");
     fs::write(src.join("cold.bin"), cold_content()).expect("cold.bin");
+    // Stored between bin/ and cold.bin (names sort "bin" < "c-filler" < "cold.bin") and never
+    // read: decode-ahead after the guest's sequential reads of bin/busybox decodes at most a few
+    // chunks past them, so without this gap it would read cold.bin's stalled first chunk in the
+    // background, long before the head-of-line check asks for it in the foreground.
+    fs::write(src.join("c-filler"), filler_content()).expect("c-filler");
     let bootstrap = dir.join(format!("{name}.boot"));
     let blobs = dir.join(format!("blobs-{name}"));
     build_image(
