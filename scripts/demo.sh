@@ -38,8 +38,10 @@ echo "$rootfs: $(du -sh "$rootfs" | cut -f1), $(find "$rootfs" | wc -l) entries"
 rm -rf "$work"
 mkdir -p "$work"
 daemon_pid=
+watcher=
 cleanup() {
     [[ -n $daemon_pid ]] && kill -TERM "$daemon_pid" 2>/dev/null || true
+    [[ -n $watcher ]] && kill "$watcher" 2>/dev/null || true
     SKIFF_REGISTRY_RUN="$work/registry" "$repo/scripts/registry.sh" stop --name skiff-demo \
         >/dev/null 2>&1 || true
 }
@@ -131,10 +133,20 @@ mkdir -p "$shared/demo/snapshotdir/fs" "$shared/demo/snapshotdir/work"
 api="$sandbox/nydusd-api.sock"
 t0=$(now)
 pos=$(logpos)
+# The daemon runs in its sandbox (on by default), which reaches the snapshotter's default root
+# (/var/lib/containerd-nydus) but not this demo's stand-in for it under $work: an operator
+# whose snapshotter root or cache lives elsewhere names them with --sandbox-path, as here.
 "$skiff" virtiofs --log-level info --apisock "$api" --sock "$sandbox/vhost-fs.sock" \
+    --sandbox-path "$snap" --sandbox-path "$work/node-cache" \
     --thread-pool-size=1 --announce-submounts 2>"$sandbox/daemon.log" &
 daemon_pid=$!
-call() { curl -sS --unix-socket "$api" -X "$1" "http://localhost$2" ${3:+-d "$3"} -w ' %{http_code}\n'; }
+# Kata's API call: prints the answer and its status; any status but 2xx ends the demo.
+call() {
+    local out
+    out=$(curl -sS --unix-socket "$api" -X "$1" "http://localhost$2" ${3:+-d "$3"} -w ' %{http_code}')
+    echo "$out"
+    [[ $out =~ \ 2[0-9][0-9]$ ]] || { echo "demo: $1 $2 was refused" >&2; cat "$sandbox/daemon.log" >&2; return 1; }
+}
 state=
 for _ in $(seq 100); do
     state=$(curl -s --unix-socket "$api" http://localhost/api/v1/daemon 2>/dev/null | grep -o '"state":"[A-Z]*"' || true)
@@ -143,10 +155,10 @@ for _ in $(seq 100); do
 done
 [[ $state == '"state":"RUNNING"' ]] || { cat "$sandbox/daemon.log"; exit 1; }
 echo "GET /api/v1/daemon: $state $(msecs "$t0" "$(now)") after the start"
-echo "POST /api/v1/mount?mountpoint=/containers (passthrough_fs):" \
-    "$(call POST '/api/v1/mount?mountpoint=/containers' "{\"fs_type\":\"passthrough_fs\",\"source\":\"$shared\",\"config\":\"\"}")"
-echo "POST /api/v1/mount?mountpoint=/rafs/demo/lowerdir (rafs, the snapshotter's config):" \
-    "$(call POST '/api/v1/mount?mountpoint=/rafs/demo/lowerdir' "{\"fs_type\":\"rafs\",\"source\":\"$bootstrap\",\"config\":\"${nydusd_config//\"/\\\"}\"}")"
+answer=$(call POST '/api/v1/mount?mountpoint=/containers' "{\"fs_type\":\"passthrough_fs\",\"source\":\"$shared\",\"config\":\"\"}")
+echo "POST /api/v1/mount?mountpoint=/containers (passthrough_fs): $answer"
+answer=$(call POST '/api/v1/mount?mountpoint=/rafs/demo/lowerdir' "{\"fs_type\":\"rafs\",\"source\":\"$bootstrap\",\"config\":\"${nydusd_config//\"/\\\"}\"}")
+echo "POST /api/v1/mount?mountpoint=/rafs/demo/lowerdir (rafs, the snapshotter's config): $answer"
 
 step "The microVM boots; its guest does what the Kata agent does, then runs the container's commands"
 cat >"$work/guest.sh" <<'EOF'
@@ -176,7 +188,11 @@ watcher=$!
 vm_out=$("$repo/scripts/vm-run.sh" --socket "$sandbox/vhost-fs.sock" --tag kataShared \
     --append skiff.mount=0 --test-script "$work/guest.sh" --serial-log "$serial" --timeout 300 -q 2>&1) || {
     echo "$vm_out"; tail -n 40 "$serial"; exit 1; }
+# The container's first output must be there: a guest that could not mount or run gives none.
+grep -q '^DEMO hello from' <(tr -d '\r' <"$serial") || {
+    echo "demo: the container printed nothing"; tail -n 40 "$serial"; exit 1; }
 wait "$watcher" || true
+watcher=
 read -r _ pos_first <"$work/first-output"
 tr -d '\r' <"$serial" | grep '^DEMO' | grep -v '^DEMO-TIME' | sed 's/^DEMO[-A-Z]* /  guest: /'
 read -r g0 g1 < <(tr -d '\r' <"$serial" | grep '^DEMO-TIME' | cut -d' ' -f2-)
